@@ -1,0 +1,269 @@
+"""Building environments: uv when present, else ``python -m venv`` + pip (with a warning).
+
+With uv, the virtualenv itself is written here (``pyvenv.cfg``, three links to the interpreter,
+an empty site-packages: no process), then one ``uv pip install`` fills it from the shared cache
+with hardlinks. Measured on the development machine (benchmarks/): fresh env + 2 packages +
+first import in ~32 ms, against ~38 ms for ``uv run --isolated --with`` and ~46 ms when
+``uv venv`` runs as a separate process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .exceptions import BuildError, ValidationError
+from .storage import uv_cache_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """A base interpreter, by its real path (never a venv's python or a shim)."""
+
+    path: str
+    version: str  # "3.11.7"
+
+    @property
+    def short_version(self) -> str:
+        return ".".join(self.version.split(".")[:2])
+
+
+_QUERY = ("import sys, os; print(sys.version.split()[0]); "
+          "print(os.path.realpath(sys._base_executable))")
+
+
+@functools.lru_cache(maxsize=16)
+def find_interpreter(spec: str | None = None) -> Interpreter:
+    """Resolve ``spec`` (None: the running interpreter; a path; or a version like "3.12") once."""
+    if spec is None:
+        base = getattr(sys, "_base_executable", sys.executable)
+        return Interpreter(os.path.realpath(base), sys.version.split()[0])
+    if os.sep in spec:
+        candidate = spec
+    else:
+        name = spec if spec.startswith("python") else f"python{spec}"
+        candidate = shutil.which(name) or _uv_find_python(spec) or ""
+        if not candidate:
+            raise ValidationError(f"no Python interpreter found for {spec!r}")
+    if not os.access(candidate, os.X_OK):
+        raise ValidationError(f"python {spec!r}: {candidate} is not an executable")
+    try:
+        out = subprocess.run([candidate, "-I", "-c", _QUERY], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ValidationError(f"python {spec!r}: {candidate} does not run: {exc}") from None
+    return Interpreter(out[1], out[0])
+
+
+def _uv_find_python(spec: str) -> str | None:
+    uv = find_uv()
+    if uv is None:
+        return None
+    proc = subprocess.run([uv, "python", "find", "--no-project", spec], capture_output=True,
+                          text=True, env={**os.environ, "UV_PYTHON_DOWNLOADS": "never"})
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+@functools.lru_cache(maxsize=1)
+def find_uv() -> str | None:
+    """uv from the ``uv`` package installed beside gestvenv, else from PATH."""
+    try:
+        from uv import find_uv_bin
+
+        return str(find_uv_bin())
+    except (ImportError, FileNotFoundError):
+        return shutil.which("uv")
+
+
+def site_packages(env_path: Path, interpreter: Interpreter) -> Path:
+    return env_path / "lib" / f"python{interpreter.short_version}" / "site-packages"
+
+
+class Builder:
+    """Creates a virtualenv and installs packages into it."""
+
+    name = "abstract"
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    async def create(self, env_path: Path, interpreter: Interpreter) -> None:
+        raise NotImplementedError
+
+    async def install(self, env_path: Path, packages: Sequence[str],
+                      requirements: Sequence[Path] = ()) -> None:
+        raise NotImplementedError
+
+    async def _run(self, argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=env,
+        )
+        try:
+            out, err = await proc.communicate()
+        except asyncio.CancelledError:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            raise
+        if proc.returncode != 0:
+            text = (err or out).decode(errors="replace")
+            raise BuildError(f"{what} failed (exit {proc.returncode})", text)
+
+
+def _index_args(config: Config) -> list[str]:
+    args: list[str] = []
+    for link in config.find_links:
+        args += ["--find-links", link]
+    if config.index_url:
+        args += ["--index-url", config.index_url]
+    return args
+
+
+class UvBuilder(Builder):
+    name = "uv"
+
+    def __init__(self, config: Config, uv: str) -> None:
+        super().__init__(config)
+        self.uv = uv
+        self.cache = uv_cache_dir(config)
+
+    async def create(self, env_path: Path, interpreter: Interpreter) -> None:
+        write_venv(env_path, interpreter)
+        write_pip_shim(env_path, self.uv, self.cache)
+
+    async def install(self, env_path: Path, packages: Sequence[str],
+                      requirements: Sequence[Path] = ()) -> None:
+        if not packages and not requirements:
+            return
+        self.cache.mkdir(parents=True, exist_ok=True)
+        argv = [self.uv, "pip", "install", "--quiet", "--python", str(env_path / "bin" / "python"),
+                "--cache-dir", str(self.cache), "--link-mode", self.link_mode(env_path)]
+        if self.config.compile_bytecode:
+            argv.append("--compile-bytecode")
+        if self.config.offline:
+            argv.append("--offline")
+        argv += _index_args(self.config)
+        for req in requirements:
+            argv += ["--requirement", str(req)]
+        argv += list(packages)
+        env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
+        env.pop("VIRTUAL_ENV", None)
+        await self._run(argv, "uv pip install " + " ".join(packages), env)
+
+    def link_mode(self, env_path: Path) -> str:
+        # A hardlink cannot cross filesystems: tmpfs-backed envs get copies.
+        try:
+            same = os.stat(self.cache).st_dev == os.stat(env_path).st_dev
+        except OSError:
+            same = False
+        return "hardlink" if same else "copy"
+
+
+class VenvPipBuilder(Builder):
+    """The fallback when uv is absent: the standard library's venv and the env's own pip."""
+
+    name = "venv"
+
+    async def create(self, env_path: Path, interpreter: Interpreter) -> None:
+        await self._run([interpreter.path, "-m", "venv", str(env_path)], "python -m venv")
+
+    async def install(self, env_path: Path, packages: Sequence[str],
+                      requirements: Sequence[Path] = ()) -> None:
+        if not packages and not requirements:
+            return
+        argv = [str(env_path / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                "--disable-pip-version-check"]
+        if not self.config.compile_bytecode:
+            argv.append("--no-compile")
+        if self.config.offline:
+            argv.append("--no-index")
+        argv += _index_args(self.config)
+        for req in requirements:
+            argv += ["--requirement", str(req)]
+        argv += list(packages)
+        await self._run(argv, "pip install " + " ".join(packages))
+
+
+def make_builder(config: Config) -> Builder:
+    if config.builder == "venv":
+        return VenvPipBuilder(config)
+    uv = find_uv()
+    if uv is not None:
+        return UvBuilder(config, uv)
+    if config.builder == "uv":
+        raise BuildError("builder = 'uv' but uv is not installed (pip install uv)")
+    warnings.warn("uv not found: building environments with python -m venv + pip (much slower)",
+                  RuntimeWarning, stacklevel=3)
+    return VenvPipBuilder(config)
+
+
+_ACTIVATE = """\
+# Generated by gestvenv; use: . {env}/bin/activate
+deactivate () {{
+    [ -n "${{_GESTVENV_OLD_PATH:-}}" ] && PATH="$_GESTVENV_OLD_PATH" && export PATH
+    unset VIRTUAL_ENV _GESTVENV_OLD_PATH
+    unset -f deactivate
+}}
+_GESTVENV_OLD_PATH="$PATH"
+VIRTUAL_ENV={env_q}
+PATH="$VIRTUAL_ENV/bin:$PATH"
+export VIRTUAL_ENV PATH
+unset PYTHONHOME
+hash -r 2>/dev/null || true
+"""
+
+
+def write_venv(env_path: Path, interpreter: Interpreter) -> None:
+    """Write a virtualenv by hand: what ``python -m venv --symlinks --without-pip`` makes."""
+    import shlex
+
+    short = interpreter.short_version
+    bin_dir = env_path / "bin"
+    bin_dir.mkdir(parents=True)
+    site_packages(env_path, interpreter).mkdir(parents=True)
+    if sysconfig.get_config_var("SIZEOF_VOID_P") == 8:
+        (env_path / "lib64").symlink_to("lib")
+    (env_path / "pyvenv.cfg").write_text(
+        f"home = {os.path.dirname(interpreter.path)}\n"
+        "include-system-site-packages = false\n"
+        f"version = {interpreter.version}\n"
+        f"executable = {interpreter.path}\n"
+        f"command = gestvenv (venv written in-process) {env_path}\n"
+    )
+    for link in ("python", "python3", f"python{short}"):
+        (bin_dir / link).symlink_to(interpreter.path)
+    (bin_dir / "activate").write_text(
+        _ACTIVATE.format(env=env_path, env_q=shlex.quote(str(env_path)))
+    )
+
+
+_PIP_SHIM = """\
+#!/bin/sh
+# gestvenv: this environment was built with uv; pip here is uv's pip interface for it.
+UV_PYTHON={py} UV_CACHE_DIR={cache} UV_PYTHON_DOWNLOADS=never exec {uv} pip "$@"
+"""
+
+
+def write_pip_shim(env_path: Path, uv: str, cache: Path) -> None:
+    import shlex
+
+    text = _PIP_SHIM.format(py=shlex.quote(str(env_path / "bin" / "python")),
+                            cache=shlex.quote(str(cache)), uv=shlex.quote(uv))
+    for name in ("pip", "pip3"):
+        shim = env_path / "bin" / name
+        shim.write_text(text)
+        shim.chmod(0o755)

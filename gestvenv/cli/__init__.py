@@ -1,0 +1,43 @@
+"""The ``gestvenv`` command: a thin shell over the library, one module per command group."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from ..context import attach
+from ._common import handle_errors, run_foreground
+from .config import config_group
+from .ephemeral import ephemeral_group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gestvenv")
+def cli() -> None:
+    """Ephemeral Python environments, destroyed with a guarantee."""
+
+
+@cli.command("run", context_settings={"ignore_unknown_options": True})
+@click.option("--env", "env_name", required=True, metavar="NAME",
+              help="The environment to run in.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Kill the command (and its children) after this many seconds.")
+@click.option("--cwd", type=click.Path(exists=True, file_okay=False), help="Working directory.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@handle_errors
+def run_command(env_name: str, timeout: float | None, cwd: str | None,
+                command: tuple[str, ...]) -> None:
+    """Run COMMAND in environment NAME; exit with the command's status.
+
+    \b
+    Example: gestvenv run --env ci-test -- pytest tests/
+    """
+    raise SystemExit(run_foreground(attach(env_name), command, timeout=timeout, cwd=cwd))
+
+
+cli.add_command(ephemeral_group)
+cli.add_command(config_group)
+
+
+def main() -> None:
+    cli(prog_name="gestvenv")

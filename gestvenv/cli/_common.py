@@ -1,0 +1,111 @@
+"""What every command group shares: error handling, output, running a command in the foreground."""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+
+from ..context import Environment
+from ..exceptions import CommandNotFoundError, GestvenvError
+from ..models import ExecResult
+from ..sync import run_sync
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UserError(click.ClickException):
+    """One clear line on stderr, no traceback, exit 1."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"gestvenv: error: {self.format_message()}", err=True)
+
+
+def handle_errors(func: F) -> F:
+    """Turn gestvenv's exceptions into one line and an exit status."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CommandNotFoundError as exc:
+            UserError(str(exc)).show()
+            sys.exit(127)  # as a shell says "command not found"
+        except GestvenvError as exc:
+            raise UserError(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("gestvenv: interrupted", err=True)
+            sys.exit(130)
+    return wrapper  # type: ignore[return-value]
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def human_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def remaining(expires_at: float | None) -> str:
+    return "-" if expires_at is None else human_seconds(expires_at - time.time())
+
+
+def table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    for row in (headers, *rows):
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+
+
+def exit_status(result: ExecResult) -> int:
+    """The command's status as a shell would give it (128+N for signal N, 124 for a timeout)."""
+    if result.killed_by == "timeout":
+        return 124
+    if result.returncode < 0:
+        return 128 - result.returncode
+    return result.returncode
+
+
+def run_foreground(env: Environment, argv: Sequence[str], *, timeout: float | None = None,
+                   cwd: str | None = None) -> int:
+    """Run a command attached to our terminal, as a shell would, and return its exit status.
+
+    The command is in the terminal's foreground group, so Ctrl-C reaches it directly; like a
+    shell, we ignore SIGINT meanwhile and let it decide. SIGTERM ends it (and its tree).
+    """
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    try:
+        result = run_sync(env.execute(list(argv), timeout=timeout, cwd=cwd, capture=False))
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+    if result.killed_by is not None:
+        click.echo(f"gestvenv: {argv[0]} {result.describe()}", err=True)
+    return exit_status(result)

@@ -1,0 +1,281 @@
+"""``gestvenv ephemeral``: create, list, show, exec, cleanup, stats."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import registry, storage
+from ..cleanup import sweep
+from ..config import load_config
+from ..context import attach, create_environment, describe
+from ..lifecycle import destroy_many
+from ..models import IsolationLevel, ResourceLimits, StorageBackend
+from ..registry import EnvRecord
+from ..sync import run_sync
+from ._common import (
+    UserError,
+    echo_json,
+    handle_errors,
+    human_bytes,
+    remaining,
+    run_foreground,
+    table,
+)
+
+
+@click.group("ephemeral")
+def ephemeral_group() -> None:
+    """Create, inspect and destroy ephemeral environments."""
+
+
+def _split_packages(values: tuple[str, ...]) -> list[str]:
+    # "--packages a,b" and "--packages a --packages b"; a comma inside brackets ("pkg[a,b]")
+    # belongs to the spec, so split only outside them.
+    out: list[str] = []
+    for value in values:
+        depth, current = 0, ""
+        for char in value:
+            depth += char == "["
+            depth -= char == "]"
+            if char == "," and depth == 0:
+                out.append(current.strip())
+                current = ""
+            else:
+                current += char
+        out.append(current.strip())
+    return [p for p in out if p]
+
+
+def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
+    pairs = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--env expects NAME=VALUE, not {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+@ephemeral_group.command("create")
+@click.argument("name", required=False)
+@click.option("-p", "--packages", multiple=True, metavar="SPECS",
+              help="Packages to install, comma-separated (repeatable).")
+@click.option("-r", "--requirements", type=click.Path(exists=True, dir_okay=False),
+              help="A requirements file to install.")
+@click.option("--python", help="Interpreter: a version (3.12) or a path.")
+@click.option("--ttl", type=click.IntRange(min=0), help="Seconds before it is destroyed (0: none).")
+@click.option("--idle-timeout", type=click.IntRange(min=0),
+              help="Destroy after this many seconds without a command.")
+@click.option("--memory", type=click.IntRange(min=1), help="Memory limit in MB.")
+@click.option("--cpu", type=click.FloatRange(min=0, min_open=True),
+              help="CPU limit, percent of one CPU.")
+@click.option("--processes", type=click.IntRange(min=1), help="Maximum number of processes.")
+@click.option("--disk", type=click.IntRange(min=1), help="Disk limit in MB.")
+@click.option("--no-network", is_flag=True, help="Cut the environment off the network.")
+@click.option("--isolation", type=click.Choice([i.value for i in IsolationLevel]))
+@click.option("--storage", type=click.Choice([s.value for s in StorageBackend]))
+@click.option("--runtime", type=click.Choice(["auto", "local"]))
+@click.option("--allow-unenforced", is_flag=True, default=None,
+              help="Create it even if a limit cannot be enforced here (see `show`).")
+@click.option("-e", "--env", "env_vars", multiple=True, metavar="NAME=VALUE",
+              help="A variable for every command run in it (repeatable).")
+@click.option("-i", "--interactive", is_flag=True,
+              help="Open a shell inside; destroy the env when it exits (unless --ttl is given).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def create(name: str | None, packages: tuple[str, ...], requirements: str | None,
+           python: str | None, ttl: int | None, idle_timeout: int | None, memory: int | None,
+           cpu: float | None, processes: int | None, disk: int | None, no_network: bool,
+           isolation: str | None, storage: str | None, runtime: str | None,
+           allow_unenforced: bool | None, env_vars: tuple[str, ...], interactive: bool,
+           as_json: bool) -> None:
+    """Create environment NAME (a generated name if omitted); it lives until its TTL."""
+    limits = ResourceLimits(max_memory=memory, max_disk=disk, max_processes=processes,
+                            max_cpu_percent=cpu, network_access=not no_network)
+    env = run_sync(create_environment(
+        name, packages=_split_packages(packages), requirements=requirements, python=python,
+        resource_limits=limits, isolation_level=isolation, storage_backend=storage, ttl=ttl,
+        idle_timeout=idle_timeout, env=_env_pairs(env_vars), allow_unenforced=allow_unenforced,
+        runtime=runtime))
+    if as_json:
+        echo_json(env.info())
+    else:
+        click.echo(f"created {env.name} at {env.path} ({_summary(env.info())})")
+        for limit, applied in env.enforcement.unenforced.items():
+            click.echo(f"warning: {limit} is NOT enforced: {applied.mechanism}", err=True)
+        for note in env.info()["notes"]:
+            click.echo(f"note: {note}", err=True)
+    if interactive:
+        shell = os.environ.get("SHELL") or "/bin/sh"
+        click.echo(f"gestvenv: shell in {env.name}; exit to leave", err=True)
+        try:
+            status = run_foreground(env, [shell])
+        finally:
+            if ttl is None:
+                run_sync(env.aclose())
+                click.echo(f"gestvenv: {env.name} destroyed", err=True)
+        raise SystemExit(status)
+
+
+def _summary(info: dict[str, Any]) -> str:
+    ttl = f"ttl {remaining(info['expires_at'])}" if info["expires_at"] else "no ttl"
+    return f"python {info['python']}, {info['runtime']} runtime, {info['storage_backend']}, {ttl}"
+
+
+@ephemeral_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def list_(as_json: bool) -> None:
+    """Environments of this user, from every process (running scripts' too)."""
+    infos = [describe(r) for r in registry.list_records()]
+    if as_json:
+        echo_json(infos)
+        return
+    if not infos:
+        click.echo("no environments")
+        return
+    rows = [(i["name"], i["state"], i["runtime"], i["storage_backend"], i["python"],
+             remaining(i["expires_at"]), str(i["owner_pid"] or "-"),
+             ",".join(i["packages"]) or "-") for i in infos]
+    table(rows, ("NAME", "STATE", "RUNTIME", "STORAGE", "PYTHON", "TTL LEFT", "OWNER", "PACKAGES"))
+
+
+@ephemeral_group.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def show(name: str, as_json: bool) -> None:
+    """Everything about environment NAME: limits really applied, usage, guarantees."""
+    env = attach(name)
+    info = env.info()
+    use = run_sync(env.usage())
+    info["usage"] = {"processes": use.processes, "memory_bytes": use.memory_bytes,
+                     "cpu_seconds": round(use.cpu_seconds, 3), "disk_bytes": use.disk_bytes}
+    if as_json:
+        echo_json(info)
+        return
+    enforcement = info["enforcement"]
+    click.echo(f"name:        {info['name']} ({info['state']})")
+    click.echo(f"path:        {info['path']}")
+    click.echo(f"python:      {info['python']} ({info['interpreter']})")
+    click.echo(f"runtime:     {info['runtime']}, built with {info['builder']}")
+    click.echo(f"storage:     {info['storage_backend']}")
+    click.echo(f"isolation:   {enforcement['isolation_applied']} "
+               f"(requested {enforcement['isolation_requested']})")
+    click.echo(f"ttl:         {info['ttl'] or 'none'} (left: {remaining(info['expires_at'])})")
+    click.echo(f"idle:        {info['idle_timeout'] or 'none'}")
+    click.echo(f"packages:    {', '.join(info['packages']) or '-'}")
+    click.echo("limits:")
+    if not enforcement["limits"]:
+        click.echo("  none requested")
+    for key, status in enforcement["limits"].items():
+        flag = "enforced" if status["enforced"] else "NOT enforced"
+        click.echo(f"  {key} = {status['requested']}: {flag} ({status['mechanism']})")
+    u = info["usage"]
+    click.echo(f"usage:       {u['processes']} processes, {human_bytes(u['memory_bytes'])} "
+               f"memory, {u['cpu_seconds']} s cpu, {human_bytes(u['disk_bytes'])} disk")
+    for line in (*info["notes"], *info["guarantees"]):
+        click.echo(f"note:        {line}")
+
+
+@ephemeral_group.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Kill the command (and its children) after this many seconds.")
+@click.option("--cwd", type=click.Path(exists=True, file_okay=False), help="Working directory.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@handle_errors
+def exec_(name: str, timeout: float | None, cwd: str | None, command: tuple[str, ...]) -> None:
+    """Run COMMAND in environment NAME; exit with the command's status."""
+    raise SystemExit(run_foreground(attach(name), command, timeout=timeout, cwd=cwd))
+
+
+@ephemeral_group.command("cleanup")
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every environment of this user.")
+@click.option("--expired", is_flag=True, help="Those past their TTL or whose creator died.")
+@click.option("--idle", is_flag=True, help="Those idle for longer than their idle timeout.")
+@click.option("--orphans", is_flag=True,
+              help="Storage dirs and state files that belong to no environment.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def cleanup(names: tuple[str, ...], all_: bool, expired: bool, idle: bool, orphans: bool,
+            as_json: bool) -> None:
+    """Destroy environments: by NAME, --all, --expired, --idle, --orphans."""
+    if not (names or all_ or expired or idle or orphans):
+        raise UserError("say what to clean up: NAME..., --all, --expired, --idle or --orphans")
+    config = load_config()
+    removed: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    orphan_paths: list[str] = []
+    records: list[EnvRecord] = registry.list_records() if all_ else \
+        [registry.load(n) for n in names]
+    for failed, error in run_sync(destroy_many(records, config)):
+        errors[failed] = error
+    removed.update({r.name: "requested" for r in records if r.name not in errors})
+    if expired or idle or orphans:
+        report = run_sync(sweep(config, expired=expired, idle=idle, orphans=orphans))
+        removed.update(report.removed)
+        errors.update(report.errors)
+        orphan_paths = report.orphan_paths
+    if as_json:
+        echo_json({"removed": removed, "orphan_paths": orphan_paths, "errors": errors})
+    else:
+        for name, reason in removed.items():
+            click.echo(f"removed {name} ({reason})")
+        for path in orphan_paths:
+            click.echo(f"removed orphan {path}")
+        for name, error in errors.items():
+            click.echo(f"gestvenv: error: {name}: {error}", err=True)
+        if not (removed or orphan_paths or errors):
+            click.echo("nothing to clean up")
+    if errors:
+        raise SystemExit(1)
+
+
+@ephemeral_group.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def stats(as_json: bool) -> None:
+    """Totals for this user: environments by state and storage, disk and memory used."""
+    config = load_config()
+    records = registry.list_records()
+    now = time.time()
+    by_state: dict[str, int] = {}
+    by_backend: dict[str, int] = {}
+    disk = 0
+    for record in records:
+        by_state[record.state(now)] = by_state.get(record.state(now), 0) + 1
+        by_backend[record.backend] = by_backend.get(record.backend, 0) + 1
+        disk += storage.disk_usage(Path(record.path))
+    memory = processes = 0
+    for record in records:
+        use = run_sync(attach(record.name, config=config).usage()) if record.status == "ready" \
+            else None
+        if use is not None:
+            memory += use.memory_bytes
+            processes += use.processes
+    cache = storage.uv_cache_dir(config)
+    cache_bytes = storage.disk_usage(cache) if cache.exists() else 0
+    data = {
+        "environments": len(records), "by_state": by_state, "by_storage": by_backend,
+        "disk_bytes": disk, "memory_bytes": memory, "processes": processes,
+        "max_concurrent": config.max_concurrent, "cache_dir": str(cache),
+        "cache_bytes": cache_bytes,
+    }
+    if as_json:
+        echo_json(data)
+        return
+    click.echo(f"environments: {len(records)} of max {config.max_concurrent}"
+               + (f" ({', '.join(f'{n} {s}' for s, n in sorted(by_state.items()))})"
+                  if by_state else ""))
+    backends = ", ".join(f"{n} {b}" for b, n in sorted(by_backend.items())) or "-"
+    click.echo(f"storage:      {backends}")
+    click.echo(f"disk:         {human_bytes(disk)} in environments")
+    click.echo(f"processes:    {processes} running, {human_bytes(memory)} resident")
+    click.echo(f"cache:        {human_bytes(cache_bytes)} in {cache}")

@@ -1,0 +1,416 @@
+"""The public API: ``ephemeral()``, the :class:`Environment` handle, and friends."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import shutil
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from . import registry, storage
+from .builder import find_interpreter, make_builder
+from .config import Config, load_config
+from .exceptions import (
+    CommandError,
+    CommandNotFoundError,
+    EnvironmentClosedError,
+    EnvironmentNotFoundError,
+    ValidationError,
+)
+from .lifecycle import EnvSpec, create, destroy, shielded
+from .models import (
+    Enforcement,
+    ExecResult,
+    IsolationLevel,
+    ResourceLimits,
+    StorageBackend,
+)
+from .names import generate_name, validate_name, validate_packages
+from .registry import EnvRecord
+from .runtime import CommandSpec, StreamCallback, Usage, runtime_named
+from .runtime.processes import ENV_MARKER, EXEC_MARKER
+
+Command = str | Sequence[str | os.PathLike[str]]
+_SCRUBBED = ("PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX", "__PYVENV_LAUNCHER__", ENV_MARKER,
+             EXEC_MARKER)
+
+
+class Environment:
+    """A handle on one environment. Obtained from :func:`ephemeral` (which owns and destroys it)
+    or :func:`attach` (which does not)."""
+
+    def __init__(self, record: EnvRecord, config: Config, *, owned: bool) -> None:
+        self._record = record
+        self._config = config
+        self._owned = owned
+        self._closing: asyncio.Future[None] | None = None
+
+    # --- what it is ---
+    @property
+    def name(self) -> str:
+        return self._record.name
+
+    @property
+    def id(self) -> str:
+        return self._record.id
+
+    @property
+    def path(self) -> Path:
+        return Path(self._record.path)
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.path / "bin"
+
+    @property
+    def python(self) -> Path:
+        return self.bin_dir / "python"
+
+    @property
+    def python_version(self) -> str:
+        return self._record.python_version
+
+    @property
+    def storage_backend(self) -> StorageBackend:
+        return StorageBackend(self._record.backend)
+
+    @property
+    def resource_limits(self) -> ResourceLimits:
+        return self._record.resource_limits
+
+    @property
+    def enforcement(self) -> Enforcement:
+        """The limits and isolation really applied (never the ones merely requested)."""
+        return self._record.enforcement_record
+
+    @property
+    def isolation(self) -> IsolationLevel:
+        """The isolation level really applied."""
+        return self.enforcement.isolation_applied
+
+    @property
+    def runtime(self) -> str:
+        return self._record.runtime
+
+    @property
+    def expires_at(self) -> float | None:
+        return self._record.expires_at
+
+    @property
+    def closed(self) -> bool:
+        return self._closing is not None
+
+    def info(self) -> dict[str, Any]:
+        return describe(self._record)
+
+    def __repr__(self) -> str:
+        return f"<Environment {self.name!r} at {self.path} ({self.runtime})>"
+
+    # --- using it ---
+    def _live_record(self) -> EnvRecord:
+        if self._closing is not None:
+            raise EnvironmentClosedError(f"environment {self.name!r} is closed")
+        try:
+            current = registry.load(self.name)
+        except EnvironmentNotFoundError:
+            current = None
+        if current is None or current.id != self.id:
+            expired = self.expires_at is not None and time.time() >= self.expires_at
+            why = " (its TTL was reached)" if expired else ""
+            raise EnvironmentClosedError(f"environment {self.name!r} no longer exists{why}")
+        return current
+
+    async def install(self, packages: Iterable[str] = (), *,
+                      requirements: str | os.PathLike[str] | None = None) -> None:
+        """Install packages into the environment; specs go to the installer unchanged."""
+        specs = validate_packages(packages)
+        reqs = _requirements(requirements)
+        record = self._live_record()
+        await make_builder(self._config).install(self.path, specs, reqs)
+        await asyncio.to_thread(_record_packages, record, specs)
+
+    async def execute(self, cmd: Command, *, timeout: float | None = None,
+                      cwd: str | os.PathLike[str] | None = None,
+                      env: Mapping[str, str] | None = None,
+                      input: str | bytes | None = None, check: bool = False,
+                      shell: bool = False, capture: bool = True,
+                      stream: bool | StreamCallback = False) -> ExecResult:
+        """Run a command in the environment, as if it were activated, and wait for it.
+
+        A string is split with :func:`shlex.split` and never given to a shell unless
+        ``shell=True``. ``python``, ``pip`` and the env's scripts come first on PATH. With
+        ``capture=False`` the command shares our stdin/stdout/stderr; ``stream=True`` (or a
+        callback ``(name, text)``) shows output as it comes while still capturing it. A timeout
+        kills the whole process tree and the result says so (``killed_by="timeout"``).
+        """
+        if timeout is not None and timeout <= 0:
+            raise ValidationError(f"timeout must be positive, not {timeout!r}")
+        record = self._live_record()
+        command = build_command(record, cmd, shell=shell, env=env, cwd=cwd, input=input,
+                                timeout=timeout, capture=capture, stream=_stream(stream))
+        runtime = runtime_named(record.runtime)
+        await asyncio.to_thread(registry.touch, record.name, record.id)
+        try:
+            result = await runtime.run(record, command)
+        finally:
+            await asyncio.to_thread(registry.touch, record.name, record.id)
+        if check and not result.ok:
+            raise CommandError(result)
+        return result
+
+    async def usage(self) -> Usage:
+        record = self._live_record()
+        used = await runtime_named(record.runtime).usage(record)
+        disk = await asyncio.to_thread(storage.disk_usage, self.path)
+        return Usage(used.processes, used.memory_bytes, used.cpu_seconds, disk)
+
+    # --- ending it ---
+    async def aclose(self) -> None:
+        """Destroy the environment (processes, files, state). Idempotent; survives cancellation."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(destroy(self._record, self._config))
+        await shielded(_wait(self._closing))
+
+    async def __aenter__(self) -> Environment:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._owned:
+            await self.aclose()
+
+
+async def _wait(future: asyncio.Future[None]) -> None:
+    await future
+
+
+def _stream(stream: bool | StreamCallback) -> StreamCallback | None:
+    if stream is True:
+        import sys
+
+        def write(name: str, text: str) -> None:
+            out = sys.stdout if name == "stdout" else sys.stderr
+            out.write(text)
+            out.flush()
+        return write
+    return stream or None
+
+
+def _requirements(requirements: str | os.PathLike[str] | None) -> tuple[Path, ...]:
+    if requirements is None:
+        return ()
+    path = Path(requirements)
+    if not path.is_file():
+        raise ValidationError(f"requirements file {str(path)!r} does not exist")
+    return (path.resolve(),)
+
+
+def _record_packages(record: EnvRecord, specs: Sequence[str]) -> None:
+    with registry.locked():
+        try:
+            current = registry.load(record.name)
+        except EnvironmentNotFoundError:
+            return
+        if current.id == record.id:
+            registry.save(current.evolve(packages=[*current.packages, *specs]))
+
+
+def build_command(record: EnvRecord, cmd: Command, *, shell: bool = False,
+                  env: Mapping[str, str] | None = None,
+                  cwd: str | os.PathLike[str] | None = None,
+                  input: str | bytes | None = None, timeout: float | None = None,
+                  capture: bool = True, stream: StreamCallback | None = None) -> CommandSpec:
+    """Resolve a command against the environment: argv, PATH, VIRTUAL_ENV, markers."""
+    if isinstance(cmd, str):
+        argv = ["/bin/sh", "-c", cmd] if shell else shlex.split(cmd)
+    else:
+        if shell:
+            raise ValidationError("shell=True takes the command as one string")
+        argv = [os.fspath(a) for a in cmd]
+        if not all(isinstance(a, str) for a in argv):
+            raise ValidationError(f"command arguments must be strings: {cmd!r}")
+    if not argv or not argv[0]:
+        raise ValidationError("empty command")
+    environ = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
+    environ.update(record_env(record))
+    if env:
+        environ.update(env)
+    environ["VIRTUAL_ENV"] = record.path
+    bin_dir = os.path.join(record.path, "bin")
+    environ["PATH"] = os.pathsep.join([bin_dir, environ.get("PATH", os.defpath)])
+    environ[ENV_MARKER] = record.id
+    environ["GESTVENV_ENV_NAME"] = record.name
+    program = argv[0]
+    if os.sep not in program:
+        found = shutil.which(program, path=environ["PATH"])
+        if found is None:
+            raise CommandNotFoundError(
+                f"command not found in environment {record.name!r} or on PATH: {program!r}")
+        argv[0] = found
+    if cwd is not None and not os.path.isdir(cwd):
+        raise ValidationError(f"working directory {os.fspath(cwd)!r} does not exist")
+    data = input.encode() if isinstance(input, str) else input
+    return CommandSpec(argv=tuple(argv), environ=environ,
+                       cwd=os.fspath(cwd) if cwd is not None else None, input=data,
+                       timeout=timeout, capture=capture, stream=stream)
+
+
+def record_env(record: EnvRecord) -> dict[str, str]:
+    """Variables given at creation (``ephemeral(env=...)``), stored with the environment."""
+    return {k: v for k, v in record.environ.items() if isinstance(v, str)}
+
+
+def describe(record: EnvRecord) -> dict[str, Any]:
+    """What ``list``/``show`` print about an environment (JSON-ready)."""
+    return {
+        "name": record.name,
+        "id": record.id,
+        "state": record.state(),
+        "path": record.path,
+        "python": record.python_version,
+        "interpreter": record.interpreter,
+        "runtime": record.runtime,
+        "storage_backend": record.backend,
+        "builder": record.builder,
+        "created_at": record.created_at,
+        "expires_at": record.expires_at,
+        "ttl": record.ttl,
+        "idle_timeout": record.idle_timeout,
+        "last_activity": record.last_activity,
+        "owner_pid": record.owner_pid,
+        "packages": record.packages,
+        "limits": record.limits,
+        "enforcement": record.enforcement,
+        "guarantees": list(runtime_named(record.runtime).guarantees()),
+        "notes": record.notes,
+    }
+
+
+# --- the entry points ---
+
+def _resolve_spec(config: Config, name: str | None, *, packages: Iterable[str],
+                  requirements: str | os.PathLike[str] | None, python: str | None,
+                  resource_limits: ResourceLimits | None,
+                  isolation_level: IsolationLevel | str | None,
+                  storage_backend: StorageBackend | str | None, ttl: int | None,
+                  idle_timeout: int | None, allow_unenforced: bool | None,
+                  runtime: str | None, owned: bool,
+                  env: Mapping[str, str] | None) -> EnvSpec:
+    if resource_limits is not None and not isinstance(resource_limits, ResourceLimits):
+        raise ValidationError("resource_limits must be a ResourceLimits")
+    for label, value in (("ttl", ttl), ("idle_timeout", idle_timeout)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 0):
+            raise ValidationError(f"{label} must be an integer >= 0 (seconds), not {value!r}")
+    return EnvSpec(
+        name=validate_name(name) if name is not None else generate_name(),
+        packages=validate_packages(packages),
+        requirements=_requirements(requirements),
+        python=python or config.python,
+        limits=resource_limits or ResourceLimits(),
+        isolation=IsolationLevel.parse(isolation_level or config.default_isolation_level),
+        backend=StorageBackend.parse(storage_backend or config.storage_backend),
+        ttl=config.default_ttl if ttl is None else ttl,
+        idle_timeout=config.idle_timeout if idle_timeout is None else idle_timeout,
+        allow_unenforced=config.allow_unenforced_limits if allow_unenforced is None
+        else allow_unenforced,
+        owned=owned,
+        runtime=runtime,
+        environ=tuple(sorted(_check_env(env).items())),
+    )
+
+
+class EphemeralContext:
+    """``async with ephemeral(...) as env``: created on entry, destroyed on exit, always."""
+
+    def __init__(self, spec: EnvSpec, config: Config) -> None:
+        self._spec = spec
+        self._config = config
+        self._env: Environment | None = None
+
+    async def __aenter__(self) -> Environment:
+        if self._env is not None:
+            raise RuntimeError("this ephemeral() context is already in use")
+        record = await create(self._spec, self._config)
+        self._env = Environment(record, self._config, owned=True)
+        return self._env
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._env is not None:
+            await self._env.aclose()
+
+
+def ephemeral(name: str | None = None, *, packages: Iterable[str] = (),
+              requirements: str | os.PathLike[str] | None = None, python: str | None = None,
+              resource_limits: ResourceLimits | None = None,
+              isolation_level: IsolationLevel | str | None = None,
+              storage_backend: StorageBackend | str | None = None, ttl: int | None = None,
+              idle_timeout: int | None = None, env: Mapping[str, str] | None = None,
+              allow_unenforced: bool | None = None, runtime: str | None = None,
+              config: Config | None = None) -> EphemeralContext:
+    """An environment for the duration of an ``async with`` block.
+
+    Every keyword left out takes its default from the configuration. All input is validated
+    here, before anything is created.
+    """
+    config = config or load_config()
+    spec = _resolve_spec(config, name, packages=packages, requirements=requirements,
+                         python=python, resource_limits=resource_limits,
+                         isolation_level=isolation_level, storage_backend=storage_backend,
+                         ttl=ttl, idle_timeout=idle_timeout, allow_unenforced=allow_unenforced,
+                         runtime=runtime, owned=True, env=env)
+    return EphemeralContext(spec, config)
+
+
+async def create_environment(name: str | None = None, *, packages: Iterable[str] = (),
+                             requirements: str | os.PathLike[str] | None = None,
+                             python: str | None = None,
+                             resource_limits: ResourceLimits | None = None,
+                             isolation_level: IsolationLevel | str | None = None,
+                             storage_backend: StorageBackend | str | None = None,
+                             ttl: int | None = None, idle_timeout: int | None = None,
+                             env: Mapping[str, str] | None = None,
+                             allow_unenforced: bool | None = None, runtime: str | None = None,
+                             config: Config | None = None) -> Environment:
+    """Create an environment that outlives this process (until its TTL or a cleanup)."""
+    config = config or load_config()
+    spec = _resolve_spec(config, name, packages=packages, requirements=requirements,
+                         python=python, resource_limits=resource_limits,
+                         isolation_level=isolation_level, storage_backend=storage_backend,
+                         ttl=ttl, idle_timeout=idle_timeout, allow_unenforced=allow_unenforced,
+                         runtime=runtime, owned=False, env=env)
+    record = await create(spec, config)
+    return Environment(record, config, owned=False)
+
+
+def _check_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    env = dict(env or {})
+    for key, value in env.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key:
+            raise ValidationError(f"env must map names to strings: {key!r}={value!r}")
+    return env
+
+
+def attach(name: str, *, config: Config | None = None) -> Environment:
+    """A handle on an existing environment (created by any process of this user); not owned."""
+    record = registry.load(validate_name(name))
+    return Environment(record, config or load_config(), owned=False)
+
+
+def list_environments() -> list[dict[str, Any]]:
+    return [describe(r) for r in registry.list_records()]
+
+
+async def destroy_environment(name: str, *, config: Config | None = None) -> None:
+    record = registry.load(validate_name(name))
+    await destroy(record, config or load_config())
+
+
+__all__ = ["Environment", "EphemeralContext", "attach", "build_command", "create_environment",
+           "describe", "destroy_environment", "ephemeral", "find_interpreter",
+           "list_environments"]

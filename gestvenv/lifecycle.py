@@ -1,0 +1,135 @@
+"""Creating and destroying environments: the two pipelines everything else calls."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Coroutine, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+
+from . import registry, storage
+from .builder import find_interpreter, make_builder
+from .config import Config
+from .exceptions import UnenforceableLimitError, UnsafePathError
+from .models import Enforcement, IsolationLevel, ResourceLimits, StorageBackend
+from .registry import EnvRecord
+from .runtime import runtime_named, select_runtime
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """A validated request for one environment (defaults already taken from config)."""
+
+    name: str
+    packages: tuple[str, ...]
+    requirements: tuple[Path, ...]
+    python: str | None
+    limits: ResourceLimits
+    isolation: IsolationLevel
+    backend: StorageBackend
+    ttl: int | None
+    idle_timeout: int | None
+    allow_unenforced: bool
+    owned: bool  # destroyed when its creator exits (the context manager), or kept (CLI create)
+    runtime: str | None = None
+    environ: tuple[tuple[str, str], ...] = ()  # variables for every command
+
+
+async def shielded(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to its end even if the caller is cancelled (again and again), then re-raise.
+
+    Teardown must not be cut in half by a second Ctrl-C.
+    """
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+def check_enforcement(enforcement: Enforcement, allow_unenforced: bool) -> None:
+    missing = enforcement.unenforced
+    if missing and not allow_unenforced:
+        detail = "; ".join(f"{k}={v.requested!r}: {v.mechanism}" for k, v in missing.items())
+        raise UnenforceableLimitError(
+            f"the {enforcement.runtime} runtime cannot enforce {detail}. Pass "
+            "allow_unenforced=True (--allow-unenforced) to create the environment anyway"
+        )
+
+
+async def create(spec: EnvSpec, config: Config) -> EnvRecord:
+    """Reserve the name, build the venv, start the runtime's group, install: or undo it all."""
+    runtime = select_runtime(config, spec.runtime)
+    enforcement = runtime.plan(spec.limits, spec.isolation)
+    check_enforcement(enforcement, spec.allow_unenforced)
+    interpreter = await asyncio.to_thread(find_interpreter, spec.python)
+    root = await asyncio.to_thread(storage.storage_root, spec.backend, config)
+    builder = make_builder(config)
+    env_id = uuid.uuid4().hex
+    me = psutil.Process(os.getpid())
+    now = time.time()
+    record = EnvRecord(
+        name=spec.name, id=env_id, path=str(root.path / f"{spec.name}-{env_id[:8]}"),
+        backend=spec.backend.value, runtime=runtime.name, interpreter=interpreter.path,
+        python_version=interpreter.version, created_at=now, ttl=spec.ttl or None,
+        idle_timeout=spec.idle_timeout or None, limits=spec.limits.to_dict(),
+        enforcement=enforcement.to_dict(), owner_pid=me.pid if spec.owned else None,
+        owner_started=me.create_time() if spec.owned else None, last_activity=now,
+        builder=builder.name, packages=list(spec.packages),
+        notes=[n for n in (root.note, *enforcement.notes) if n], environ=dict(spec.environ),
+    )
+    async with AsyncExitStack() as undo:
+        await asyncio.to_thread(registry.reserve, record, max_concurrent=config.max_concurrent,
+                                max_total_memory_mb=config.max_total_memory_mb)
+        undo.push_async_callback(lambda: shielded(destroy(record, config)))
+        await builder.create(Path(record.path), interpreter)
+        await runtime.start(record)
+        await builder.install(Path(record.path), spec.packages, spec.requirements)
+        record = record.evolve(status="ready", last_activity=time.time())
+        await asyncio.to_thread(registry.save, record)
+        undo.pop_all()
+    return record
+
+
+async def destroy(record: EnvRecord, config: Config) -> None:
+    """Stop every process, delete the files (only inside the storage roots), forget the env.
+
+    Idempotent. A path outside the roots (a tampered state file, a symlink) is refused: the state
+    file is removed and :class:`UnsafePathError` reports what was not deleted.
+    """
+    runtime = runtime_named(record.runtime)
+    try:
+        await runtime.stop(record)
+        roots = await asyncio.to_thread(storage.all_roots, config)
+        await asyncio.to_thread(storage.remove_tree, Path(record.path), roots)
+    except UnsafePathError:
+        await asyncio.to_thread(registry.remove, record)
+        raise
+    await asyncio.to_thread(registry.remove, record)
+
+
+async def destroy_many(records: Sequence[EnvRecord], config: Config) -> list[tuple[str, str]]:
+    """Destroy several environments concurrently; return (name, error) for those that failed."""
+    results = await asyncio.gather(*(destroy(r, config) for r in records), return_exceptions=True)
+    failures = []
+    for record, result in zip(records, results, strict=True):
+        if isinstance(result, BaseException):
+            failures.append((record.name, str(result)))
+    return failures

@@ -1,0 +1,193 @@
+"""Value types of the public API: limits, isolation, storage, results."""
+
+from __future__ import annotations
+
+import enum
+import signal
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+from .exceptions import ValidationError
+
+
+class IsolationLevel(enum.StrEnum):
+    """How strongly an environment's processes are separated from the host.
+
+    The level requested is not always the level applied: a runtime applies the strongest level it
+    can up to the one requested, and ``Environment.isolation`` always reports the one applied.
+    """
+
+    PROCESS = "process"      # own process group / unit; same filesystem and network view
+    NAMESPACE = "namespace"  # plus private /tmp, read-only system dirs, optional private network
+    CONTAINER = "container"  # plus a private view of the filesystem (only the env is writable)
+    CHROOT = "chroot"        # root directory changed to the environment
+
+    @property
+    def rank(self) -> int:
+        return list(IsolationLevel).index(self)
+
+    @classmethod
+    def parse(cls, value: str | IsolationLevel) -> IsolationLevel:
+        return _parse_enum(cls, value, "isolation level")
+
+
+class StorageBackend(enum.StrEnum):
+    """Where an environment's files live."""
+
+    TMPFS = "tmpfs"    # a tmpfs under the runtime dir (/run/gestvenv or $XDG_RUNTIME_DIR)
+    MEMORY = "memory"  # /dev/shm
+    DISK = "disk"      # the disk, beside the shared uv cache (hardlinks, no copies)
+
+    @classmethod
+    def parse(cls, value: str | StorageBackend) -> StorageBackend:
+        return _parse_enum(cls, value, "storage backend")
+
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def _parse_enum(cls: type[E], value: str | E, what: str) -> E:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(str(value).lower())
+    except ValueError:
+        allowed = ", ".join(m.value for m in cls)
+        raise ValidationError(f"unknown {what} {value!r}; allowed: {allowed}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceLimits:
+    """Limits for everything that runs in one environment. ``None`` means no limit.
+
+    max_memory and max_disk are in MB (2**20 bytes); max_cpu_percent is a share of one CPU
+    (200 means two full CPUs).
+    """
+
+    max_memory: int | None = None
+    max_disk: int | None = None
+    max_processes: int | None = None
+    max_cpu_percent: float | None = None
+    network_access: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_memory", "max_disk", "max_processes"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValidationError(f"{name} must be a positive integer or None, not {value!r}")
+        cpu = self.max_cpu_percent
+        if cpu is not None and (
+            isinstance(cpu, bool) or not isinstance(cpu, int | float) or not 0 < cpu <= 100_000
+        ):
+            raise ValidationError(f"max_cpu_percent must be in (0, 100000], not {cpu!r}")
+        if not isinstance(self.network_access, bool):
+            raise ValidationError(f"network_access must be a bool, not {self.network_access!r}")
+
+    def requested(self) -> dict[str, Any]:
+        """The limits that restrict something (network_access only when it is False)."""
+        out = {k: v for k, v in asdict(self).items() if v is not None and k != "network_access"}
+        if not self.network_access:
+            out["network_access"] = False
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ResourceLimits:
+        return cls(**{k: data.get(k) for k in ("max_memory", "max_disk", "max_processes",
+                                                "max_cpu_percent")},
+                   network_access=bool(data.get("network_access", True)))
+
+
+@dataclass(frozen=True, slots=True)
+class LimitStatus:
+    """Whether one requested limit is really enforced, and by what."""
+
+    requested: Any
+    enforced: bool
+    mechanism: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Enforcement:
+    """The honest record of what a runtime applies for one environment."""
+
+    runtime: str
+    isolation_requested: IsolationLevel
+    isolation_applied: IsolationLevel
+    limits: dict[str, LimitStatus] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def unenforced(self) -> dict[str, LimitStatus]:
+        return {k: v for k, v in self.limits.items() if not v.enforced}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "runtime": self.runtime,
+            "isolation_requested": self.isolation_requested.value,
+            "isolation_applied": self.isolation_applied.value,
+            "limits": {k: v.to_dict() for k, v in self.limits.items()},
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Enforcement:
+        return cls(
+            runtime=data["runtime"],
+            isolation_requested=IsolationLevel(data["isolation_requested"]),
+            isolation_applied=IsolationLevel(data["isolation_applied"]),
+            limits={k: LimitStatus(**v) for k, v in data.get("limits", {}).items()},
+            notes=tuple(data.get("notes", ())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    """The outcome of one command run in an environment.
+
+    ``returncode`` is the exit status, or ``-N`` when the process died of signal N (as in
+    :mod:`subprocess`). ``killed_by`` says who ended it when gestvenv knows: ``"timeout"``,
+    ``"ttl"`` (the environment expired), ``"memory"`` (the memory limit) or ``None``.
+    """
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    duration: float
+    killed_by: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and self.killed_by is None
+
+    @property
+    def timed_out(self) -> bool:
+        return self.killed_by == "timeout"
+
+    def describe(self) -> str:
+        if self.killed_by == "timeout":
+            return f"timed out after {self.duration:.1f}s and was killed"
+        if self.killed_by == "ttl":
+            return "was killed because the environment reached its TTL"
+        if self.killed_by == "memory":
+            return "was killed by the environment's memory limit"
+        if self.returncode < 0:
+            try:
+                name = signal.Signals(-self.returncode).name
+            except ValueError:
+                name = f"signal {-self.returncode}"
+            return f"was killed by {name}"
+        return f"exited with status {self.returncode}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["argv"] = list(self.argv)
+        return data

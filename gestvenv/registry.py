@@ -1,0 +1,217 @@
+"""The registry: one JSON state file per environment, visible to every process of the user.
+
+Files are created exclusively (write a temp file, then ``link()`` it: fails if the name exists) so
+two concurrent creates of one name cannot both win, and updated with ``os.replace`` so a reader
+never sees half a file. Quota checks and the reservation happen under one ``flock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .exceptions import EnvironmentExistsError, EnvironmentNotFoundError, QuotaExceededError
+from .models import Enforcement, ResourceLimits
+from .names import validate_name
+from .storage import runtime_dir, state_dir
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EnvRecord:
+    """Everything gestvenv knows about one environment, as stored in its state file."""
+
+    name: str
+    id: str
+    path: str
+    backend: str
+    runtime: str
+    interpreter: str
+    python_version: str
+    created_at: float
+    ttl: int | None
+    idle_timeout: int | None
+    limits: dict[str, Any]
+    enforcement: dict[str, Any]
+    owner_pid: int | None = None
+    owner_started: float | None = None
+    last_activity: float = 0.0
+    status: str = "creating"
+    builder: str = "uv"
+    packages: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    environ: dict[str, str] = field(default_factory=dict)
+    uid: int = field(default_factory=os.geteuid)
+    version: int = STATE_VERSION
+
+    @property
+    def expires_at(self) -> float | None:
+        return self.created_at + self.ttl if self.ttl else None
+
+    @property
+    def resource_limits(self) -> ResourceLimits:
+        return ResourceLimits.from_dict(self.limits)
+
+    @property
+    def enforcement_record(self) -> Enforcement:
+        return Enforcement.from_dict(self.enforcement)
+
+    def owner_alive(self) -> bool:
+        """True if the creating process still runs (same PID and start time), or there is none."""
+        if self.owner_pid is None:
+            return True
+        try:
+            proc = psutil.Process(self.owner_pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            return self.owner_started is None or abs(proc.create_time() - self.owner_started) < 0.5
+        except psutil.Error:
+            return False
+
+    def state(self, now: float | None = None) -> str:
+        """creating, ready, expired, orphaned (its owner died) or destroying."""
+        now = time.time() if now is None else now
+        if self.status in ("creating", "destroying"):
+            return self.status if self.owner_alive() else "orphaned"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        if not self.owner_alive():
+            return "orphaned"
+        return self.status
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EnvRecord:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            raise ValueError("unknown state file version")
+        known = {f for f in cls.__dataclass_fields__}
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        validate_name(record.name)
+        return record
+
+    def evolve(self, **changes: Any) -> EnvRecord:
+        return replace(self, **changes)
+
+
+def _path(name: str) -> Path:
+    return state_dir() / f"{validate_name(name)}.json"
+
+
+@contextlib.contextmanager
+def locked() -> Iterator[None]:
+    """The registry lock: serialises quota checks with reservations across processes."""
+    fd = os.open(runtime_dir() / "registry.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_tmp(record: EnvRecord) -> Path:
+    tmp = state_dir() / f".{record.name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(record.to_json())
+    return tmp
+
+
+def reserve(record: EnvRecord, *, max_concurrent: int, max_total_memory_mb: int) -> None:
+    """Register a new environment, or raise if the name is taken or a quota would be exceeded."""
+    with locked():
+        live = [r for r in list_records() if r.state() not in ("expired", "orphaned")]
+        if len(live) >= max_concurrent:
+            raise QuotaExceededError(
+                f"{len(live)} environments exist; max_concurrent is {max_concurrent} "
+                "(gestvenv ephemeral cleanup, or raise [ephemeral] max_concurrent)"
+            )
+        wanted = record.limits.get("max_memory")
+        if wanted:
+            used = sum(r.limits.get("max_memory") or 0 for r in live)
+            if used + wanted > max_total_memory_mb:
+                raise QuotaExceededError(
+                    f"max_memory {wanted} MB + {used} MB held by other environments exceeds "
+                    f"max_total_memory_mb = {max_total_memory_mb}"
+                )
+        tmp = _write_tmp(record)
+        try:
+            os.link(tmp, _path(record.name))
+        except FileExistsError:
+            raise EnvironmentExistsError(
+                f"an environment named {record.name!r} already exists "
+                f"(gestvenv ephemeral cleanup {record.name})"
+            ) from None
+        finally:
+            tmp.unlink()
+
+
+def save(record: EnvRecord) -> None:
+    tmp = _write_tmp(record)
+    os.replace(tmp, _path(record.name))
+
+
+def load(name: str) -> EnvRecord:
+    path = _path(name)
+    try:
+        return EnvRecord.from_json(path.read_text())
+    except FileNotFoundError:
+        raise EnvironmentNotFoundError(f"no environment named {name!r}") from None
+    except (ValueError, TypeError) as exc:
+        raise EnvironmentNotFoundError(f"state file {path} is unreadable: {exc}") from None
+
+
+def remove(record: EnvRecord) -> None:
+    """Forget an environment, unless the name was reused by another one meanwhile."""
+    path = _path(record.name)
+    with locked():
+        try:
+            current = EnvRecord.from_json(path.read_text())
+        except FileNotFoundError:
+            return
+        except (ValueError, TypeError):
+            current = None
+        if current is None or current.id == record.id:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def touch(name: str, env_id: str) -> None:
+    """Record activity now (for the idle timeout); a no-op if the env is gone or was replaced."""
+    with locked(), contextlib.suppress(EnvironmentNotFoundError):
+        record = load(name)
+        if record.id == env_id and record.status == "ready":
+            save(record.evolve(last_activity=time.time()))
+
+
+def list_records() -> list[EnvRecord]:
+    records = []
+    for path in sorted(state_dir().glob("*.json")):
+        try:
+            records.append(EnvRecord.from_json(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+    return records
+
+
+def unreadable_state_files() -> list[Path]:
+    """State files that cannot be parsed (tampered or from another version): for cleanup."""
+    bad = []
+    for path in sorted(state_dir().glob("*.json")):
+        try:
+            EnvRecord.from_json(path.read_text())
+        except (OSError, ValueError, TypeError):
+            bad.append(path)
+    return bad

@@ -1,0 +1,73 @@
+"""The runtime interface: what runs an environment's processes and enforces its limits.
+
+It is shaped after systemd's model so that both runtimes fit it: an environment is a group
+(a slice under systemd, a marker on every process locally) that holds its limits; every command
+is a unit of its own inside that group; the environment's lifetime (TTL) is held by the runtime,
+not by the process that created it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from ..models import Enforcement, ExecResult, IsolationLevel, ResourceLimits
+from ..registry import EnvRecord
+
+# Called with ("stdout" | "stderr", text) as output arrives, when streaming.
+StreamCallback = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """A fully resolved command: argv with an absolute program, the complete environment."""
+
+    argv: tuple[str, ...]
+    environ: Mapping[str, str]
+    cwd: str | None
+    input: bytes | None
+    timeout: float | None
+    capture: bool = True
+    stream: StreamCallback | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What an environment uses right now."""
+
+    processes: int
+    memory_bytes: int
+    cpu_seconds: float
+    disk_bytes: int
+
+
+class Runtime(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def plan(self, limits: ResourceLimits, isolation: IsolationLevel) -> Enforcement:
+        """What this runtime would enforce for these limits and isolation (no side effects)."""
+
+    @abc.abstractmethod
+    async def start(self, record: EnvRecord) -> None:
+        """Make the environment's group live: limits and TTL held by the runtime from now on."""
+
+    @abc.abstractmethod
+    async def run(self, record: EnvRecord, command: CommandSpec) -> ExecResult:
+        """Run one command inside the environment and wait for it."""
+
+    @abc.abstractmethod
+    async def stop(self, record: EnvRecord) -> None:
+        """End every process of the environment and release what ``start`` took. Idempotent."""
+
+    @abc.abstractmethod
+    async def usage(self, record: EnvRecord) -> Usage:
+        """Processes, memory and CPU of the environment (disk is measured by the caller)."""
+
+    @abc.abstractmethod
+    def guarantees(self) -> Sequence[str]:
+        """Human-readable notes on what this runtime cannot guarantee (shown by ``show``)."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release connections; the environments themselves stay as they are."""

@@ -1,0 +1,244 @@
+"""Where things live, and the only code that deletes an environment's files.
+
+Layout (root / other users)::
+
+    /run/gestvenv               $XDG_RUNTIME_DIR/gestvenv    state: one JSON file per env, locks
+    /run/gestvenv/storage       $XDG_RUNTIME_DIR/gestvenv/storage         TMPFS backend
+    /dev/shm/gestvenv           /dev/shm/gestvenv-UID                     MEMORY backend
+    /var/cache/gestvenv/envs    $XDG_CACHE_HOME/gestvenv/envs             DISK backend
+    /var/cache/gestvenv/uv      $XDG_CACHE_HOME/gestvenv/uv               the shared uv cache
+
+The uv cache sits on the DISK root's filesystem so that uv hardlinks files instead of copying
+them; environments on a tmpfs get copies (a hardlink cannot cross filesystems).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .exceptions import GestvenvError, UnsafePathError
+from .models import StorageBackend
+
+TMPFS_MAGIC = 0x01021994
+# Deleting never goes below a mount point: umount2(MNT_DETACH) first, or refuse.
+_MNT_DETACH = 2
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _private_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700), or accept it if it is ours: a real dir we own, not a link."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GestvenvError(f"cannot create {path}: {exc.strerror}") from None
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise UnsafePathError(f"{path} is not a directory owned by uid {os.geteuid()}; refusing")
+    return path
+
+
+def runtime_dir() -> Path:
+    """The per-user runtime directory: state files and locks (a tmpfs on systemd hosts)."""
+    explicit = os.environ.get("GESTVENV_RUNTIME_DIR")
+    if explicit:
+        return _private_dir(Path(explicit))
+    if _is_root():
+        return _private_dir(Path("/run/gestvenv"))
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg) and os.stat(xdg).st_uid == os.geteuid():
+        return _private_dir(Path(xdg) / "gestvenv")
+    return _private_dir(Path(f"/tmp/gestvenv-{os.geteuid()}"))
+
+
+def state_dir() -> Path:
+    return _private_dir(runtime_dir() / "envs")
+
+
+def cache_base(config: Config) -> Path:
+    if _is_root():
+        return Path("/var/cache/gestvenv")
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "gestvenv"
+
+
+def uv_cache_dir(config: Config) -> Path:
+    return config.cache_dir or cache_base(config) / "uv"
+
+
+def is_tmpfs(path: Path) -> bool:
+    try:
+        return _fs_magic(path) == TMPFS_MAGIC
+    except (OSError, ValueError):
+        return False
+
+
+def _fs_magic(path: Path) -> int:
+    """statfs(2).f_type, which os.statvfs does not expose; read from /proc/self/mountinfo."""
+    target = os.path.realpath(path)
+    best, fstype = "", ""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mnt = _unescape(fields[4])
+            sep = fields.index("-")
+            inside = target == mnt or target.startswith(mnt.rstrip("/") + "/")
+            if inside and len(mnt) >= len(best):
+                best, fstype = mnt, fields[sep + 1]
+    return TMPFS_MAGIC if fstype == "tmpfs" else 0
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+@dataclass(frozen=True)
+class StorageRoot:
+    """Where a backend's environments go, and the honest note when the backend fell back."""
+
+    backend: StorageBackend
+    path: Path
+    note: str | None = None
+
+
+def storage_root(backend: StorageBackend, config: Config) -> StorageRoot:
+    if backend is StorageBackend.DISK:
+        root = config.storage_root or cache_base(config) / "envs"
+        return StorageRoot(backend, _private_dir(root))
+    shm = Path("/dev/shm/gestvenv" if _is_root() else f"/dev/shm/gestvenv-{os.geteuid()}")
+    if backend is StorageBackend.MEMORY:
+        return StorageRoot(backend, _private_dir(shm))
+    candidate = runtime_dir() / "storage"
+    _private_dir(candidate)
+    if is_tmpfs(candidate):
+        return StorageRoot(backend, candidate)
+    # The runtime dir is not a tmpfs here (no systemd-logind, a container): /dev/shm is one.
+    return StorageRoot(
+        backend,
+        _private_dir(shm),
+        note=f"tmpfs backend: {candidate.parent} is not a tmpfs on this host; using {shm}",
+    )
+
+
+def all_roots(config: Config) -> list[Path]:
+    """Every directory under which gestvenv may delete, for this user and config."""
+    roots = []
+    for backend in StorageBackend:
+        try:
+            roots.append(storage_root(backend, config).path)
+        except GestvenvError:
+            continue
+    return list(dict.fromkeys(roots))
+
+
+# --- deletion ---
+
+def _mounts_under(path: str) -> list[str]:
+    prefix = path.rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mnt = _unescape(line.split()[4])
+            if mnt == path or mnt.startswith(prefix):
+                found.append(mnt)
+    return sorted(found, key=len, reverse=True)
+
+
+def check_inside_roots(path: Path, roots: list[Path]) -> Path:
+    """Return ``path`` if it is a direct child of one of ``roots`` and not a symlink, else raise.
+
+    The parent is resolved (roots may sit behind symlinks like /var/run); the leaf never is, so a
+    storage dir replaced by a link to elsewhere is refused instead of followed.
+    """
+    path = Path(os.path.abspath(path))
+    if path.name in ("", ".", ".."):
+        raise UnsafePathError(f"refusing to delete {path}: not an environment directory")
+    parent = os.path.realpath(path.parent)
+    if not any(parent == os.path.realpath(root) for root in roots):
+        raise UnsafePathError(
+            f"refusing to delete {path}: not directly inside gestvenv's storage roots "
+            f"({', '.join(str(r) for r in roots)})"
+        )
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return path
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(path)
+        raise UnsafePathError(f"refusing to delete {path}: it is a symlink (to {target})")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePathError(f"refusing to delete {path}: not a directory")
+    return path
+
+
+def remove_tree(path: Path, roots: list[Path]) -> bool:
+    """Delete an environment directory safely; return False if it did not exist.
+
+    Never follows symlinks (fd-based rmtree), never descends into a mount (detached first, or
+    refused), and copes with read-only files and directories.
+    """
+    path = check_inside_roots(path, roots)
+    if not path.exists():
+        return False
+    for mnt in _mounts_under(str(path)):
+        if not _umount(mnt):
+            raise UnsafePathError(f"refusing to delete {path}: {mnt} is mounted inside it")
+    parent_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            shutil.rmtree(path.name, dir_fd=parent_fd)
+        except PermissionError:
+            _make_writable(path)
+            shutil.rmtree(path.name, dir_fd=parent_fd)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(parent_fd)
+    return True
+
+
+def _umount(mnt: str) -> bool:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(mnt.encode(), _MNT_DETACH) == 0:
+        return True
+    return ctypes.get_errno() == errno.EINVAL and mnt not in _mounts_under(mnt)
+
+
+def _make_writable(path: Path) -> None:
+    """Give the owner write access to every directory below ``path`` (links are not followed)."""
+    for dirpath, dirnames, _ in os.walk(path, followlinks=False):
+        for name in [dirpath, *(os.path.join(dirpath, d) for d in dirnames)]:
+            try:
+                st = os.lstat(name)
+                if stat.S_ISDIR(st.st_mode):
+                    os.chmod(name, st.st_mode | stat.S_IRWXU)
+            except OSError:
+                continue
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes allocated under ``path`` (hardlinked files counted once, links not followed)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+        for name in (*dirnames, *filenames):
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += st.st_blocks * 512
+    return total

@@ -1,0 +1,139 @@
+"""The blocking API: a thin bridge onto the async one, not a second implementation.
+
+One event loop runs in a daemon helper thread for the whole process (a blocking portal, as in
+anyio): connections such as the D-Bus one live on that loop across calls, which ``asyncio.run``
+per call would not allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from collections.abc import Coroutine, Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from .context import Command, Environment, EphemeralContext, ephemeral
+from .models import ExecResult, IsolationLevel, ResourceLimits, StorageBackend
+from .runtime import StreamCallback, Usage
+
+T = TypeVar("T")
+
+
+class _Portal:
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or not self._loop.is_running():
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def run() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                threading.Thread(target=run, name="gestvenv-portal", daemon=True).start()
+                ready.wait()
+                self._loop = loop
+            return self._loop
+
+    def call(self, coro: Coroutine[Any, Any, T], *, shield: bool = False) -> T:
+        """Run ``coro`` on the portal's loop and wait. Ctrl-C cancels it (and waits for its
+        cleanup) unless ``shield``, in which case it runs to its end before Ctrl-C is raised."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._get_loop())
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                result = future.result()
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+                if not shield:
+                    future.cancel()
+            except concurrent.futures.CancelledError:
+                if interrupted is not None:
+                    raise interrupted from None
+                raise
+        if interrupted is not None:
+            raise interrupted
+        return result
+
+
+_portal = _Portal()
+
+
+class SyncEnvironment:
+    """The blocking twin of :class:`Environment`; every call runs the async one on the portal."""
+
+    def __init__(self, env: Environment) -> None:
+        self._env = env
+
+    @property
+    def aio(self) -> Environment:
+        """The async handle underneath."""
+        return self._env
+
+    def __getattr__(self, name: str) -> Any:
+        # Plain attributes (name, path, python, enforcement...) are the async handle's.
+        return getattr(self._env, name)
+
+    def install(self, packages: Iterable[str] = (), *,
+                requirements: str | os.PathLike[str] | None = None) -> None:
+        _portal.call(self._env.install(packages, requirements=requirements))
+
+    def execute(self, cmd: Command, *, timeout: float | None = None,
+                cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+                input: str | bytes | None = None, check: bool = False, shell: bool = False,
+                capture: bool = True, stream: bool | StreamCallback = False) -> ExecResult:
+        return _portal.call(self._env.execute(cmd, timeout=timeout, cwd=cwd, env=env,
+                                              input=input, check=check, shell=shell,
+                                              capture=capture, stream=stream))
+
+    def usage(self) -> Usage:
+        return _portal.call(self._env.usage())
+
+    def close(self) -> None:
+        _portal.call(self._env.aclose(), shield=True)
+
+    def __repr__(self) -> str:
+        return f"<SyncEnvironment {self._env.name!r}>"
+
+
+class SyncEphemeralContext:
+    def __init__(self, context: EphemeralContext) -> None:
+        self._context = context
+
+    def __enter__(self) -> SyncEnvironment:
+        return SyncEnvironment(_portal.call(self._context.__aenter__()))
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        _portal.call(self._context.__aexit__(exc_type, exc, tb), shield=True)
+
+
+def ephemeral_sync(name: str | None = None, *, packages: Iterable[str] = (),
+                   requirements: str | os.PathLike[str] | Path | None = None,
+                   python: str | None = None, resource_limits: ResourceLimits | None = None,
+                   isolation_level: IsolationLevel | str | None = None,
+                   storage_backend: StorageBackend | str | None = None, ttl: int | None = None,
+                   idle_timeout: int | None = None, env: Mapping[str, str] | None = None,
+                   allow_unenforced: bool | None = None,
+                   runtime: str | None = None) -> SyncEphemeralContext:
+    """``with ephemeral_sync(...) as env``: :func:`ephemeral` without asyncio."""
+    return SyncEphemeralContext(ephemeral(
+        name, packages=packages, requirements=requirements, python=python,
+        resource_limits=resource_limits, isolation_level=isolation_level,
+        storage_backend=storage_backend, ttl=ttl, idle_timeout=idle_timeout, env=env,
+        allow_unenforced=allow_unenforced, runtime=runtime))
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one coroutine on the portal (used by the CLI)."""
+    return _portal.call(coro)

@@ -1,0 +1,47 @@
+"""Every test runs against its own runtime dir, storage root, cache and config files.
+
+Installs come from a wheelhouse the session builds itself (tests/harness/wheels.py), offline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.wheels import build_wheelhouse
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uv cache for the session (as in real use), on the same filesystem as the envs."""
+    return tmp_path_factory.mktemp("uv-cache")
+
+
+@pytest.fixture(autouse=True)
+def gv_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wheelhouse: Path,
+            shared_cache: Path) -> Iterator[Path]:
+    home = tmp_path / "gv"
+    (home / "config").mkdir(parents=True)
+    env = {
+        "GESTVENV_RUNTIME_DIR": str(home / "run"),
+        "GESTVENV_SYSTEM_CONFIG": str(home / "etc-config.toml"),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "GESTVENV_EPHEMERAL_STORAGE_ROOT": str(home / "envs"),
+        "GESTVENV_EPHEMERAL_CACHE_DIR": str(shared_cache),
+        "GESTVENV_EPHEMERAL_FIND_LINKS": str(wheelhouse),
+        "GESTVENV_EPHEMERAL_OFFLINE": "1",
+    }
+    for key in list(os.environ):
+        if key.startswith("GESTVENV_") or key.startswith("UV_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    yield home
