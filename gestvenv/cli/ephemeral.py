@@ -29,20 +29,25 @@ from ._common import (
 
 
 @click.group("ephemeral")
+@handle_errors
 def ephemeral_group() -> None:
     """Create, inspect and destroy ephemeral environments."""
+    load_config()  # a bad setting is reported by every command, not only those that use it
 
 
-def _split_packages(values: tuple[str, ...]) -> list[str]:
-    # "--packages a,b" and "--packages a --packages b"; a comma inside brackets ("pkg[a,b]")
-    # belongs to the spec, so split only outside them.
+def split_packages(values: tuple[str, ...]) -> list[str]:
+    """``--packages a,b`` and ``--packages a --packages b``, keeping every spec intact.
+
+    A comma also appears inside specs (``six>=1.0,<2``, ``pkg[a,b]``): it separates two packages
+    only outside brackets and when a name (a letter or digit) follows it.
+    """
     out: list[str] = []
     for value in values:
         depth, current = 0, ""
-        for char in value:
+        for i, char in enumerate(value):
             depth += char == "["
             depth -= char == "]"
-            if char == "," and depth == 0:
+            if char == "," and depth == 0 and value[i + 1:].lstrip()[:1].isalnum():
                 out.append(current.strip())
                 current = ""
             else:
@@ -98,7 +103,7 @@ def create(name: str | None, packages: tuple[str, ...], requirements: str | None
     limits = ResourceLimits(max_memory=memory, max_disk=disk, max_processes=processes,
                             max_cpu_percent=cpu, network_access=not no_network)
     env = run_sync(create_environment(
-        name, packages=_split_packages(packages), requirements=requirements, python=python,
+        name, packages=split_packages(packages), requirements=requirements, python=python,
         resource_limits=limits, isolation_level=isolation, storage_backend=storage, ttl=ttl,
         idle_timeout=idle_timeout, env=_env_pairs(env_vars), allow_unenforced=allow_unenforced,
         runtime=runtime))

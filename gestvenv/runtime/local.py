@@ -7,6 +7,7 @@ environment unless unenforced limits are explicitly allowed.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import os
 import resource
 import subprocess
@@ -181,10 +182,14 @@ async def _collect(proc: asyncio.subprocess.Process, command: CommandSpec,
     async def pump(name: str, reader: asyncio.StreamReader | None) -> None:
         if reader is None:
             return
+        # Incremental: a UTF-8 character split across two reads is shown whole.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while data := await reader.read(65536):
             chunks[name].append(data)
             if stream is not None:
-                stream(name, data.decode(errors="replace"))
+                stream(name, decoder.decode(data))
+        if stream is not None and (tail := decoder.decode(b"", final=True)):
+            stream(name, tail)
 
     async def feed() -> None:
         if proc.stdin is None:
