@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -24,7 +25,8 @@ from pathlib import Path
 
 from .config import Config
 from .exceptions import BuildError, ValidationError
-from .storage import uv_cache_dir
+from .storage import templates_dir, uv_cache_dir
+from .templates import TemplateCache, snapshot_baseline, template_key
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +105,14 @@ class Builder:
     async def create(self, env_path: Path, interpreter: Interpreter) -> None:
         raise NotImplementedError
 
-    async def install(self, env_path: Path, packages: Sequence[str],
+    async def install(self, env_path: Path, interpreter: Interpreter, packages: Sequence[str],
                       requirements: Sequence[Path] = ()) -> None:
         raise NotImplementedError
+
+    async def populate(self, env_path: Path, interpreter: Interpreter, packages: Sequence[str],
+                       requirements: Sequence[Path] = ()) -> None:
+        """The first install, at creation (a builder may take it from a snapshot)."""
+        await self.install(env_path, interpreter, packages, requirements)
 
     async def _run(self, argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
         proc = await asyncio.create_subprocess_exec(
@@ -134,24 +141,57 @@ def _index_args(config: Config) -> list[str]:
 
 
 class UvBuilder(Builder):
+    """uv with the base interpreter and ``--prefix ENV``.
+
+    Naming the env's own python would make uv query a new interpreter path for every
+    environment (~50 ms); the base interpreter's answer is cached by uv. Scripts then name the
+    base interpreter in their shebang, which is rewritten to the environment's.
+    """
+
     name = "uv"
 
     def __init__(self, config: Config, uv: str) -> None:
         super().__init__(config)
         self.uv = uv
         self.cache = uv_cache_dir(config)
+        self.templates = TemplateCache(templates_dir(config), config.template_ttl,
+                                       link=config.link_mode != "copy")
 
     async def create(self, env_path: Path, interpreter: Interpreter) -> None:
         write_venv(env_path, interpreter)
         write_pip_shim(env_path, self.uv, self.cache)
 
-    async def install(self, env_path: Path, packages: Sequence[str],
+    async def populate(self, env_path: Path, interpreter: Interpreter, packages: Sequence[str],
+                       requirements: Sequence[Path] = ()) -> None:
+        if not packages and not requirements:
+            return
+        key = template_key(
+            interpreter=interpreter.path, version=interpreter.version, uv=self.uv,
+            packages=packages, requirements=requirements,
+            settings={"find_links": list(self.config.find_links),
+                      "index_url": self.config.index_url, "offline": self.config.offline,
+                      "compile": self.config.compile_bytecode})
+        template = await asyncio.to_thread(self.templates.lookup, key)
+        if template is not None:
+            try:
+                await asyncio.to_thread(self.templates.clone, template, env_path)
+                return
+            except OSError as exc:  # a pruned or damaged snapshot: install for real
+                log.debug("snapshot %s unusable (%s); installing", template, exc)
+                await asyncio.to_thread(_reset_env, env_path, interpreter, self)
+        baseline = await asyncio.to_thread(snapshot_baseline, env_path)
+        await self.install(env_path, interpreter, packages, requirements)
+        await asyncio.to_thread(self.templates.store, key, env_path, baseline)
+
+    async def install(self, env_path: Path, interpreter: Interpreter, packages: Sequence[str],
                       requirements: Sequence[Path] = ()) -> None:
         if not packages and not requirements:
             return
         self.cache.mkdir(parents=True, exist_ok=True)
-        argv = [self.uv, "pip", "install", "--quiet", "--python", str(env_path / "bin" / "python"),
-                "--cache-dir", str(self.cache), "--link-mode", self.link_mode(env_path)]
+        before = _scripts(env_path)
+        argv = [self.uv, "pip", "install", "--quiet", "--python", interpreter.path,
+                "--prefix", str(env_path), "--cache-dir", str(self.cache),
+                "--link-mode", self.link_mode(env_path)]
         if self.config.compile_bytecode:
             argv.append("--compile-bytecode")
         if self.config.offline:
@@ -161,16 +201,56 @@ class UvBuilder(Builder):
             argv += ["--requirement", str(req)]
         argv += list(packages)
         env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
-        env.pop("VIRTUAL_ENV", None)
+        for key in ("VIRTUAL_ENV", "UV_PYTHON", "UV_SYSTEM_PYTHON"):
+            env.pop(key, None)
         await self._run(argv, "uv pip install " + " ".join(packages), env)
+        await asyncio.to_thread(_fix_shebangs, env_path, interpreter, before)
 
     def link_mode(self, env_path: Path) -> str:
         # A hardlink cannot cross filesystems: tmpfs-backed envs get copies.
+        if self.config.link_mode == "copy":
+            return "copy"
         try:
             same = os.stat(self.cache).st_dev == os.stat(env_path).st_dev
         except OSError:
             same = False
         return "hardlink" if same else "copy"
+
+
+def _scripts(env_path: Path) -> dict[str, int]:
+    out = {}
+    with os.scandir(env_path / "bin") as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                out[entry.name] = entry.stat(follow_symlinks=False).st_ino
+    return out
+
+
+def _fix_shebangs(env_path: Path, interpreter: Interpreter, before: dict[str, int]) -> None:
+    """Point scripts the install just wrote at the environment's python, not the base one."""
+    base = interpreter.path.encode()
+    own = str(env_path / "bin" / "python").encode()
+    for name, inode in _scripts(env_path).items():
+        if before.get(name) == inode:
+            continue
+        path = env_path / "bin" / name
+        with open(path, "rb") as f:
+            data = f.read()
+        # uv writes "#!/python" or, for long paths, a "#!/bin/sh" + "exec '/python'" preamble.
+        if data.startswith(b"#!") and base in data[:1024]:
+            fixed = data[:1024].replace(base, own) + data[1024:]
+            mode = path.stat().st_mode
+            tmp = path.with_name(f".{name}.gestvenv")
+            tmp.write_bytes(fixed)
+            tmp.chmod(stat.S_IMODE(mode))
+            os.replace(tmp, path)
+
+
+def _reset_env(env_path: Path, interpreter: Interpreter, builder: UvBuilder) -> None:
+    shutil.rmtree(env_path)
+    env_path.mkdir()
+    write_venv(env_path, interpreter)
+    write_pip_shim(env_path, builder.uv, builder.cache)
 
 
 class VenvPipBuilder(Builder):
@@ -181,7 +261,7 @@ class VenvPipBuilder(Builder):
     async def create(self, env_path: Path, interpreter: Interpreter) -> None:
         await self._run([interpreter.path, "-m", "venv", str(env_path)], "python -m venv")
 
-    async def install(self, env_path: Path, packages: Sequence[str],
+    async def install(self, env_path: Path, interpreter: Interpreter, packages: Sequence[str],
                       requirements: Sequence[Path] = ()) -> None:
         if not packages and not requirements:
             return
@@ -233,7 +313,7 @@ def write_venv(env_path: Path, interpreter: Interpreter) -> None:
 
     short = interpreter.short_version
     bin_dir = env_path / "bin"
-    bin_dir.mkdir(parents=True)
+    bin_dir.mkdir(parents=True)  # env_path itself may exist already (claimed by lifecycle)
     site_packages(env_path, interpreter).mkdir(parents=True)
     if sysconfig.get_config_var("SIZEOF_VOID_P") == 8:
         (env_path / "lib64").symlink_to("lib")

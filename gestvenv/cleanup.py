@@ -24,6 +24,7 @@ from .config import Config, load_config
 from .lifecycle import destroy
 from .registry import EnvRecord
 from .runtime import processes
+from .templates import TemplateCache
 
 _ENV_DIR_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}-[0-9a-f]{8}", re.ASCII)
 WATCHDOG_PERIOD = 0.5
@@ -80,8 +81,6 @@ def _sweep_orphans(config: Config, report: SweepReport) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             report.removed[path.name] = "unreadable state file"
-    with registry.locked():
-        claimed = {os.path.basename(r.path) for r in registry.list_records()}
     roots = storage.all_roots(config)
     for root in roots:
         try:
@@ -89,17 +88,23 @@ def _sweep_orphans(config: Config, report: SweepReport) -> None:
         except OSError:
             continue
         for entry in entries:
-            if entry.name in claimed or not _ENV_DIR_RE.fullmatch(entry.name):
+            if not _ENV_DIR_RE.fullmatch(entry.name):
                 continue  # only names gestvenv gives its dirs: "<name>-<8 hex>"
             try:
-                # A dir is created only after its state file: a young unclaimed one may still be
-                # the loser of a name race that is cleaning up after itself.
-                if time.time() - entry.stat(follow_symlinks=False).st_mtime < 5:
+                # Whichever registry owns it (another runtime dir too) must still know it.
+                claimed = storage.is_claimed(root / entry.name)
+                if claimed:
+                    continue
+                # No claim yet: a dir being created right now. Give it a few seconds.
+                young = time.time() - entry.stat(follow_symlinks=False).st_mtime < 5
+                if claimed is None and young:
                     continue
                 storage.remove_tree(root / entry.name, roots)
                 report.orphan_paths.append(str(root / entry.name))
             except Exception as exc:  # report and go on: one bad entry must not stop the sweep
                 report.errors[str(root / entry.name)] = str(exc)
+    templates = TemplateCache(storage.templates_dir(config), config.template_ttl)
+    report.orphan_paths.extend(templates.prune())
 
 
 # --- the watchdog ---

@@ -125,6 +125,10 @@ OPTIONS: dict[str, Option] = {
     "builder": Option(_choice(*BUILDERS), "uv, or python -m venv + pip ('auto': uv if found)"),
     "allow_unenforced_limits": Option(_bool, "create envs even if a limit cannot be enforced"),
     "compile_bytecode": Option(_bool, "write .pyc files when installing packages"),
+    "link_mode": Option(_choice("auto", "copy"),
+                        "auto: hardlink from the cache when possible (fast; an in-place edit of an "
+                        "installed file shows in other envs), copy: always copy (isolated)"),
+    "template_ttl": Option(_int(0), "seconds a resolved package set is reused (0: never)"),
     "python": Option(_opt_str, "default interpreter (a version like '3.12' or a path)"),
     "storage_root": Option(_opt_path, "directory of disk-backed environments"),
     "cache_dir": Option(_opt_path, "the shared package cache (keep it on the disk root's FS)"),
@@ -149,6 +153,8 @@ class Config:
     builder: str = "auto"
     allow_unenforced_limits: bool = False
     compile_bytecode: bool = False
+    template_ttl: int = 86400
+    link_mode: str = "auto"
     python: str | None = None
     storage_root: Path | None = None
     cache_dir: Path | None = None
@@ -252,7 +258,13 @@ def set_value(key: str, raw: str, path: Path) -> Any:
         parsed = parsed.unwrap() if hasattr(parsed, "unwrap") else parsed
     except Exception:
         parsed = raw
-    value = _to_toml_value(_parse(key, parsed, f"gestvenv config set {key}"))
+    source = f"gestvenv config set {key}"
+    try:
+        value = _to_toml_value(_parse(key, parsed, source))
+    except ConfigError:
+        if parsed == raw:
+            raise
+        value = _to_toml_value(_parse(key, raw, source))  # "3.12" meant as a string
     try:
         text = path.read_text()
     except FileNotFoundError:

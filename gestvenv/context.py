@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from . import registry, storage
-from .builder import find_interpreter, make_builder
+from .builder import Interpreter, find_interpreter, make_builder
 from .config import Config, load_config
 from .exceptions import (
     CommandError,
@@ -131,7 +131,8 @@ class Environment:
         specs = validate_packages(packages)
         reqs = _requirements(requirements)
         record = self._live_record()
-        await make_builder(self._config).install(self.path, specs, reqs)
+        interpreter = Interpreter(record.interpreter, record.python_version)
+        await make_builder(self._config).install(self.path, interpreter, specs, reqs)
         await asyncio.to_thread(_record_packages, record, specs)
 
     async def execute(self, cmd: Command, *, timeout: float | None = None,
@@ -251,6 +252,11 @@ def build_command(record: EnvRecord, cmd: Command, *, shell: bool = False,
             raise CommandNotFoundError(
                 f"command not found in environment {record.name!r} or on PATH: {program!r}")
         argv[0] = found
+    else:
+        base = os.fspath(cwd) if cwd is not None else os.getcwd()
+        full = os.path.join(base, program)
+        if not (os.path.isfile(full) and os.access(full, os.X_OK)):
+            raise CommandNotFoundError(f"{program!r} is not an executable file")
     if cwd is not None and not os.path.isdir(cwd):
         raise ValidationError(f"working directory {os.fspath(cwd)!r} does not exist")
     data = input.encode() if isinstance(input, str) else input

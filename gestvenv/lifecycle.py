@@ -90,19 +90,31 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
         backend=spec.backend.value, runtime=runtime.name, interpreter=interpreter.path,
         python_version=interpreter.version, created_at=now, ttl=spec.ttl or None,
         idle_timeout=spec.idle_timeout or None, limits=spec.limits.to_dict(),
-        enforcement=enforcement.to_dict(), owner_pid=me.pid if spec.owned else None,
-        owner_started=me.create_time() if spec.owned else None, last_activity=now,
+        # Every env is owned by its creator while it is being built (a creator killed half-way
+        # leaves an orphan the watchdog removes); a kept one is released when ready.
+        enforcement=enforcement.to_dict(), owner_pid=me.pid, owner_started=me.create_time(),
+        last_activity=now,
         builder=builder.name, packages=list(spec.packages),
         notes=[n for n in (root.note, *enforcement.notes) if n], environ=dict(spec.environ),
     )
     async with AsyncExitStack() as undo:
-        await asyncio.to_thread(registry.reserve, record, max_concurrent=config.max_concurrent,
-                                max_total_memory_mb=config.max_total_memory_mb)
+        # The undo is armed before the reservation: a cancellation may land while the reserving
+        # thread has already written the state file. destroy() only ever removes this record
+        # (matched by id), so a failed reservation (name taken) undoes nothing of another's.
         undo.push_async_callback(lambda: shielded(destroy(record, config)))
+        # Shielded: if cancelled, wait for the reserving thread to finish, so that the undo
+        # runs after the state file exists, never before it.
+        await shielded(asyncio.to_thread(
+            registry.reserve, record, max_concurrent=config.max_concurrent,
+            max_total_memory_mb=config.max_total_memory_mb))
+        await asyncio.to_thread(storage.claim_dir, Path(record.path),
+                                registry.state_path(record.name), record.id)
         await builder.create(Path(record.path), interpreter)
         await runtime.start(record)
-        await builder.install(Path(record.path), spec.packages, spec.requirements)
+        await builder.populate(Path(record.path), interpreter, spec.packages, spec.requirements)
         record = record.evolve(status="ready", last_activity=time.time())
+        if not spec.owned:
+            record = record.evolve(owner_pid=None, owner_started=None)
         await asyncio.to_thread(registry.save, record)
         undo.pop_all()
     return record
@@ -117,7 +129,7 @@ async def destroy(record: EnvRecord, config: Config) -> None:
     runtime = runtime_named(record.runtime)
     try:
         await runtime.stop(record)
-        roots = await asyncio.to_thread(storage.all_roots, config)
+        roots = await asyncio.to_thread(storage.env_roots, Path(record.path), config)
         await asyncio.to_thread(storage.remove_tree, Path(record.path), roots)
     except UnsafePathError:
         await asyncio.to_thread(registry.remove, record)

@@ -106,8 +106,11 @@ class EnvRecord:
         return replace(self, **changes)
 
 
-def _path(name: str) -> Path:
+def state_path(name: str) -> Path:
     return state_dir() / f"{validate_name(name)}.json"
+
+
+_path = state_path
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ them; environments on a tmpfs get copies (a hardlink cannot cross filesystems).
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import stat
@@ -74,6 +75,11 @@ def uv_cache_dir(config: Config) -> Path:
     return config.cache_dir or cache_base(config) / "uv"
 
 
+def templates_dir(config: Config) -> Path:
+    """Snapshots of installed package sets, beside the uv cache (same filesystem: hardlinks)."""
+    return uv_cache_dir(config).parent / "templates"
+
+
 def is_tmpfs(path: Path) -> bool:
     try:
         return _fs_magic(path) == TMPFS_MAGIC
@@ -112,20 +118,40 @@ class StorageRoot:
 def storage_root(backend: StorageBackend, config: Config) -> StorageRoot:
     if backend is StorageBackend.DISK:
         root = config.storage_root or cache_base(config) / "envs"
-        return StorageRoot(backend, _private_dir(root))
+        return StorageRoot(backend, _mark_root(_private_dir(root)))
     shm = Path("/dev/shm/gestvenv" if _is_root() else f"/dev/shm/gestvenv-{os.geteuid()}")
     if backend is StorageBackend.MEMORY:
-        return StorageRoot(backend, _private_dir(shm))
+        return StorageRoot(backend, _mark_root(_private_dir(shm)))
     candidate = runtime_dir() / "storage"
     _private_dir(candidate)
     if is_tmpfs(candidate):
-        return StorageRoot(backend, candidate)
+        return StorageRoot(backend, _mark_root(candidate))
     # The runtime dir is not a tmpfs here (no systemd-logind, a container): /dev/shm is one.
     return StorageRoot(
         backend,
-        _private_dir(shm),
+        _mark_root(_private_dir(shm)),
         note=f"tmpfs backend: {candidate.parent} is not a tmpfs on this host; using {shm}",
     )
+
+
+ROOT_MARK = ".gestvenv-root"
+
+
+def _mark_root(path: Path) -> Path:
+    """Note in a storage root that gestvenv made it, so that cleanup under another config (or by
+    the watchdog) may delete there too; a dir without the mark is never a root."""
+    mark = path / ROOT_MARK
+    if not mark.exists():
+        mark.write_text("gestvenv storage root: its env-* subdirectories are gestvenv's\n")
+    return path
+
+
+def is_marked_root(path: Path) -> bool:
+    try:
+        st = (path / ROOT_MARK).lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
 
 
 def all_roots(config: Config) -> list[Path]:
@@ -137,6 +163,32 @@ def all_roots(config: Config) -> list[Path]:
         except GestvenvError:
             continue
     return list(dict.fromkeys(roots))
+
+
+# --- claiming: an env dir names the state file that owns it ---
+
+CLAIM = ".gestvenv-env"
+
+
+def claim_dir(path: Path, state_file: Path, env_id: str) -> None:
+    """Create an environment's dir with a note of its owner, so any sweep can tell an orphan."""
+    path.mkdir(mode=0o755)
+    (path / CLAIM).write_text(json.dumps({"id": env_id, "state_file": str(state_file)}))
+
+
+def is_claimed(path: Path) -> bool | None:
+    """True if the state file named in ``path``'s claim exists and holds the same id; None if
+    the dir has no readable claim (too young to have written one, or not an env dir)."""
+    try:
+        claim = json.loads((path / CLAIM).read_text())
+        env_id, state_file = str(claim["id"]), str(claim["state_file"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        with open(state_file) as f:
+            return bool(json.load(f).get("id") == env_id)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # --- deletion ---
@@ -154,6 +206,9 @@ def _mounts_under(path: str) -> list[str]:
 
 def check_inside_roots(path: Path, roots: list[Path]) -> Path:
     """Return ``path`` if it is a direct child of one of ``roots`` and not a symlink, else raise.
+
+    ``roots`` are the configured roots; pass :func:`env_roots` to also accept a root that
+    gestvenv made under another configuration (it carries gestvenv's mark).
 
     The parent is resolved (roots may sit behind symlinks like /var/run); the leaf never is, so a
     storage dir replaced by a link to elsewhere is refused instead of followed.
@@ -179,6 +234,16 @@ def check_inside_roots(path: Path, roots: list[Path]) -> Path:
     return path
 
 
+def env_roots(path: Path, config: Config) -> list[Path]:
+    """The roots under which an environment's ``path`` may be deleted: the configured ones, and
+    its own parent if that dir carries gestvenv's root mark (a root from another config)."""
+    roots = all_roots(config)
+    parent = Path(os.path.abspath(path)).parent
+    if is_marked_root(parent):
+        roots.append(parent)
+    return roots
+
+
 def remove_tree(path: Path, roots: list[Path]) -> bool:
     """Delete an environment directory safely; return False if it did not exist.
 
@@ -188,7 +253,9 @@ def remove_tree(path: Path, roots: list[Path]) -> bool:
     path = check_inside_roots(path, roots)
     if not path.exists():
         return False
-    for mnt in _mounts_under(str(path)):
+    # Mount points are listed by real path: look where the path really is.
+    real = os.path.join(os.path.realpath(path.parent), path.name)
+    for mnt in _mounts_under(real):
         if not _umount(mnt):
             raise UnsafePathError(f"refusing to delete {path}: {mnt} is mounted inside it")
     parent_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)

@@ -6,7 +6,6 @@ Installs come from a wheelhouse the session builds itself (tests/harness/wheels.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def gv_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wheelhouse: Path,
-            shared_cache: Path) -> Iterator[Path]:
+            shared_cache: Path) -> Path:
     home = tmp_path / "gv"
     (home / "config").mkdir(parents=True)
     env = {
@@ -44,4 +43,4 @@ def gv_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wheelhouse: Path,
             monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    yield home
+    return home

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from .. import registry, storage
-from ..cleanup import sweep
+from ..cleanup import ensure_reaper, sweep
 from ..config import load_config
 from ..context import attach, create_environment, describe
 from ..lifecycle import destroy_many
@@ -33,6 +33,8 @@ from ._common import (
 def ephemeral_group() -> None:
     """Create, inspect and destroy ephemeral environments."""
     load_config()  # a bad setting is reported by every command, not only those that use it
+    if registry.list_records():
+        ensure_reaper()  # if the watchdog was killed, whoever looks next restarts it
 
 
 def split_packages(values: tuple[str, ...]) -> list[str]:

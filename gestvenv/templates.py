@@ -1,0 +1,198 @@
+"""Package sets installed once, then cloned into each new environment that asks for them.
+
+``uv run --with`` reuses one cached environment per set of requirements; gestvenv gives every
+caller a fresh environment, so it keeps instead a snapshot of what the first install added
+(site-packages, scripts, data) and clones it: hardlinks on the same filesystem, copies across
+filesystems, scripts rewritten for the new environment's interpreter. A snapshot is keyed by
+everything that decides the resolution (interpreter, specs, requirements files' contents, index
+settings, uv) and is used for ``template_ttl`` seconds, after which the set is resolved again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import stat
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from .storage import remove_tree
+
+# Stands for the environment's interpreter in stored scripts (same length as nothing: any).
+PLACEHOLDER = b"/@@gestvenv-env-python@@"
+_COMPLETE = ".gestvenv-template"
+
+
+def template_key(*, interpreter: str, version: str, uv: str, packages: Sequence[str],
+                 requirements: Sequence[Path], settings: dict[str, object]) -> str:
+    def mtime(path: str) -> int:
+        try:
+            return os.stat(path).st_mtime_ns
+        except OSError:
+            return 0
+
+    data = {
+        "interpreter": [interpreter, version, mtime(interpreter)],
+        "uv": [uv, mtime(uv)],
+        "packages": list(packages),
+        "requirements": [hashlib.sha256(p.read_bytes()).hexdigest() for p in requirements],
+        "settings": settings,
+        # uv's own configuration by variable (indexes, pre-releases...) decides resolution too.
+        "uv_env": sorted((k, v) for k, v in os.environ.items()
+                         if k.startswith("UV_") and k != "UV_CACHE_DIR"),
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def snapshot_baseline(env_path: Path) -> set[str]:
+    """Relative paths present before an install: what the snapshot leaves out."""
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(env_path):
+        rel = os.path.relpath(dirpath, env_path)
+        for name in (*dirnames, *filenames):
+            found.add(os.path.normpath(os.path.join(rel, name)))
+    return found
+
+
+def _is_script(rel: str, path: str) -> bool:
+    if not rel.startswith("bin" + os.sep):
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"#!"
+    except OSError:
+        return False
+
+
+def _place(src: str, dst: str, *, link: bool) -> None:
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+
+
+class TemplateCache:
+    def __init__(self, root: Path, max_age: int, *, link: bool = True) -> None:
+        self.root = root
+        self.max_age = max_age
+        self.link = link  # False: every file is copied (config link_mode = "copy")
+
+    def lookup(self, key: str) -> Path | None:
+        if self.max_age <= 0:
+            return None
+        path = self.root / key
+        try:
+            made = (path / _COMPLETE).stat().st_mtime
+        except OSError:
+            return None
+        return path if time.time() - made < self.max_age else None
+
+    def clone(self, template: Path, env_path: Path) -> None:
+        python = str(env_path / "bin" / "python").encode()
+        link = self.link and os.stat(template).st_dev == os.stat(env_path).st_dev
+        for dirpath, dirnames, filenames in os.walk(template):
+            rel = os.path.relpath(dirpath, template)
+            target_dir = os.path.normpath(os.path.join(env_path, rel))
+            for name in dirnames:
+                src = os.path.join(dirpath, name)
+                if os.path.islink(src):
+                    os.symlink(os.readlink(src), os.path.join(target_dir, name))
+                else:
+                    os.makedirs(os.path.join(target_dir, name), exist_ok=True)
+            for name in filenames:
+                if rel == "." and name == _COMPLETE:
+                    continue
+                src = os.path.join(dirpath, name)
+                dst = os.path.join(target_dir, name)
+                relname = os.path.normpath(os.path.join(rel, name))
+                if os.path.islink(src):
+                    os.symlink(os.readlink(src), dst)
+                elif _is_script(relname, src):
+                    with open(src, "rb") as f:
+                        data = f.read().replace(PLACEHOLDER, python)
+                    with open(dst, "wb") as f:
+                        f.write(data)
+                    os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode))
+                else:
+                    _place(src, dst, link=link)
+
+    def store(self, key: str, env_path: Path, baseline: set[str]) -> None:
+        """Snapshot what an install added to ``env_path``; a concurrent twin may win, fine."""
+        if self.max_age <= 0:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        python = str(env_path / "bin" / "python").encode()
+        tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            link = self.link and os.stat(tmp).st_dev == os.stat(env_path).st_dev
+            for dirpath, dirnames, filenames in os.walk(env_path):
+                rel = os.path.relpath(dirpath, env_path)
+                for name in dirnames:
+                    relname = os.path.normpath(os.path.join(rel, name))
+                    src = os.path.join(dirpath, name)
+                    if os.path.islink(src):
+                        if relname not in baseline:
+                            os.symlink(os.readlink(src), tmp / relname)
+                    else:
+                        os.makedirs(tmp / relname, exist_ok=True)
+                for name in filenames:
+                    relname = os.path.normpath(os.path.join(rel, name))
+                    if relname in baseline:
+                        continue
+                    src = os.path.join(dirpath, name)
+                    dst = str(tmp / relname)
+                    if os.path.islink(src):
+                        os.symlink(os.readlink(src), dst)
+                    elif _is_script(relname, src):
+                        with open(src, "rb") as f:
+                            data = f.read().replace(python, PLACEHOLDER)
+                        with open(dst, "wb") as f:
+                            f.write(data)
+                        os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode))
+                    else:
+                        _place(src, dst, link=link)
+            (tmp / _COMPLETE).write_text(json.dumps({"created": time.time()}))
+            final = self.root / key
+            if final.exists():  # stale (past max_age) or a twin's: replace it
+                self._remove(final)
+            os.rename(tmp, final)
+        except OSError:
+            # Not having a snapshot only costs speed; never fail the environment for it.
+            pass
+        finally:
+            if tmp.exists():
+                self._remove(tmp)
+
+    def prune(self) -> list[str]:
+        """Remove snapshots past their age and leftovers of interrupted stores."""
+        removed: list[str] = []
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            return removed
+        now = time.time()
+        for entry in entries:
+            try:
+                if entry.name.startswith(".tmp-"):
+                    stale = now - entry.stat(follow_symlinks=False).st_mtime > 3600
+                else:
+                    stale = self.lookup(entry.name) is None
+                if stale:
+                    self._remove(Path(entry.path))
+                    removed.append(entry.path)
+            except OSError:
+                continue
+        return removed
+
+    def _remove(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            remove_tree(path, [self.root])

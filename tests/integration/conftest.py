@@ -1,0 +1,120 @@
+"""Integration fixtures: run ``async def`` tests, and check that no test leaves anything behind.
+
+pytest has no built-in support for coroutine tests and the project does not depend on a plugin,
+so a ``pytest_pyfunc_call`` hook runs them with :func:`asyncio.run` (under an overall timeout, so
+that a hang fails the test, or ends the run, instead of stalling it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import faulthandler
+import inspect
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from gestvenv import storage
+
+from .support import environ_of, processes_of
+
+# The file that marks a dir as a storage root (part of the root, not of an environment).
+ROOT_MARK = getattr(storage, "ROOT_MARK", ".gestvenv-root")
+
+ASYNC_TEST_TIMEOUT = 60.0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    func = pyfuncitem.obj
+    if not inspect.iscoroutinefunction(func):
+        return None
+    names = inspect.signature(func).parameters
+    kwargs = {name: pyfuncitem.funcargs[name] for name in names}
+    # Last resort if even the timeout's cancellation cannot end the test (a shielded cleanup
+    # that never finishes): dump every thread's stack and exit rather than hang the suite.
+    faulthandler.dump_traceback_later(ASYNC_TEST_TIMEOUT + 30, exit=True)
+    try:
+        asyncio.run(asyncio.wait_for(func(**kwargs), ASYNC_TEST_TIMEOUT))
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    return True
+
+
+def leftovers(home: Path) -> list[str]:
+    """Everything an environment could leave: state files, storage dirs, marked processes.
+
+    The MEMORY root (/dev/shm/gestvenv) is shared with every other gestvenv user of the machine
+    (other test runs included), so the tests that use it check their own environment's dir.
+    """
+    problems = []
+    state = home / "run" / "envs"
+    if state.is_dir():
+        problems += [f"state file {p}" for p in state.iterdir()]
+    for kind, root in (("disk", home / "envs"), ("tmpfs", home / "run" / "storage")):
+        if root.is_dir():
+            problems += [f"{kind} dir {p}" for p in root.iterdir() if p.name != ROOT_MARK]
+    problems += [f"process {p.pid} {p.cmdline()}"
+                 for p in processes_of(home / "run", marked_only=True)]
+    return problems
+
+
+def _clean_up(home: Path) -> None:
+    """Remove what a failing test left, so that the failure does not leak onto the machine."""
+    from gestvenv import load_config, registry
+    from gestvenv.lifecycle import destroy
+
+    async def destroy_all() -> None:
+        config = load_config()
+        for record in registry.list_records():
+            with contextlib.suppress(Exception):
+                await destroy(record, config)
+
+    asyncio.run(destroy_all())
+    for proc in processes_of(home / "run", marked_only=True):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    for state in (home / "run" / "envs").glob("*.json"):
+        state.unlink()
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(gv_home: Path) -> Iterator[None]:
+    """Fail a test that leaves a state file, a storage dir or an environment's process behind."""
+    yield
+    problems = leftovers(gv_home)
+    if problems:
+        _clean_up(gv_home)
+    assert problems == []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def watchdogs_exit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Each test's watchdog must exit by itself once its environments are gone (no lingering)."""
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    deadline = time.monotonic() + 6.0  # WATCHDOG_LINGER (2 s) + a sweep period + start-up
+
+    def remaining() -> list[psutil.Process]:
+        out = []
+        for proc in psutil.process_iter():
+            env = environ_of(proc)
+            try:
+                alive = proc.status() != psutil.STATUS_ZOMBIE
+                cmd = proc.cmdline()
+            except psutil.Error:
+                continue
+            if alive and "gestvenv.cleanup" in cmd \
+                    and env.get("GESTVENV_RUNTIME_DIR", "").startswith(base):
+                out.append(proc)
+        return out
+
+    left = remaining()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = remaining()
+    assert [p.pid for p in left] == [], "watchdog processes did not exit"
