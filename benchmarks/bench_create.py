@@ -42,6 +42,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+ROOT_MARK = ".gestvenv-root"  # gestvenv.storage.ROOT_MARK: marks a storage root
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -384,7 +386,8 @@ def _run(bench: Bench, runs: int, slow_runs: int, pyc_runs: int) -> None:
         links = {b: runner.run(bench.link_mode_check(b)) for b in ("disk", "memory")}
         print("installed files: " + ", ".join(f"{b} backend {m}" for b, m in links.items()))
         print("note: after warm-up, uv run --with reuses its cached --with environment "
-              "(no install); gestvenv builds and fills a fresh env every time")
+              "(no install); gestvenv makes a fresh env every time (a clone of its package-set "
+              "snapshot after the first; see template_ttl)")
         print(f"warm-up done; {runs} interleaved runs of the fast tools, then {slow_runs} of "
               f"venv/virtualenv + pip (slow: fewer runs)...", flush=True)
         results: dict[str, list[float]] = {}
@@ -437,7 +440,7 @@ def _shm_root() -> Path:
 
 def _shm_entries() -> set[str] | None:
     try:
-        return set(os.listdir(_shm_root()))
+        return set(os.listdir(_shm_root())) - {ROOT_MARK}
     except FileNotFoundError:
         return None
 
@@ -456,14 +459,17 @@ def _cleanup(root: Path, shm_before: set[str] | None) -> list[str]:
             os.kill(pid, signal.SIGTERM)
     for sub in ("envs", "run/envs", "run/storage"):
         d = root / sub
-        if d.is_dir() and any(d.iterdir()):
-            leftovers.append(f"{d} not empty: {sorted(os.listdir(d))}")
+        left = sorted(n for n in os.listdir(d) if n != ROOT_MARK) if d.is_dir() else []
+        if left:  # the root's own mark is part of the root, not a leftover env
+            leftovers.append(f"{d} not empty: {left}")
     shm_after = _shm_entries()
     if shm_after is not None:
         new = shm_after - (shm_before or set())
         if new:
             leftovers.append(f"{_shm_root()}: {sorted(new)}")
         elif shm_before is None and not shm_after:
+            with contextlib.suppress(FileNotFoundError):
+                (_shm_root() / ROOT_MARK).unlink()
             _shm_root().rmdir()  # created by this run, and empty
     shutil.rmtree(root, ignore_errors=True)
     if root.exists():
