@@ -79,6 +79,37 @@ def _place(src: str, dst: str, *, link: bool) -> None:
     shutil.copy2(src, dst)
 
 
+def _transfer(src_root: Path, dst_root: Path, *, skip: set[str], replace: tuple[bytes, bytes],
+              link: bool) -> None:
+    """Recreate ``src_root``'s tree under ``dst_root``, minus the relative paths in ``skip``:
+    directories made, symlinks recreated, scripts in bin/ rewritten (``replace``: the
+    interpreter's path for the placeholder or back), other files hardlinked when ``link`` and the
+    filesystem allow, else copied."""
+    link = link and os.stat(src_root).st_dev == os.stat(dst_root).st_dev
+    old, new = replace
+    for dirpath, dirnames, filenames in os.walk(src_root):
+        rel = os.path.relpath(dirpath, src_root)
+        for name in (*dirnames, *filenames):
+            relname = os.path.normpath(os.path.join(rel, name))
+            src = os.path.join(dirpath, name)
+            dst = os.path.join(dst_root, relname)
+            is_link = os.path.islink(src)
+            if name in dirnames and not is_link:
+                os.makedirs(dst, exist_ok=True)  # also a skipped dir: it may hold new files
+            elif relname in skip:
+                continue
+            elif is_link:
+                os.symlink(os.readlink(src), dst)
+            elif _is_script(relname, src):
+                with open(src, "rb") as f:
+                    data = f.read().replace(old, new)
+                with open(dst, "wb") as f:
+                    f.write(data)
+                os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode))
+            else:
+                _place(src, dst, link=link)
+
+
 class TemplateCache:
     def __init__(self, root: Path, max_age: int, *, link: bool = True) -> None:
         self.root = root
@@ -97,32 +128,8 @@ class TemplateCache:
 
     def clone(self, template: Path, env_path: Path) -> None:
         python = str(env_path / "bin" / "python").encode()
-        link = self.link and os.stat(template).st_dev == os.stat(env_path).st_dev
-        for dirpath, dirnames, filenames in os.walk(template):
-            rel = os.path.relpath(dirpath, template)
-            target_dir = os.path.normpath(os.path.join(env_path, rel))
-            for name in dirnames:
-                src = os.path.join(dirpath, name)
-                if os.path.islink(src):
-                    os.symlink(os.readlink(src), os.path.join(target_dir, name))
-                else:
-                    os.makedirs(os.path.join(target_dir, name), exist_ok=True)
-            for name in filenames:
-                if rel == "." and name == _COMPLETE:
-                    continue
-                src = os.path.join(dirpath, name)
-                dst = os.path.join(target_dir, name)
-                relname = os.path.normpath(os.path.join(rel, name))
-                if os.path.islink(src):
-                    os.symlink(os.readlink(src), dst)
-                elif _is_script(relname, src):
-                    with open(src, "rb") as f:
-                        data = f.read().replace(PLACEHOLDER, python)
-                    with open(dst, "wb") as f:
-                        f.write(data)
-                    os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode))
-                else:
-                    _place(src, dst, link=link)
+        _transfer(template, env_path, skip={_COMPLETE}, replace=(PLACEHOLDER, python),
+                  link=self.link)
 
     def store(self, key: str, env_path: Path, baseline: set[str]) -> None:
         """Snapshot what an install added to ``env_path``; a concurrent twin may win, fine."""
@@ -133,33 +140,8 @@ class TemplateCache:
         tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            link = self.link and os.stat(tmp).st_dev == os.stat(env_path).st_dev
-            for dirpath, dirnames, filenames in os.walk(env_path):
-                rel = os.path.relpath(dirpath, env_path)
-                for name in dirnames:
-                    relname = os.path.normpath(os.path.join(rel, name))
-                    src = os.path.join(dirpath, name)
-                    if os.path.islink(src):
-                        if relname not in baseline:
-                            os.symlink(os.readlink(src), tmp / relname)
-                    else:
-                        os.makedirs(tmp / relname, exist_ok=True)
-                for name in filenames:
-                    relname = os.path.normpath(os.path.join(rel, name))
-                    if relname in baseline:
-                        continue
-                    src = os.path.join(dirpath, name)
-                    dst = str(tmp / relname)
-                    if os.path.islink(src):
-                        os.symlink(os.readlink(src), dst)
-                    elif _is_script(relname, src):
-                        with open(src, "rb") as f:
-                            data = f.read().replace(python, PLACEHOLDER)
-                        with open(dst, "wb") as f:
-                            f.write(data)
-                        os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode))
-                    else:
-                        _place(src, dst, link=link)
+            _transfer(env_path, tmp, skip=baseline, replace=(python, PLACEHOLDER),
+                      link=self.link)
             (tmp / _COMPLETE).write_text(json.dumps({"created": time.time()}))
             final = self.root / key
             if final.exists():  # stale (past max_age) or a twin's: replace it

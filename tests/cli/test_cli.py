@@ -199,3 +199,37 @@ def test_split_packages_keeps_specs_intact(given: tuple[str, ...], expected: lis
     from gestvenv.cli.ephemeral import split_packages
 
     assert split_packages(given) == expected
+
+
+def test_the_issues_cli_example_as_written(gv_home: Path, tmp_path: Path) -> None:
+    """create --requirements --ttl; list from another process; run pytest; show; cleanup."""
+    (tmp_path / "requirements.txt").write_text("requests\npytest\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_app.py").write_text(
+        "import requests\n\ndef test_get():\n    assert requests.get('x') == 'x'\n")
+
+    def sh(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["gestvenv", *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, env={**os.environ,
+                                                "PATH": f"{Path(sys.executable).parent}:"
+                                                        f"{os.environ['PATH']}"})
+
+    created = sh("ephemeral", "create", "ci-test", "--requirements", "requirements.txt",
+                 "--ttl", "3600")
+    assert created.returncode == 0, created.stderr
+    listed = sh("ephemeral", "list")
+    assert "ci-test" in listed.stdout and "ready" in listed.stdout
+    ran = sh("run", "--env", "ci-test", "--", "pytest", "tests/")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "1 passed, 0 failed" in ran.stdout
+    (tmp_path / "tests" / "test_app.py").write_text("def test_fails():\n    assert False\n")
+    assert sh("run", "--env", "ci-test", "--", "pytest", "tests/").returncode == 1
+    shown = json.loads(sh("ephemeral", "show", "ci-test", "--json").stdout)
+    path = Path(shown["path"])
+    assert (path / "bin" / "pytest").exists()
+    stats = sh("ephemeral", "stats")
+    assert "environments: 1" in stats.stdout
+    assert sh("ephemeral", "cleanup", "ci-test").returncode == 0
+    assert not path.exists()
+    assert json.loads(sh("ephemeral", "list", "--json").stdout) == []
+    assert list((gv_home / "run" / "envs").iterdir()) == []

@@ -1,7 +1,8 @@
 """Tiny real wheels, built by the tests themselves, so installs need no network.
 
 The wheelhouse holds stand-ins named like the packages of the README's examples (``requests``,
-``six``) plus a few for resolution tests. They are real wheels: uv and pip install them normally.
+``six``, ``pytest``: a tiny runner of test_* functions) plus a few for resolution tests. They
+are real wheels: uv and pip install them normally.
 """
 
 from __future__ import annotations
@@ -10,6 +11,32 @@ import base64
 import hashlib
 import zipfile
 from pathlib import Path
+
+_MINI_PYTEST = """\
+import importlib.util, pathlib, sys
+
+
+def main():
+    files = []
+    for arg in sys.argv[1:] or ["."]:
+        path = pathlib.Path(arg)
+        files += sorted(path.rglob("test_*.py")) if path.is_dir() else [path]
+    passed = failed = 0
+    for file in files:
+        spec = importlib.util.spec_from_file_location(file.stem, file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for name in sorted(vars(module)):
+            if name.startswith("test_") and callable(getattr(module, name)):
+                try:
+                    getattr(module, name)()
+                    passed += 1
+                except Exception as exc:
+                    failed += 1
+                    print(f"FAILED {file}::{name}: {exc!r}")
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+"""
 
 # (name, version, requirements, module body)
 PACKAGES: list[tuple[str, str, list[str], str]] = [
@@ -21,7 +48,11 @@ PACKAGES: list[tuple[str, str, list[str], str]] = [
     ("gvdep", "1.0", [], ""),
     ("gvdep", "2.0", [], ""),
     ("gvtool", "1.0", [], "def main():\n    print('gvtool ran')\n"),
+    ("pytest", "8.0.0", [], _MINI_PYTEST),
 ]
+
+# Console scripts: package -> (script name, "module:function").
+SCRIPTS = {"gvtool": ("gvtool", "gvtool:main"), "pytest": ("pytest", "pytest:main")}
 
 
 def _digest(data: bytes) -> str:
@@ -38,8 +69,9 @@ def build_wheel(directory: Path, name: str, version: str, requires: list[str], b
         f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: gestvenv-tests\nRoot-Is-Purelib: true\n"
                          "Tag: py3-none-any\n",
     }
-    if name == "gvtool":
-        files[f"{dist}/entry_points.txt"] = "[console_scripts]\ngvtool = gvtool:main\n"
+    if name in SCRIPTS:
+        script, target = SCRIPTS[name]
+        files[f"{dist}/entry_points.txt"] = f"[console_scripts]\n{script} = {target}\n"
     path = directory / f"{name}-{version}-py3-none-any.whl"
     record = []
     with zipfile.ZipFile(path, "w") as zf:
