@@ -42,7 +42,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT_MARK = ".gestvenv-root"  # gestvenv.storage.ROOT_MARK: marks a storage root
+ROOT_MARK = ".gestvenv-root"
+PYC_OFF = "gestvenv (disk, compile_bytecode=0)"  # gestvenv.storage.ROOT_MARK: marks a storage root
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -200,9 +201,14 @@ class Bench:
 
     # --- one full cycle per tool ---
 
-    async def gv_async(self, backend: str) -> None:
-        async with gestvenv.ephemeral(packages=self.packages, storage_backend=backend) as env:
-            result = await env.execute(self.argv_import)
+    async def gv_async(self, backend: str, compile_bytecode: bool | None = None) -> None:
+        if compile_bytecode is not None:
+            os.environ["GESTVENV_EPHEMERAL_COMPILE_BYTECODE"] = str(int(compile_bytecode))
+        try:
+            async with gestvenv.ephemeral(packages=self.packages, storage_backend=backend) as env:
+                result = await env.execute(self.argv_import)
+        finally:
+            os.environ.pop("GESTVENV_EPHEMERAL_COMPILE_BYTECODE", None)
         if not result.ok:
             raise SystemExit(f"gestvenv ({backend}): import failed\n{result.stderr}")
 
@@ -371,6 +377,7 @@ def _run(bench: Bench, runs: int, slow_runs: int, pyc_runs: int) -> None:
         fast: dict[str, Callable[[], object]] = {
             REFERENCE: lambda: runner.run(bench.gv_async("disk")),
             "gestvenv async (memory)": lambda: runner.run(bench.gv_async("memory")),
+            PYC_OFF: lambda: runner.run(bench.gv_async("disk", False)),
             "gestvenv sync (disk)": bench.gv_sync,
             "uv run --with": bench.uv_run,
         }
@@ -426,10 +433,16 @@ def _conclude(results: dict[str, list[float]], ref: float,
     pyc = (f"compile_bytecode=1 costs {extra_install * 1000:+.1f} ms at install and saves "
            f"{saved_first * 1000:.1f} ms on the first import (net {net * 1000:+.1f} ms for an env "
            f"that imports once; 2nd import {off[2] * 1000:.1f} vs {on[2] * 1000:.1f} ms)")
+    steady_on = statistics.median(results[REFERENCE])  # the default: compile_bytecode = true
+    steady_off = statistics.median(results[PYC_OFF])
+    print(f"\nSteady state (package-set snapshot reused, .pyc files cloned with it): "
+          f"compile_bytecode=1 {steady_on * 1000:.1f} ms vs =0 {steady_off * 1000:.1f} ms per "
+          f"create + install + import + destroy ({steady_off / steady_on:.2f}x).")
     print(f"\nConclusion: gestvenv (async, disk) {ref * 1000:.1f} ms median is {verdict} the "
           f"best peer ({best}, {peers[best] * 1000:.1f} ms, {ratio:.2f}x); {pyc}; "
-          f"{'keeping it off is right' if net >= 0 else 'turning it on pays here'} "
-          "for one-shot envs.")
+          f"with snapshots the compile cost is paid once per package set, so the default "
+          f"(compile_bytecode = true) {'pays' if steady_on < steady_off else 'does NOT pay'} "
+          "here.")
 
 
 # --- cleanup ---

