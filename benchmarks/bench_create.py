@@ -99,7 +99,7 @@ def watchdog_pids(runtime_dir: Path) -> list[int]:
         try:
             with open(f"/proc/{entry.name}/cmdline", "rb") as f:
                 cmdline = f.read()
-            if b"gestvenv.cleanup" not in cmdline:
+            if b"gestvenv.watchdog" not in cmdline:
                 continue
             with open(f"/proc/{entry.name}/environ", "rb") as f:
                 if needle in f.read().split(b"\0"):

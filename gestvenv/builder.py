@@ -27,8 +27,16 @@ from pathlib import Path
 
 from .config import Config
 from .exceptions import BuildError, ValidationError
+from .runtime.processes import ENV_MARKER
+from .shield import in_thread
 from .storage import templates_dir, uv_cache_dir
-from .templates import TemplateCache, snapshot_baseline, template_key
+from .templates import (
+    TemplateCache,
+    retarget,
+    snapshot_baseline,
+    snapshottable,
+    template_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +109,9 @@ class Builder:
 
     name = "abstract"
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, env_id: str | None = None) -> None:
         self.config = config
+        self.marker = {ENV_MARKER: env_id} if env_id else {}
 
     async def create(self, env_path: Path, interpreter: Interpreter) -> None:
         raise NotImplementedError
@@ -119,7 +128,7 @@ class Builder:
     async def _run(self, argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=env,
+            env={**(os.environ if env is None else env), **self.marker},
         )
         try:
             out, err = await proc.communicate()
@@ -152,8 +161,8 @@ class UvBuilder(Builder):
 
     name = "uv"
 
-    def __init__(self, config: Config, uv: str) -> None:
-        super().__init__(config)
+    def __init__(self, config: Config, uv: str, env_id: str | None = None) -> None:
+        super().__init__(config, env_id)
         self.uv = uv
         self.cache = uv_cache_dir(config)
         self.templates = TemplateCache(templates_dir(config), config.template_ttl,
@@ -161,11 +170,15 @@ class UvBuilder(Builder):
 
     async def create(self, env_path: Path, interpreter: Interpreter) -> None:
         write_venv(env_path, interpreter)
-        write_pip_shim(env_path, self.uv, self.cache)
+        write_pip_shim(env_path, self.uv, self.cache, self.config)
 
     async def populate(self, env_path: Path, interpreter: Interpreter, packages: Sequence[str],
                        requirements: Sequence[Path] = ()) -> None:
         if not packages and not requirements:
+            return
+        if not await in_thread(snapshottable, packages, requirements):
+            # Local paths, URLs, options: what they install is not in any key; resolve anew.
+            await self.install(env_path, interpreter, packages, requirements)
             return
         key = template_key(
             interpreter=interpreter.path, version=interpreter.version, uv=self.uv,
@@ -173,17 +186,17 @@ class UvBuilder(Builder):
             settings={"find_links": list(self.config.find_links),
                       "index_url": self.config.index_url, "offline": self.config.offline,
                       "compile": self.config.compile_bytecode})
-        template = await asyncio.to_thread(self.templates.lookup, key)
-        baseline = await asyncio.to_thread(snapshot_baseline, env_path)
+        template = await in_thread(self.templates.lookup, key)
+        baseline = await in_thread(snapshot_baseline, env_path)
         if template is not None:
             try:
-                await asyncio.to_thread(self.templates.clone, template, env_path)
+                await in_thread(self.templates.clone, template, env_path)
                 return
             except OSError as exc:  # a pruned or damaged snapshot: install for real
                 log.debug("snapshot %s unusable (%s); installing", template, exc)
-                await asyncio.to_thread(remove_added, env_path, baseline)
+                await in_thread(remove_added, env_path, baseline)
         await self.install(env_path, interpreter, packages, requirements)
-        await asyncio.to_thread(self.templates.store, key, env_path, baseline)
+        await in_thread(self.templates.store, key, env_path, baseline)
 
     async def install(self, env_path: Path, interpreter: Interpreter, packages: Sequence[str],
                       requirements: Sequence[Path] = ()) -> None:
@@ -206,7 +219,7 @@ class UvBuilder(Builder):
         for key in ("VIRTUAL_ENV", "UV_PYTHON", "UV_SYSTEM_PYTHON"):
             env.pop(key, None)
         await self._run(argv, "uv pip install " + " ".join(packages), env)
-        await asyncio.to_thread(_fix_shebangs, env_path, interpreter, before)
+        await in_thread(_fix_shebangs, env_path, interpreter, before)
 
     def link_mode(self, env_path: Path) -> str:
         # A hardlink cannot cross filesystems: tmpfs-backed envs get copies.
@@ -237,10 +250,8 @@ def _fix_shebangs(env_path: Path, interpreter: Interpreter, before: dict[str, in
             continue
         path = env_path / "bin" / name
         with open(path, "rb") as f:
-            data = f.read()
-        # uv writes "#!/python" or, for long paths, a "#!/bin/sh" + "exec '/python'" preamble.
-        if data.startswith(b"#!") and base in data[:1024]:
-            fixed = data[:1024].replace(base, own) + data[1024:]
+            fixed = retarget(f.read(), base, own)
+        if fixed is not None:
             mode = path.stat().st_mode
             tmp = path.with_name(f".{name}.gestvenv")
             tmp.write_bytes(fixed)
@@ -288,17 +299,19 @@ class VenvPipBuilder(Builder):
         await self._run(argv, "pip install " + " ".join(packages))
 
 
-def make_builder(config: Config) -> Builder:
+def make_builder(config: Config, env_id: str | None = None) -> Builder:
+    """The configured builder; ``env_id`` marks its processes as the environment's, so that
+    destroying the environment mid-install kills them and the idle check sees them."""
     if config.builder == "venv":
-        return VenvPipBuilder(config)
+        return VenvPipBuilder(config, env_id)
     uv = find_uv()
     if uv is not None:
-        return UvBuilder(config, uv)
+        return UvBuilder(config, uv, env_id)
     if config.builder == "uv":
         raise BuildError("builder = 'uv' but uv is not installed (pip install uv)")
     warnings.warn("uv not found: building environments with python -m venv + pip (much slower)",
                   RuntimeWarning, stacklevel=3)
-    return VenvPipBuilder(config)
+    return VenvPipBuilder(config, env_id)
 
 
 _ACTIVATE = """\
@@ -343,16 +356,32 @@ def write_venv(env_path: Path, interpreter: Interpreter) -> None:
 
 _PIP_SHIM = """\
 #!/bin/sh
-# gestvenv: this environment was built with uv; pip here is uv's pip interface for it.
-UV_PYTHON={py} UV_CACHE_DIR={cache} UV_PYTHON_DOWNLOADS=never exec {uv} pip "$@"
+# gestvenv: this environment was built with uv; pip here is uv's pip interface for it,
+# with gestvenv's cache and index settings. (There is no "python -m pip" in it.)
+{settings} exec {uv} pip "$@"
 """
 
 
-def write_pip_shim(env_path: Path, uv: str, cache: Path) -> None:
+def write_pip_shim(env_path: Path, uv: str, cache: Path, config: Config) -> None:
     import shlex
 
-    text = _PIP_SHIM.format(py=shlex.quote(str(env_path / "bin" / "python")),
-                            cache=shlex.quote(str(cache)), uv=shlex.quote(uv))
+    settings = {
+        "UV_PYTHON": str(env_path / "bin" / "python"),
+        "UV_CACHE_DIR": str(cache),
+        "UV_PYTHON_DOWNLOADS": "never",
+        "UV_COMPILE_BYTECODE": "1" if config.compile_bytecode else "0",
+    }
+    if config.link_mode == "copy":
+        settings["UV_LINK_MODE"] = "copy"
+    if config.offline:
+        settings["UV_OFFLINE"] = "1"
+    if config.find_links:
+        settings["UV_FIND_LINKS"] = ",".join(config.find_links)
+    if config.index_url:
+        settings["UV_INDEX_URL"] = config.index_url
+    text = _PIP_SHIM.format(
+        settings=" ".join(f"{k}={shlex.quote(v)}" for k, v in settings.items()),
+        uv=shlex.quote(uv))
     for name in ("pip", "pip3"):
         shim = env_path / "bin" / name
         shim.write_text(text)

@@ -22,7 +22,7 @@ from .exceptions import (
     EnvironmentNotFoundError,
     ValidationError,
 )
-from .lifecycle import EnvSpec, create, destroy, shielded
+from .lifecycle import EnvSpec, create, destroy
 from .models import (
     Enforcement,
     ExecResult,
@@ -34,6 +34,7 @@ from .names import generate_name, validate_name, validate_packages
 from .registry import EnvRecord
 from .runtime import CommandSpec, StreamCallback, Usage, runtime_named
 from .runtime.processes import ENV_MARKER, EXEC_MARKER
+from .shield import shielded
 
 Command = str | Sequence[str | os.PathLike[str]]
 _SCRUBBED = ("PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX", "__PYVENV_LAUNCHER__", ENV_MARKER,
@@ -132,7 +133,14 @@ class Environment:
         reqs = _requirements(requirements)
         record = self._live_record()
         interpreter = Interpreter(record.interpreter, record.python_version)
-        await make_builder(self._config).install(self.path, interpreter, specs, reqs)
+        # Installing is activity (the idle timeout waits), and uv's processes carry the env's
+        # marker (destroying the env mid-install kills them).
+        await asyncio.to_thread(registry.touch, record.name, record.id)
+        try:
+            await make_builder(self._config, record.id).install(self.path, interpreter, specs,
+                                                                 reqs)
+        finally:
+            await asyncio.to_thread(registry.touch, record.name, record.id)
         await asyncio.to_thread(_record_packages, record, specs)
 
     async def execute(self, cmd: Command, *, timeout: float | None = None,

@@ -6,11 +6,10 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import psutil
 
@@ -21,8 +20,8 @@ from .exceptions import UnenforceableLimitError, UnsafePathError
 from .models import Enforcement, IsolationLevel, ResourceLimits, StorageBackend
 from .registry import EnvRecord
 from .runtime import runtime_named, select_runtime
-
-T = TypeVar("T")
+from .shield import in_thread, shielded
+from .watchdog import ensure_reaper
 
 
 @dataclass(frozen=True)
@@ -44,26 +43,6 @@ class EnvSpec:
     environ: tuple[tuple[str, str], ...] = ()  # variables for every command
 
 
-async def shielded(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to its end even if the caller is cancelled (again and again), then re-raise.
-
-    Teardown must not be cut in half by a second Ctrl-C.
-    """
-    task = asyncio.ensure_future(coro)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
-
-
 def check_enforcement(enforcement: Enforcement, allow_unenforced: bool) -> None:
     missing = enforcement.unenforced
     if missing and not allow_unenforced:
@@ -81,8 +60,8 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
     check_enforcement(enforcement, spec.allow_unenforced)
     interpreter = await asyncio.to_thread(find_interpreter, spec.python)
     root = await asyncio.to_thread(storage.storage_root, spec.backend, config)
-    builder = make_builder(config)
     env_id = uuid.uuid4().hex
+    builder = make_builder(config, env_id)
     me = psutil.Process(os.getpid())
     now = time.time()
     record = EnvRecord(
@@ -102,20 +81,20 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
         # thread has already written the state file. destroy() only ever removes this record
         # (matched by id), so a failed reservation (name taken) undoes nothing of another's.
         undo.push_async_callback(lambda: shielded(destroy(record, config)))
-        # Shielded: if cancelled, wait for the reserving thread to finish, so that the undo
-        # runs after the state file exists, never before it.
-        await shielded(asyncio.to_thread(
-            registry.reserve, record, max_concurrent=config.max_concurrent,
-            max_total_memory_mb=config.max_total_memory_mb))
-        await asyncio.to_thread(storage.claim_dir, Path(record.path),
-                                registry.state_path(record.name), record.id)
+        # Threads are waited for when cancelled (in_thread), so that the undo runs after the
+        # state file or the dir exists, never before it.
+        await in_thread(registry.reserve, record, max_concurrent=config.max_concurrent,
+                        max_total_memory_mb=config.max_total_memory_mb)
+        await in_thread(ensure_reaper)  # from now on a dead creator is noticed
+        await in_thread(storage.claim_dir, Path(record.path), registry.state_path(record.name),
+                        record.id)
         await builder.create(Path(record.path), interpreter)
         await runtime.start(record)
         await builder.populate(Path(record.path), interpreter, spec.packages, spec.requirements)
         record = record.evolve(status="ready", last_activity=time.time())
         if not spec.owned:
             record = record.evolve(owner_pid=None, owner_started=None)
-        await asyncio.to_thread(registry.save, record)
+        await in_thread(registry.commit, record)
         undo.pop_all()
     return record
 

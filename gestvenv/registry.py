@@ -19,7 +19,12 @@ from typing import Any
 
 import psutil
 
-from .exceptions import EnvironmentExistsError, EnvironmentNotFoundError, QuotaExceededError
+from .exceptions import (
+    EnvironmentClosedError,
+    EnvironmentExistsError,
+    EnvironmentNotFoundError,
+    QuotaExceededError,
+)
 from .models import Enforcement, ResourceLimits
 from .names import validate_name
 from .storage import runtime_dir, state_dir
@@ -159,6 +164,20 @@ def reserve(record: EnvRecord, *, max_concurrent: int, max_total_memory_mb: int)
             ) from None
         finally:
             tmp.unlink()
+
+
+def commit(record: EnvRecord) -> None:
+    """Save a record that must still be there: an env destroyed meanwhile (``cleanup NAME``
+    while it was being built) is not brought back."""
+    with locked():
+        try:
+            current = load(record.name)
+        except EnvironmentNotFoundError:
+            current = None
+        if current is None or current.id != record.id:
+            raise EnvironmentClosedError(
+                f"environment {record.name!r} was destroyed while it was being created")
+        save(record)
 
 
 def save(record: EnvRecord) -> None:

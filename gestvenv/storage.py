@@ -14,16 +14,17 @@ them; environments on a tmpfs get copies (a hardlink cannot cross filesystems).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
-import shutil
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .exceptions import GestvenvError, UnsafePathError
+from .exceptions import ConfigError, GestvenvError, UnsafePathError
 from .models import StorageBackend
 
 TMPFS_MAGIC = 0x01021994
@@ -77,7 +78,7 @@ def uv_cache_dir(config: Config) -> Path:
 
 def templates_dir(config: Config) -> Path:
     """Snapshots of installed package sets, beside the uv cache (same filesystem: hardlinks)."""
-    return uv_cache_dir(config).parent / "templates"
+    return uv_cache_dir(config).parent / "gestvenv-templates"
 
 
 def is_tmpfs(path: Path) -> bool:
@@ -102,8 +103,13 @@ def _fs_magic(path: Path) -> int:
     return TMPFS_MAGIC if fstype == "tmpfs" else 0
 
 
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
 def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    """mountinfo escapes space, tab, newline and backslash as \\NNN; every other byte (UTF-8
+    included) is given as is."""
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
 @dataclass(frozen=True)
@@ -141,8 +147,19 @@ def _mark_root(path: Path) -> Path:
     """Note in a storage root that gestvenv made it, so that cleanup under another config (or by
     the watchdog) may delete there too; a dir without the mark is never a root."""
     mark = path / ROOT_MARK
-    if not mark.exists():
-        mark.write_text("gestvenv storage root: its env-* subdirectories are gestvenv's\n")
+    if mark.exists():
+        return path
+    others = set(os.listdir(path)) - {ROOT_MARK}
+    # Listed before looking at the mark again: a concurrent creator writes the mark before any
+    # env dir, so an env dir seen here means the mark exists by now.
+    if others and not mark.exists():
+        raise ConfigError(
+            f"storage root {path} already holds files that are not gestvenv's; give "
+            "gestvenv a directory of its own (it deletes what it finds unclaimed there)")
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write("gestvenv storage root: its <name>-<id> subdirectories are gestvenv's\n")
     return path
 
 
@@ -247,8 +264,10 @@ def env_roots(path: Path, config: Config) -> list[Path]:
 def remove_tree(path: Path, roots: list[Path]) -> bool:
     """Delete an environment directory safely; return False if it did not exist.
 
-    Never follows symlinks (fd-based rmtree), never descends into a mount (detached first, or
-    refused), and copes with read-only files and directories.
+    Never follows a symlink (every directory is opened with O_NOFOLLOW relative to its parent's
+    descriptor), never descends into a mount (mounts found in mountinfo are detached first or the
+    deletion is refused; a directory on another device met on the way is refused too), and
+    copes with read-only directories.
     """
     path = check_inside_roots(path, roots)
     if not path.exists():
@@ -260,16 +279,45 @@ def remove_tree(path: Path, roots: list[Path]) -> bool:
             raise UnsafePathError(f"refusing to delete {path}: {mnt} is mounted inside it")
     parent_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        try:
-            shutil.rmtree(path.name, dir_fd=parent_fd)
-        except PermissionError:
-            _make_writable(path)
-            shutil.rmtree(path.name, dir_fd=parent_fd)
+        _remove_at(parent_fd, path.name, os.fstat(parent_fd).st_dev, str(path))
     except FileNotFoundError:
         pass
     finally:
         os.close(parent_fd)
     return True
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+def _remove_at(parent_fd: int, name: str, dev: int, shown: str) -> None:
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except PermissionError:
+        # An unreadable dir (mode 0o000): give it back to its owner, after checking it is a
+        # directory and not a link (chmod with dir_fd cannot refuse links itself).
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            raise
+        os.chmod(name, stat.S_IMODE(st.st_mode) | stat.S_IRWXU, dir_fd=parent_fd)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        st = os.fstat(fd)
+        if st.st_dev != dev:
+            raise UnsafePathError(f"refusing to delete {shown}: a filesystem is mounted there")
+        if st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)  # a read-only dir
+        with os.scandir(fd) as entries:
+            children = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+        for child, is_dir in children:
+            if is_dir:
+                _remove_at(fd, child, dev, f"{shown}/{child}")
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
 
 
 def _umount(mnt: str) -> bool:
@@ -279,18 +327,6 @@ def _umount(mnt: str) -> bool:
     if libc.umount2(mnt.encode(), _MNT_DETACH) == 0:
         return True
     return ctypes.get_errno() == errno.EINVAL and mnt not in _mounts_under(mnt)
-
-
-def _make_writable(path: Path) -> None:
-    """Give the owner write access to every directory below ``path`` (links are not followed)."""
-    for dirpath, dirnames, _ in os.walk(path, followlinks=False):
-        for name in [dirpath, *(os.path.join(dirpath, d) for d in dirnames)]:
-            try:
-                st = os.lstat(name)
-                if stat.S_ISDIR(st.st_mode):
-                    os.chmod(name, st.st_mode | stat.S_IRWXU)
-            except OSError:
-                continue
 
 
 def disk_usage(path: Path) -> int:

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import time
@@ -21,11 +22,60 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from .exceptions import GestvenvError
 from .storage import remove_tree
 
-# Stands for the environment's interpreter in stored scripts (same length as nothing: any).
+# Stands for the environment's interpreter in the scripts of a snapshot.
 PLACEHOLDER = b"/@@gestvenv-env-python@@"
 _COMPLETE = ".gestvenv-template"
+_MARK = ".gestvenv-templates"
+_KEY_RE = re.compile(r"[0-9a-f]{32}|\.tmp-[0-9a-f]{32}-[0-9a-f]{8}")
+# The kernel reads at most this much of a "#!" line; longer paths need a /bin/sh preamble.
+_MAX_SHEBANG = 127
+# A requirement this simple resolves the same wherever it is read: a name, extras, version
+# specifiers, markers. Paths, URLs and installer options (-r, -c, -e...) are not snapshotted.
+_PLAIN_REQ = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\s*(\[[A-Za-z0-9._,\s-]*\])?\s*"
+                        r"([<>=!~][^@/\\]*)?(;[^@/\\]*)?", re.ASCII)
+_SH_PREAMBLE = b"#!/bin/sh\n'''exec'"
+
+
+def snapshottable(packages: Sequence[str], requirements: Sequence[Path]) -> bool:
+    """True if the set is named only by plain requirements (no local path, URL or option), so
+    that the key below covers everything that decides what gets installed."""
+    lines = list(packages)
+    for path in requirements:
+        for line in path.read_text().splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return all(_PLAIN_REQ.fullmatch(line.strip()) for line in lines)
+
+
+def shebang(python: bytes) -> bytes:
+    if len(python) + 2 <= _MAX_SHEBANG and b" " not in python:
+        return b"#!" + python + b"\n"
+    quoted = python.replace(b"'", b"'\"'\"'")
+    return _SH_PREAMBLE + b" '" + quoted + b"' \"$0\" \"$@\"\n' '''\n"
+
+
+def retarget(data: bytes, old: bytes, python: bytes) -> bytes | None:
+    """``data`` re-headed for ``python`` if its header names interpreter ``old``, else None.
+
+    A header is "#!/path/python" or, for long paths, the three-line /bin/sh "exec" preamble
+    that uv and pip write (valid both as shell and as Python).
+    """
+    if not data.startswith(b"#!"):
+        return None
+    if data.startswith(_SH_PREAMBLE):
+        lines = data.split(b"\n", 3)
+        if len(lines) < 3 or old not in lines[1]:
+            return None
+        body = lines[3] if len(lines) > 3 else b""
+    else:
+        first, _, body = data.partition(b"\n")
+        if old not in first:
+            return None
+    return shebang(python) + body
 
 
 def template_key(*, interpreter: str, version: str, uv: str, packages: Sequence[str],
@@ -69,6 +119,11 @@ def _is_script(rel: str, path: str) -> bool:
         return False
 
 
+def _retargeted(path: str, old: bytes, new: bytes) -> bytes | None:
+    with open(path, "rb") as f:
+        return retarget(f.read(), old, new)
+
+
 def _place(src: str, dst: str, *, link: bool) -> None:
     if link:
         try:
@@ -100,9 +155,7 @@ def _transfer(src_root: Path, dst_root: Path, *, skip: set[str], replace: tuple[
                 continue
             elif is_link:
                 os.symlink(os.readlink(src), dst)
-            elif _is_script(relname, src):
-                with open(src, "rb") as f:
-                    data = f.read().replace(old, new)
+            elif _is_script(relname, src) and (data := _retargeted(src, old, new)) is not None:
                 with open(dst, "wb") as f:
                     f.write(data)
                 os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode))
@@ -115,6 +168,21 @@ class TemplateCache:
         self.root = root
         self.max_age = max_age
         self.link = link  # False: every file is copied (config link_mode = "copy")
+
+    def _usable_root(self) -> bool:
+        """Create the snapshots dir, marked as gestvenv's; a dir of that name that is not ours
+        (unmarked, with files) is never written to nor pruned."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            mark = self.root / _MARK
+            if mark.exists():
+                return True
+            if any(n != _MARK for n in os.listdir(self.root)):
+                return mark.exists()
+            mark.write_text("gestvenv package-set snapshots; safe to delete\n")
+            return True
+        except OSError:
+            return False
 
     def lookup(self, key: str) -> Path | None:
         if self.max_age <= 0:
@@ -133,9 +201,8 @@ class TemplateCache:
 
     def store(self, key: str, env_path: Path, baseline: set[str]) -> None:
         """Snapshot what an install added to ``env_path``; a concurrent twin may win, fine."""
-        if self.max_age <= 0:
+        if self.max_age <= 0 or not self._usable_root():
             return
-        self.root.mkdir(parents=True, exist_ok=True)
         python = str(env_path / "bin" / "python").encode()
         tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -157,21 +224,25 @@ class TemplateCache:
     def prune(self) -> list[str]:
         """Remove snapshots past their age and leftovers of interrupted stores."""
         removed: list[str] = []
+        if not (self.root / _MARK).exists():
+            return removed  # not a dir gestvenv made: nothing in it is ours to remove
         try:
             entries = list(os.scandir(self.root))
         except OSError:
             return removed
         now = time.time()
         for entry in entries:
+            if not _KEY_RE.fullmatch(entry.name):
+                continue
             try:
                 if entry.name.startswith(".tmp-"):
                     stale = now - entry.stat(follow_symlinks=False).st_mtime > 3600
                 else:
                     stale = self.lookup(entry.name) is None
                 if stale:
-                    self._remove(Path(entry.path))
+                    remove_tree(Path(entry.path), [self.root])
                     removed.append(entry.path)
-            except OSError:
+            except (OSError, GestvenvError):
                 continue
         return removed
 

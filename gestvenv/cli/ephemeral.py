@@ -10,13 +10,14 @@ from typing import Any
 import click
 
 from .. import registry, storage
-from ..cleanup import ensure_reaper, sweep
+from ..cleanup import sweep
 from ..config import load_config
 from ..context import attach, create_environment, describe
 from ..lifecycle import destroy_many
 from ..models import IsolationLevel, ResourceLimits, StorageBackend
 from ..registry import EnvRecord
 from ..sync import run_sync
+from ..watchdog import ensure_reaper
 from ._common import (
     UserError,
     echo_json,

@@ -72,9 +72,9 @@ class LocalRuntime(Runtime):
         return Enforcement(self.name, isolation, IsolationLevel.PROCESS, status, tuple(notes))
 
     async def start(self, record: EnvRecord) -> None:
-        from ..cleanup import ensure_reaper
-
-        ensure_reaper()
+        # Nothing to start: the processes of a command carry the env's marker, and the
+        # watchdog (started when the env was registered) holds the TTL.
+        return None
 
     async def stop(self, record: EnvRecord) -> None:
         await asyncio.to_thread(processes.kill_marked, processes.ENV_MARKER, record.id)

@@ -108,7 +108,7 @@ def watchdogs_exit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
                 cmd = proc.cmdline()
             except psutil.Error:
                 continue
-            if alive and "gestvenv.cleanup" in cmd \
+            if alive and "gestvenv.watchdog" in cmd \
                     and env.get("GESTVENV_RUNTIME_DIR", "").startswith(base):
                 out.append(proc)
         return out

@@ -615,7 +615,7 @@ async def test_next_invocation_sweeps_what_a_killed_watchdog_left(gv_home: Path)
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
         env_id, path_text = line.decode().split()
-        [watchdog] = processes_of(gv_home / "run", marked_only=False, cmd="gestvenv.cleanup")
+        [watchdog] = processes_of(gv_home / "run", marked_only=False, cmd="gestvenv.watchdog")
         watchdog.kill()
         watchdog.wait(5)
     finally:

@@ -1,0 +1,99 @@
+"""The local watchdog: what ends environments when no systemd does.
+
+Without systemd nothing outlives a killed process by itself, so gestvenv starts one small
+watchdog process per user and runtime dir (``python -m gestvenv.watchdog``). While environments
+exist it sweeps every half second (TTL, idle timeout, dead creators) and every
+``cleanup_interval`` seconds for orphans too; then it exits. A ``flock`` makes it unique; the
+hand-over (a new env appearing while the watchdog is about to exit) is safe because the watchdog
+drops the lock *before* its last look at the registry and creators look at the lock *after*
+registering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import subprocess
+import sys
+import time
+
+from . import registry, storage
+from .runtime import processes
+
+PERIOD = 0.5
+LINGER = 2.0
+
+
+def _lock_path() -> str:
+    return str(storage.runtime_dir() / "watchdog.lock")
+
+
+def _try_lock() -> int | None:
+    fd = os.open(_lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def watchdog_running() -> bool:
+    fd = _try_lock()
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def ensure_reaper() -> None:
+    """Start the watchdog unless one runs. Call after the env's state file is written."""
+    if watchdog_running():
+        return
+    env = {k: v for k, v in os.environ.items()
+           if k not in (processes.ENV_MARKER, processes.EXEC_MARKER)}
+    env["GESTVENV_RUNTIME_DIR"] = str(storage.runtime_dir())
+    # Through sh's "&" so the watchdog is not our child (no zombie, survives our death).
+    subprocess.run(
+        ["/bin/sh", "-c", 'exec "$@" </dev/null >/dev/null 2>&1 &', "sh",
+         sys.executable, "-m", "gestvenv.watchdog"],
+        env=env, check=True, start_new_session=True,
+    )
+
+
+async def _watch() -> None:
+    from .cleanup import sweep
+    from .config import load_config
+
+    config = load_config()
+    fd = _try_lock()
+    if fd is None:
+        return
+    idle_since = time.monotonic()
+    last_orphan_sweep = 0.0
+    try:
+        while True:
+            orphans = time.monotonic() - last_orphan_sweep >= config.cleanup_interval
+            await sweep(config, expired=True, idle=True, orphans=orphans)
+            if orphans:
+                last_orphan_sweep = time.monotonic()
+            if registry.list_records():
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > LINGER:
+                os.close(fd)
+                fd = None
+                if not registry.list_records():
+                    return
+                fd = _try_lock()  # someone registered meanwhile: keep watching, if still ours
+                if fd is None:
+                    return
+                idle_since = time.monotonic()
+            await asyncio.sleep(PERIOD)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+if __name__ == "__main__":
+    asyncio.run(_watch())
