@@ -20,6 +20,7 @@ from .exceptions import (
     CommandNotFoundError,
     EnvironmentClosedError,
     EnvironmentNotFoundError,
+    RuntimeUnavailableError,
     ValidationError,
 )
 from .lifecycle import EnvSpec, create, destroy
@@ -299,9 +300,16 @@ def describe(record: EnvRecord) -> dict[str, Any]:
         "packages": record.packages,
         "limits": record.limits,
         "enforcement": record.enforcement,
-        "guarantees": list(runtime_named(record.runtime).guarantees()),
+        "guarantees": _guarantees(record.runtime),
         "notes": record.notes,
     }
+
+
+def _guarantees(runtime: str) -> list[str]:
+    try:
+        return list(runtime_named(runtime).guarantees())
+    except RuntimeUnavailableError:  # a record from another version of gestvenv: still listed
+        return [f"runtime {runtime!r} is not available in this version of gestvenv"]
 
 
 # --- the entry points ---

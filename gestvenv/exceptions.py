@@ -4,7 +4,8 @@
     ├── ConfigError                   a config file, variable or flag holds a bad value
     ├── ValidationError               bad input from the caller, rejected before anything exists
     │   ├── InvalidNameError          a name that is not unit-name and path safe
-    │   └── CommandNotFoundError      the program is neither in the environment nor on PATH
+    │   ├── CommandNotFoundError      the program is neither in the environment nor on PATH
+    │   └── CommandNotExecutableError the program exists but cannot be executed
     ├── EnvironmentExistsError        the name is taken (names are unique per user)
     ├── EnvironmentNotFoundError      no such environment (never created, or already gone)
     ├── EnvironmentClosedError        the handle was closed; the environment is gone
@@ -42,6 +43,10 @@ class InvalidNameError(ValidationError):
 
 class CommandNotFoundError(ValidationError):
     """The command's program is found neither in the environment's bin/ nor on PATH."""
+
+
+class CommandNotExecutableError(ValidationError):
+    """The program exists but the kernel refuses to run it (permissions, a bad "#!" line)."""
 
 
 class EnvironmentExistsError(GestvenvError):

@@ -154,7 +154,9 @@ class ExecResult:
 
     ``returncode`` is the exit status, or ``-N`` when the process died of signal N (as in
     :mod:`subprocess`). ``killed_by`` says who ended it when gestvenv knows: ``"timeout"``,
-    ``"ttl"`` (the environment expired), ``"memory"`` (the memory limit) or ``None``.
+    ``"ttl"`` (the environment expired), ``"memory"`` (a runtime that can tell an OOM kill:
+    cgroups; under the local runtime's RLIMIT_AS an allocation fails instead, and the program
+    reports it, Python with MemoryError) or ``None``.
     """
 
     argv: tuple[str, ...]

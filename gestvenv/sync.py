@@ -26,11 +26,15 @@ T = TypeVar("T")
 class _Portal:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = 0
         self._lock = threading.Lock()
 
     def _get_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
-            if self._loop is None or not self._loop.is_running():
+            # After fork() the loop object is copied but not its thread: start a new one.
+            alive = self._thread is not None and self._thread.is_alive()
+            if self._loop is None or self._pid != os.getpid() or not alive:
                 loop = asyncio.new_event_loop()
                 ready = threading.Event()
 
@@ -39,24 +43,49 @@ class _Portal:
                     loop.call_soon(ready.set)
                     loop.run_forever()
 
-                threading.Thread(target=run, name="gestvenv-portal", daemon=True).start()
+                self._thread = threading.Thread(target=run, name="gestvenv-portal", daemon=True)
+                self._thread.start()
                 ready.wait()
-                self._loop = loop
+                self._loop, self._pid = loop, os.getpid()
             return self._loop
 
     def call(self, coro: Coroutine[Any, Any, T], *, shield: bool = False) -> T:
-        """Run ``coro`` on the portal's loop and wait. Ctrl-C cancels it (and waits for its
-        cleanup) unless ``shield``, in which case it runs to its end before Ctrl-C is raised."""
-        future = asyncio.run_coroutine_threadsafe(coro, self._get_loop())
+        """Run ``coro`` on the portal's loop and wait for it.
+
+        Ctrl-C (KeyboardInterrupt in this thread) cancels the task and waits until it has
+        finished, its cleanup included, before re-raising; with ``shield`` the task is not
+        cancelled but run to its end first.
+        """
+        loop = self._get_loop()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+        tasks: list[asyncio.Task[T]] = []
+
+        def finished(task: asyncio.Task[T]) -> None:
+            if task.cancelled():
+                done.cancel()
+            elif (exc := task.exception()) is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(task.result())
+
+        def start() -> None:
+            task = loop.create_task(coro)
+            task.add_done_callback(finished)
+            tasks.append(task)
+
+        def cancel() -> None:  # queued after start(): the task exists by then
+            tasks[0].cancel()
+
+        loop.call_soon_threadsafe(start)
         interrupted: BaseException | None = None
         while True:
             try:
-                result = future.result()
+                result = done.result()
                 break
             except KeyboardInterrupt as exc:
-                interrupted = exc
-                if not shield:
-                    future.cancel()
+                if interrupted is None and not shield:
+                    loop.call_soon_threadsafe(cancel)
+                interrupted = interrupted or exc
             except concurrent.futures.CancelledError:
                 if interrupted is not None:
                     raise interrupted from None

@@ -17,7 +17,11 @@ def cli() -> None:
     """Ephemeral Python environments, destroyed with a guarantee."""
 
 
-@cli.command("run", context_settings={"ignore_unknown_options": True})
+# Everything after the options is the command's, "--" or not: "run --env x python --help".
+_COMMAND_SETTINGS = {"ignore_unknown_options": True, "allow_interspersed_args": False}
+
+
+@cli.command("run", context_settings=_COMMAND_SETTINGS)
 @click.option("--env", "env_name", required=True, metavar="NAME",
               help="The environment to run in.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),

@@ -13,11 +13,15 @@ from typing import Any, TypeVar
 import click
 
 from ..context import Environment
-from ..exceptions import CommandNotFoundError, GestvenvError
+from ..exceptions import CommandNotExecutableError, CommandNotFoundError, GestvenvError
 from ..models import ExecResult
 from ..sync import run_sync
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an interruption so that cleanup runs as for Ctrl-C."""
 
 
 class UserError(click.ClickException):
@@ -38,9 +42,15 @@ def handle_errors(func: F) -> F:
             sys.exit(127)  # as a shell says "command not found"
         except GestvenvError as exc:
             raise UserError(str(exc)) from None
+        except CommandNotExecutableError as exc:
+            UserError(str(exc)).show()
+            sys.exit(126)  # as a shell says "cannot execute"
+        except Terminated:
+            click.echo("gestvenv: terminated", err=True)
+            sys.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
             click.echo("gestvenv: interrupted", err=True)
-            sys.exit(130)
+            sys.exit(128 + signal.SIGINT)
     return wrapper  # type: ignore[return-value]
 
 
@@ -96,10 +106,19 @@ def run_foreground(env: Environment, argv: Sequence[str], *, timeout: float | No
     The command is in the terminal's foreground group, so Ctrl-C reaches it directly; like a
     shell, we ignore SIGINT meanwhile and let it decide. SIGTERM ends it (and its tree).
     """
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+    if argv and argv[0] == "--":  # "exec NAME -- cmd": after NAME, click keeps the "--"
+        argv = argv[1:]
+    if not argv:
+        raise UserError("no command given")
 
-    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def on_term(signum: int, frame: object) -> None:
+        raise Terminated
+
+    def on_int(signum: int, frame: object) -> None:
+        """Ctrl-C is the command's to handle. (A handler, not SIG_IGN: an ignored signal stays
+        ignored across exec, and the command could not be interrupted at all.)"""
+
+    old_int = signal.signal(signal.SIGINT, on_int)
     old_term = signal.signal(signal.SIGTERM, on_term)
     try:
         result = run_sync(env.execute(list(argv), timeout=timeout, cwd=cwd, capture=False))

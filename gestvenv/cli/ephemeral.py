@@ -13,6 +13,7 @@ from .. import registry, storage
 from ..cleanup import sweep
 from ..config import load_config
 from ..context import attach, create_environment, describe
+from ..exceptions import GestvenvError
 from ..lifecycle import destroy_many
 from ..models import IsolationLevel, ResourceLimits, StorageBackend
 from ..registry import EnvRecord
@@ -191,7 +192,8 @@ def show(name: str, as_json: bool) -> None:
         click.echo(f"note:        {line}")
 
 
-@ephemeral_group.command("exec", context_settings={"ignore_unknown_options": True})
+@ephemeral_group.command("exec", context_settings={"ignore_unknown_options": True,
+                                                   "allow_interspersed_args": False})
 @click.argument("name")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Kill the command (and its children) after this many seconds.")
@@ -221,8 +223,12 @@ def cleanup(names: tuple[str, ...], all_: bool, expired: bool, idle: bool, orpha
     removed: dict[str, str] = {}
     errors: dict[str, str] = {}
     orphan_paths: list[str] = []
-    records: list[EnvRecord] = registry.list_records() if all_ else \
-        [registry.load(n) for n in names]
+    records: list[EnvRecord] = registry.list_records() if all_ else []
+    for name in () if all_ else names:
+        try:  # an unknown name is reported; the others are still cleaned up
+            records.append(registry.load(name))
+        except GestvenvError as exc:
+            errors[name] = str(exc)
     for failed, error in run_sync(destroy_many(records, config)):
         errors[failed] = error
     removed.update({r.name: "requested" for r in records if r.name not in errors})

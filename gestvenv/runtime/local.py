@@ -17,12 +17,15 @@ from collections.abc import Callable, Sequence
 
 import psutil
 
+from ..exceptions import CommandNotExecutableError, CommandNotFoundError
 from ..models import Enforcement, ExecResult, IsolationLevel, LimitStatus, ResourceLimits
 from ..registry import EnvRecord
+from ..shield import shielded
 from . import processes
 from .base import CommandSpec, Runtime, Usage
 
 MB = 1 << 20
+PIPE_GRACE = 1.0
 
 
 def _user_task_count(uid: int) -> int:
@@ -84,10 +87,11 @@ class LocalRuntime(Runtime):
             "local runtime: the TTL, idle timeout and a dead creator are handled by gestvenv's "
             "watchdog process (about 0.5 s late), not by systemd: if the watchdog is killed, the "
             "next gestvenv invocation sweeps what is left",
-            "local runtime: processes are found by an environment marker; one that clears its "
-            "environment escapes cleanup",
-            "local runtime: nothing survives a reboot except DISK-backed files, which the next "
-            "sweep removes",
+            "local runtime: processes are found by an environment marker (and, at a timeout, "
+            "by holding the command's output pipes); one that clears its environment and "
+            "closes those pipes escapes cleanup",
+            "local runtime: nothing survives a reboot except DISK-backed files, which the "
+            "watchdog's orphan sweep (every cleanup_interval) or `cleanup --orphans` removes",
         )
 
     async def usage(self, record: EnvRecord) -> Usage:
@@ -115,27 +119,49 @@ class LocalRuntime(Runtime):
             stdin = subprocess.DEVNULL if command.capture else None
         out = subprocess.PIPE if command.capture else None
         started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            *command.argv, stdin=stdin, stdout=out, stderr=out, cwd=command.cwd, env=environ,
-            # Captured commands get a session of their own (one group to kill); interactive ones
-            # stay in the terminal's foreground group so that Ctrl-C and job control reach them.
-            start_new_session=command.capture,
-            preexec_fn=_rlimits(record.resource_limits),
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command.argv, stdin=stdin, stdout=out, stderr=out, cwd=command.cwd,
+                env=environ,
+                # Captured commands get a session of their own (one group to kill); interactive
+                # ones stay in the terminal's foreground group so that Ctrl-C and job control
+                # reach them.
+                start_new_session=command.capture,
+                preexec_fn=_rlimits(record.resource_limits),
+            )
+        except FileNotFoundError as exc:  # e.g. the interpreter named by its "#!" line
+            raise CommandNotFoundError(f"cannot run {command.argv[0]}: {exc.strerror}") from None
+        except OSError as exc:  # EACCES, ENOEXEC (a "#!" line too long or malformed)
+            raise CommandNotExecutableError(
+                f"cannot run {command.argv[0]}: {exc.strerror}") from None
+        # The command's output pipes: whoever still holds them at a timeout is of its tree,
+        # even a process that scrubbed its environment (and so its marker).
+        pipes = processes.pipe_ids(proc.pid) if command.capture else set()
         killed_by = None
         chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         collector = asyncio.ensure_future(_collect(proc, command, chunks))
+
+        def kill_tree() -> None:
+            processes.kill_marked(processes.EXEC_MARKER, exec_id)
+            processes.kill_pipe_holders(pipes)
+
         try:
             done, _ = await asyncio.wait({collector}, timeout=timeout)
             if not done:
                 killed_by = deadline_kind
-                await asyncio.to_thread(processes.kill_marked, processes.EXEC_MARKER, exec_id)
-            await collector  # output read so far is kept: pipes end once the processes are dead
+                await asyncio.to_thread(kill_tree)
+                # Output read so far is kept: the pipes end once their holders are dead. If one
+                # escaped anyway, stop reading after a grace period rather than hang.
+                done, _ = await asyncio.wait({collector}, timeout=PIPE_GRACE)
+                if not done:
+                    collector.cancel()
+                    await proc.wait()
+            else:
+                await collector
         except BaseException:
             # Cancelled (Ctrl-C, a task group): the command does not outlive its caller.
             collector.cancel()
-            await asyncio.shield(
-                asyncio.to_thread(processes.kill_marked, processes.EXEC_MARKER, exec_id))
+            await shielded(asyncio.to_thread(kill_tree))
             raise
         stdout, stderr = b"".join(chunks["stdout"]), b"".join(chunks["stderr"])
         duration = time.monotonic() - started

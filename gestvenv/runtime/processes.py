@@ -7,7 +7,6 @@ setsid() or were reparented to init. Reading /proc/PID/environ finds them all.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -57,9 +56,41 @@ def kill_marked(key: str, value: str, *, passes: int = 50) -> int:
     return len(killed)
 
 
-def kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+def pipe_ids(pid: int) -> set[str]:
+    """The pipes behind ``pid``'s stdout and stderr, as /proc shows them ("pipe:[INODE]")."""
+    ids = set()
+    for fd in (1, 2):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("pipe:"):
+            ids.add(target)
+    return ids
+
+
+def kill_pipe_holders(pipes: set[str]) -> int:
+    """SIGKILL every process (but us) that holds one of ``pipes`` open."""
+    if not pipes:
+        return 0
+    me = os.getpid()
+    killed = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry.name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{entry.name}/fd/{fd}") in pipes:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed += 1
+                    break
+            except OSError:
+                continue
+    return killed
 
 
 def _is_zombie(pid: int) -> bool:

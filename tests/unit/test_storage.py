@@ -357,3 +357,64 @@ def test_mount_inside_is_detached_when_the_root_is_reached_through_a_symlink(
         assert not env.exists()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_mount_inside_is_detached_under_a_root_with_unicode_and_spaces(
+        tmp_path: Path, outside: Path) -> None:
+    """mountinfo writes a space as \\040 and UTF-8 as is: both must be read back right."""
+    odd_root = tmp_path / "café envs"
+    odd_root.mkdir()
+    env = _make_env(odd_root)
+    mnt = env / "mnt"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "--bind", str(outside), str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {proc.stderr.decode(errors='replace')}")
+    try:
+        with contextlib.suppress(OSError):
+            remove_tree(env, [odd_root])
+        _assert_intact(outside)
+        assert not env.exists()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_directory_on_another_device_is_never_entered(root: Path, tmp_path: Path) -> None:
+    """Even a mount that mountinfo did not show (one made after the check) stops the walk."""
+    env = _make_env(root)
+    mnt = env / "mnt"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "gvtest", str(mnt)],
+                          capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode(errors='replace')}")
+    try:
+        (mnt / "inside-the-mount.txt").write_text("keep me")
+        from gestvenv.storage import _remove_at
+
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with pytest.raises(UnsafePathError, match="mounted"):
+                _remove_at(fd, env.name, os.fstat(fd).st_dev, str(env))
+        finally:
+            os.close(fd)
+        assert (mnt / "inside-the-mount.txt").read_text() == "keep me"
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_non_empty_foreign_dir_is_not_adopted_as_a_storage_root(tmp_path: Path) -> None:
+    from gestvenv.config import load_config
+    from gestvenv.exceptions import ConfigError
+    from gestvenv.models import StorageBackend
+    from gestvenv.storage import ROOT_MARK, storage_root
+
+    shared = tmp_path / "shared"
+    (shared / "build-1a2b3c4d").mkdir(parents=True)
+    config = load_config().replace(storage_root=str(shared))
+    with pytest.raises(ConfigError, match="not gestvenv's"):
+        storage_root(StorageBackend.DISK, config)
+    assert not (shared / ROOT_MARK).exists()
+    fresh = tmp_path / "fresh"
+    assert storage_root(StorageBackend.DISK, config.replace(storage_root=str(fresh))).path == fresh
+    assert (fresh / ROOT_MARK).is_file()
