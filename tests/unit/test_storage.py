@@ -339,24 +339,30 @@ def test_storage_root_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
         storage_root(StorageBackend.DISK, Config(storage_root=link))
 
 
+@contextlib.contextmanager
+def _mounted(env: Path, *mount_args: str) -> Iterator[Path]:
+    """``env/mnt`` with something mounted on it (skip where mounting is not allowed)."""
+    mnt = env / "mnt"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", *mount_args, str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount here: {proc.stderr.decode(errors='replace')}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
 def test_mount_inside_is_detached_when_the_root_is_reached_through_a_symlink(
         root: Path, outside: Path, tmp_path: Path) -> None:
     """Mounts are found under the resolved path, not the (symlinked) one given."""
     alias = tmp_path / "alias"
     alias.symlink_to(root, target_is_directory=True)
     env = _make_env(root)
-    mnt = env / "mnt"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "--bind", str(outside), str(mnt)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot bind-mount here: {proc.stderr.decode(errors='replace')}")
-    try:
-        with contextlib.suppress(OSError):
-            remove_tree(alias / env.name, [alias])
-        _assert_intact(outside)
-        assert not env.exists()
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    with _mounted(env, "--bind", str(outside)), contextlib.suppress(OSError):
+        remove_tree(alias / env.name, [alias])
+    _assert_intact(outside)
+    assert not env.exists()
 
 
 def test_mount_inside_is_detached_under_a_root_with_unicode_and_spaces(
@@ -365,30 +371,16 @@ def test_mount_inside_is_detached_under_a_root_with_unicode_and_spaces(
     odd_root = tmp_path / "café envs"
     odd_root.mkdir()
     env = _make_env(odd_root)
-    mnt = env / "mnt"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "--bind", str(outside), str(mnt)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot bind-mount here: {proc.stderr.decode(errors='replace')}")
-    try:
-        with contextlib.suppress(OSError):
-            remove_tree(env, [odd_root])
-        _assert_intact(outside)
-        assert not env.exists()
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    with _mounted(env, "--bind", str(outside)), contextlib.suppress(OSError):
+        remove_tree(env, [odd_root])
+    _assert_intact(outside)
+    assert not env.exists()
 
 
 def test_a_directory_on_another_device_is_never_entered(root: Path, tmp_path: Path) -> None:
     """Even a mount that mountinfo did not show (one made after the check) stops the walk."""
     env = _make_env(root)
-    mnt = env / "mnt"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "gvtest", str(mnt)],
-                          capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode(errors='replace')}")
-    try:
+    with _mounted(env, "-t", "tmpfs", "-o", "size=1m", "gvtest") as mnt:
         (mnt / "inside-the-mount.txt").write_text("keep me")
         from gestvenv.storage import _remove_at
 
@@ -399,8 +391,6 @@ def test_a_directory_on_another_device_is_never_entered(root: Path, tmp_path: Pa
         finally:
             os.close(fd)
         assert (mnt / "inside-the-mount.txt").read_text() == "keep me"
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_a_non_empty_foreign_dir_is_not_adopted_as_a_storage_root(tmp_path: Path) -> None:
