@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from . import registry, storage
-from .builder import Interpreter, find_interpreter, make_builder
+from .builder import Interpreter, make_builder
 from .config import Config, load_config
 from .exceptions import (
     CommandError,
@@ -434,5 +434,4 @@ async def destroy_environment(name: str, *, config: Config | None = None) -> Non
 
 
 __all__ = ["Environment", "EphemeralContext", "attach", "build_command", "create_environment",
-           "describe", "destroy_environment", "ephemeral", "find_interpreter",
-           "list_environments"]
+           "describe", "destroy_environment", "ephemeral", "list_environments"]

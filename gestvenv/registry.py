@@ -115,8 +115,6 @@ def state_path(name: str) -> Path:
     return state_dir() / f"{validate_name(name)}.json"
 
 
-_path = state_path
-
 
 @contextlib.contextmanager
 def locked() -> Iterator[None]:
@@ -156,7 +154,7 @@ def reserve(record: EnvRecord, *, max_concurrent: int, max_total_memory_mb: int)
                 )
         tmp = _write_tmp(record)
         try:
-            os.link(tmp, _path(record.name))
+            os.link(tmp, state_path(record.name))
         except FileExistsError:
             raise EnvironmentExistsError(
                 f"an environment named {record.name!r} already exists "
@@ -182,11 +180,11 @@ def commit(record: EnvRecord) -> None:
 
 def save(record: EnvRecord) -> None:
     tmp = _write_tmp(record)
-    os.replace(tmp, _path(record.name))
+    os.replace(tmp, state_path(record.name))
 
 
 def load(name: str) -> EnvRecord:
-    path = _path(name)
+    path = state_path(name)
     try:
         return EnvRecord.from_json(path.read_text())
     except FileNotFoundError:
@@ -197,7 +195,7 @@ def load(name: str) -> EnvRecord:
 
 def remove(record: EnvRecord) -> None:
     """Forget an environment, unless the name was reused by another one meanwhile."""
-    path = _path(record.name)
+    path = state_path(record.name)
     with locked():
         try:
             current = EnvRecord.from_json(path.read_text())
