@@ -36,6 +36,7 @@ from .templates import (
     snapshot_baseline,
     snapshottable,
     template_key,
+    walk,
 )
 
 log = logging.getLogger(__name__)
@@ -261,17 +262,14 @@ def _fix_shebangs(env_path: Path, interpreter: Interpreter, before: dict[str, in
 
 def remove_added(env_path: Path, baseline: set[str]) -> None:
     """Undo a half-done clone: remove what is not in ``baseline`` (the venv as written)."""
-    for dirpath, dirnames, filenames in os.walk(env_path, topdown=False):
-        rel = os.path.relpath(dirpath, env_path)
-        for name in (*filenames, *dirnames):
-            relname = os.path.normpath(os.path.join(rel, name))
-            if relname in baseline:
-                continue
-            path = os.path.join(dirpath, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
+    # Bottom-up: a directory is empty by the time it is reached.
+    for relname, path, is_dir in walk(env_path, topdown=False):
+        if relname in baseline:
+            continue
+        if is_dir:
+            os.rmdir(path)
+        else:
+            os.unlink(path)
 
 
 class VenvPipBuilder(Builder):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from . import registry, storage
 from .config import Config
-from .lifecycle import destroy
+from .lifecycle import destroy_many
 from .registry import EnvRecord
 from .runtime import processes
 from .templates import TemplateCache
@@ -51,13 +51,8 @@ async def sweep(config: Config, *, expired: bool = True, idle: bool = True,
         reason = reason_to_remove(record, now, expired=expired, idle=idle)
         if reason:
             doomed.append((record, reason))
-    results = await asyncio.gather(*(destroy(r, config) for r, _ in doomed),
-                                   return_exceptions=True)
-    for (record, reason), result in zip(doomed, results, strict=True):
-        if isinstance(result, BaseException):
-            report.errors[record.name] = str(result)
-        else:
-            report.removed[record.name] = reason
+    report.errors.update(await destroy_many([r for r, _ in doomed], config))
+    report.removed.update((r.name, why) for r, why in doomed if r.name not in report.errors)
     if orphans:
         await asyncio.to_thread(_sweep_orphans, config, report)
     return report

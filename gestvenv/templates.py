@@ -19,7 +19,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .exceptions import GestvenvError
@@ -99,14 +99,20 @@ def template_key(*, interpreter: str, version: str, uv: str, packages: Sequence[
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def walk(root: Path, *, topdown: bool = True) -> Iterator[tuple[str, str, bool]]:
+    """(path relative to ``root``, full path, is a real directory) for everything below
+    ``root``; symlinks are listed, never followed."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=topdown):
+        rel = os.path.relpath(dirpath, root)
+        for name in (*dirnames, *filenames):
+            path = os.path.join(dirpath, name)
+            is_dir = name in dirnames and not os.path.islink(path)
+            yield os.path.normpath(os.path.join(rel, name)), path, is_dir
+
+
 def snapshot_baseline(env_path: Path) -> set[str]:
     """Relative paths present before an install: what the snapshot leaves out."""
-    found = set()
-    for dirpath, dirnames, filenames in os.walk(env_path):
-        rel = os.path.relpath(dirpath, env_path)
-        for name in (*dirnames, *filenames):
-            found.add(os.path.normpath(os.path.join(rel, name)))
-    return found
+    return {relname for relname, _, _ in walk(env_path)}
 
 
 def _is_script(rel: str, path: str) -> bool:
@@ -142,25 +148,20 @@ def _transfer(src_root: Path, dst_root: Path, *, skip: set[str], replace: tuple[
     filesystem allow, else copied."""
     link = link and os.stat(src_root).st_dev == os.stat(dst_root).st_dev
     old, new = replace
-    for dirpath, dirnames, filenames in os.walk(src_root):
-        rel = os.path.relpath(dirpath, src_root)
-        for name in (*dirnames, *filenames):
-            relname = os.path.normpath(os.path.join(rel, name))
-            src = os.path.join(dirpath, name)
-            dst = os.path.join(dst_root, relname)
-            is_link = os.path.islink(src)
-            if name in dirnames and not is_link:
-                os.makedirs(dst, exist_ok=True)  # also a skipped dir: it may hold new files
-            elif relname in skip:
-                continue
-            elif is_link:
-                os.symlink(os.readlink(src), dst)
-            elif _is_script(relname, src) and (data := _retargeted(src, old, new)) is not None:
-                with open(dst, "wb") as f:
-                    f.write(data)
-                os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode))
-            else:
-                _place(src, dst, link=link)
+    for relname, src, is_dir in walk(src_root):
+        dst = os.path.join(dst_root, relname)
+        if is_dir:
+            os.makedirs(dst, exist_ok=True)  # also a skipped dir: it may hold new files
+        elif relname in skip:
+            continue
+        elif os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        elif _is_script(relname, src) and (data := _retargeted(src, old, new)) is not None:
+            with open(dst, "wb") as f:
+                f.write(data)
+            os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode))
+        else:
+            _place(src, dst, link=link)
 
 
 class TemplateCache:
