@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 
 from . import registry, storage
 from .config import Config
+from .exceptions import GestvenvError
 from .lifecycle import destroy_many
 from .registry import EnvRecord
-from .runtime import processes
+from .runtime import SystemdRuntime, processes
+from .runtime.systemd import systemd_booted
+from .runtime.systemd.plan import LIVE_UNIT_STATES
 from .templates import TemplateCache
 
 _ENV_DIR_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}-[0-9a-f]{8}", re.ASCII)
@@ -26,12 +29,19 @@ class SweepReport:
     orphan_paths: list[str] = field(default_factory=list)   # storage dirs without an env
 
 
-def reason_to_remove(record: EnvRecord, now: float, *, expired: bool, idle: bool) -> str | None:
+def reason_to_remove(record: EnvRecord, now: float, *, expired: bool, idle: bool,
+                     units: dict[str, str] | None = None) -> str | None:
     state = record.state(now)
+    if record.runtime == "systemd" and units is not None and state == "ready" \
+            and units.get(record.name) not in LIVE_UNIT_STATES:
+        # systemd ended it (TTL, idle, its creator gone, `systemctl stop`): only files are left.
+        return "its systemd unit has ended" if expired or idle else None
     if state == "orphaned":
         return "its creating process died"
     if expired and state == "expired":
         return "TTL reached"
+    if record.runtime == "systemd":
+        return None  # idleness is the holder's to judge, inside the env's own unit
     if idle and record.idle_timeout and state == "ready" \
             and now - record.last_activity >= record.idle_timeout:
         # Idle means no command running either: a long command is never killed for idleness.
@@ -47,15 +57,41 @@ async def sweep(config: Config, *, expired: bool = True, idle: bool = True,
     report = SweepReport()
     now = time.time()
     doomed = []
-    for record in await asyncio.to_thread(registry.list_records):
-        reason = reason_to_remove(record, now, expired=expired, idle=idle)
+    records = await asyncio.to_thread(registry.list_records)
+    units = await _systemd_units()
+    for record in records:
+        reason = reason_to_remove(record, now, expired=expired, idle=idle, units=units)
         if reason:
             doomed.append((record, reason))
     report.errors.update(await destroy_many([r for r, _ in doomed], config))
     report.removed.update((r.name, why) for r, why in doomed if r.name not in report.errors)
     if orphans:
         await asyncio.to_thread(_sweep_orphans, config, report)
+        if units:
+            await _stop_unit_only(units, {r.name for r in records}, report)
     return report
+
+
+async def _systemd_units() -> dict[str, str] | None:
+    if not systemd_booted():
+        return None
+    try:
+        return await SystemdRuntime().live_environments()
+    except GestvenvError:
+        return None
+
+
+async def _stop_unit_only(units: dict[str, str], known: set[str], report: SweepReport) -> None:
+    """gestvenv units that no state file claims (their state was lost): stopped."""
+    runtime = SystemdRuntime()
+    for name in units.keys() - known:
+        if registry.state_path(name).exists():
+            continue  # created since the listing
+        try:
+            await runtime.stop_units_of(name)
+            report.removed[name] = "a gestvenv unit without a state file"
+        except GestvenvError as exc:
+            report.errors[name] = str(exc)
 
 
 def _sweep_orphans(config: Config, report: SweepReport) -> None:

@@ -22,7 +22,7 @@ from .models import IsolationLevel, StorageBackend
 
 TABLE = "ephemeral"
 ENV_PREFIX = "GESTVENV_EPHEMERAL_"
-RUNTIMES = ("auto", "local")
+RUNTIMES = ("auto", "systemd", "local")
 BUILDERS = ("auto", "uv", "venv")
 
 

@@ -20,6 +20,7 @@ from .exceptions import (
     CommandNotFoundError,
     EnvironmentClosedError,
     EnvironmentNotFoundError,
+    GestvenvError,
     RuntimeUnavailableError,
     ValidationError,
 )
@@ -33,8 +34,10 @@ from .models import (
 )
 from .names import generate_name, validate_name, validate_packages
 from .registry import EnvRecord
-from .runtime import CommandSpec, StreamCallback, Usage, runtime_named
+from .runtime import CommandSpec, StreamCallback, SystemdRuntime, Usage, runtime_named
 from .runtime.processes import ENV_MARKER, EXEC_MARKER
+from .runtime.systemd import systemd_booted
+from .runtime.systemd.plan import LIVE_UNIT_STATES, UnitNames
 from .shield import shielded
 
 Command = str | Sequence[str | os.PathLike[str]]
@@ -424,8 +427,53 @@ def attach(name: str, *, config: Config | None = None) -> Environment:
     return Environment(record, config or load_config(), owned=False)
 
 
+async def environments() -> list[dict[str, Any]]:
+    """Every environment of this user: the state files, checked against systemd's own view.
+
+    An env whose unit has ended (TTL, idle, creator gone) is ``stopped`` even if no gestvenv
+    process noticed; a ``gestvenv-*`` unit without a state file is listed as ``unit-only``.
+    """
+    records = await asyncio.to_thread(registry.list_records)
+    units = await _live_units(records)
+    infos = []
+    for record in records:
+        info = describe(record)
+        if record.runtime == "systemd" and units is not None:
+            unit_state = units.get(record.name, "gone")
+            info["unit"] = {"name": UnitNames.of(record.name).env, "state": unit_state}
+            if unit_state not in LIVE_UNIT_STATES and info["state"] in ("ready", "creating"):
+                info["state"] = "stopped"
+        infos.append(info)
+    known = {r.name for r in records}
+    for name, unit_state in sorted((units or {}).items()):
+        if name not in known:
+            infos.append(_unit_only(name, unit_state))
+    return infos
+
+
+async def _live_units(records: list[EnvRecord]) -> dict[str, str] | None:
+    if not systemd_booted():
+        return None
+    try:
+        return await SystemdRuntime().live_environments()
+    except GestvenvError:
+        return None  # systemd unreachable: the state files are all there is to go by
+
+
+def _unit_only(name: str, unit_state: str) -> dict[str, Any]:
+    return {"name": name, "id": None, "state": "unit-only", "path": None, "python": None,
+            "interpreter": None, "runtime": "systemd", "storage_backend": None, "builder": None,
+            "created_at": None, "expires_at": None, "ttl": None, "idle_timeout": None,
+            "last_activity": None, "owner_pid": None, "packages": [], "limits": {},
+            "enforcement": {}, "guarantees": [], "notes": ["a gestvenv unit without a state file"],
+            "unit": {"name": UnitNames.of(name).env, "state": unit_state}}
+
+
 def list_environments() -> list[dict[str, Any]]:
-    return [describe(r) for r in registry.list_records()]
+    """:func:`environments`, from synchronous code."""
+    from .sync import run_sync
+
+    return run_sync(environments())
 
 
 async def destroy_environment(name: str, *, config: Config | None = None) -> None:
@@ -434,4 +482,5 @@ async def destroy_environment(name: str, *, config: Config | None = None) -> Non
 
 
 __all__ = ["Environment", "EphemeralContext", "attach", "build_command", "create_environment",
-           "describe", "destroy_environment", "ephemeral", "list_environments"]
+           "describe", "destroy_environment", "environments", "ephemeral",
+           "list_environments"]

@@ -12,6 +12,7 @@
     ├── QuotaExceededError            max_concurrent or max_total_memory_mb would be exceeded
     ├── UnenforceableLimitError       a requested limit cannot be enforced by this runtime
     ├── RuntimeUnavailableError       the requested runtime cannot run on this host
+    ├── SystemdError                  systemd's manager refused or failed a request
     ├── BuildError                    uv (or venv + pip) failed to build or install
     ├── CommandError                  ``execute(..., check=True)`` and the command failed
     └── UnsafePathError               cleanup refused a path outside gestvenv's storage roots
@@ -75,6 +76,15 @@ class UnenforceableLimitError(GestvenvError):
 
 class RuntimeUnavailableError(GestvenvError):
     """The requested runtime (for example systemd) is not usable on this host."""
+
+
+class SystemdError(GestvenvError):
+    """systemd's manager answered a request with an error; ``dbus_name`` is the D-Bus error name
+    (``org.freedesktop.systemd1.UnitExists``, ``org.freedesktop.DBus.Error.InvalidArgs``, ...)."""
+
+    def __init__(self, message: str, dbus_name: str = "") -> None:
+        super().__init__(message)
+        self.dbus_name = dbus_name
 
 
 class BuildError(GestvenvError):

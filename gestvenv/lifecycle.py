@@ -55,7 +55,7 @@ def check_enforcement(enforcement: Enforcement, allow_unenforced: bool) -> None:
 
 async def create(spec: EnvSpec, config: Config) -> EnvRecord:
     """Reserve the name, build the venv, start the runtime's group, install: or undo it all."""
-    runtime = select_runtime(config, spec.runtime)
+    runtime = await select_runtime(config, spec.runtime)
     enforcement = runtime.plan(spec.limits, spec.isolation)
     check_enforcement(enforcement, spec.allow_unenforced)
     interpreter = await asyncio.to_thread(find_interpreter, spec.python)
@@ -85,7 +85,8 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
         # state file or the dir exists, never before it.
         await in_thread(registry.reserve, record, max_concurrent=config.max_concurrent,
                         max_total_memory_mb=config.max_total_memory_mb)
-        await in_thread(ensure_reaper)  # from now on a dead creator is noticed
+        if runtime.needs_watchdog:
+            await in_thread(ensure_reaper)  # from now on a dead creator is noticed
         await in_thread(storage.claim_dir, Path(record.path), registry.state_path(record.name),
                         record.id)
         await builder.create(Path(record.path), interpreter)

@@ -116,7 +116,10 @@ def run_foreground(env: Environment, argv: Sequence[str], *, timeout: float | No
 
     def on_int(signum: int, frame: object) -> None:
         """Ctrl-C is the command's to handle. (A handler, not SIG_IGN: an ignored signal stays
-        ignored across exec, and the command could not be interrupted at all.)"""
+        ignored across exec, and the command could not be interrupted at all.) A command in a
+        systemd unit is not in our terminal's process group: Ctrl-C stops its unit."""
+        if env.runtime != "local":
+            raise KeyboardInterrupt
 
     old_int = signal.signal(signal.SIGINT, on_int)
     old_term = signal.signal(signal.SIGTERM, on_term)

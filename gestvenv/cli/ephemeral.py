@@ -11,8 +11,8 @@ import click
 
 from .. import registry, storage
 from ..cleanup import sweep
-from ..config import load_config
-from ..context import attach, create_environment, describe
+from ..config import RUNTIMES, load_config
+from ..context import attach, create_environment, environments
 from ..exceptions import GestvenvError
 from ..lifecycle import destroy_many
 from ..models import IsolationLevel, ResourceLimits, StorageBackend
@@ -88,7 +88,8 @@ def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--no-network", is_flag=True, help="Cut the environment off the network.")
 @click.option("--isolation", type=click.Choice([i.value for i in IsolationLevel]))
 @click.option("--storage", type=click.Choice([s.value for s in StorageBackend]))
-@click.option("--runtime", type=click.Choice(["auto", "local"]))
+@click.option("--runtime", type=click.Choice(list(RUNTIMES)),
+              help="systemd (transient units, kernel-enforced limits), local, or auto")
 @click.option("--allow-unenforced", is_flag=True, default=None,
               help="Create it even if a limit cannot be enforced here (see `show`).")
 @click.option("-e", "--env", "env_vars", multiple=True, metavar="NAME=VALUE",
@@ -141,14 +142,14 @@ def _summary(info: dict[str, Any]) -> str:
 @handle_errors
 def list_(as_json: bool) -> None:
     """Environments of this user, from every process (running scripts' too)."""
-    infos = [describe(r) for r in registry.list_records()]
+    infos = run_sync(environments())
     if as_json:
         echo_json(infos)
         return
     if not infos:
         click.echo("no environments")
         return
-    rows = [(i["name"], i["state"], i["runtime"], i["storage_backend"], i["python"],
+    rows = [(i["name"], i["state"], i["runtime"], i["storage_backend"] or "-", i["python"] or "-",
              remaining(i["expires_at"]), str(i["owner_pid"] or "-"),
              ",".join(i["packages"]) or "-") for i in infos]
     table(rows, ("NAME", "STATE", "RUNTIME", "STORAGE", "PYTHON", "TTL LEFT", "OWNER", "PACKAGES"))

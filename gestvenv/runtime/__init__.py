@@ -2,33 +2,54 @@
 
 from __future__ import annotations
 
-from ..config import Config
+from ..config import RUNTIMES, Config
 from ..exceptions import RuntimeUnavailableError
 from .base import CommandSpec, Runtime, StreamCallback, Usage
 from .local import LocalRuntime
+from .systemd import SystemdRuntime, systemd_booted
 
 __all__ = [
+    "RUNTIMES",
     "CommandSpec",
     "LocalRuntime",
     "Runtime",
     "StreamCallback",
+    "SystemdRuntime",
     "Usage",
     "runtime_named",
     "select_runtime",
 ]
 
 
-def select_runtime(config: Config, requested: str | None = None) -> Runtime:
-    """The runtime for new environments: ``requested``, else config's ``runtime`` key."""
+async def select_runtime(config: Config, requested: str | None = None) -> Runtime:
+    """The runtime for a new environment: ``requested``, else config's ``runtime`` key.
+
+    ``auto`` is systemd when systemd is PID 1 and its manager answers (the system's for root,
+    the user's own otherwise), else local; the local runtime then says why in its notes.
+    """
     choice = (requested or config.runtime).lower()
-    if choice in ("auto", "local"):
-        # The systemd runtime is not built yet: "auto" means local everywhere for now.
+    if choice == "local":
         return LocalRuntime()
-    raise RuntimeUnavailableError(f"unknown runtime {choice!r}; available: auto, local")
+    if choice not in ("auto", "systemd"):
+        raise RuntimeUnavailableError(
+            f"unknown runtime {choice!r}; available: {', '.join(RUNTIMES)}")
+    systemd = SystemdRuntime(config.max_total_memory_mb)
+    if choice == "systemd":
+        await systemd.prepare()
+        return systemd
+    if not systemd_booted():
+        return LocalRuntime()
+    try:
+        await systemd.prepare()
+    except RuntimeUnavailableError as exc:
+        return LocalRuntime(note=f"systemd runtime not usable ({exc}): local runtime applied")
+    return systemd
 
 
 def runtime_named(name: str) -> Runtime:
     """The runtime that runs an existing environment, from the name in its state file."""
     if name == "local":
         return LocalRuntime()
+    if name == "systemd":
+        return SystemdRuntime()
     raise RuntimeUnavailableError(f"environment uses runtime {name!r}, not available here")

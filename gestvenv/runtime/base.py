@@ -44,6 +44,16 @@ class Usage:
 
 class Runtime(abc.ABC):
     name: str
+    # Whether gestvenv's own watchdog must hold the TTL, idle timeout and a dead creator
+    # (systemd holds them itself).
+    needs_watchdog: bool = True
+
+    async def prepare(self) -> None:  # noqa: B027 - optional hook
+        """Connect and probe what the host can enforce; called before :meth:`plan`."""
+
+    async def live_environments(self) -> dict[str, str] | None:
+        """Env name -> state of its unit, from the runtime's own view; None if it has none."""
+        return None
 
     @abc.abstractmethod
     def plan(self, limits: ResourceLimits, isolation: IsolationLevel) -> Enforcement:

@@ -47,6 +47,9 @@ def _user_task_count(uid: int) -> int:
 class LocalRuntime(Runtime):
     name = "local"
 
+    def __init__(self, note: str | None = None) -> None:
+        self.note = note  # why "auto" chose this runtime, when it had a choice
+
     def plan(self, limits: ResourceLimits, isolation: IsolationLevel) -> Enforcement:
         root = os.geteuid() == 0
         status: dict[str, LimitStatus] = {}
@@ -68,7 +71,7 @@ class LocalRuntime(Runtime):
         if not limits.network_access:
             status["network_access"] = LimitStatus(
                 False, False, "needs a private network namespace (systemd runtime)")
-        notes = []
+        notes = [self.note] if self.note else []
         if isolation is not IsolationLevel.PROCESS:
             notes.append(f"isolation {isolation.value} requested; the local runtime applies "
                          "process isolation only (own process group, marked processes)")

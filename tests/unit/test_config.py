@@ -121,7 +121,7 @@ def test_environment_strings_are_parsed(monkeypatch: pytest.MonkeyPatch, variabl
     ("default_ttl = true", "default_ttl", "an integer >= 0"),
     ('default_ttl = "soon"', "default_ttl", "an integer >= 0"),
     ('storage_backend = "floppy"', "storage_backend", "one of 'tmpfs', 'memory', 'disk'"),
-    ('runtime = "docker"', "runtime", "one of 'auto', 'local'"),
+    ('runtime = "docker"', "runtime", "one of 'auto', 'systemd', 'local'"),
     ('offline = "maybe"', "offline", "true or false"),
     ('storage_root = "relative/dir"', "storage_root", "an absolute path"),
     ("find_links = [1, 2]", "find_links", "a list of strings"),

@@ -1,0 +1,144 @@
+"""The process of an environment's own systemd unit (``gestvenv-<name>.service``).
+
+systemd holds the environment's lifetime: RuntimeMaxSec is the TTL, and while this unit is up
+its slice is kept (BindsTo=); when it ends, for any reason, systemd stops everything in the slice.
+This process only decides the two ends systemd cannot see by itself, and exits for them:
+
+- the creator of an environment it owns died (``--owner-pid``; a pidfd, so no polling of a
+  recycled PID: the start time is checked once, when the pidfd is opened);
+- the environment has been idle for ``--idle-timeout`` seconds: no process in its slice, and no
+  command or install recorded in its state file for that long. A running command is never idle.
+
+It lives in the parent slice, outside the environment's limits: it costs the environment nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import sys
+import time
+from pathlib import Path
+
+PERIOD = 0.5
+
+
+def _own_cgroup() -> str:
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    for prefix in ("0::", "1:name=systemd:"):
+        for line in lines:
+            if line.startswith(prefix):
+                return line[len(prefix):]
+    for line in lines:
+        if ":name=systemd:" in line:
+            return line.split(":", 2)[2]
+    return ""
+
+
+def _slice_busy(slice_dir: Path) -> bool:
+    for dirpath, _dirs, files in os.walk(slice_dir):
+        if "cgroup.procs" in files:
+            try:
+                if Path(dirpath, "cgroup.procs").read_text().strip():
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def _slice_dir(slice_unit: str) -> Path:
+    parent = os.path.dirname(_own_cgroup()).lstrip("/")
+    for root in (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup/systemd"),
+                 Path("/sys/fs/cgroup")):
+        if (root / "cgroup.procs").exists() and (root / parent).is_dir():
+            if root == Path("/sys/fs/cgroup") and not (root / "cgroup.controllers").exists():
+                continue
+            return root / parent / slice_unit
+    return Path("/nonexistent")
+
+
+def _read_state(state_file: str, env_id: str) -> dict[str, object] | None:
+    """The env's state; None when the file is gone or names another env."""
+    try:
+        data = json.loads(Path(state_file).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("id") != env_id:
+        return None
+    return data
+
+
+def _owner_fd(pid: int, started: float) -> int | None:
+    """A pidfd on the owner, or None when it is already gone (or the PID was recycled)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        begun = boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        os.close(fd)
+        return None
+    if started and abs(begun - started) > 1.0:
+        os.close(fd)
+        return None
+    return fd
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gestvenv.holder")
+    parser.add_argument("--slice", required=True)
+    parser.add_argument("--state-file", required=True)
+    parser.add_argument("--env-id", required=True)
+    parser.add_argument("--owner-pid", type=int)
+    parser.add_argument("--owner-start", type=float, default=0.0)
+    parser.add_argument("--idle-timeout", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    owner = None
+    if args.owner_pid:
+        owner = _owner_fd(args.owner_pid, args.owner_start)
+        if owner is None:
+            print(f"owner {args.owner_pid} is gone: ending the environment", flush=True)
+            return 0
+    slice_dir = _slice_dir(args.slice)
+    busy_seen = time.time()
+    # A private /tmp (isolation namespace and up) may hide a state file kept under /tmp.
+    watch_state = Path(args.state_file).exists()
+    while True:
+        if owner is not None:
+            ready, _, _ = select.select([owner], [], [], PERIOD)
+            if ready:
+                print(f"owner {args.owner_pid} exited: ending the environment", flush=True)
+                return 0
+        else:
+            time.sleep(PERIOD)
+        state = _read_state(args.state_file, args.env_id) if watch_state else None
+        if watch_state and state is None and not Path(args.state_file).exists():
+            # Destroyed (or never committed and undone): whoever did it stops this unit too;
+            # leaving first only makes that quicker.
+            print("state file gone: ending the environment", flush=True)
+            return 0
+        if owner is not None and state is not None and state.get("status") == "ready" \
+                and state.get("owner_pid") is None:
+            os.close(owner)  # built and kept (``ephemeral create``): it outlives its creator
+            owner = None
+        last = float(str(state.get("last_activity") or 0.0)) if state else None
+        if args.idle_timeout:
+            now = time.time()
+            if _slice_busy(slice_dir):
+                busy_seen = now
+            elif now - max(busy_seen, last or 0.0) >= args.idle_timeout:
+                print(f"idle for {args.idle_timeout:g}s: ending the environment", flush=True)
+                return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Reading the kernel's cgroup files where systemd's D-Bus properties fall short.
+
+systemd reports MemoryCurrent and TasksCurrent everywhere, but on a hybrid (v1 + v2) host
+CPUUsageNSec stays unset (cpu and cpuacct are separate hierarchies) and an OOM kill inside a
+slice is reported as a plain SIGKILL (Result=signal). So: CPU time from cpu.stat / cpuacct.usage,
+and OOM kills from the slice's memory.events (v2) or an eventfd on memory.oom_control (v1).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def is_v2() -> bool:
+    return (CGROUP_ROOT / "cgroup.controllers").exists()
+
+
+def unified_root() -> Path | None:
+    """The cgroup2 hierarchy: the root on pure v2, ``unified/`` on a hybrid host."""
+    if is_v2():
+        return CGROUP_ROOT
+    unified = CGROUP_ROOT / "unified"
+    return unified if (unified / "cgroup.procs").exists() else None
+
+
+def _dir(root: Path, cgroup: str) -> Path:
+    return root / cgroup.lstrip("/")
+
+
+def system_controllers() -> frozenset[str]:
+    """Controllers the system manager can use: the root's on v2, the mounted v1 hierarchies
+    on a hybrid host."""
+    if is_v2():
+        try:
+            return frozenset((CGROUP_ROOT / "cgroup.controllers").read_text().split())
+        except OSError:
+            return frozenset()
+    return frozenset(c for c in ("cpu", "memory", "pids")
+                     if (CGROUP_ROOT / c / "cgroup.procs").exists())
+
+
+def delegated_controllers(cgroup: str) -> frozenset[str]:
+    """Controllers delegated to a (user) manager whose root cgroup is ``cgroup``: only the
+    unified hierarchy can be delegated, so on a hybrid host that is usually none."""
+    root = unified_root()
+    if root is None:
+        return frozenset()
+    try:
+        return frozenset((_dir(root, cgroup) / "cgroup.controllers").read_text().split())
+    except OSError:
+        return frozenset()
+
+
+def user_namespaces_allowed() -> bool:
+    try:
+        if int(Path("/proc/sys/user/max_user_namespaces").read_text()) <= 0:
+            return False
+    except (OSError, ValueError):
+        return False
+    try:
+        return Path("/proc/sys/kernel/unprivileged_userns_clone").read_text().strip() != "0"
+    except OSError:
+        return True  # the knob is Debian's; without it the kernel allows them
+
+
+def cpu_seconds(cgroup: str) -> float | None:
+    """CPU time used by everything in ``cgroup``."""
+    root = unified_root()
+    if root is not None:
+        try:
+            for line in (_dir(root, cgroup) / "cpu.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    return int(value) / 1e6
+        except (OSError, ValueError):
+            pass
+    try:
+        return int((_dir(CGROUP_ROOT / "cpuacct", cgroup) / "cpuacct.usage").read_text()) / 1e9
+    except (OSError, ValueError):
+        return None
+
+
+def pids(cgroup: str) -> list[int]:
+    """Every process in ``cgroup`` and below."""
+    root = unified_root() or CGROUP_ROOT / "systemd"
+    base = _dir(root, cgroup)
+    found: list[int] = []
+    for dirpath, _dirs, files in os.walk(base):
+        if "cgroup.procs" in files:
+            try:
+                found += [int(p) for p in Path(dirpath, "cgroup.procs").read_text().split()]
+            except (OSError, ValueError):
+                continue
+    return found
+
+
+class OomWatch:
+    """Did the kernel OOM-kill anything in a cgroup (and below) since this was opened?"""
+
+    def __init__(self, cgroup: str) -> None:
+        self._events: Path | None = None
+        self._baseline = 0
+        self._eventfd: int | None = None
+        if is_v2():
+            self._events = _dir(CGROUP_ROOT, cgroup) / "memory.events"
+            self._baseline = self._oom_kills()
+            return
+        # v1: the OOM counter lives in the victim's own (short-lived) cgroup, but the cgroup
+        # whose limit was hit notifies an eventfd registered on its memory.oom_control.
+        base = _dir(CGROUP_ROOT / "memory", cgroup)
+        control = None
+        try:
+            efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError:
+            return
+        try:
+            control = os.open(base / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+            with open(base / "cgroup.event_control", "w") as f:
+                f.write(f"{efd} {control}")
+            self._eventfd = efd
+        except OSError:
+            os.close(efd)
+        finally:
+            if control is not None:
+                os.close(control)
+
+    def _oom_kills(self) -> int:
+        if self._events is None:
+            return 0
+        try:
+            for line in self._events.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def fired(self) -> bool:
+        if self._events is not None:
+            return self._oom_kills() > self._baseline
+        if self._eventfd is not None:
+            try:
+                return os.eventfd_read(self._eventfd) > 0
+            except BlockingIOError:
+                return False
+            except OSError:
+                return False
+        return False
+
+    def close(self) -> None:
+        if self._eventfd is not None:
+            os.close(self._eventfd)
+            self._eventfd = None

@@ -1,0 +1,374 @@
+"""The plan: limits, isolation and lifetime turned into unit properties. Pure: no I/O, no bus.
+
+An environment is three kinds of units (names in :class:`UnitNames`):
+
+- its **slice** ``gestvenv-<name>.slice`` (``-`` escaped, as systemd does) holds the limits of
+  all its processes together: MemoryMax, CPUQuota, TasksMax, the IP firewall. It has
+  StopWhenUnneeded=yes, so it goes as soon as nothing of the environment runs;
+- its **own unit** ``gestvenv-<name>.service`` runs gestvenv's holder in the parent slice
+  (outside the env's limits, so it costs the env nothing), carries RuntimeMaxSec = TTL, and keeps
+  the slice up (BindsTo=). When it ends (TTL, idle, its creator died, ``systemctl stop``) the
+  slice is no longer needed and systemd stops everything in it;
+- one unit per command, ``gestvenv-<name>@<id>.service``, in the slice, bound to the env's unit.
+
+Every property used is in :data:`SIGNATURES` (as pystemd does): the unit tests check each plan
+against it, so a typo or a wrong type fails there and not on a live bus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...models import Enforcement, IsolationLevel, LimitStatus, ResourceLimits
+
+PARENT_SLICE = "gestvenv.slice"
+UNIT_NAME_MAX = 255  # systemd's UNIT_NAME_MAX (256) with its NUL
+MB = 1 << 20
+USEC = 1_000_000
+# How long a unit may take to stop after SIGTERM before SIGKILL: the TTL is a deadline.
+STOP_TIMEOUT_USEC = 500_000
+
+SIGNATURES: Mapping[str, str] = {
+    "Description": "s",
+    "Slice": "s",
+    "ExecStartEx": "a(sasas)",
+    "Type": "s",
+    "WorkingDirectory": "s",
+    "Environment": "as",
+    "StandardInput": "s",
+    "StandardInputFileDescriptor": "h",
+    "StandardOutputFileDescriptor": "h",
+    "StandardErrorFileDescriptor": "h",
+    "BindsTo": "as",
+    "After": "as",
+    "JoinsNamespaceOf": "as",
+    "AddRef": "b",
+    "CollectMode": "s",
+    "StopWhenUnneeded": "b",
+    "RuntimeMaxUSec": "t",
+    "TimeoutStopUSec": "t",
+    "KillMode": "s",
+    "SendSIGKILL": "b",
+    "MemoryAccounting": "b",
+    "CPUAccounting": "b",
+    "TasksAccounting": "b",
+    "IPAccounting": "b",
+    "MemoryMax": "t",
+    "MemorySwapMax": "t",
+    "CPUQuotaPerSecUSec": "t",
+    "TasksMax": "t",
+    "IPAddressDeny": "a(iayu)",
+    "IPAddressAllow": "a(iayu)",
+    "PrivateNetwork": "b",
+    "PrivateUsers": "b",
+    "PrivateTmp": "b",
+    "PrivateDevices": "b",
+    "ProtectSystem": "s",
+    "ProtectHome": "s",
+    "ProtectKernelTunables": "b",
+    "ProtectKernelModules": "b",
+    "ProtectControlGroups": "b",
+    "NoNewPrivileges": "b",
+    "RestrictSUIDSGID": "b",
+    "ReadWritePaths": "as",
+    "BindPaths": "a(ssbt)",
+}
+
+# The sandboxing that creates namespaces an env's units share (JoinsNamespaceOf= its own unit).
+SHARED_NAMESPACES = ("PrivateNetwork", "PrivateTmp", "PrivateUsers")
+
+Property = tuple[str, str, Any]
+
+
+def prop(name: str, value: Any) -> Property:
+    return (name, SIGNATURES[name], value)
+
+
+def escape_slice_part(name: str) -> str:
+    """``-`` means nesting in a slice name, so it is escaped the way systemd-escape does."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "_.:") else f"\\x{ord(c):02x}"
+                   for c in name)
+
+
+@dataclass(frozen=True)
+class UnitNames:
+    env: str
+    slice: str
+
+    @classmethod
+    def of(cls, env_name: str) -> UnitNames:
+        slice_name = f"gestvenv-{escape_slice_part(env_name)}.slice"
+        if len(slice_name) > UNIT_NAME_MAX:  # a name of many '-' (each escaped to 4 chars)
+            digest = hashlib.sha256(env_name.encode()).hexdigest()[:16]
+            slice_name = f"gestvenv-h{digest}.slice"
+        return cls(env=f"gestvenv-{env_name}.service", slice=slice_name)
+
+    def command(self, exec_id: str) -> str:
+        return self.env.removesuffix(".service") + f"@{exec_id}.service"
+
+
+LIVE_UNIT_STATES = ("active", "activating", "reloading", "deactivating")
+
+_ENV_UNIT_RE = re.compile(r"gestvenv-([A-Za-z0-9][A-Za-z0-9_.-]*)\.service")
+
+
+def env_name_of_unit(unit: str) -> str | None:
+    """The environment an env unit belongs to (None for command units and others)."""
+    match = _ENV_UNIT_RE.fullmatch(unit)
+    return match.group(1) if match else None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the manager can enforce, probed once per connection (see ``probe``)."""
+
+    user: bool                       # a user manager (systemd --user), not the system's
+    controllers: frozenset[str]      # cgroup controllers it can use: cpu, memory, pids
+    cgroup_v2: bool                  # pure unified hierarchy
+    bpf_firewall: bool = True        # IPAddressDeny works (system manager)
+    user_namespaces: bool = True     # PrivateUsers= possible (for sandboxing in user managers)
+
+    @property
+    def manager(self) -> str:
+        return "user manager (systemd --user)" if self.user else "system manager"
+
+
+@dataclass(frozen=True)
+class EnvPlan:
+    """Everything the runtime needs to start an environment, decided up front."""
+
+    names: UnitNames
+    enforcement: Enforcement
+    slice_properties: list[Property]
+    env_properties: list[Property]
+    sandbox: list[Property] = field(default_factory=list)  # for every unit running processes
+
+
+_CONTROLLER_FOR = {"max_memory": "memory", "max_cpu_percent": "cpu", "max_processes": "pids"}
+
+
+def enforcement(limits: ResourceLimits, isolation: IsolationLevel,
+                caps: Capabilities) -> Enforcement:
+    """What the manager will enforce, honestly: a missing controller is named."""
+    status: dict[str, LimitStatus] = {}
+    requested = limits.requested()
+    where = f"on the {caps.manager}"
+    mechanisms = {
+        "max_memory": f"MemoryMax={limits.max_memory}M on the env's slice (all its processes)",
+        "max_cpu_percent": f"CPUQuota={limits.max_cpu_percent}% on the env's slice",
+        "max_processes": f"TasksMax={limits.max_processes} on the env's slice",
+    }
+    for key, controller in _CONTROLLER_FOR.items():
+        if key not in requested:
+            continue
+        if controller in caps.controllers:
+            status[key] = LimitStatus(requested[key], True, mechanisms[key])
+        else:
+            status[key] = LimitStatus(
+                requested[key], False,
+                f"the {controller} controller is not available {where} (not delegated)")
+    if limits.max_disk is not None:
+        status["max_disk"] = LimitStatus(
+            limits.max_disk, False, "no size-capped storage in the systemd runtime yet")
+    if not limits.network_access:
+        if not caps.user:
+            status["network_access"] = LimitStatus(
+                False, True, "PrivateNetwork=yes (only the env's own lo, shared by its units) and "
+                "IPAddressDeny=any (but loopback) on the env's slice")
+        elif caps.user_namespaces:
+            status["network_access"] = LimitStatus(
+                False, True, "PrivateNetwork=yes with PrivateUsers=yes (only lo)")
+        else:
+            status["network_access"] = LimitStatus(
+                False, False, f"needs user namespaces {where}, which this host does not allow")
+    applied, notes = _isolation_applied(isolation, caps)
+    return Enforcement("systemd", isolation, applied, status, tuple(notes))
+
+
+def _isolation_applied(isolation: IsolationLevel,
+                       caps: Capabilities) -> tuple[IsolationLevel, list[str]]:
+    notes = []
+    applied = isolation
+    if isolation is IsolationLevel.CHROOT:
+        applied = IsolationLevel.CONTAINER
+        notes.append("isolation chroot requested; the systemd runtime applies container "
+                     "isolation (read-only system, private /tmp and devices, only the env's dir "
+                     "writable): it does not change the root directory")
+    if applied.rank > IsolationLevel.PROCESS.rank and caps.user and not caps.user_namespaces:
+        notes.append(f"isolation {isolation.value} requested; a user manager needs user "
+                     "namespaces for it, which this host does not allow: process isolation "
+                     "applied")
+        applied = IsolationLevel.PROCESS
+    return applied, notes
+
+
+def sandbox_properties(level: IsolationLevel, network: bool, env_path: str,
+                       caps: Capabilities) -> list[Property]:
+    """Namespacing for every unit of the env that runs processes (the holder and commands)."""
+    props: list[Property] = []
+    if caps.user and not caps.user_namespaces:
+        # A user manager cannot create namespaces without them (the plan says so); asking
+        # would only make every unit of the env fail to start.
+        return props
+    needs_userns = caps.user and (level.rank > IsolationLevel.PROCESS.rank or not network)
+    if needs_userns:
+        props.append(prop("PrivateUsers", True))
+    if not network:
+        props.append(prop("PrivateNetwork", True))
+    if level.rank >= IsolationLevel.NAMESPACE.rank:
+        # The env's dir may sit under /tmp or /dev/shm, which the namespaces replace.
+        props += [prop("BindPaths", [[env_path, env_path, False, 0]]),
+                  prop("PrivateTmp", True), prop("PrivateDevices", True),
+                  prop("ProtectSystem", "full"), prop("ProtectKernelTunables", True),
+                  prop("ProtectKernelModules", True), prop("ProtectControlGroups", True),
+                  prop("NoNewPrivileges", True), prop("RestrictSUIDSGID", True)]
+    if level.rank >= IsolationLevel.CONTAINER.rank:
+        props = [p for p in props if p[0] != "ProtectSystem"]
+        props += [prop("ProtectSystem", "strict"), prop("ProtectHome", "read-only"),
+                  prop("ReadWritePaths", [env_path])]
+    return props
+
+
+def slice_properties(names: UnitNames, env_name: str, limits: ResourceLimits,
+                     caps: Capabilities) -> list[Property]:
+    props = [prop("Description", f"gestvenv environment {env_name}: all its processes"),
+             prop("StopWhenUnneeded", True),
+             prop("MemoryAccounting", True), prop("TasksAccounting", True),
+             prop("CPUAccounting", True)]
+    if limits.max_memory is not None and "memory" in caps.controllers:
+        # Swap off for the env: a memory limit that spills to swap is no limit.
+        props += [prop("MemoryMax", limits.max_memory * MB), prop("MemorySwapMax", 0)]
+    if limits.max_cpu_percent is not None and "cpu" in caps.controllers:
+        props.append(prop("CPUQuotaPerSecUSec",
+                          max(1000, round(limits.max_cpu_percent * USEC / 100))))
+    if limits.max_processes is not None and "pids" in caps.controllers:
+        props.append(prop("TasksMax", limits.max_processes))
+    if not limits.network_access and not caps.user:
+        # A BPF filter on the slice's cgroup: every address but loopback. The env's units have
+        # a network namespace of their own (PrivateNetwork), so loopback is the env's own lo:
+        # its commands reach each other, never the host's.
+        props += [prop("IPAddressDeny", [[2, bytes(4), 0], [10, bytes(16), 0]]),
+                  prop("IPAddressAllow", [[2, bytes([127, 0, 0, 0]), 8],
+                                          [10, bytes(15) + b"\x01", 128]])]
+    return props
+
+
+@dataclass(frozen=True)
+class HolderArgs:
+    """How the env's own unit runs gestvenv's holder (see ``gestvenv.holder``)."""
+
+    python: str
+    pythonpath: str
+    state_file: str
+    env_id: str
+    owner_pid: int | None = None
+    owner_start: float | None = None
+    idle_timeout: int | None = None
+
+
+def env_properties(names: UnitNames, env_name: str, description: str, ttl: int | None,
+                   holder: HolderArgs, sandbox: Sequence[Property]) -> list[Property]:
+    argv = [holder.python, "-m", "gestvenv.holder", "--slice", names.slice,
+            "--state-file", holder.state_file, "--env-id", holder.env_id]
+    if holder.owner_pid is not None:
+        argv += ["--owner-pid", str(holder.owner_pid),
+                 "--owner-start", repr(holder.owner_start or 0.0)]
+    if holder.idle_timeout:
+        argv += ["--idle-timeout", str(holder.idle_timeout)]
+    props = [
+        prop("Description", f"gestvenv environment {env_name} ({description})"),
+        prop("Slice", PARENT_SLICE),
+        prop("BindsTo", [names.slice]),
+        prop("ExecStartEx", exec_start(argv)),
+        prop("Type", "exec"),
+        prop("Environment", [f"PYTHONPATH={holder.pythonpath}", "PYTHONDONTWRITEBYTECODE=1"]),
+        prop("CollectMode", "inactive-or-failed"),
+        prop("TimeoutStopUSec", STOP_TIMEOUT_USEC),
+        prop("MemoryAccounting", True),
+    ]
+    if ttl:
+        props.append(prop("RuntimeMaxUSec", ttl * USEC))
+    # The holder carries the env's namespaces (private network, /tmp) for its commands to join.
+    props += [p for p in sandbox if p[0] in SHARED_NAMESPACES]
+    return props
+
+
+def command_properties(names: UnitNames, env_name: str, argv: Sequence[str],
+                       environ: Mapping[str, str], cwd: str, timeout: float | None,
+                       sandbox: Sequence[Property], fds: Mapping[str, int]) -> list[Property]:
+    """A command's unit. ``fds`` maps stdin/stdout/stderr to indexes in the message's fds."""
+    text = shlex.join(argv)
+    if len(text) > 200:
+        text = text[:197] + "..."
+    props = [
+        prop("Description", f"gestvenv {env_name}: {text}"),
+        prop("Slice", names.slice),
+        prop("BindsTo", [names.env]),
+        prop("After", [names.env]),
+        prop("ExecStartEx", exec_start(argv)),
+        prop("Type", "exec"),
+        prop("WorkingDirectory", cwd),
+        prop("Environment", unit_environment(environ)),
+        prop("AddRef", True),  # results stay readable until we have read them
+        prop("CollectMode", "inactive-or-failed"),
+        prop("TimeoutStopUSec", STOP_TIMEOUT_USEC),
+    ]
+    if timeout is not None:
+        props.append(prop("RuntimeMaxUSec", max(1, math.ceil(timeout * USEC))))
+    if "stdin" in fds:
+        props.append(prop("StandardInputFileDescriptor", fds["stdin"]))
+    else:
+        props.append(prop("StandardInput", "null"))
+    if "stdout" in fds:
+        props.append(prop("StandardOutputFileDescriptor", fds["stdout"]))
+    if "stderr" in fds:
+        props.append(prop("StandardErrorFileDescriptor", fds["stderr"]))
+    if any(p[0] in ("PrivateNetwork", "PrivateTmp") for p in sandbox):
+        props.append(prop("JoinsNamespaceOf", [names.env]))  # one network and /tmp per env
+    props += sandbox
+    return props
+
+
+def exec_start(argv: Sequence[str]) -> list[Any]:
+    """The command line exactly as given: systemd would otherwise expand ``$VAR`` (and turn
+    ``$$`` into ``$``) in it."""
+    return [[argv[0], list(argv), ["no-env-expand"]]]
+
+
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+
+
+def unit_environment(environ: Mapping[str, str]) -> list[str]:
+    """``K=V`` assignments systemd accepts; others (odd names, control characters) are left
+    out, as systemd would refuse the whole unit for one of them."""
+    out = []
+    for key, value in environ.items():
+        if not _ENV_NAME_RE.fullmatch(key):
+            continue
+        if any(ord(c) < 32 and c not in "\t\n" for c in value) or "\x7f" in value:
+            continue
+        out.append(f"{key}={value}")
+    return out
+
+
+def parent_slice_properties(max_total_memory_mb: int | None,
+                            caps: Capabilities) -> list[Property]:
+    props = [prop("Description", "gestvenv ephemeral environments"),
+             prop("MemoryAccounting", True), prop("TasksAccounting", True)]
+    if max_total_memory_mb and "memory" in caps.controllers:
+        props.append(prop("MemoryMax", max_total_memory_mb * MB))
+    return props
+
+
+def exit_status(exec_main_code: int, exec_main_status: int) -> int:
+    """ExecMainCode/ExecMainStatus as a subprocess returncode (-N for signal N)."""
+    # CLD_EXITED = 1, CLD_KILLED = 2, CLD_DUMPED = 3
+    if exec_main_code in (2, 3):
+        return -exec_main_status
+    return exec_main_status

@@ -1,0 +1,409 @@
+"""The systemd runtime: every environment a set of transient units, limits held by the kernel.
+
+The plan (``plan.py``) decides the properties; the façade (``bus.py``) talks to the manager; this
+module is the sequence: start the env's units, run a command as a unit of its own with its
+stdio passed as file descriptors (as ``systemd-run --pipe`` does), read its end from systemd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import os
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ...exceptions import (
+    CommandNotExecutableError,
+    CommandNotFoundError,
+    RuntimeUnavailableError,
+    SystemdError,
+)
+from ...models import Enforcement, ExecResult, IsolationLevel, ResourceLimits
+from ...registry import EnvRecord, state_path
+from ...shield import shielded
+from ..base import CommandSpec, Runtime, Usage
+from . import cgroups, plan
+from .bus import SERVICE, UNIT, NoSuchUnit, SystemdBus, connection, variants
+from .plan import Capabilities, Property, UnitNames
+
+PIPE_GRACE = 1.0
+# Where the gestvenv package is imported from: the holder runs with it on PYTHONPATH.
+_SITE_DIR = str(Path(__file__).resolve().parents[3])
+
+# systemd's exit statuses for a command that could not be started (systemd.exec(5)).
+EXIT_EXEC, EXIT_CHDIR = 203, 200
+
+
+def systemd_booted() -> bool:
+    """sd_booted(): systemd is PID 1 of this host (or of this container)."""
+    return os.path.isdir("/run/systemd/system")
+
+
+def use_user_manager() -> bool:
+    return os.geteuid() != 0
+
+
+class SystemdRuntime(Runtime):
+    name = "systemd"
+    needs_watchdog = False
+
+    def __init__(self, max_total_memory_mb: int | None = None) -> None:
+        self.user = use_user_manager()
+        self.max_total_memory_mb = max_total_memory_mb
+        self._caps: Capabilities | None = None
+
+    # -- setup --------------------------------------------------------------------------------
+
+    async def _bus(self) -> SystemdBus:
+        if not systemd_booted():
+            raise RuntimeUnavailableError(
+                "the systemd runtime needs systemd as PID 1 (no /run/systemd/system here); "
+                "use runtime 'local'")
+        return await connection(self.user)
+
+    async def prepare(self) -> None:
+        bus = await self._bus()
+        if self._caps is None:
+            if self.user:
+                root = str(await bus.manager_property("ControlGroup"))
+                controllers = await asyncio.to_thread(cgroups.delegated_controllers, root)
+            else:
+                controllers = await asyncio.to_thread(cgroups.system_controllers)
+            self._caps = Capabilities(
+                user=self.user, controllers=controllers, cgroup_v2=cgroups.is_v2(),
+                bpf_firewall=not self.user,
+                user_namespaces=await asyncio.to_thread(cgroups.user_namespaces_allowed))
+
+    @property
+    def capabilities(self) -> Capabilities:
+        if self._caps is None:
+            raise RuntimeError("SystemdRuntime.prepare() was not awaited")
+        return self._caps
+
+    def plan(self, limits: ResourceLimits, isolation: IsolationLevel) -> Enforcement:
+        return plan.enforcement(limits, isolation, self.capabilities)
+
+    def _sandbox(self, record: EnvRecord) -> list[Property]:
+        enforcement = Enforcement.from_dict(record.enforcement)
+        limits = ResourceLimits.from_dict(record.limits)
+        return plan.sandbox_properties(enforcement.isolation_applied, limits.network_access,
+                                       record.path, self.capabilities)
+
+    # -- the environment ----------------------------------------------------------------------
+
+    async def _ensure_parent_slice(self, bus: SystemdBus, max_total_memory_mb: int | None) -> None:
+        props = plan.parent_slice_properties(max_total_memory_mb, self.capabilities)
+        try:
+            current = await bus.properties(plan.PARENT_SLICE, UNIT)
+        except NoSuchUnit:
+            current = None
+        if current is None or current.get("LoadState") != "loaded" or \
+                current.get("ActiveState") not in ("active", "activating"):
+            try:
+                await bus.start_transient_unit(plan.PARENT_SLICE, props)
+                return
+            except SystemdError as exc:
+                if "UnitExists" not in exc.dbus_name:
+                    raise
+        # Loaded already (a unit file, or an earlier transient slice): the caps are the
+        # config's, set at runtime (a drop-in under /run, gone at reboot).
+        wanted = {k: v for k, _, v in props if k == "MemoryMax"}
+        if wanted:
+            slice_props = await bus.properties(plan.PARENT_SLICE, "org.freedesktop.systemd1.Slice")
+            if slice_props.get("MemoryMax") != wanted["MemoryMax"]:
+                await bus.call(
+                    "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager",
+                    "SetUnitProperties", "sba(sv)",
+                    [plan.PARENT_SLICE, True, variants(p for p in props if p[0] == "MemoryMax")],
+                    what="setting gestvenv.slice's MemoryMax")
+
+    async def start(self, record: EnvRecord) -> None:
+        bus = await self._bus()
+        await self.prepare()
+        caps = self.capabilities
+        names = UnitNames.of(record.name)
+        limits = ResourceLimits.from_dict(record.limits)
+        await self._ensure_parent_slice(bus, self.max_total_memory_mb)
+        # A unit of a former env of this name may still be stopping: the name is ours now (the
+        # registry reserved it), so make sure it is gone.
+        await self._stop_units(bus, names)
+        sandbox = self._sandbox(record)
+        holder = plan.HolderArgs(
+            python=_python(), pythonpath=_SITE_DIR,
+            state_file=str(state_path(record.name)), env_id=record.id,
+            owner_pid=record.owner_pid, owner_start=record.owner_started,
+            idle_timeout=record.idle_timeout)
+        description = f"python {record.python_version}, {record.backend} storage, {record.path}"
+        env_props = plan.env_properties(names, record.name, description, record.ttl, holder,
+                                        sandbox)
+        slice_props = plan.slice_properties(names, record.name, limits, caps)
+        result = await bus.start_transient_unit(names.env, env_props,
+                                                aux=[(names.slice, slice_props)])
+        if result != "done":
+            raise SystemdError(f"systemd could not start {names.env} (job {result}); see "
+                               f"`journalctl -u {names.env}`", "job-" + result)
+
+    async def _stop_units(self, bus: SystemdBus, names: UnitNames) -> None:
+        for unit in (names.env, names.slice):
+            await bus.stop_unit(unit)
+            await bus.reset_failed(unit)
+
+    async def stop(self, record: EnvRecord) -> None:
+        await self.stop_units_of(record.name)
+
+    async def stop_units_of(self, env_name: str) -> None:
+        if not systemd_booted():
+            return  # nothing of systemd's can be left on a host it does not run
+        bus = await self._bus()
+        await self._stop_units(bus, UnitNames.of(env_name))
+
+    async def alive(self, record: EnvRecord) -> bool:
+        """Whether the env's own unit is up (systemd's view, not the state file's)."""
+        bus = await self._bus()
+        try:
+            props = await bus.properties(UnitNames.of(record.name).env, UNIT)
+        except NoSuchUnit:
+            return False
+        return props.get("ActiveState") in plan.LIVE_UNIT_STATES
+
+    async def live_environments(self) -> dict[str, str]:
+        bus = await self._bus()
+        out = {}
+        for unit in await bus.list_units(["gestvenv-*.service"]):
+            name = plan.env_name_of_unit(unit.name)
+            if name is not None:
+                out[name] = unit.active_state
+        return out
+
+    def guarantees(self) -> Sequence[str]:
+        return (
+            "systemd runtime: the TTL is the env unit's RuntimeMaxSec and the limits are its "
+            "slice's cgroup settings, enforced by systemd and the kernel whatever happens to "
+            "gestvenv's processes",
+            "systemd runtime: when the env's unit stops, its processes end, but its files stay "
+            "until `gestvenv ephemeral cleanup --expired` (or the next create sweep) removes them",
+        )
+
+    async def usage(self, record: EnvRecord) -> Usage:
+        bus = await self._bus()
+        names = UnitNames.of(record.name)
+        try:
+            props = await bus.properties(names.slice, UNIT)
+            slice_props = await bus.properties(names.slice, "org.freedesktop.systemd1.Slice")
+        except NoSuchUnit:
+            return Usage(processes=0, memory_bytes=0, cpu_seconds=0.0, disk_bytes=0)
+        del props
+        cgroup = str(slice_props.get("ControlGroup") or "")
+        memory = _counter(slice_props.get("MemoryCurrent"))
+        cpu_ns = _counter(slice_props.get("CPUUsageNSec"))
+        cpu = cpu_ns / 1e9
+        if not cpu and cgroup:  # unset on a hybrid host: read the kernel's own counter
+            measured: float | None = await asyncio.to_thread(cgroups.cpu_seconds, cgroup)
+            cpu = measured or 0.0
+        procs = len(await asyncio.to_thread(cgroups.pids, cgroup)) if cgroup else 0
+        return Usage(processes=procs, memory_bytes=memory, cpu_seconds=cpu, disk_bytes=0)
+
+    # -- commands -----------------------------------------------------------------------------
+
+    async def run(self, record: EnvRecord, command: CommandSpec) -> ExecResult:
+        bus = await self._bus()
+        await self.prepare()
+        names = UnitNames.of(record.name)
+        unit = names.command(uuid.uuid4().hex[:12])
+        cwd = command.cwd or os.getcwd()
+        pipes = _Pipes(command)
+        try:
+            props = plan.command_properties(names, record.name, command.argv, command.environ,
+                                            cwd, command.timeout, self._sandbox(record),
+                                            pipes.indexes)
+            return await self._run_unit(bus, record, unit, props, pipes, command)
+        finally:
+            pipes.close()
+
+    async def _run_unit(self, bus: SystemdBus, record: EnvRecord, unit: str,
+                        props: list[Property], pipes: _Pipes,
+                        command: CommandSpec) -> ExecResult:
+        changed = asyncio.Event()
+        unwatch = await bus.watch(unit, lambda _: changed.set())
+        slice_cgroup = await self._slice_cgroup(bus, record)
+        oom = await asyncio.to_thread(cgroups.OomWatch, slice_cgroup) if slice_cgroup else None
+        oom_fired = False
+        started = time.monotonic()
+        chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        pumps: list[asyncio.Future[Any]] = []
+        try:
+            result = await bus.start_transient_unit(unit, props, unix_fds=pipes.passed)
+            pipes.close_passed()  # systemd has its copies: EOF comes when the command ends
+            pumps = [asyncio.ensure_future(_pump(name, fd, chunks, command))
+                     for name, fd in pipes.readers.items()]
+            if pipes.writer is not None:
+                pumps.append(asyncio.ensure_future(_feed(pipes.take_writer(),
+                                                         command.input or b"")))
+            if result != "done":
+                status = (await _service_props(bus, unit)).get("ExecMainStatus")
+                if status == EXIT_EXEC:
+                    raise CommandNotExecutableError(
+                        f"cannot run {command.argv[0]}: systemd could not execute it")
+                if status == EXIT_CHDIR:
+                    raise CommandNotFoundError(
+                        f"cannot change to the working directory of {command.argv[0]}")
+                raise SystemdError(f"systemd could not start {unit} (job {result})",
+                                   "job-" + result)
+            while True:
+                try:
+                    state = (await bus.properties(unit, UNIT))["ActiveState"]
+                except NoSuchUnit:
+                    break
+                if state in ("inactive", "failed"):
+                    break
+                changed.clear()
+                with contextlib.suppress(TimeoutError):  # a missed signal costs a second
+                    await asyncio.wait_for(changed.wait(), 1.0)
+            service = await _service_props(bus, unit)
+            if pumps:
+                # Output ends when the last holder of the pipes exits; a process that escaped
+                # the unit is not waited for.
+                await asyncio.wait(pumps, timeout=PIPE_GRACE)
+        except BaseException:
+            # Cancelled (Ctrl-C, a task group, the caller's own timeout): the command does not
+            # outlive its caller.
+            await shielded(bus.stop_unit(unit))
+            raise
+        finally:
+            for pump in pumps:
+                if not pump.done():
+                    pump.cancel()
+            await shielded(bus.unref(unit))
+            await shielded(unwatch())
+            if oom is not None:
+                oom_fired = oom.fired()
+                oom.close()
+        duration = time.monotonic() - started
+        returncode = plan.exit_status(int(service.get("ExecMainCode", 1)),
+                                      int(service.get("ExecMainStatus", 0)))
+        killed_by = None
+        svc_result = service.get("Result")
+        if svc_result == "timeout":
+            killed_by = "timeout"
+        elif svc_result == "oom-kill" or (oom_fired and returncode == -9):
+            killed_by = "memory"
+        elif returncode < 0 and record.expires_at is not None and (
+                time.time() >= record.expires_at - 0.25 or not await self.alive(record)):
+            killed_by = "ttl"
+        return ExecResult(argv=command.argv, returncode=returncode,
+                          stdout=b"".join(chunks["stdout"]).decode(errors="replace"),
+                          stderr=b"".join(chunks["stderr"]).decode(errors="replace"),
+                          duration=duration, killed_by=killed_by)
+
+    async def _slice_cgroup(self, bus: SystemdBus, record: EnvRecord) -> str | None:
+        try:
+            props = await bus.properties(UnitNames.of(record.name).slice,
+                                         "org.freedesktop.systemd1.Slice")
+        except NoSuchUnit:
+            return None
+        return str(props.get("ControlGroup") or "") or None
+
+
+async def _service_props(bus: SystemdBus, unit: str) -> dict[str, Any]:
+    try:
+        return await bus.properties(unit, SERVICE)
+    except NoSuchUnit:
+        return {}
+
+
+def _counter(value: Any) -> int:
+    """systemd's "unset" for a counter is 2**64-1."""
+    if value is None or int(value) >= (1 << 64) - 1:
+        return 0
+    return int(value)
+
+
+def _python() -> str:
+    return sys.executable or "/usr/bin/python3"
+
+
+async def _pump(name: str, fd: int, chunks: dict[str, list[bytes]],
+                command: CommandSpec) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(fd), "rb", buffering=0))
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    try:
+        while data := await reader.read(65536):
+            chunks[name].append(data)
+            if command.stream is not None:
+                command.stream(name, decoder.decode(data))
+        if command.stream is not None and (tail := decoder.decode(b"", final=True)):
+            command.stream(name, tail)
+    finally:
+        transport.close()
+
+
+async def _feed(fd: int, data: bytes) -> None:
+    """Write the command's input and close the pipe (its EOF). Owns ``fd``."""
+    def write() -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the command did not read all its input
+        finally:
+            os.close(fd)
+    await asyncio.to_thread(write)
+
+
+class _Pipes:
+    """A command's stdio: pipes we read (captured) or our own terminal (interactive), as file
+    descriptors passed to systemd in the StartTransientUnit message."""
+
+    def __init__(self, command: CommandSpec) -> None:
+        self.passed: list[int] = []   # the unit's ends, closed once systemd has its copies
+        self.readers: dict[str, int] = {}
+        self.writer: int | None = None
+        self.indexes: dict[str, int] = {}
+        try:
+            for stream, own in (("stdout", 1), ("stderr", 2)):
+                if command.capture:
+                    r, w = os.pipe()
+                    self.readers[stream] = r
+                    self._pass(stream, w)
+                else:
+                    self._pass(stream, os.dup(own))
+            if command.input is not None:
+                r, w = os.pipe()
+                self.writer = w
+                self._pass("stdin", r)
+            elif not command.capture:
+                self._pass("stdin", os.dup(0))
+        except BaseException:
+            self.close()
+            raise
+
+    def _pass(self, stream: str, fd: int) -> None:
+        self.indexes[stream] = len(self.passed)
+        self.passed.append(fd)
+
+    def close_passed(self) -> None:
+        for fd in self.passed:
+            os.close(fd)
+        self.passed = []
+
+    def take_writer(self) -> int:
+        assert self.writer is not None
+        fd, self.writer = self.writer, None
+        return fd
+
+    def close(self) -> None:
+        self.close_passed()
+        for fd in [*self.readers.values(), *([self.writer] if self.writer is not None else [])]:
+            os.close(fd)
+        self.readers, self.writer = {}, None

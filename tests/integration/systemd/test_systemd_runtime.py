@@ -1,0 +1,330 @@
+"""The systemd runtime against a real systemd: limits enforced by the kernel, TTL by systemd.
+
+Run inside the test host (``python -m tests.harness.systemd_host run -- ...``); each test
+checks what it claims from outside gestvenv too (systemctl, /proc), not only from its results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import gestvenv
+from gestvenv import ResourceLimits, registry
+
+from ..support import env_pids, pid_dead, wait_until
+from .conftest import gestvenv_units
+
+SD = "systemd"
+
+
+def units_of(name: str) -> list[str]:
+    return [u for u in gestvenv_units()
+            if u.startswith((f"gestvenv-{name}.", f"gestvenv-{name}@",
+                             f"gestvenv-{name.replace('-', chr(92) + 'x2d')}."))]
+
+
+async def test_commands_run_as_units_with_their_output_and_status() -> None:
+    async with gestvenv.ephemeral("sd-basic", runtime=SD) as env:
+        assert env.runtime == "systemd"
+        result = await env.execute(
+            ["sh", "-c", 'echo out; echo err >&2; echo "$GREETING" "$VIRTUAL_ENV"; exit 3'],
+            env={"GREETING": "hello"})
+        assert (result.returncode, result.killed_by) == (3, None)
+        assert result.stdout == f"out\nhello {env.path}\n"
+        assert result.stderr == "err\n"
+        echoed = await env.execute(["python", "-c", "import sys; print(sys.stdin.read()[::-1])"],
+                                   input="abc")
+        assert echoed.stdout == "cba\n"
+        where = await env.execute(["python", "-c", "import os, sys; print(os.getcwd(), "
+                                   "sys.prefix)"], cwd="/usr")
+        assert where.stdout.split() == ["/usr", str(env.path)]
+        # Really a unit of its own, in the env's slice, under gestvenv.slice.
+        cgroup = (await env.execute(["cat", "/proc/self/cgroup"])).stdout
+        assert "/gestvenv.slice/gestvenv-sd\\x2dbasic.slice/gestvenv-sd-basic@" in cgroup
+        killed = await env.execute(["sh", "-c", "kill -USR1 $$"])
+        assert killed.returncode == -signal.SIGUSR1
+
+
+async def test_memory_limit_oom_kills_the_command_and_says_so() -> None:
+    limits = ResourceLimits(max_memory=64)
+    async with gestvenv.ephemeral("sd-oom", runtime=SD, resource_limits=limits) as env:
+        assert env.enforcement.limits["max_memory"].enforced
+        result = await env.execute(["python", "-c", "b = b'x' * (200 << 20); print('survived')"])
+        assert (result.returncode, result.killed_by) == (-9, "memory")
+        assert "survived" not in result.stdout
+        assert "memory limit" in result.describe()
+        after = await env.execute(["python", "-c", "print('still usable')"])
+        assert after.ok and after.stdout == "still usable\n"
+
+
+async def test_memory_limit_holds_for_the_env_as_a_whole() -> None:
+    """Two commands that each fit alone cannot exceed the limit together."""
+    hold = "import time; b = b'x' * (60 << 20); time.sleep(2); print('done')"
+    limits = ResourceLimits(max_memory=100)
+    async with gestvenv.ephemeral("sd-oom-two", runtime=SD, resource_limits=limits) as env:
+        alone = await env.execute(["python", "-c", hold])
+        assert alone.ok and alone.stdout == "done\n"
+        first, second = await asyncio.gather(env.execute(["python", "-c", hold]),
+                                             env.execute(["python", "-c", hold]))
+        assert "memory" in (first.killed_by, second.killed_by), (first, second)
+
+
+async def test_cpu_quota_caps_a_busy_loop() -> None:
+    busy = textwrap.dedent("""
+        import os, time
+        start = time.monotonic()
+        while time.monotonic() - start < 3:
+            pass
+        t = os.times()
+        print(t.user + t.system)
+    """)
+    limits = ResourceLimits(max_cpu_percent=20)
+    async with gestvenv.ephemeral("sd-cpu", runtime=SD, resource_limits=limits) as env:
+        result = await env.execute(["python", "-c", busy])
+        share = float(result.stdout) / 3.0
+        print(f"busy loop under CPUQuota=20%: {share:.1%} of one CPU")
+        assert 0.05 < share <= 0.25
+        usage = await env.usage()
+        assert usage.cpu_seconds >= float(result.stdout) * 0.9
+
+
+async def test_forking_past_max_processes_fails_inside_the_env() -> None:
+    forks = textwrap.dedent("""
+        import os, time
+        made, refused, kids = 0, 0, []
+        for _ in range(20):
+            try:
+                pid = os.fork()
+            except BlockingIOError:
+                refused += 1
+                continue
+            if pid == 0:
+                time.sleep(2)
+                os._exit(0)
+            kids.append(pid)
+            made += 1
+        for kid in kids:
+            os.waitpid(kid, 0)
+        print(made, refused)
+    """)
+    limits = ResourceLimits(max_processes=5)
+    async with gestvenv.ephemeral("sd-pids", runtime=SD, resource_limits=limits) as env:
+        made, refused = map(int, (await env.execute(["python", "-c", forks])).stdout.split())
+        assert made <= 4 and refused >= 16, (made, refused)
+
+
+async def test_timeout_and_ttl_end_a_command_and_say_which() -> None:
+    async with gestvenv.ephemeral("sd-deadlines", runtime=SD, ttl=3) as env:
+        timed = await env.execute(["sleep", "30"], timeout=1)
+        assert timed.killed_by == "timeout" and timed.duration < 2.5
+        ttl = await env.execute(["sleep", "30"])
+        assert ttl.killed_by == "ttl" and ttl.duration < 4
+        await wait_until(lambda: not units_of("sd-deadlines"), 2, "units gone")
+
+
+def _run_script(tmp_path: Path, code: str, *args: str) -> subprocess.Popen[str]:
+    script = tmp_path / "creator.py"
+    script.write_text(textwrap.dedent(code))
+    return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
+                            text=True)
+
+
+async def _wait_ready(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+    assert line.strip() == "ready"
+
+
+CREATE_AND_RUN = """
+    import asyncio, sys, gestvenv
+
+    async def main():
+        env = await gestvenv.create_environment(sys.argv[1], runtime="systemd", ttl=3)
+        task = asyncio.ensure_future(env.execute(["sleep", "100"]))
+        await asyncio.sleep(0.5)
+        print("ready", flush=True)
+        await task
+
+    asyncio.run(main())
+"""
+
+
+async def test_ttl_is_held_by_systemd_after_the_creator_is_sigkilled(tmp_path: Path) -> None:
+    name = "sd-ttl-kill"
+    creator = _run_script(tmp_path, CREATE_AND_RUN, name)
+    await _wait_ready(creator)
+    creator.kill()
+    creator.wait()
+    record = registry.load(name)
+    assert record.expires_at is not None
+    pids = env_pids(record.id)
+    assert pids, "the command should be running in its unit"
+    assert units_of(name)
+    await wait_until(lambda: not units_of(name), record.expires_at - time.time() + 5,
+                     "units gone")
+    late = time.time() - record.expires_at
+    print(f"units gone {late:.2f}s after the TTL")
+    assert late <= 1.2
+    assert all(pid_dead(p) for p in pids)
+    [listed] = [e for e in gestvenv.list_environments() if e["name"] == name]
+    assert listed["state"] == "stopped" and listed["unit"]["state"] == "gone"
+    # systemd ended it; the files go with the next sweep.
+    report = await gestvenv.sweep() if hasattr(gestvenv, "sweep") else None
+    if report is None:
+        from gestvenv.cleanup import sweep
+        report = await sweep(gestvenv.load_config())
+    assert name in report.removed
+
+
+OWNED = """
+    import asyncio, sys, gestvenv
+
+    async def main():
+        async with gestvenv.ephemeral(sys.argv[1], runtime="systemd", ttl=120) as env:
+            print("ready", flush=True)
+            await env.execute(["sleep", "100"])
+
+    asyncio.run(main())
+"""
+
+
+async def test_an_owned_env_ends_with_its_sigkilled_creator(tmp_path: Path) -> None:
+    name = "sd-owner-kill"
+    creator = _run_script(tmp_path, OWNED, name)
+    await _wait_ready(creator)
+    record = registry.load(name)
+    await wait_until(lambda: env_pids(record.id), 5, "command running")
+    pids = env_pids(record.id)
+    creator.kill()
+    creator.wait()
+    took = await wait_until(lambda: not units_of(name), 5, "units gone")
+    print(f"units gone {took:.2f}s after the creator's SIGKILL")
+    assert all(pid_dead(p) for p in pids)
+    from gestvenv.cleanup import sweep
+    report = await sweep(gestvenv.load_config())
+    assert name in report.removed
+
+
+async def test_network_access_false_cuts_even_loopback() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    probe = ["python", "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}), "
+             "timeout=2); print('connected')"]
+    try:
+        async with gestvenv.ephemeral("sd-net-on", runtime=SD) as env:
+            reached = await env.execute(probe)
+            assert reached.ok and reached.stdout == "connected\n", reached
+        limits = ResourceLimits(network_access=False)
+        async with gestvenv.ephemeral("sd-net-off", runtime=SD, resource_limits=limits) as env:
+            assert env.enforcement.limits["network_access"].enforced
+            cut = await env.execute(probe)
+            assert cut.returncode != 0 and "connected" not in cut.stdout, cut
+            # One private network for the whole env: its own commands still reach each other.
+            both = await env.execute(["python", "-c", textwrap.dedent("""
+                import socket
+                s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+                socket.create_connection(s.getsockname(), timeout=2); print("lo ok")
+            """)])
+            assert both.stdout == "lo ok\n"
+    finally:
+        listener.close()
+
+
+async def test_systemctl_and_a_fresh_process_see_the_env() -> None:
+    async with gestvenv.ephemeral("sd-visible", runtime=SD, ttl=300) as env:
+        status = subprocess.run(["systemctl", "status", "--no-pager", "gestvenv-sd-visible"],
+                                capture_output=True, text=True)
+        assert "gestvenv environment sd-visible" in status.stdout
+        assert "active (running)" in status.stdout
+        listed = subprocess.run([sys.executable, "-m", "gestvenv", "ephemeral", "list", "--json"],
+                                capture_output=True, text=True, check=True)
+        [info] = [e for e in json.loads(listed.stdout) if e["name"] == "sd-visible"]
+        assert info["runtime"] == "systemd" and info["state"] == "ready"
+        assert info["unit"] == {"name": "gestvenv-sd-visible.service", "state": "active"}
+        assert info["path"] == str(env.path)
+
+
+async def test_a_unit_without_state_file_is_listed_and_swept() -> None:
+    subprocess.run(["systemd-run", "--quiet", "--unit", "gestvenv-sd-stray", "--slice",
+                    "gestvenv", "sleep", "300"], check=True)
+    try:
+        [info] = [e for e in gestvenv.list_environments() if e["name"] == "sd-stray"]
+        assert info["state"] == "unit-only"
+        from gestvenv.cleanup import sweep
+        report = await sweep(gestvenv.load_config())
+        assert "sd-stray" in report.removed
+        assert units_of("sd-stray") == []
+    finally:
+        subprocess.run(["systemctl", "stop", "gestvenv-sd-stray"], check=False)
+
+
+USER_SCRIPT = """
+    import asyncio, json, gestvenv
+    from gestvenv import ResourceLimits, UnenforceableLimitError
+
+    async def main():
+        out = {}
+        try:
+            async with gestvenv.ephemeral("u-mem", runtime="systemd",
+                                          resource_limits=ResourceLimits(max_memory=64)):
+                out["refused"] = None
+        except UnenforceableLimitError as exc:
+            out["refused"] = str(exc)
+        async with gestvenv.ephemeral("u-plain", runtime="systemd", ttl=60) as env:
+            result = await env.execute(["python", "-c", "import os; print(os.getuid())"])
+            out["uid"] = result.stdout.strip()
+            out["cgroup"] = (await env.execute(["cat", "/proc/self/cgroup"])).stdout
+            out["runtime"] = env.runtime
+        async with gestvenv.ephemeral("u-allow", runtime="systemd", allow_unenforced=True,
+                                      resource_limits=ResourceLimits(max_memory=64)) as env:
+            out["applied"] = env.enforcement.to_dict()["limits"]
+        print(json.dumps(out))
+
+    asyncio.run(main())
+"""
+
+
+def test_a_user_manager_runs_envs_and_refuses_limits_it_cannot_enforce() -> None:
+    try:
+        user = pwd.getpwnam("gvtest")
+    except KeyError:
+        pytest.skip("no gvtest user (created by the test host harness)")
+    runtime_dir = f"/run/user/{user.pw_uid}"
+    if not os.path.exists(f"{runtime_dir}/bus"):
+        pytest.skip("gvtest's user manager is not running")
+    checkout = Path(__file__).resolve().parents[3]
+    site = next((checkout / ".venv" / "lib").glob("python3*/site-packages"))
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as scratch:
+        os.chmod(scratch, 0o755)
+        script = Path(scratch, "user_env.py")
+        script.write_text(textwrap.dedent(USER_SCRIPT))
+        os.chmod(script, 0o644)
+        done = subprocess.run(
+            ["runuser", "-u", "gvtest", "--", "/usr/bin/env", "-i", f"HOME={user.pw_dir}",
+             "PATH=/usr/bin:/bin", f"XDG_RUNTIME_DIR={runtime_dir}",
+             f"DBUS_SESSION_BUS_ADDRESS=unix:path={runtime_dir}/bus",
+             f"PYTHONPATH={checkout}:{site}", "/usr/bin/python3", str(script)],
+            capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    # Hybrid cgroups: the user's manager has no controller, and says which one is missing.
+    assert out["refused"] and "memory controller" in out["refused"], out
+    assert out["uid"] == str(user.pw_uid)
+    assert f"user@{user.pw_uid}.service/gestvenv.slice/" in out["cgroup"]
+    assert out["runtime"] == "systemd"
+    assert out["applied"]["max_memory"]["enforced"] is False

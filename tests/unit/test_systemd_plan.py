@@ -1,0 +1,623 @@
+"""The systemd runtime's pure layers: the plan (limits and isolation as unit properties) and the
+bus façade's helpers (object paths, error translation). No bus, no systemd."""
+
+from __future__ import annotations
+
+import shlex
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from dbus_next.errors import DBusError
+from dbus_next.signature import Variant
+
+from gestvenv.exceptions import GestvenvError, RuntimeUnavailableError, SystemdError
+from gestvenv.models import IsolationLevel, ResourceLimits
+from gestvenv.names import MAX_NAME_LENGTH, validate_name
+from gestvenv.runtime.systemd import bus, plan
+from gestvenv.runtime.systemd.plan import (
+    PARENT_SLICE,
+    SIGNATURES,
+    Capabilities,
+    HolderArgs,
+    Property,
+    UnitNames,
+)
+
+ENV = "ci-test"
+ENV_PATH = "/run/gestvenv/envs/ci-test"
+ALL_CONTROLLERS = frozenset({"cpu", "memory", "pids"})
+
+CAPS = {
+    "system-v1-hybrid": Capabilities(user=False, controllers=ALL_CONTROLLERS, cgroup_v2=False),
+    "user-no-controllers": Capabilities(user=True, controllers=frozenset(), cgroup_v2=True,
+                                        bpf_firewall=False),
+    "user-v2-full": Capabilities(user=True, controllers=ALL_CONTROLLERS, cgroup_v2=True,
+                                 bpf_firewall=False),
+    "user-no-userns": Capabilities(user=True, controllers=ALL_CONTROLLERS, cgroup_v2=True,
+                                   bpf_firewall=False, user_namespaces=False),
+}
+SYSTEM = CAPS["system-v1-hybrid"]
+USER_FULL = CAPS["user-v2-full"]
+USER_BARE = CAPS["user-no-controllers"]
+USER_NO_USERNS = CAPS["user-no-userns"]
+
+LIMITS = {
+    "none": ResourceLimits(),
+    "all-set": ResourceLimits(max_memory=64, max_disk=100, max_processes=5, max_cpu_percent=20,
+                              network_access=False),
+    "network-off": ResourceLimits(network_access=False),
+}
+
+HOLDER = HolderArgs(python="/usr/bin/python3", pythonpath="/opt/gestvenv/site",
+                    state_file="/run/gestvenv/state/ci-test.json", env_id="abc123",
+                    owner_pid=4242, owner_start=1700000000.25, idle_timeout=30)
+FDS = {"stdin": 0, "stdout": 1, "stderr": 2}
+
+
+def as_dict(props: list[Property]) -> dict[str, Any]:
+    names = [p[0] for p in props]
+    assert len(names) == len(set(names)), f"duplicate properties: {names}"
+    return {name: value for name, _sig, value in props}
+
+
+def sandbox(level: IsolationLevel, caps: Capabilities, network: bool = True) -> list[Property]:
+    return plan.sandbox_properties(level, network, ENV_PATH, caps)
+
+
+def command(timeout: float | None = None, fds: dict[str, int] | None = None,
+            argv: list[str] | None = None, box: list[Property] | None = None,
+            environ: dict[str, str] | None = None) -> dict[str, Any]:
+    return as_dict(plan.command_properties(
+        UnitNames.of(ENV), ENV, argv or ["python", "-c", "print(1)"], environ or {"A": "1"},
+        "/work", timeout, box or [], FDS if fds is None else fds))
+
+
+def env_unit(ttl: int | None = 60, holder: HolderArgs = HOLDER,
+             box: list[Property] | None = None) -> dict[str, Any]:
+    return as_dict(plan.env_properties(UnitNames.of(ENV), ENV, "python 3.12, tmpfs storage",
+                                       ttl, holder, box or []))
+
+
+def slice_unit(limits: ResourceLimits, caps: Capabilities) -> dict[str, Any]:
+    return as_dict(plan.slice_properties(UnitNames.of(ENV), ENV, limits, caps))
+
+
+# --- every property is well-typed ---
+
+def every_unit(limits: ResourceLimits, isolation: IsolationLevel,
+               caps: Capabilities) -> dict[str, list[Property]]:
+    """All the property lists the runtime would send for one environment (as runtime.py does:
+    the sandbox follows the isolation applied, not the one requested)."""
+    names = UnitNames.of(ENV)
+    applied = plan.enforcement(limits, isolation, caps).isolation_applied
+    box = plan.sandbox_properties(applied, limits.network_access, ENV_PATH, caps)
+    bare_holder = HolderArgs(python="py", pythonpath="", state_file="s", env_id="e")
+    return {
+        "parent": plan.parent_slice_properties(1024, caps),
+        "parent-unlimited": plan.parent_slice_properties(None, caps),
+        "slice": plan.slice_properties(names, ENV, limits, caps),
+        "env": plan.env_properties(names, ENV, "desc", 60, HOLDER, box),
+        "env-no-ttl": plan.env_properties(names, ENV, "desc", None, bare_holder, box),
+        "command": plan.command_properties(names, ENV, ["python", "-V"], {"A": "1"}, "/",
+                                           1.5, box, FDS),
+        "command-no-fds": plan.command_properties(names, ENV, ["true"], {}, "/", None, box, {}),
+    }
+
+
+@pytest.mark.parametrize("caps_key", CAPS)
+@pytest.mark.parametrize("isolation", list(IsolationLevel))
+@pytest.mark.parametrize("limits_key", LIMITS)
+def test_every_property_has_its_declared_signature_and_a_matching_value(
+        limits_key: str, isolation: IsolationLevel, caps_key: str) -> None:
+    units = every_unit(LIMITS[limits_key], isolation, CAPS[caps_key])
+    for unit, props in units.items():
+        as_dict(props)  # no property twice in one unit
+        for entry in props:
+            assert len(entry) == 3, (unit, entry)
+            name, sig, value = entry
+            assert name in SIGNATURES, (unit, name)
+            assert sig == SIGNATURES[name], (unit, name, sig)
+            Variant(sig, value)  # raises if the value does not fit the signature
+        assert len(bus.variants(props)) == len(props)
+
+
+def test_variant_check_is_live() -> None:
+    """The matrix above relies on Variant validating; make sure it does."""
+    for sig, value in [("t", 1.5), ("t", -1), ("b", 1), ("as", "x"), ("a(ssbt)", [["a", "b"]])]:
+        with pytest.raises(Exception):  # noqa: B017, PT011 - dbus-next's own mismatch error
+            Variant(sig, value)
+
+
+def test_prop_uses_the_declared_signature_and_refuses_unknown_names() -> None:
+    assert plan.prop("MemoryMax", 5) == ("MemoryMax", "t", 5)
+    assert plan.prop("ExecStartEx", []) == ("ExecStartEx", "a(sasas)", [])
+    with pytest.raises(KeyError):
+        plan.prop("MemoryLimit", 5)
+
+
+# The types systemd itself declares for these properties (org.freedesktop.systemd1(5)); a
+# signature changed by mistake in SIGNATURES would pass the matrix above but fail on the bus.
+SYSTEMD_TYPES = {
+    "s": ["Description", "Slice", "Type", "WorkingDirectory", "StandardInput", "CollectMode",
+          "KillMode", "ProtectSystem", "ProtectHome"],
+    "b": ["AddRef", "StopWhenUnneeded", "SendSIGKILL", "MemoryAccounting", "CPUAccounting",
+          "TasksAccounting", "IPAccounting", "PrivateNetwork", "PrivateUsers", "PrivateTmp",
+          "PrivateDevices", "ProtectKernelTunables", "ProtectKernelModules",
+          "ProtectControlGroups", "NoNewPrivileges", "RestrictSUIDSGID"],
+    "t": ["RuntimeMaxUSec", "TimeoutStopUSec", "MemoryMax", "MemorySwapMax",
+          "CPUQuotaPerSecUSec", "TasksMax"],
+    "h": ["StandardInputFileDescriptor", "StandardOutputFileDescriptor",
+          "StandardErrorFileDescriptor"],
+    "as": ["Environment", "BindsTo", "After", "JoinsNamespaceOf", "ReadWritePaths"],
+    "a(sasas)": ["ExecStartEx"],
+    "a(iayu)": ["IPAddressDeny"],
+    "a(ssbt)": ["BindPaths"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_signatures_match_systemds_property_types(name: str) -> None:
+    declared = {prop: sig for sig, props in SYSTEMD_TYPES.items() for prop in props}
+    assert SIGNATURES[name] == declared[name]
+
+
+def test_signatures_are_valid_dbus_signatures() -> None:
+    from dbus_next.signature import SignatureTree
+
+    for name, sig in SIGNATURES.items():
+        tree = SignatureTree(sig)
+        assert len(tree.types) == 1, name  # one complete type each: a variant holds one value
+
+
+# --- limits -> slice properties ---
+
+def test_memory_limit_caps_memory_and_disables_swap() -> None:
+    props = slice_unit(ResourceLimits(max_memory=64), SYSTEM)
+    assert props["MemoryMax"] == 64 * 2**20
+    assert props["MemorySwapMax"] == 0
+    assert props["MemoryAccounting"] is True
+
+
+@pytest.mark.parametrize(("percent", "usec"), [(20, 200_000), (150, 1_500_000), (100, 1_000_000),
+                                               (0.5, 5_000), (12.5, 125_000)])
+def test_cpu_percent_becomes_quota_per_second(percent: float, usec: int) -> None:
+    props = slice_unit(ResourceLimits(max_cpu_percent=percent), SYSTEM)
+    assert props["CPUQuotaPerSecUSec"] == usec
+    assert isinstance(props["CPUQuotaPerSecUSec"], int)
+
+
+def test_process_limit_becomes_tasks_max() -> None:
+    assert slice_unit(ResourceLimits(max_processes=5), USER_FULL)["TasksMax"] == 5
+
+
+def test_no_limits_no_limit_properties() -> None:
+    props = slice_unit(ResourceLimits(), SYSTEM)
+    for name in ("MemoryMax", "MemorySwapMax", "CPUQuotaPerSecUSec", "TasksMax", "IPAddressDeny"):
+        assert name not in props
+    assert props["StopWhenUnneeded"] is True
+    assert ENV in props["Description"]
+
+
+@pytest.mark.parametrize(("limits", "missing", "controllers"), [
+    (ResourceLimits(max_memory=64), ("MemoryMax", "MemorySwapMax"), {"cpu", "pids"}),
+    (ResourceLimits(max_cpu_percent=20), ("CPUQuotaPerSecUSec",), {"memory", "pids"}),
+    (ResourceLimits(max_processes=5), ("TasksMax",), {"cpu", "memory"}),
+])
+def test_no_limit_property_without_its_controller(limits: ResourceLimits, missing: tuple[str, ...],
+                                                  controllers: set[str]) -> None:
+    caps = Capabilities(user=True, controllers=frozenset(controllers), cgroup_v2=True)
+    props = slice_unit(limits, caps)
+    for name in missing:
+        assert name not in props
+    assert set(missing) <= set(slice_unit(limits, USER_FULL))  # and there with the controller
+
+
+def test_no_network_on_the_system_manager_firewalls_the_slice_and_privatizes_the_units() -> None:
+    limits = ResourceLimits(network_access=False)
+    deny = slice_unit(limits, SYSTEM)["IPAddressDeny"]
+    assert sorted((family, bytes(addr), prefix) for family, addr, prefix in deny) == sorted(
+        [(socket.AF_INET, bytes(4), 0), (socket.AF_INET6, bytes(16), 0)])  # 0.0.0.0/0 and ::/0
+    box = sandbox(IsolationLevel.PROCESS, SYSTEM, network=False)
+    assert env_unit(box=box)["PrivateNetwork"] is True
+    cmd = command(box=box)
+    assert cmd["PrivateNetwork"] is True
+    assert cmd["JoinsNamespaceOf"] == [UnitNames.of(ENV).env]
+    assert "PrivateUsers" not in cmd  # the system manager needs no user namespace
+
+
+def test_no_network_on_a_user_manager_uses_user_namespaces_and_no_firewall() -> None:
+    limits = ResourceLimits(network_access=False)
+    assert "IPAddressDeny" not in slice_unit(limits, USER_FULL)
+    box = sandbox(IsolationLevel.PROCESS, USER_FULL, network=False)
+    for unit in (env_unit(box=box), command(box=box)):
+        assert unit["PrivateUsers"] is True
+        assert unit["PrivateNetwork"] is True
+
+
+def test_network_allowed_no_network_properties() -> None:
+    for caps in CAPS.values():
+        box = sandbox(IsolationLevel.PROCESS, caps)
+        assert box == []
+        assert "IPAddressDeny" not in slice_unit(ResourceLimits(), caps)
+        assert "JoinsNamespaceOf" not in command(box=box)
+
+
+def test_parent_slice_memory_cap_needs_a_value_and_the_controller() -> None:
+    assert as_dict(plan.parent_slice_properties(512, SYSTEM))["MemoryMax"] == 512 * 2**20
+    assert "MemoryMax" not in as_dict(plan.parent_slice_properties(None, SYSTEM))
+    assert "MemoryMax" not in as_dict(plan.parent_slice_properties(512, USER_BARE))
+
+
+# --- enforcement ---
+
+ALL_LIMITS = LIMITS["all-set"]
+
+
+@pytest.mark.parametrize(("key", "controller"), [("max_memory", "memory"),
+                                                 ("max_cpu_percent", "cpu"),
+                                                 ("max_processes", "pids")])
+def test_a_missing_controller_is_reported_unenforced_by_name(key: str, controller: str) -> None:
+    caps = Capabilities(user=True, controllers=ALL_CONTROLLERS - {controller}, cgroup_v2=True)
+    status = plan.enforcement(ALL_LIMITS, IsolationLevel.PROCESS, caps).limits[key]
+    assert status.enforced is False
+    assert f"{controller} controller" in status.mechanism
+    assert "user manager" in status.mechanism
+    assert status.requested == getattr(ALL_LIMITS, key)
+    others = set(plan.enforcement(ALL_LIMITS, IsolationLevel.PROCESS, caps).unenforced)
+    assert others == {key, "max_disk"}
+
+
+@pytest.mark.parametrize("caps", [SYSTEM, USER_FULL], ids=["system", "user"])
+def test_all_limits_enforced_with_every_controller(caps: Capabilities) -> None:
+    result = plan.enforcement(ALL_LIMITS, IsolationLevel.PROCESS, caps)
+    assert result.runtime == "systemd"
+    assert set(result.limits) == {"max_memory", "max_cpu_percent", "max_processes", "max_disk",
+                                  "network_access"}
+    assert set(result.unenforced) == {"max_disk"}
+    assert "MemoryMax=64M" in result.limits["max_memory"].mechanism
+    assert "CPUQuota=20%" in result.limits["max_cpu_percent"].mechanism
+    assert "TasksMax=5" in result.limits["max_processes"].mechanism
+
+
+@pytest.mark.parametrize("caps", list(CAPS.values()), ids=list(CAPS))
+def test_disk_limit_is_never_enforced(caps: Capabilities) -> None:
+    status = plan.enforcement(ResourceLimits(max_disk=100), IsolationLevel.PROCESS, caps)
+    assert status.limits["max_disk"].enforced is False
+    assert status.limits["max_disk"].requested == 100
+
+
+def test_nothing_requested_nothing_reported() -> None:
+    result = plan.enforcement(ResourceLimits(), IsolationLevel.PROCESS, SYSTEM)
+    assert result.limits == {}
+    assert result.notes == ()
+    assert result.isolation_applied is IsolationLevel.PROCESS
+
+
+def test_network_enforcement_depends_on_the_manager() -> None:
+    limits = ResourceLimits(network_access=False)
+
+    def net(caps: Capabilities) -> Any:
+        return plan.enforcement(limits, IsolationLevel.PROCESS, caps).limits["network_access"]
+
+    assert net(SYSTEM).enforced is True
+    assert "IPAddressDeny" in net(SYSTEM).mechanism
+    assert net(USER_FULL).enforced is True
+    assert "PrivateUsers" in net(USER_FULL).mechanism
+    assert net(USER_NO_USERNS).enforced is False
+    assert "user namespaces" in net(USER_NO_USERNS).mechanism
+
+
+@pytest.mark.parametrize("caps", list(CAPS.values()), ids=list(CAPS))
+def test_chroot_is_applied_as_container_with_a_note(caps: Capabilities) -> None:
+    result = plan.enforcement(ResourceLimits(), IsolationLevel.CHROOT, caps)
+    assert result.isolation_requested is IsolationLevel.CHROOT
+    expected = IsolationLevel.PROCESS if caps is USER_NO_USERNS else IsolationLevel.CONTAINER
+    assert result.isolation_applied is expected
+    assert any("chroot" in note for note in result.notes)
+
+
+@pytest.mark.parametrize("level", [IsolationLevel.NAMESPACE, IsolationLevel.CONTAINER])
+def test_user_manager_without_user_namespaces_falls_back_to_process(
+        level: IsolationLevel) -> None:
+    result = plan.enforcement(ResourceLimits(), level, USER_NO_USERNS)
+    assert result.isolation_requested is level
+    assert result.isolation_applied is IsolationLevel.PROCESS
+    assert len(result.notes) == 1
+    assert "user namespaces" in result.notes[0]
+    assert level.value in result.notes[0]
+
+
+@pytest.mark.parametrize("level", list(IsolationLevel)[:3])
+@pytest.mark.parametrize("caps", [SYSTEM, USER_FULL], ids=["system", "user"])
+def test_supported_isolation_is_applied_as_requested(level: IsolationLevel,
+                                                     caps: Capabilities) -> None:
+    result = plan.enforcement(ResourceLimits(), level, caps)
+    assert result.isolation_applied is level
+    assert result.notes == ()
+
+
+# --- isolation -> sandbox ---
+
+@pytest.mark.parametrize("caps", list(CAPS.values()), ids=list(CAPS))
+def test_process_isolation_has_no_sandbox(caps: Capabilities) -> None:
+    assert sandbox(IsolationLevel.PROCESS, caps) == []
+
+
+@pytest.mark.parametrize("caps", [SYSTEM, USER_FULL], ids=["system", "user"])
+def test_namespace_isolation(caps: Capabilities) -> None:
+    props = as_dict(sandbox(IsolationLevel.NAMESPACE, caps))
+    assert props["PrivateTmp"] is True
+    assert props["PrivateDevices"] is True
+    assert props["ProtectSystem"] == "full"
+    assert props["NoNewPrivileges"] is True
+    assert props["BindPaths"] == [[ENV_PATH, ENV_PATH, False, 0]]
+    assert "ProtectHome" not in props
+    assert "ReadWritePaths" not in props
+    assert ("PrivateUsers" in props) is caps.user  # a user manager needs a user namespace
+    assert "PrivateNetwork" not in props
+
+
+@pytest.mark.parametrize("caps", [SYSTEM, USER_FULL], ids=["system", "user"])
+def test_container_isolation(caps: Capabilities) -> None:
+    props = as_dict(sandbox(IsolationLevel.CONTAINER, caps))
+    assert props["ProtectSystem"] == "strict"
+    assert props["ProtectHome"] == "read-only"
+    assert props["ReadWritePaths"] == [ENV_PATH]
+    assert props["PrivateTmp"] is True
+    assert props["BindPaths"] == [[ENV_PATH, ENV_PATH, False, 0]]
+
+
+@pytest.mark.parametrize("level", list(IsolationLevel))
+@pytest.mark.parametrize("network", [True, False])
+@pytest.mark.parametrize("caps", list(CAPS.values()), ids=list(CAPS))
+def test_env_unit_gets_only_the_namespace_creating_sandbox(level: IsolationLevel, network: bool,
+                                                           caps: Capabilities) -> None:
+    box = sandbox(level, caps, network=network)
+    props = env_unit(box=box)
+    sandboxed = set(props) & {name for name, _, _ in box}
+    assert sandboxed == {name for name, _, _ in box} & {"PrivateNetwork", "PrivateTmp",
+                                                        "PrivateUsers"}
+    for name in ("ProtectSystem", "ProtectHome", "ReadWritePaths", "BindPaths", "PrivateDevices",
+                 "NoNewPrivileges"):
+        assert name not in props
+    cmd = command(box=box)
+    for name, _, value in box:  # a command gets all of it
+        assert cmd[name] == value
+    joins = "PrivateNetwork" in cmd or "PrivateTmp" in cmd
+    assert ("JoinsNamespaceOf" in cmd) is joins
+
+
+# --- names ---
+
+def test_unit_names() -> None:
+    names = UnitNames.of("ci-test")
+    assert names.env == "gestvenv-ci-test.service"
+    assert names.slice == "gestvenv-ci\\x2dtest.slice"
+    assert names.command("abc") == "gestvenv-ci-test@abc.service"
+
+
+@pytest.mark.parametrize(("part", "escaped"), [("a", "a"), ("a-b", "a\\x2db"),
+                                               ("a.b_c:1", "a.b_c:1"), ("x--y", "x\\x2d\\x2dy"),
+                                               ("é", "\\xe9")])
+def test_escape_slice_part(part: str, escaped: str) -> None:
+    assert plan.escape_slice_part(part) == escaped
+
+
+@pytest.mark.parametrize("name", ["a", "ci-test", "a.b_c-1", "A9", "env-0123abcd", "x.y.z"])
+def test_env_name_of_unit_round_trips(name: str) -> None:
+    names = UnitNames.of(name)
+    assert names.env.endswith(".service")
+    assert names.command("abc").endswith("@abc.service")
+    assert plan.env_name_of_unit(names.env) == name
+    assert plan.env_name_of_unit(names.command("abc")) is None
+    assert plan.env_name_of_unit(names.slice) is None
+
+
+@pytest.mark.parametrize("unit", ["gestvenv-x@1.service", "gestvenv.slice", "other.service",
+                                  "gestvenv-.service", "gestvenv-x.slice", "gestvenv-x.service.x",
+                                  "xgestvenv-a.service", "gestvenv-ci\\x2dtest.slice"])
+def test_env_name_of_other_units_is_none(unit: str) -> None:
+    assert plan.env_name_of_unit(unit) is None
+
+
+@pytest.mark.parametrize("name", ["a.service", "my.service.v2"])
+def test_command_unit_of_a_name_containing_dot_service(name: str) -> None:
+    assert UnitNames.of(name).command("abc") == f"gestvenv-{name}@abc.service"
+
+
+def test_every_valid_name_gives_unit_names_systemd_accepts() -> None:
+    name = validate_name("a" + "-" * (MAX_NAME_LENGTH - 1))
+    names = UnitNames.of(name)
+    for unit in (names.env, names.slice, names.command("0123456789ab")):
+        assert len(unit) <= 255, unit
+
+
+# --- the env's own unit ---
+
+def test_env_unit_properties() -> None:
+    names = UnitNames.of(ENV)
+    props = env_unit(ttl=90)
+    assert props["RuntimeMaxUSec"] == 90 * 1_000_000
+    assert props["Slice"] == PARENT_SLICE == "gestvenv.slice"
+    assert props["BindsTo"] == [names.slice]
+    assert props["CollectMode"] == "inactive-or-failed"
+    assert ENV in props["Description"]
+    assert "PYTHONPATH=/opt/gestvenv/site" in props["Environment"]
+    ((path, argv, flags),) = props["ExecStartEx"]
+    assert path == argv[0] == HOLDER.python
+    assert flags == ["no-env-expand"]  # argv reaches the program untouched, no $VAR expansion
+    joined = shlex.join(argv)
+    assert "-m gestvenv.holder" in joined
+    assert f"--slice {shlex.quote(names.slice)}" in joined
+    assert f"--state-file {HOLDER.state_file}" in joined
+    assert f"--env-id {HOLDER.env_id}" in joined
+    assert "--owner-pid 4242" in joined
+    assert "--owner-start 1700000000.25" in joined
+    assert "--idle-timeout 30" in joined
+
+
+@pytest.mark.parametrize("ttl", [None, 0])
+def test_env_unit_without_ttl_has_no_runtime_max(ttl: int | None) -> None:
+    assert "RuntimeMaxUSec" not in env_unit(ttl=ttl)
+
+
+def test_env_unit_owner_and_idle_are_optional() -> None:
+    holder = HolderArgs(python="py", pythonpath="/p", state_file="/s", env_id="e")
+    argv = env_unit(holder=holder)["ExecStartEx"][0][1]
+    assert "--owner-pid" not in argv
+    assert "--owner-start" not in argv
+    assert "--idle-timeout" not in argv
+    assert argv[argv.index("-m") + 1] == "gestvenv.holder"
+
+
+# --- command units ---
+
+def test_command_unit_properties() -> None:
+    names = UnitNames.of(ENV)
+    props = command(timeout=1.5, fds={"stdin": 0, "stdout": 1, "stderr": 2},
+                    argv=["python", "-c", "print(1)"])
+    assert props["StandardInputFileDescriptor"] == 0
+    assert props["StandardOutputFileDescriptor"] == 1
+    assert props["StandardErrorFileDescriptor"] == 2
+    assert "StandardInput" not in props
+    assert props["RuntimeMaxUSec"] == 1_500_000
+    assert props["AddRef"] is True
+    assert props["BindsTo"] == [names.env]
+    assert props["After"] == [names.env]
+    assert props["Slice"] == names.slice
+    assert props["WorkingDirectory"] == "/work"
+    assert props["ExecStartEx"] == [["python", ["python", "-c", "print(1)"], ["no-env-expand"]]]
+    assert props["Environment"] == ["A=1"]
+    assert props["CollectMode"] == "inactive-or-failed"
+    assert ENV in props["Description"]
+    assert "print(1)" in props["Description"]
+
+
+def test_command_fd_indexes_are_passed_through() -> None:
+    props = command(fds={"stdout": 0, "stderr": 1})
+    assert props["StandardInput"] == "null"
+    assert "StandardInputFileDescriptor" not in props
+    assert props["StandardOutputFileDescriptor"] == 0
+    assert props["StandardErrorFileDescriptor"] == 1
+
+
+def test_command_without_any_fd() -> None:
+    props = command(fds={})
+    assert props["StandardInput"] == "null"
+    for name in ("StandardInputFileDescriptor", "StandardOutputFileDescriptor",
+                 "StandardErrorFileDescriptor"):
+        assert name not in props
+
+
+@pytest.mark.parametrize(("timeout", "usec"), [(1.5, 1_500_000), (10, 10_000_000),
+                                               (1e-9, 1), (0.0000015, 2)])
+def test_command_timeout(timeout: float, usec: int) -> None:
+    assert command(timeout=timeout)["RuntimeMaxUSec"] == usec
+
+
+def test_command_without_timeout_has_no_runtime_max() -> None:
+    assert "RuntimeMaxUSec" not in command(timeout=None)
+
+
+def test_long_command_description_is_truncated() -> None:
+    props = command(argv=["python", "-c", "x = 1; " * 200])
+    assert len(props["Description"]) <= 220
+    assert props["Description"].endswith("...")
+    assert ENV in props["Description"]
+    assert props["ExecStartEx"][0][1][2] == "x = 1; " * 200  # the command itself is whole
+
+
+# --- environment variables ---
+
+def test_unit_environment_drops_what_systemd_refuses() -> None:
+    environ = {"1X": "a", "A-B": "b", "": "c", "A B": "d", "É": "e",
+               "CTRL": "a\x01b", "ESC": "\x1b[0m", "DEL": "x\x7f", "NUL": "a\x00",
+               "TAB": "a\tb", "NL": "a\nb", "OK": "value", "_under": "", "A1": "x=y",
+               "UTF": "héllo"}
+    assert plan.unit_environment(environ) == ["TAB=a\tb", "NL=a\nb", "OK=value", "_under=",
+                                              "A1=x=y", "UTF=héllo"]
+
+
+def test_command_environment_is_filtered() -> None:
+    assert command(environ={"GOOD": "1", "BAD-NAME": "2", "ESC": "\x1b"})["Environment"] == [
+        "GOOD=1"]
+
+
+# --- exit status ---
+
+@pytest.mark.parametrize(("code", "status", "returncode"), [
+    (1, 0, 0), (1, 3, 3), (1, 255, 255), (2, 9, -9), (2, 15, -15), (3, 11, -11), (0, 0, 0)])
+def test_exit_status(code: int, status: int, returncode: int) -> None:
+    assert plan.exit_status(code, status) == returncode
+
+
+# --- bus helpers ---
+
+@pytest.mark.parametrize(("unit", "encoded"), [
+    ("gestvenv-x-abc.service", "gestvenv_2dx_2dabc_2eservice"),
+    ("gv-e1.service", "gv_2de1_2eservice"),
+    ("1a.service", "_31a_2eservice"),
+    ("gestvenv.slice", "gestvenv_2eslice"),
+    ("gestvenv-ci\\x2dtest.slice", "gestvenv_2dci_5cx2dtest_2eslice"),
+    ("a_b@c:d.service", "a_5fb_40c_3ad_2eservice"),
+    ("é", "_c3_a9"),
+    ("", "_"),
+])
+def test_unit_path_matches_sd_bus_path_encode(unit: str, encoded: str) -> None:
+    assert bus.unit_path(unit) == f"/org/freedesktop/systemd1/unit/{encoded}"
+
+
+def _translate(name: str) -> GestvenvError:
+    return bus.translate(DBusError(name, "the text"), "starting x.service")
+
+
+@pytest.mark.parametrize("name", ["org.freedesktop.systemd1.NoSuchUnit",
+                                  "org.freedesktop.DBus.Error.UnknownObject"])
+def test_translate_no_such_unit(name: str) -> None:
+    exc = _translate(name)
+    assert type(exc) is bus.NoSuchUnit
+    assert "starting x.service" in str(exc)
+    assert "the text" in str(exc)
+
+
+@pytest.mark.parametrize("name", [
+    "org.freedesktop.DBus.Error.AccessDenied",
+    "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired",
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NoReply",
+    "org.freedesktop.DBus.Error.Disconnected",
+])
+def test_translate_unavailable(name: str) -> None:
+    exc = _translate(name)
+    assert type(exc) is RuntimeUnavailableError
+    assert "starting x.service" in str(exc)
+    assert "the text" in str(exc)
+
+
+@pytest.mark.parametrize("name", ["org.freedesktop.systemd1.UnitExists",
+                                  "org.freedesktop.DBus.Error.InvalidArgs",
+                                  "org.example.Whatever"])
+def test_translate_anything_else_is_a_systemd_error(name: str) -> None:
+    exc = _translate(name)
+    assert type(exc) is SystemdError
+    assert isinstance(exc, SystemdError)
+    assert exc.dbus_name == name
+    assert "starting x.service" in str(exc)
+    assert "the text" in str(exc)
+
+
+def test_variants_wraps_each_property() -> None:
+    props = [plan.prop("MemoryMax", 5), plan.prop("Environment", ["A=1"])]
+    out = bus.variants(props)
+    assert [name for name, _ in out] == ["MemoryMax", "Environment"]
+    assert [(v.signature, v.value) for _, v in out] == [("t", 5), ("as", ["A=1"])]
+
+
+@pytest.mark.parametrize("bad", [("MemoryMax", "t", -1), ("AddRef", "b", 1),
+                                 ("Environment", "as", "A=1")])
+def test_variants_refuses_a_value_that_does_not_fit(bad: Property) -> None:
+    check: Callable[[], Any] = lambda: bus.variants([bad])  # noqa: E731
+    with pytest.raises(Exception):  # noqa: B017, PT011 - dbus-next's own mismatch error
+        check()
