@@ -55,6 +55,7 @@ TEST_UID = 4242
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,47}")
 _ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LEAVES = itertools.count()  # leaf cgroup names gvh-run-<our pid>-<n>, unique per process
 
 
 class HostError(RuntimeError):
@@ -176,7 +177,6 @@ class SystemdHost:
         self._watcher: subprocess.Popen[bytes] | None = None
         self._watch_fd: int | None = None
         self._ns_pins: dict[str, int] = {}  # "pid:[...]" -> open fd keeping that namespace
-        self._leaves = itertools.count()
 
     # -- public API -----------------------------------------------------------------------
 
@@ -276,7 +276,7 @@ class SystemdHost:
         self._require_running()
         if not argv:
             raise ValueError("empty argv")
-        leaf = f"gvh-run-{os.getpid()}-{next(self._leaves)}"
+        leaf = f"gvh-run-{os.getpid()}-{next(_LEAVES)}"
         cmd = [str(STAGES / "enter.sh"), self.name, "-l", leaf,
                "-C", cwd or str(self.checkout or "/")]
         if user is not None:
@@ -464,13 +464,16 @@ class SystemdHost:
         recorded = [r for r in (_read_pid(self.state_dir / f)
                                 for f in ("pid", "unshare.pid", "script.pid")) if r]
         t0 = time.monotonic()
-        proc = subprocess.run(
-            [str(STAGES / "stop.sh"), self.name, *(["--kill"] if kill else [])],
-            env={"PATH": _PATH, "GVH_BASE": str(self.base),
-                 "GVH_STOP_TIMEOUT": str(int(self.stop_timeout))},
-            stdin=subprocess.DEVNULL, capture_output=True, text=True,
-            timeout=self.stop_timeout + 60, check=False,
-        )
+        try:
+            proc = subprocess.run(
+                [str(STAGES / "stop.sh"), self.name, *(["--kill"] if kill else [])],
+                env={"PATH": _PATH, "GVH_BASE": str(self.base),
+                     "GVH_STOP_TIMEOUT": str(int(self.stop_timeout))},
+                stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                timeout=self.stop_timeout + 60, check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise HostLeftovers(f"stop.sh {self.name} hung: {exc}") from None
         self.stop_seconds = time.monotonic() - t0
         left = [f"process {pid}" for pid, start in recorded if _alive(pid, start)]
         if self._ns_pins:

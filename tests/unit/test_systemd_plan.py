@@ -50,7 +50,7 @@ LIMITS = {
     "network-off": ResourceLimits(network_access=False),
 }
 
-HOLDER = HolderArgs(python="/usr/bin/python3", pythonpath="/opt/gestvenv/site",
+HOLDER = HolderArgs(python="/usr/bin/python3", script="/opt/gestvenv/site/gestvenv/holder.py",
                     state_file="/run/gestvenv/state/ci-test.json", env_id="abc123",
                     owner_pid=4242, owner_start=1700000000.25, idle_timeout=30)
 FDS = {"stdin": 0, "stdout": 1, "stderr": 2}
@@ -93,7 +93,7 @@ def every_unit(limits: ResourceLimits, isolation: IsolationLevel,
     names = UnitNames.of(ENV)
     applied = plan.enforcement(limits, isolation, caps).isolation_applied
     box = plan.sandbox_properties(applied, limits.network_access, ENV_PATH, caps)
-    bare_holder = HolderArgs(python="py", pythonpath="", state_file="s", env_id="e")
+    bare_holder = HolderArgs(python="py", script="h.py", state_file="s", env_id="e")
     return {
         "parent": plan.parent_slice_properties(1024, caps),
         "parent-unlimited": plan.parent_slice_properties(None, caps),
@@ -152,7 +152,7 @@ SYSTEMD_TYPES = {
           "StandardErrorFileDescriptor"],
     "as": ["Environment", "BindsTo", "After", "JoinsNamespaceOf", "ReadWritePaths"],
     "a(sasas)": ["ExecStartEx"],
-    "a(iayu)": ["IPAddressDeny"],
+    "a(iayu)": ["IPAddressDeny", "IPAddressAllow"],
     "a(ssbt)": ["BindPaths"],
 }
 
@@ -444,12 +444,12 @@ def test_env_unit_properties() -> None:
     assert props["BindsTo"] == [names.slice]
     assert props["CollectMode"] == "inactive-or-failed"
     assert ENV in props["Description"]
-    assert "PYTHONPATH=/opt/gestvenv/site" in props["Environment"]
+    assert "Environment" not in props  # stdlib only: nobody's PYTHONPATH
     ((path, argv, flags),) = props["ExecStartEx"]
     assert path == argv[0] == HOLDER.python
     assert flags == ["no-env-expand"]  # argv reaches the program untouched, no $VAR expansion
     joined = shlex.join(argv)
-    assert "-m gestvenv.holder" in joined
+    assert "-I -B /opt/gestvenv/site/gestvenv/holder.py" in joined
     assert f"--slice {shlex.quote(names.slice)}" in joined
     assert f"--state-file {HOLDER.state_file}" in joined
     assert f"--env-id {HOLDER.env_id}" in joined
@@ -464,12 +464,12 @@ def test_env_unit_without_ttl_has_no_runtime_max(ttl: int | None) -> None:
 
 
 def test_env_unit_owner_and_idle_are_optional() -> None:
-    holder = HolderArgs(python="py", pythonpath="/p", state_file="/s", env_id="e")
+    holder = HolderArgs(python="py", script="/p/holder.py", state_file="/s", env_id="e")
     argv = env_unit(holder=holder)["ExecStartEx"][0][1]
     assert "--owner-pid" not in argv
     assert "--owner-start" not in argv
     assert "--idle-timeout" not in argv
-    assert argv[argv.index("-m") + 1] == "gestvenv.holder"
+    assert argv[argv.index("-I") + 2] == "/p/holder.py"
 
 
 # --- command units ---

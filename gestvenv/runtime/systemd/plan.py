@@ -264,7 +264,7 @@ class HolderArgs:
     """How the env's own unit runs gestvenv's holder (see ``gestvenv.holder``)."""
 
     python: str
-    pythonpath: str
+    script: str  # gestvenv/holder.py
     state_file: str
     env_id: str
     owner_pid: int | None = None
@@ -274,7 +274,9 @@ class HolderArgs:
 
 def env_properties(names: UnitNames, env_name: str, description: str, ttl: int | None,
                    holder: HolderArgs, sandbox: Sequence[Property]) -> list[Property]:
-    argv = [holder.python, "-m", "gestvenv.holder", "--slice", names.slice,
+    # Run as a file with -I: the holder needs only the standard library, not gestvenv's
+    # dependencies (which the interpreter may not see), nor anyone's PYTHONPATH.
+    argv = [holder.python, "-I", "-B", holder.script, "--slice", names.slice,
             "--state-file", holder.state_file, "--env-id", holder.env_id]
     if holder.owner_pid is not None:
         argv += ["--owner-pid", str(holder.owner_pid),
@@ -287,7 +289,6 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
         prop("BindsTo", [names.slice]),
         prop("ExecStartEx", exec_start(argv)),
         prop("Type", "exec"),
-        prop("Environment", [f"PYTHONPATH={holder.pythonpath}", "PYTHONDONTWRITEBYTECODE=1"]),
         prop("CollectMode", "inactive-or-failed"),
         prop("TimeoutStopUSec", STOP_TIMEOUT_USEC),
         prop("MemoryAccounting", True),

@@ -21,6 +21,7 @@ from typing import Any
 from ...exceptions import (
     CommandNotExecutableError,
     CommandNotFoundError,
+    EnvironmentClosedError,
     RuntimeUnavailableError,
     SystemdError,
 )
@@ -33,8 +34,8 @@ from .bus import SERVICE, UNIT, NoSuchUnit, SystemdBus, connection, variants
 from .plan import Capabilities, Property, UnitNames
 
 PIPE_GRACE = 1.0
-# Where the gestvenv package is imported from: the holder runs with it on PYTHONPATH.
-_SITE_DIR = str(Path(__file__).resolve().parents[3])
+# The env unit's process (stdlib only, run as a file).
+_HOLDER = str(Path(__file__).resolve().parents[2] / "holder.py")
 
 # systemd's exit statuses for a command that could not be started (systemd.exec(5)).
 EXIT_EXEC, EXIT_CHDIR = 203, 200
@@ -135,7 +136,7 @@ class SystemdRuntime(Runtime):
         await self._stop_units(bus, names)
         sandbox = self._sandbox(record)
         holder = plan.HolderArgs(
-            python=_python(), pythonpath=_SITE_DIR,
+            python=_python(), script=_HOLDER,
             state_file=str(state_path(record.name)), env_id=record.id,
             owner_pid=record.owner_pid, owner_start=record.owner_started,
             idle_timeout=record.idle_timeout)
@@ -238,7 +239,13 @@ class SystemdRuntime(Runtime):
         chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         pumps: list[asyncio.Future[Any]] = []
         try:
-            result = await bus.start_transient_unit(unit, props, unix_fds=pipes.passed)
+            try:
+                result = await bus.start_transient_unit(unit, props, unix_fds=pipes.passed)
+            except NoSuchUnit:  # BindsTo= names the env's unit: it is gone
+                raise EnvironmentClosedError(
+                    f"environment {record.name!r} has ended: its unit "
+                    f"{UnitNames.of(record.name).env} is no longer running (TTL, idle timeout, "
+                    "its creator exited, or it was stopped)") from None
             pipes.close_passed()  # systemd has its copies: EOF comes when the command ends
             pumps = [asyncio.ensure_future(_pump(name, fd, chunks, command))
                      for name, fd in pipes.readers.items()]
@@ -246,15 +253,7 @@ class SystemdRuntime(Runtime):
                 pumps.append(asyncio.ensure_future(_feed(pipes.take_writer(),
                                                          command.input or b"")))
             if result != "done":
-                status = (await _service_props(bus, unit)).get("ExecMainStatus")
-                if status == EXIT_EXEC:
-                    raise CommandNotExecutableError(
-                        f"cannot run {command.argv[0]}: systemd could not execute it")
-                if status == EXIT_CHDIR:
-                    raise CommandNotFoundError(
-                        f"cannot change to the working directory of {command.argv[0]}")
-                raise SystemdError(f"systemd could not start {unit} (job {result})",
-                                   "job-" + result)
+                await _raise_if_not_started(bus, unit, result, command.argv[0])
             while True:
                 try:
                     state = (await bus.properties(unit, UNIT))["ActiveState"]
@@ -308,6 +307,21 @@ class SystemdRuntime(Runtime):
         except NoSuchUnit:
             return None
         return str(props.get("ControlGroup") or "") or None
+
+
+async def _raise_if_not_started(bus: SystemdBus, unit: str, job: str, program: str) -> None:
+    """A start job that did not end "done" may only mean the command was quick to exit
+    non-zero; a command that could not be started at all has systemd's own exit status, or no
+    process at all (the unit itself was refused)."""
+    service = await _service_props(bus, unit)
+    status = service.get("ExecMainStatus")
+    if status == EXIT_EXEC:
+        raise CommandNotExecutableError(f"cannot run {program}: systemd could not execute it")
+    if status == EXIT_CHDIR:
+        raise CommandNotFoundError(f"cannot change to the working directory of {program}")
+    if not service.get("ExecMainStartTimestampMonotonic"):
+        raise SystemdError(f"systemd could not start {unit} (job {job}); see "
+                           f"`journalctl -u {unit}`", "job-" + job)
 
 
 async def _service_props(bus: SystemdBus, unit: str) -> dict[str, Any]:

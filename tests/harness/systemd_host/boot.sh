@@ -1,4 +1,5 @@
 #!/bin/bash
+# shellcheck source-path=SCRIPTDIR
 # boot.sh NAME -- boot a throw-away systemd (252, the host's own) as PID 1 of
 # its own PID/mount/cgroup/UTS/IPC/net namespaces, on an overlay of the host
 # "/" whose upper layer is a private tmpfs.  Used by tests/harness/systemd_host.py
@@ -47,8 +48,9 @@ TIMEOUT=${GVH_BOOT_TIMEOUT:-60}
 [ "$(id -u)" = 0 ] || gvh_die "must be root"
 case "$GVH_NET" in private|host) ;; *) gvh_die "GVH_NET must be private or host" ;; esac
 if [ -n "${GVH_CHECKOUT:-}" ]; then
-    [ "${GVH_CHECKOUT:0:1}" = / ] && [ -d "$GVH_CHECKOUT" ] \
-        || gvh_die "GVH_CHECKOUT must be an absolute directory: $GVH_CHECKOUT"
+    if [ "${GVH_CHECKOUT:0:1}" != / ] || [ ! -d "$GVH_CHECKOUT" ]; then
+        gvh_die "GVH_CHECKOUT must be an absolute directory: $GVH_CHECKOUT"
+    fi
     GVH_CHECKOUT=$(readlink -f "$GVH_CHECKOUT")
     case "$GVH_CHECKOUT" in
         /|/proc|/proc/*|/sys|/sys/*|/dev|/dev/*|/run|/run/*|/tmp|/var/tmp|"$GVH_BASE"|"$GVH_BASE"/*)
@@ -63,8 +65,8 @@ for key in "$GVH_UID" "$GVH_USER"; do
 done
 
 mkdir -p "$GVH_DIR"
-read -r pid _ <<<"$(gvh_read_pid "$GVH_DIR/pid")" || true
-if gvh_alive "${pid:-}"; then
+read -r pid start <<<"$(gvh_read_pid "$GVH_DIR/pid")" || true
+if gvh_alive "${pid:-}" "${start:-}"; then
     gvh_die "host $NAME already running (pid $pid); stop it with stop.sh $NAME"
 fi
 for mp in $(gvh_cgroup_mounts); do

@@ -8,6 +8,7 @@ gvh_die() { echo "systemd-host: $*" >&2; exit "${GVH_DIE_RC:-1}"; }
 
 # gvh_setup_name NAME: validate NAME and set NAME, GVH_DIR (state dir) and CG
 # (the cgroup directory name used in every host hierarchy).
+# shellcheck disable=SC2034  # used by the sourcing scripts
 gvh_setup_name() {
     NAME=${1:-}
     # Also used as hostname (max 64) and inside cgroup/mount names: keep it plain.

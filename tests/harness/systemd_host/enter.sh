@@ -1,12 +1,12 @@
 #!/bin/bash
+# shellcheck source-path=SCRIPTDIR
 # enter.sh NAME [-u USER] [-C DIR] [-l LEAF] [-e KEY=VALUE]... -- CMD [ARG...]
 # Run CMD inside the host booted by boot.sh NAME: in all of its namespaces
 # (pid, mount, net, uts, ipc, cgroup), with its root, in directory DIR
 # (default /), with a clean environment (PATH, HOME, USER, LANG=C.UTF-8, TERM,
 # plus the -e pairs).  With -u USER, as that user (setpriv, no PAM) with
 # XDG_RUNTIME_DIR and DBUS_SESSION_BUS_ADDRESS pointing at its user manager.
-# stdio and the exit status are passed through (killed by a signal: the same
-# signal).
+# stdio and the exit status are passed through (killed by signal N: 128+N).
 #
 # CMD is first moved into the leaf cgroup LEAF of the container (host path
 # /sys/fs/cgroup/*/gv-NAME/LEAF, "/LEAF" inside; default gv-exec) so that it is
@@ -18,7 +18,7 @@ HERE=$(dirname "$(readlink -f "$0")")
 . "$HERE/common.sh"
 GVH_DIE_RC=125
 gvh_setup_name "${1:-}"; shift
-user= cwd=/ leaf=gv-exec envs=()
+user='' cwd=/ leaf=gv-exec envs=()
 while getopts u:C:l:e: opt; do
     case "$opt" in
         u) user=$OPTARG ;;
@@ -66,7 +66,9 @@ fi
 e+=(LANG=C.UTF-8 TERM="$term" "${@:1:n}")
 shift "$n"
 cd "$cwd"
-exec /usr/bin/env -i --default-signal=INT,QUIT,TERM,HUP "${e[@]}" "${as[@]}" "$@"
+exec 3>&2 2>/dev/null    # bash'"'"'s "Killed" notices must not land in CMD'"'"'s stderr
+/usr/bin/env -i --default-signal=INT,QUIT,TERM,HUP "${e[@]}" "${as[@]}" "$@" 2>&3 3>&-
+exit $?
 '
 # The host-side nsenter process must outlive CMD: if it dies first, CMD is
 # re-parented to the HOST's init (the reaper is chosen in the dying parent's
@@ -74,7 +76,9 @@ exec /usr/bin/env -i --default-signal=INT,QUIT,TERM,HUP "${e[@]}" "${as[@]}" "$@
 # systemd-shutdown waits for it) or pid-namespace teardown.  So nsenter
 # ignores the signals a terminal or a process-group kill sends, and CMD gets
 # them back at their defaults (env --default-signal).  A Ctrl-C still reaches
-# CMD; killing CMD ends nsenter.
+# CMD; killing CMD ends nsenter.  The inner bash (ignoring them as well) stays
+# as CMD's parent to turn "killed by signal N" into 128+N: nsenter's own
+# re-raise of the signal would be ignored and give a plain 1.
 trap '' INT QUIT TERM HUP
 exec nsenter -t "$pid" -a /usr/bin/env -i /bin/bash -c "$inner" enter.sh \
     "$leaf" "$cwd" "$user" "${TERM:-dumb}" "${#envs[@]}" ${envs[@]+"${envs[@]}"} "$@"

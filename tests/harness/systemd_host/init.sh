@@ -1,4 +1,5 @@
 #!/bin/bash
+# shellcheck source-path=SCRIPTDIR
 # init.sh -- stages 1 and 2 of boot.sh.  DO NOT RUN BY HAND.
 #
 # stage1 runs under `script` (its pty becomes the container's /dev/console,

@@ -1,4 +1,5 @@
 #!/bin/bash
+# shellcheck source-path=SCRIPTDIR
 # stop.sh NAME [--kill] -- stop the host booted by boot.sh NAME and remove
 # every trace of it (processes, mounts, cgroups), then verify.  Idempotent:
 # also cleans up after a half-started boot or a killed harness run.

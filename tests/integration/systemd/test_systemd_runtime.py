@@ -23,11 +23,17 @@ import pytest
 
 import gestvenv
 from gestvenv import ResourceLimits, registry
+from gestvenv.cleanup import sweep
 
 from ..support import env_pids, pid_dead, wait_until
 from .conftest import gestvenv_units
 
 SD = "systemd"
+
+
+async def run(*argv: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True,
+                                   check=check)
 
 
 def units_of(name: str) -> list[str]:
@@ -182,10 +188,7 @@ async def test_ttl_is_held_by_systemd_after_the_creator_is_sigkilled(tmp_path: P
     [listed] = [e for e in gestvenv.list_environments() if e["name"] == name]
     assert listed["state"] == "stopped" and listed["unit"]["state"] == "gone"
     # systemd ended it; the files go with the next sweep.
-    report = await gestvenv.sweep() if hasattr(gestvenv, "sweep") else None
-    if report is None:
-        from gestvenv.cleanup import sweep
-        report = await sweep(gestvenv.load_config())
+    report = await sweep(gestvenv.load_config())
     assert name in report.removed
 
 
@@ -213,7 +216,6 @@ async def test_an_owned_env_ends_with_its_sigkilled_creator(tmp_path: Path) -> N
     took = await wait_until(lambda: not units_of(name), 5, "units gone")
     print(f"units gone {took:.2f}s after the creator's SIGKILL")
     assert all(pid_dead(p) for p in pids)
-    from gestvenv.cleanup import sweep
     report = await sweep(gestvenv.load_config())
     assert name in report.removed
 
@@ -247,12 +249,11 @@ async def test_network_access_false_cuts_even_loopback() -> None:
 
 async def test_systemctl_and_a_fresh_process_see_the_env() -> None:
     async with gestvenv.ephemeral("sd-visible", runtime=SD, ttl=300) as env:
-        status = subprocess.run(["systemctl", "status", "--no-pager", "gestvenv-sd-visible"],
-                                capture_output=True, text=True)
+        status = await run("systemctl", "status", "--no-pager", "gestvenv-sd-visible")
         assert "gestvenv environment sd-visible" in status.stdout
         assert "active (running)" in status.stdout
-        listed = subprocess.run([sys.executable, "-m", "gestvenv", "ephemeral", "list", "--json"],
-                                capture_output=True, text=True, check=True)
+        listed = await run(sys.executable, "-m", "gestvenv", "ephemeral", "list", "--json",
+                           check=True)
         [info] = [e for e in json.loads(listed.stdout) if e["name"] == "sd-visible"]
         assert info["runtime"] == "systemd" and info["state"] == "ready"
         assert info["unit"] == {"name": "gestvenv-sd-visible.service", "state": "active"}
@@ -260,17 +261,16 @@ async def test_systemctl_and_a_fresh_process_see_the_env() -> None:
 
 
 async def test_a_unit_without_state_file_is_listed_and_swept() -> None:
-    subprocess.run(["systemd-run", "--quiet", "--unit", "gestvenv-sd-stray", "--slice",
-                    "gestvenv", "sleep", "300"], check=True)
+    await run("systemd-run", "--quiet", "--unit", "gestvenv-sd-stray", "--slice", "gestvenv",
+              "sleep", "300", check=True)
     try:
         [info] = [e for e in gestvenv.list_environments() if e["name"] == "sd-stray"]
         assert info["state"] == "unit-only"
-        from gestvenv.cleanup import sweep
         report = await sweep(gestvenv.load_config())
         assert "sd-stray" in report.removed
         assert units_of("sd-stray") == []
     finally:
-        subprocess.run(["systemctl", "stop", "gestvenv-sd-stray"], check=False)
+        await run("systemctl", "stop", "gestvenv-sd-stray")
 
 
 USER_SCRIPT = """
