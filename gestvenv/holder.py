@@ -71,6 +71,11 @@ def _read_state(state_file: str, env_id: str) -> dict[str, object] | None:
     return data
 
 
+def _released(state: dict[str, object] | None) -> bool:
+    """Built and kept (``ephemeral create``): the env no longer belongs to its creator."""
+    return state is not None and state.get("status") == "ready" and state.get("owner_pid") is None
+
+
 def _owner_fd(pid: int, started: float) -> int | None:
     """A pidfd on the owner, or None when it is already gone (or the PID was recycled)."""
     try:
@@ -113,21 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     # A private /tmp (isolation namespace and up) may hide a state file kept under /tmp.
     watch_state = Path(args.state_file).exists()
     while True:
+        owner_exited = False
         if owner is not None:
             ready, _, _ = select.select([owner], [], [], PERIOD)
-            if ready:
-                print(f"owner {args.owner_pid} exited: ending the environment", flush=True)
-                return 0
+            owner_exited = bool(ready)
         else:
             time.sleep(PERIOD)
         state = _read_state(args.state_file, args.env_id) if watch_state else None
+        if owner_exited and not _released(state):
+            print(f"owner {args.owner_pid} exited: ending the environment", flush=True)
+            return 0
         if watch_state and state is None and not Path(args.state_file).exists():
             # Destroyed (or never committed and undone): whoever did it stops this unit too;
             # leaving first only makes that quicker.
             print("state file gone: ending the environment", flush=True)
             return 0
-        if owner is not None and state is not None and state.get("status") == "ready" \
-                and state.get("owner_pid") is None:
+        if owner is not None and _released(state):
             os.close(owner)  # built and kept (``ephemeral create``): it outlives its creator
             owner = None
         last = float(str(state.get("last_activity") or 0.0)) if state else None

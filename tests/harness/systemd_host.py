@@ -686,6 +686,9 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     try:
         with _shielded():
             host.stop(kill=args.kill, force=args.force)
+    except HostBusy as exc:
+        _say(f"{exc} (--force stops it anyway)")
+        return 1
     except HostError as exc:
         _say(str(exc))
         return 1
@@ -702,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--user", "-u", help=f"run as this user (e.g. {TEST_USER})")
         p.add_argument("--cwd", "-C", help="directory inside (default: the checkout)")
         p.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE")
-        p.add_argument("cmd", nargs="+", metavar="CMD")
+        p.add_argument("cmd", nargs="*", metavar="-- CMD")
 
     def boot_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--name", "-n", help="default: derived from the checkout path")
@@ -723,7 +726,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_stop.add_argument("--kill", action="store_true", help="SIGKILL, no graceful poweroff")
     p_stop.add_argument("--force", action="store_true",
                         help="even if a live harness process owns it")
-    args = parser.parse_args(argv)
+    # CMD is everything after the first "--", verbatim: argparse would also drop a later "--"
+    # (as in `... -- runuser -u gvtest -- cmd`).
+    words = list(sys.argv[1:] if argv is None else argv)
+    cmd: list[str] | None = None
+    if "--" in words:
+        cut = words.index("--")
+        words, cmd = words[:cut], words[cut + 1:]
+    args = parser.parse_args(words)
+    if cmd is not None:
+        if getattr(args, "cmd", None):
+            parser.error("give CMD after --, not before")
+        args.cmd = cmd
+    if args.command in ("run", "exec") and not args.cmd:
+        parser.error("no command: ... -- CMD [ARG...]")
     if os.geteuid() != 0:
         parser.error("must run as root")
     signal.signal(signal.SIGTERM, _raise_terminated)

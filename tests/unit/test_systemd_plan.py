@@ -153,7 +153,7 @@ SYSTEMD_TYPES = {
     "as": ["Environment", "BindsTo", "After", "JoinsNamespaceOf", "ReadWritePaths"],
     "a(sasas)": ["ExecStartEx"],
     "a(iayu)": ["IPAddressDeny", "IPAddressAllow"],
-    "a(ssbt)": ["BindPaths"],
+    "a(ssbt)": ["BindPaths", "BindReadOnlyPaths"],
 }
 
 
@@ -444,7 +444,7 @@ def test_env_unit_properties() -> None:
     assert props["BindsTo"] == [names.slice]
     assert props["CollectMode"] == "inactive-or-failed"
     assert ENV in props["Description"]
-    assert "Environment" not in props  # stdlib only: nobody's PYTHONPATH
+    assert props["Environment"] == [f"GESTVENV_ENV_ID={HOLDER.env_id}"]  # no PYTHONPATH: stdlib only
     ((path, argv, flags),) = props["ExecStartEx"]
     assert path == argv[0] == HOLDER.python
     assert flags == ["no-env-expand"]  # argv reaches the program untouched, no $VAR expansion

@@ -168,13 +168,14 @@ class SystemdBus:
             return False
         if msg.member == "JobRemoved" and msg.interface == MANAGER:
             _id, job, _unit, result = msg.body
+            # Kept even when someone waits: systemd merges concurrent requests into one job,
+            # so a second caller may ask for this job's result after it has ended.
+            self._finished_jobs[job] = result
+            if len(self._finished_jobs) > 4096:  # job paths are never reused; keep recent ones
+                self._finished_jobs.pop(next(iter(self._finished_jobs)))
             future = self._jobs.pop(job, None)
             if future is not None and not future.done():
                 future.set_result(result)
-            elif future is None:
-                self._finished_jobs[job] = result
-                if len(self._finished_jobs) > 1024:  # jobs of others; keep only recent ones
-                    self._finished_jobs.pop(next(iter(self._finished_jobs)))
         elif msg.member == "PropertiesChanged" and msg.interface == PROPERTIES:
             for callback in self._watchers.get(msg.path, ()):
                 changed = {k: v.value for k, v in msg.body[1].items()}
@@ -184,12 +185,9 @@ class SystemdBus:
     async def wait_job(self, job: str) -> str:
         """The result of a job: done, canceled, timeout, failed, dependency or skipped."""
         if job in self._finished_jobs:
-            return self._finished_jobs.pop(job)
+            return self._finished_jobs[job]
         future = self._jobs.setdefault(job, asyncio.get_running_loop().create_future())
-        try:
-            return await future
-        finally:
-            self._jobs.pop(job, None)
+        return await asyncio.shield(future)  # shared by every caller waiting for this job
 
     # -- the manager's API ------------------------------------------------------------------
 

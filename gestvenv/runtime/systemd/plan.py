@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,7 @@ from typing import Any
 from ...models import Enforcement, IsolationLevel, LimitStatus, ResourceLimits
 
 PARENT_SLICE = "gestvenv.slice"
+ENV_ID_VARIABLE = "GESTVENV_ENV_ID"
 UNIT_NAME_MAX = 255  # systemd's UNIT_NAME_MAX (256) with its NUL
 MB = 1 << 20
 USEC = 1_000_000
@@ -78,6 +80,7 @@ SIGNATURES: Mapping[str, str] = {
     "RestrictSUIDSGID": "b",
     "ReadWritePaths": "as",
     "BindPaths": "a(ssbt)",
+    "BindReadOnlyPaths": "a(ssbt)",
 }
 
 # The sandboxing that creates namespaces an env's units share (JoinsNamespaceOf= its own unit).
@@ -285,6 +288,8 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
         argv += ["--idle-timeout", str(holder.idle_timeout)]
     props = [
         prop("Description", f"gestvenv environment {env_name} ({description})"),
+        # Which env this unit is (a name is reused after destroy): read back before stopping.
+        prop("Environment", [f"{ENV_ID_VARIABLE}={holder.env_id}"]),
         prop("Slice", PARENT_SLICE),
         prop("BindsTo", [names.slice]),
         prop("ExecStartEx", exec_start(argv)),
@@ -296,7 +301,13 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
     if ttl:
         props.append(prop("RuntimeMaxUSec", ttl * USEC))
     # The holder carries the env's namespaces (private network, /tmp) for its commands to join.
-    props += [p for p in sandbox if p[0] in SHARED_NAMESPACES]
+    shared = [p for p in sandbox if p[0] in SHARED_NAMESPACES]
+    if any(p[0] == "PrivateTmp" for p in shared):
+        # Its script and the env's state file may sit under /tmp or /var/tmp (a checkout, a
+        # test run), which a private /tmp hides.
+        keep = [holder.script, os.path.dirname(holder.state_file)]
+        shared.append(prop("BindReadOnlyPaths", [[p, p, True, 0] for p in keep]))
+    props += shared
     return props
 
 

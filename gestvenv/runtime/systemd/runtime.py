@@ -156,13 +156,28 @@ class SystemdRuntime(Runtime):
             await bus.reset_failed(unit)
 
     async def stop(self, record: EnvRecord) -> None:
-        await self.stop_units_of(record.name)
+        await self.stop_units_of(record.name, record.id)
 
-    async def stop_units_of(self, env_name: str) -> None:
+    async def stop_units_of(self, env_name: str, env_id: str | None = None) -> None:
+        """Stop an env's units; with ``env_id``, only if they are that env's (a create that
+        lost the race for a name must not stop the winner's)."""
         if not systemd_booted():
             return  # nothing of systemd's can be left on a host it does not run
         bus = await self._bus()
-        await self._stop_units(bus, UnitNames.of(env_name))
+        names = UnitNames.of(env_name)
+        # Its slice and commands end with its own unit (BindsTo=, StopWhenUnneeded=): a unit
+        # that is gone, or another env's, leaves nothing of this env to stop.
+        if env_id is not None and await self._unit_env_id(bus, names.env) != env_id:
+            return
+        await self._stop_units(bus, names)
+
+    async def _unit_env_id(self, bus: SystemdBus, unit: str) -> str | None:
+        try:
+            environment = (await bus.properties(unit, SERVICE)).get("Environment") or []
+        except NoSuchUnit:
+            return None
+        prefix = f"{plan.ENV_ID_VARIABLE}="
+        return next((e[len(prefix):] for e in environment if e.startswith(prefix)), None)
 
     async def alive(self, record: EnvRecord) -> bool:
         """Whether the env's own unit is up (systemd's view, not the state file's)."""
@@ -339,7 +354,8 @@ def _counter(value: Any) -> int:
 
 
 def _python() -> str:
-    return sys.executable or "/usr/bin/python3"
+    """The real interpreter, not a venv's link to it (which may sit in a hidden /var/tmp)."""
+    return os.path.realpath(sys.executable) if sys.executable else "/usr/bin/python3"
 
 
 async def _pump(name: str, fd: int, chunks: dict[str, list[bytes]],

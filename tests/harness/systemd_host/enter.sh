@@ -66,7 +66,7 @@ fi
 e+=(LANG=C.UTF-8 TERM="$term" "${@:1:n}")
 shift "$n"
 cd "$cwd"
-exec 3>&2 2>/dev/null    # bash'"'"'s "Killed" notices must not land in CMD'"'"'s stderr
+exec 3>&2 2>/dev/null    # the "Killed" notices of bash must not land in the stderr of CMD
 /usr/bin/env -i --default-signal=INT,QUIT,TERM,HUP "${e[@]}" "${as[@]}" "$@" 2>&3 3>&-
 exit $?
 '

@@ -283,31 +283,32 @@ def env_args(env: dict[str, str]) -> str:
 # takes ~N s, `python -m venv` (ensurepip) + pip ~M s (measured, see the report in git log).
 SETUP_COMMON = f"""\
 set -euo pipefail
-S={GUEST_SHARE}; H={GUEST_HOME}
-TIMEFORMAT='  (%Rs)'
+S={GUEST_SHARE}
 as_tester() {{ runuser -u tester -- env -i {env_args(SETUP_ENV)} "$@"; }}
+step() {{  # step LABEL CMD...: run CMD, print how long it took
+  local label=$1 t=${{EPOCHREALTIME/./}}; shift; "$@"
+  local us=$(( ${{EPOCHREALTIME/./}} - t )); printf '  %-22s %d.%01ds\\n' "$label" $((us/1000000)) $((us/100000%10))
+}}
 rm -rf --one-file-system {GUEST_TREE} {GUEST_VENV}
-cp -r "$S/src" {GUEST_TREE}
+step "copy tests/ tree" cp -r "$S/src" {GUEST_TREE}
 chown -R tester:tester {GUEST_TREE}
 cd {GUEST_TREE}   # not /root: tester can't read it (uv looks for uv.toml in the cwd)
 # The lingering user's manager is started by logind at boot; wait until it is up.
-echo "user manager: $(as_tester systemctl --user is-system-running --wait || true)"
+step "user manager up" as_tester systemctl --user is-system-running --wait || true
 cg=/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service
 echo "delegated to user@1000: $(cat $cg/cgroup.controllers)"
 failed=$(systemctl --failed --no-legend --plain | awk '{{print $1}}' | tr '\\n' ' ')
 [ -z "$failed" ] || echo "WARNING: failed units in the guest: $failed"
 """
 SETUP_UV = SETUP_COMMON + f"""\
-echo "venv + install (uv):"
-time as_tester "$S/bin/uv" venv --quiet --python /usr/bin/python3 {GUEST_VENV}
-time as_tester "$S/bin/uv" pip install --quiet --offline --no-index --find-links "$S/wheels" \\
-  --python {GUEST_VENV}/bin/python gestvenv pytest
+step "venv (uv)" as_tester "$S/bin/uv" venv --quiet --python /usr/bin/python3 {GUEST_VENV}
+step "install (uv)" as_tester "$S/bin/uv" pip install --quiet --offline --no-index \\
+  --find-links "$S/wheels" --python {GUEST_VENV}/bin/python gestvenv pytest
 """
 SETUP_PIP = SETUP_COMMON + f"""\
-echo "venv + install (pip):"
-time as_tester /usr/bin/python3 -m venv {GUEST_VENV}
-time as_tester {GUEST_VENV}/bin/pip install --quiet --disable-pip-version-check --no-index \\
-  --find-links "$S/wheels" gestvenv pytest
+step "venv (python -m venv)" as_tester /usr/bin/python3 -m venv {GUEST_VENV}
+step "install (pip)" as_tester {GUEST_VENV}/bin/pip install --quiet --disable-pip-version-check \\
+  --no-index --find-links "$S/wheels" gestvenv pytest
 """
 
 
