@@ -107,16 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
+    # A private /tmp (isolation namespace and up) may hide a state file kept under /tmp.
+    watch_state = Path(args.state_file).exists()
     owner = None
     if args.owner_pid:
         owner = _owner_fd(args.owner_pid, args.owner_start)
-        if owner is None:
+        released = _released(_read_state(args.state_file, args.env_id))
+        if owner is None and not released:
             print(f"owner {args.owner_pid} is gone: ending the environment", flush=True)
             return 0
     slice_dir = _slice_dir(args.slice)
     busy_seen = time.time()
-    # A private /tmp (isolation namespace and up) may hide a state file kept under /tmp.
-    watch_state = Path(args.state_file).exists()
     while True:
         owner_exited = False
         if owner is not None:

@@ -26,7 +26,7 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def gv_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wheelhouse: Path,
-            shared_cache: Path) -> Path:
+            shared_cache: Path, request: pytest.FixtureRequest) -> Path:
     home = tmp_path / "gv"
     (home / "config").mkdir(parents=True)
     env = {
@@ -41,6 +41,9 @@ def gv_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wheelhouse: Path,
     for key in list(os.environ):
         if key.startswith("GESTVENV_") or key.startswith("UV_"):
             monkeypatch.delenv(key)
+    if request.node.get_closest_marker("local_runtime"):
+        # Elsewhere the runtime is "auto": local on this host, systemd inside the test host.
+        env["GESTVENV_EPHEMERAL_RUNTIME"] = "local"
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return home

@@ -75,6 +75,7 @@ def test_run_exits_with_the_commands_status(gv_home: Path, tmp_path: Path) -> No
     assert gv("ephemeral", "cleanup", "--all").returncode == 0
 
 
+@pytest.mark.local_runtime
 def test_user_errors_are_one_line_without_traceback(gv_home: Path) -> None:
     for args in (["ephemeral", "create", "../x"], ["ephemeral", "create", "a;b"],
                  ["ephemeral", "show", "nope"], ["run", "--env", "nope", "--", "true"],
@@ -89,6 +90,7 @@ def test_user_errors_are_one_line_without_traceback(gv_home: Path) -> None:
     assert json.loads(gv("ephemeral", "list", "--json").stdout) == []
 
 
+@pytest.mark.local_runtime
 def test_unenforced_limits_are_reported(runner: CliRunner) -> None:
     result = runner.invoke(cli, ["ephemeral", "create", "lim", "--cpu", "20", "--memory", "256",
                                  "--no-network", "--allow-unenforced", "--json"])

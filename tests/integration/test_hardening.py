@@ -71,6 +71,7 @@ async def test_builder_processes_count_as_activity_for_the_idle_timeout() -> Non
         assert [e["name"] for e in gestvenv.list_environments()] == ["installing"]
 
 
+@pytest.mark.local_runtime
 async def test_a_creator_killed_before_the_build_ends_leaves_nothing(tmp_path: Path,
                                                                      gv_home: Path) -> None:
     code = (
@@ -99,6 +100,7 @@ async def test_a_creator_killed_before_the_build_ends_leaves_nothing(tmp_path: P
             await proc.wait()
 
 
+@pytest.mark.local_runtime
 async def test_the_watchdog_sweeps_orphan_dirs_every_cleanup_interval(
         monkeypatch: pytest.MonkeyPatch, gv_home: Path) -> None:
     monkeypatch.setenv("GESTVENV_EPHEMERAL_CLEANUP_INTERVAL", "1")

@@ -313,8 +313,10 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
 
 def command_properties(names: UnitNames, env_name: str, argv: Sequence[str],
                        environ: Mapping[str, str], cwd: str, timeout: float | None,
-                       sandbox: Sequence[Property], fds: Mapping[str, int]) -> list[Property]:
-    """A command's unit. ``fds`` maps stdin/stdout/stderr to indexes in the message's fds."""
+                       sandbox: Sequence[Property], fds: Mapping[str, int],
+                       program: str | None = None) -> list[Property]:
+    """A command's unit. ``fds`` maps stdin/stdout/stderr to indexes in the message's fds;
+    ``program`` is the absolute path to execute (default: argv[0])."""
     text = shlex.join(argv)
     if len(text) > 200:
         text = text[:197] + "..."
@@ -323,7 +325,7 @@ def command_properties(names: UnitNames, env_name: str, argv: Sequence[str],
         prop("Slice", names.slice),
         prop("BindsTo", [names.env]),
         prop("After", [names.env]),
-        prop("ExecStartEx", exec_start(argv)),
+        prop("ExecStartEx", exec_start(argv, program)),
         prop("Type", "exec"),
         prop("WorkingDirectory", cwd),
         prop("Environment", unit_environment(environ)),
@@ -347,10 +349,10 @@ def command_properties(names: UnitNames, env_name: str, argv: Sequence[str],
     return props
 
 
-def exec_start(argv: Sequence[str]) -> list[Any]:
+def exec_start(argv: Sequence[str], program: str | None = None) -> list[Any]:
     """The command line exactly as given: systemd would otherwise expand ``$VAR`` (and turn
     ``$$`` into ``$``) in it."""
-    return [[argv[0], list(argv), ["no-env-expand"]]]
+    return [[program or argv[0], list(argv), ["no-env-expand"]]]
 
 
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)

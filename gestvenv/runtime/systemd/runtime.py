@@ -233,11 +233,14 @@ class SystemdRuntime(Runtime):
         names = UnitNames.of(record.name)
         unit = names.command(uuid.uuid4().hex[:12])
         cwd = command.cwd or os.getcwd()
+        await asyncio.to_thread(_check_interpreter, command.argv[0], cwd)
         pipes = _Pipes(command)
         try:
+            # systemd wants an absolute program path; the program still sees argv[0] as given.
+            program = os.path.join(cwd, command.argv[0])
             props = plan.command_properties(names, record.name, command.argv, command.environ,
                                             cwd, command.timeout, self._sandbox(record),
-                                            pipes.indexes)
+                                            pipes.indexes, program=program)
             return await self._run_unit(bus, record, unit, props, pipes, command)
         finally:
             pipes.close()
@@ -322,6 +325,23 @@ class SystemdRuntime(Runtime):
         except NoSuchUnit:
             return None
         return str(props.get("ControlGroup") or "") or None
+
+
+def _check_interpreter(program: str, cwd: str) -> None:
+    """A script whose "#!" interpreter is missing: "not found", as a shell (and the local
+    runtime) would say. systemd reports only a generic exec failure for it."""
+    try:
+        with open(os.path.join(cwd, program), "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return
+    if not head.startswith(b"#!"):
+        return
+    words = head[2:].split(b"\n", 1)[0].split()
+    if words and not os.path.exists(words[0]):
+        raise CommandNotFoundError(
+            f"cannot run {program}: its interpreter {words[0].decode(errors='replace')} "
+            "does not exist")
 
 
 async def _raise_if_not_started(bus: SystemdBus, unit: str, job: str, program: str) -> None:

@@ -576,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGHUP, interrupted)
+    # Also when started with SIGINT ignored (a background job of a non-interactive shell):
+    # Python then keeps SIG_IGN and Ctrl-C would not stop the guest.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     commands = {"run": cmd_run, "build": cmd_build, "clean": cmd_clean}
     try:
         return commands[args.command](args)
