@@ -14,7 +14,7 @@ from .config import Config
 from .exceptions import GestvenvError
 from .lifecycle import destroy_many
 from .registry import EnvRecord
-from .runtime import SystemdRuntime, processes
+from .runtime import SystemdRuntime, UnitView, processes
 from .runtime.systemd import systemd_booted
 from .runtime.systemd.plan import LIVE_UNIT_STATES
 from .templates import TemplateCache
@@ -30,10 +30,11 @@ class SweepReport:
 
 
 def reason_to_remove(record: EnvRecord, now: float, *, expired: bool, idle: bool,
-                     units: dict[str, str] | None = None) -> str | None:
+                     units: dict[str, UnitView] | None = None) -> str | None:
     state = record.state(now)
-    if record.runtime == "systemd" and units is not None and state == "ready" \
-            and units.get(record.name) not in LIVE_UNIT_STATES:
+    view = (units or {}).get(record.name)
+    unit_live = view is not None and view.env_id == record.id and view.state in LIVE_UNIT_STATES
+    if record.runtime == "systemd" and units is not None and state == "ready" and not unit_live:
         # systemd ended it (TTL, idle, its creator gone, `systemctl stop`): only files are left.
         return "its systemd unit has ended" if expired or idle else None
     if state == "orphaned":
@@ -68,11 +69,11 @@ async def sweep(config: Config, *, expired: bool = True, idle: bool = True,
     if orphans:
         await asyncio.to_thread(_sweep_orphans, config, report)
         if units:
-            await _stop_unit_only(units, {r.name for r in records}, report)
+            await _stop_unit_only(units, report)
     return report
 
 
-async def _systemd_units() -> dict[str, str] | None:
+async def _systemd_units() -> dict[str, UnitView] | None:
     if not systemd_booted():
         return None
     try:
@@ -81,14 +82,15 @@ async def _systemd_units() -> dict[str, str] | None:
         return None
 
 
-async def _stop_unit_only(units: dict[str, str], known: set[str], report: SweepReport) -> None:
-    """gestvenv units that no state file claims (their state was lost): stopped."""
+async def _stop_unit_only(units: dict[str, UnitView], report: SweepReport) -> None:
+    """gestvenv units whose state file is gone (or now another env's): stopped. A unit of
+    another registry (another runtime dir of the same user) still has its state file."""
     runtime = SystemdRuntime()
-    for name in units.keys() - known:
-        if registry.state_path(name).exists():
-            continue  # created since the listing
+    for name, view in units.items():
+        if not await asyncio.to_thread(view.orphaned):
+            continue
         try:
-            await runtime.stop_units_of(name)
+            await runtime.stop_units_of(name, view.env_id)
             report.removed[name] = "a gestvenv unit without a state file"
         except GestvenvError as exc:
             report.errors[name] = str(exc)

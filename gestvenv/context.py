@@ -34,7 +34,14 @@ from .models import (
 )
 from .names import generate_name, validate_name, validate_packages
 from .registry import EnvRecord
-from .runtime import CommandSpec, StreamCallback, SystemdRuntime, Usage, runtime_named
+from .runtime import (
+    CommandSpec,
+    StreamCallback,
+    SystemdRuntime,
+    UnitView,
+    Usage,
+    runtime_named,
+)
 from .runtime.processes import ENV_MARKER, EXEC_MARKER
 from .runtime.systemd import systemd_booted
 from .runtime.systemd.plan import LIVE_UNIT_STATES, UnitNames
@@ -439,19 +446,21 @@ async def environments() -> list[dict[str, Any]]:
     for record in records:
         info = describe(record)
         if record.runtime == "systemd" and units is not None:
-            unit_state = units.get(record.name, "gone")
+            view = units.get(record.name)
+            unit_state = view.state if view is not None and view.env_id == record.id else "gone"
             info["unit"] = {"name": UnitNames.of(record.name).env, "state": unit_state}
             if unit_state not in LIVE_UNIT_STATES and info["state"] in ("ready", "creating"):
                 info["state"] = "stopped"
         infos.append(info)
-    known = {r.name for r in records}
-    for name, unit_state in sorted((units or {}).items()):
-        if name not in known:
-            infos.append(_unit_only(name, unit_state))
+    known = {r.id for r in records}
+    for name, view in sorted((units or {}).items()):
+        # Units of other registries (another runtime dir) are theirs; only true orphans show.
+        if view.env_id not in known and await asyncio.to_thread(view.orphaned):
+            infos.append(_unit_only(name, view.state))
     return infos
 
 
-async def _live_units(records: list[EnvRecord]) -> dict[str, str] | None:
+async def _live_units(records: list[EnvRecord]) -> dict[str, UnitView] | None:
     if not systemd_booted():
         return None
     try:

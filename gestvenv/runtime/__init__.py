@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import RUNTIMES, Config
 from ..exceptions import RuntimeUnavailableError
-from .base import CommandSpec, Runtime, StreamCallback, Usage
+from .base import CommandSpec, Runtime, StreamCallback, UnitView, Usage
 from .local import LocalRuntime
 from .systemd import SystemdRuntime, systemd_booted
 
@@ -15,6 +15,7 @@ __all__ = [
     "Runtime",
     "StreamCallback",
     "SystemdRuntime",
+    "UnitView",
     "Usage",
     "runtime_named",
     "select_runtime",

@@ -9,6 +9,7 @@ not by the process that created it.
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,25 @@ class Usage:
     disk_bytes: int
 
 
+@dataclass(frozen=True)
+class UnitView:
+    """An environment's unit as the runtime's manager sees it."""
+
+    state: str                # active, activating, deactivating, failed, inactive...
+    env_id: str | None        # which environment it was started for
+    state_file: str | None    # where that environment's state file was
+
+    def orphaned(self) -> bool:
+        """Its environment's state file is gone, or now belongs to another environment."""
+        if not self.state_file:
+            return True
+        try:
+            with open(self.state_file) as f:
+                return bool(json.load(f).get("id") != self.env_id)
+        except (OSError, ValueError, AttributeError):
+            return True
+
+
 class Runtime(abc.ABC):
     name: str
     # Whether gestvenv's own watchdog must hold the TTL, idle timeout and a dead creator
@@ -51,8 +71,8 @@ class Runtime(abc.ABC):
     async def prepare(self) -> None:  # noqa: B027 - optional hook
         """Connect and probe what the host can enforce; called before :meth:`plan`."""
 
-    async def live_environments(self) -> dict[str, str] | None:
-        """Env name -> state of its unit, from the runtime's own view; None if it has none."""
+    async def live_environments(self) -> dict[str, UnitView] | None:
+        """Env name -> its unit, from the runtime's own view; None if it has none."""
         return None
 
     @abc.abstractmethod

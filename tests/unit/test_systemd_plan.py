@@ -444,7 +444,9 @@ def test_env_unit_properties() -> None:
     assert props["BindsTo"] == [names.slice]
     assert props["CollectMode"] == "inactive-or-failed"
     assert ENV in props["Description"]
-    assert props["Environment"] == [f"GESTVENV_ENV_ID={HOLDER.env_id}"]  # no PYTHONPATH: stdlib only
+    # Which env and which state file (no PYTHONPATH: the holder needs only the stdlib).
+    assert props["Environment"] == [f"GESTVENV_UNIT_ENV_ID={HOLDER.env_id}",
+                                    f"GESTVENV_UNIT_STATE_FILE={HOLDER.state_file}"]
     ((path, argv, flags),) = props["ExecStartEx"]
     assert path == argv[0] == HOLDER.python
     assert flags == ["no-env-expand"]  # argv reaches the program untouched, no $VAR expansion

@@ -29,7 +29,10 @@ from typing import Any
 from ...models import Enforcement, IsolationLevel, LimitStatus, ResourceLimits
 
 PARENT_SLICE = "gestvenv.slice"
-ENV_ID_VARIABLE = "GESTVENV_ENV_ID"
+# In the env unit's environment: which env it is, and where its state file is (a name is reused
+# after destroy, and several registries, one per runtime dir, may share one manager).
+UNIT_ENV_ID = "GESTVENV_UNIT_ENV_ID"
+UNIT_STATE_FILE = "GESTVENV_UNIT_STATE_FILE"
 UNIT_NAME_MAX = 255  # systemd's UNIT_NAME_MAX (256) with its NUL
 MB = 1 << 20
 USEC = 1_000_000
@@ -288,8 +291,8 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
         argv += ["--idle-timeout", str(holder.idle_timeout)]
     props = [
         prop("Description", f"gestvenv environment {env_name} ({description})"),
-        # Which env this unit is (a name is reused after destroy): read back before stopping.
-        prop("Environment", [f"{ENV_ID_VARIABLE}={holder.env_id}"]),
+        prop("Environment", [f"{UNIT_ENV_ID}={holder.env_id}",
+                             f"{UNIT_STATE_FILE}={holder.state_file}"]),
         prop("Slice", PARENT_SLICE),
         prop("BindsTo", [names.slice]),
         prop("ExecStartEx", exec_start(argv)),

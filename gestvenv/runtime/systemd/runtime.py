@@ -28,7 +28,7 @@ from ...exceptions import (
 from ...models import Enforcement, ExecResult, IsolationLevel, ResourceLimits
 from ...registry import EnvRecord, state_path
 from ...shield import shielded
-from ..base import CommandSpec, Runtime, Usage
+from ..base import CommandSpec, Runtime, UnitView, Usage
 from . import cgroups, plan
 from .bus import SERVICE, UNIT, NoSuchUnit, SystemdBus, connection, variants
 from .plan import Capabilities, Property, UnitNames
@@ -167,34 +167,39 @@ class SystemdRuntime(Runtime):
         names = UnitNames.of(env_name)
         # Its slice and commands end with its own unit (BindsTo=, StopWhenUnneeded=): a unit
         # that is gone, or another env's, leaves nothing of this env to stop.
-        if env_id is not None and await self._unit_env_id(bus, names.env) != env_id:
-            return
+        if env_id is not None:
+            view = await self._view(bus, names.env)
+            if view is None or view.env_id != env_id:
+                return
         await self._stop_units(bus, names)
 
-    async def _unit_env_id(self, bus: SystemdBus, unit: str) -> str | None:
+    async def _view(self, bus: SystemdBus, unit: str, state: str | None = None) -> UnitView | None:
         try:
-            environment = (await bus.properties(unit, SERVICE)).get("Environment") or []
+            props = await bus.properties(unit, SERVICE)
+            if state is None:
+                state = str((await bus.properties(unit, UNIT)).get("ActiveState"))
         except NoSuchUnit:
             return None
-        prefix = f"{plan.ENV_ID_VARIABLE}="
-        return next((e[len(prefix):] for e in environment if e.startswith(prefix)), None)
+        variables = dict(e.split("=", 1) for e in props.get("Environment") or [] if "=" in e)
+        return UnitView(state=state, env_id=variables.get(plan.UNIT_ENV_ID),
+                        state_file=variables.get(plan.UNIT_STATE_FILE))
 
     async def alive(self, record: EnvRecord) -> bool:
         """Whether the env's own unit is up (systemd's view, not the state file's)."""
-        bus = await self._bus()
-        try:
-            props = await bus.properties(UnitNames.of(record.name).env, UNIT)
-        except NoSuchUnit:
-            return False
-        return props.get("ActiveState") in plan.LIVE_UNIT_STATES
+        view = await self._view(await self._bus(), UnitNames.of(record.name).env)
+        return view is not None and view.env_id == record.id \
+            and view.state in plan.LIVE_UNIT_STATES
 
-    async def live_environments(self) -> dict[str, str]:
+    async def live_environments(self) -> dict[str, UnitView]:
         bus = await self._bus()
         out = {}
         for unit in await bus.list_units(["gestvenv-*.service"]):
             name = plan.env_name_of_unit(unit.name)
-            if name is not None:
-                out[name] = unit.active_state
+            if name is None:
+                continue
+            view = await self._view(bus, unit.name, unit.active_state)
+            if view is not None:
+                out[name] = view
         return out
 
     def guarantees(self) -> Sequence[str]:

@@ -301,7 +301,7 @@ failed=$(systemctl --failed --no-legend --plain | awk '{{print $1}}' | tr '\\n' 
 [ -z "$failed" ] || echo "WARNING: failed units in the guest: $failed"
 """
 SETUP_UV = SETUP_COMMON + f"""\
-step "venv (uv)" as_tester "$S/bin/uv" venv --quiet --python /usr/bin/python3 {GUEST_VENV}
+step "venv (no pip)" as_tester /usr/bin/python3 -m venv --without-pip {GUEST_VENV}
 step "install (uv)" as_tester "$S/bin/uv" pip install --quiet --offline --no-index \\
   --find-links "$S/wheels" --python {GUEST_VENV}/bin/python gestvenv pytest
 """

@@ -186,7 +186,7 @@ async def test_ttl_is_held_by_systemd_after_the_creator_is_sigkilled(tmp_path: P
     assert late <= 1.2
     assert all(pid_dead(p) for p in pids)
     [listed] = [e for e in gestvenv.list_environments() if e["name"] == name]
-    assert listed["state"] == "stopped" and listed["unit"]["state"] == "gone"
+    assert listed["state"] == "expired" and listed["unit"]["state"] == "gone"
     # systemd ended it; the files go with the next sweep.
     report = await sweep(gestvenv.load_config())
     assert name in report.removed
