@@ -115,6 +115,7 @@ def test_ephemeral_sync_example() -> None:
     assert_destroyed(path, env_id)
 
 
+@pytest.mark.local_runtime  # a background process outlives its command
 def test_ephemeral_sync_cleans_up_after_an_exception() -> None:
     class Boom(Exception):
         pass
@@ -452,6 +453,7 @@ async def test_attach_and_destroy_by_name() -> None:
 
 # --- cleanup guarantees ---
 
+@pytest.mark.local_runtime  # a background process outlives its command
 async def test_cleanup_after_an_exception_in_the_block() -> None:
     class Boom(Exception):
         pass

@@ -64,6 +64,22 @@ async def test_commands_run_as_units_with_their_output_and_status() -> None:
         assert killed.returncode == -signal.SIGUSR1
 
 
+async def test_a_commands_background_processes_end_with_its_unit() -> None:
+    """Unlike the local runtime, a command is a unit: what it leaves running goes with it."""
+    async with gestvenv.ephemeral("sd-background", runtime=SD) as env:
+        started = await env.execute("sleep 300 >/dev/null 2>&1 & echo $!", shell=True)
+        pid = int(started.stdout)
+        await wait_until(lambda: pid_dead(pid), 2, "the background process ended")
+        assert not env_pids(env.id)
+        # A command in flight when the block fails ends with the environment.
+        running = asyncio.ensure_future(env.execute(["sleep", "300"]))
+        await wait_until(lambda: env_pids(env.id), 5, "the command started")
+        [pid] = env_pids(env.id)
+    assert pid_dead(pid)
+    result = await running
+    assert result.returncode < 0
+
+
 async def test_memory_limit_oom_kills_the_command_and_says_so() -> None:
     limits = ResourceLimits(max_memory=64)
     async with gestvenv.ephemeral("sd-oom", runtime=SD, resource_limits=limits) as env:
