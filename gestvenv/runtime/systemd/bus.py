@@ -134,6 +134,14 @@ class SystemdBus:
     def close(self) -> None:
         self._bus.disconnect()  # type: ignore[no-untyped-call]
 
+    def abandon(self) -> None:
+        """Close the socket without the event loop (whose loop may be closed already)."""
+        # dbus-next reads through a file made from the socket: the fd lives until both go.
+        for handle in (getattr(self._bus, "_stream", None), getattr(self._bus, "_sock", None)):
+            with contextlib.suppress(OSError):
+                if handle is not None:
+                    handle.close()
+
     # -- raw calls --------------------------------------------------------------------------
 
     async def call(self, path: str, interface: str, member: str, signature: str,
@@ -273,20 +281,29 @@ class SystemdBus:
         return unwatch
 
 
-# One connection per (event loop, manager). Keyed weakly by loop: a closed loop's connection
-# goes with it.
-_connections: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[bool, SystemdBus]] = \
-    weakref.WeakKeyDictionary()
+# One connection per (event loop, manager). A loop that has been closed (``asyncio.run`` ends)
+# cannot close its connection any more: its socket is closed at the next lookup instead, so
+# that a program calling ``asyncio.run`` many times does not pile up connections to the bus.
+_connections: dict[int, tuple[asyncio.AbstractEventLoop, dict[bool, SystemdBus]]] = {}
 _connecting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = \
     weakref.WeakKeyDictionary()
 
 
+def _drop_closed_loops() -> None:
+    for key, (loop, per_loop) in list(_connections.items()):
+        if loop.is_closed():
+            del _connections[key]
+            for bus in per_loop.values():
+                bus.abandon()
+
+
 async def connection(user: bool) -> SystemdBus:
     """This loop's connection to the manager (opened on first use, reopened if it dropped)."""
+    _drop_closed_loops()
     loop = asyncio.get_running_loop()
     lock = _connecting.setdefault(loop, asyncio.Lock())
     async with lock:
-        per_loop = _connections.setdefault(loop, {})
+        per_loop = _connections.setdefault(id(loop), (loop, {}))[1]
         bus = per_loop.get(user)
         if bus is None or not bus.connected:
             bus = per_loop[user] = await SystemdBus.connect(user)
@@ -295,8 +312,11 @@ async def connection(user: bool) -> SystemdBus:
 
 def forget_connections() -> None:
     """Close every cached connection (tests, and after fork: a child must not share them)."""
-    for per_loop in list(_connections.values()):
+    for _loop, per_loop in list(_connections.values()):
         for bus in per_loop.values():
-            with contextlib.suppress(Exception):
-                bus.close()
+            bus.abandon()
     _connections.clear()
+
+
+# A forked child must not talk on its parent's connections (their replies would go astray).
+os.register_at_fork(after_in_child=forget_connections)

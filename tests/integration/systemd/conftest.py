@@ -6,6 +6,7 @@ where systemd is not PID 1 the whole directory is skipped (the harness runs it e
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 
@@ -25,8 +26,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def gestvenv_units() -> list[str]:
     """gestvenv's units still loaded, except the parent slice (shared by all envs)."""
+    scope = ["--user"] if os.geteuid() != 0 else []  # a user's envs are their manager's
     out = subprocess.run(
-        ["systemctl", "list-units", "--all", "--plain", "--no-legend", "gestvenv-*"],
+        ["systemctl", *scope, "list-units", "--all", "--plain", "--no-legend", "gestvenv-*"],
         capture_output=True, text=True, check=True).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
@@ -41,6 +43,7 @@ def no_units_left() -> Iterator[None]:
     before = set(gestvenv_units())
     yield
     left = sorted(set(gestvenv_units()) - before)
+    scope = ["--user"] if os.geteuid() != 0 else []
     for unit in left:
-        subprocess.run(["systemctl", "stop", unit], check=False)
+        subprocess.run(["systemctl", *scope, "stop", unit], check=False)
     assert left == []

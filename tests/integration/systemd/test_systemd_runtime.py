@@ -7,6 +7,7 @@ checks what it claims from outside gestvenv too (systemctl, /proc), not only fro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -80,6 +81,7 @@ async def test_a_commands_background_processes_end_with_its_unit() -> None:
     assert result.returncode < 0
 
 
+@pytest.mark.v2
 async def test_memory_limit_oom_kills_the_command_and_says_so() -> None:
     limits = ResourceLimits(max_memory=64)
     async with gestvenv.ephemeral("sd-oom", runtime=SD, resource_limits=limits) as env:
@@ -92,6 +94,7 @@ async def test_memory_limit_oom_kills_the_command_and_says_so() -> None:
         assert after.ok and after.stdout == "still usable\n"
 
 
+@pytest.mark.v2
 async def test_memory_limit_holds_for_the_env_as_a_whole() -> None:
     """Two commands that each fit alone cannot exceed the limit together."""
     hold = "import time; b = b'x' * (60 << 20); time.sleep(2); print('done')"
@@ -104,6 +107,7 @@ async def test_memory_limit_holds_for_the_env_as_a_whole() -> None:
         assert "memory" in (first.killed_by, second.killed_by), (first, second)
 
 
+@pytest.mark.v2
 async def test_cpu_quota_caps_a_busy_loop() -> None:
     busy = textwrap.dedent("""
         import os, time
@@ -123,6 +127,7 @@ async def test_cpu_quota_caps_a_busy_loop() -> None:
         assert usage.cpu_seconds >= float(result.stdout) * 0.9
 
 
+@pytest.mark.v2
 async def test_forking_past_max_processes_fails_inside_the_env() -> None:
     forks = textwrap.dedent("""
         import os, time
@@ -148,6 +153,7 @@ async def test_forking_past_max_processes_fails_inside_the_env() -> None:
         assert made <= 4 and refused >= 16, (made, refused)
 
 
+@pytest.mark.v2
 async def test_timeout_and_ttl_end_a_command_and_say_which() -> None:
     async with gestvenv.ephemeral("sd-deadlines", runtime=SD, ttl=3) as env:
         timed = await env.execute(["sleep", "30"], timeout=1)
@@ -184,6 +190,7 @@ CREATE_AND_RUN = """
 """
 
 
+@pytest.mark.v2
 async def test_ttl_is_held_by_systemd_after_the_creator_is_sigkilled(tmp_path: Path) -> None:
     name = "sd-ttl-kill"
     creator = _run_script(tmp_path, CREATE_AND_RUN, name)
@@ -344,3 +351,25 @@ def test_a_user_manager_runs_envs_and_refuses_limits_it_cannot_enforce() -> None
     assert f"user@{user.pw_uid}.service/gestvenv.slice/" in out["cgroup"]
     assert out["runtime"] == "systemd"
     assert out["applied"]["max_memory"]["enforced"] is False
+
+
+def _bus_sockets() -> int:
+    """Our sockets connected to the system bus (unix sockets in /proc/self/fd)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                count += 1
+    return count
+
+
+def test_one_connection_per_loop_and_none_left_by_closed_loops() -> None:
+    async def cycle() -> None:
+        async with gestvenv.ephemeral("sd-loops", runtime=SD) as env:
+            assert (await env.execute(["true"])).ok
+
+    asyncio.run(cycle())
+    baseline = _bus_sockets()
+    for _ in range(10):
+        asyncio.run(cycle())
+    assert _bus_sockets() <= baseline
