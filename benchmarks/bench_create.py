@@ -2,25 +2,34 @@
 
 Compared in the same run, on the same interpreter and the same package source:
 
-* gestvenv: async ``ephemeral(packages=...)`` + ``env.execute``, disk and memory backends, and
-  the sync API (``ephemeral_sync``) on disk;
+* gestvenv: async ``ephemeral(packages=...)`` + ``env.execute``, disk and memory backends, on
+  the local runtime and, where systemd runs (PID 1), on the systemd runtime too; and the sync API
+  (``ephemeral_sync``) on disk;
 * ``uv run --isolated --no-project --with PKG python -c 'import PKG'`` (the peer to beat);
 * ``python -m venv`` + ``pip install`` + run + rmtree;
 * ``virtualenv`` + ``pip install`` + run + rmtree.
 
-Then the ``.pyc`` question: ``compile_bytecode`` on vs off, install time and the first and second
-import in the same environment.
+Then, with the systemd runtime, what it adds per environment, measured: create and destroy of an
+empty env and one ``execute(["true"])``, local vs systemd; the D-Bus calls each step makes
+(counted); and raw round trips to the manager (GetUnit, ListUnitsByPatterns, StartTransientUnit
+until its JobRemoved, StopUnit until its JobRemoved). Last, the ``.pyc`` question:
+``compile_bytecode`` on vs off, install time and the first and second import in the same
+environment.
 
 Usage (from anywhere; the repository root is put on sys.path)::
 
     python benchmarks/bench_create.py                    # offline, tiny wheels built here
     python benchmarks/bench_create.py --online           # real packages from PyPI
     python benchmarks/bench_create.py --wheelhouse DIR --packages attrs
+    python -m tests.harness.systemd_host run -- .venv/bin/python benchmarks/bench_create.py
+                                                         # local and systemd runtimes (as root)
 
 Everything (uv cache, gestvenv runtime dir and storage root, pip and virtualenv caches, the
 wheelhouse) lives in one temporary directory under /var/tmp, removed at the end. The memory
 backend's root (/dev/shm/gestvenv for root) is not configurable in gestvenv: environments made
-there are destroyed by gestvenv itself and the script checks that none is left behind.
+there are destroyed by gestvenv itself and the script checks that none is left behind; with
+systemd, it checks that no ``gestvenv-*`` unit is left (``gestvenv.slice``, shared by every
+gestvenv user of the manager, stays).
 """
 
 from __future__ import annotations
@@ -39,11 +48,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-ROOT_MARK = ".gestvenv-root"
-PYC_OFF = "gestvenv (disk, compile_bytecode=0)"  # gestvenv.storage.ROOT_MARK: marks a storage root
+ROOT_MARK = ".gestvenv-root"  # gestvenv.storage.ROOT_MARK: marks a storage root
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -51,9 +63,11 @@ if str(REPO) not in sys.path:
 
 import gestvenv  # noqa: E402
 from gestvenv.builder import find_interpreter, find_uv  # noqa: E402
+from gestvenv.exceptions import GestvenvError  # noqa: E402
+from gestvenv.runtime.systemd import SystemdRuntime, systemd_booted  # noqa: E402
+from gestvenv.runtime.systemd import bus as sdbus  # noqa: E402
 from gestvenv.storage import storage_root  # noqa: E402
 
-REFERENCE = "gestvenv async (disk)"
 _KEPT_PIP_VARS = ("PIP_CERT", "PIP_DEFAULT_TIMEOUT")
 
 
@@ -111,10 +125,20 @@ def watchdog_pids(runtime_dir: Path) -> list[int]:
 
 # --- the benchmark ---
 
+def gv_label(backend: str, runtime: str) -> str:
+    return f"gestvenv async ({backend}, {runtime})"
+
+
 class Bench:
-    def __init__(self, args: argparse.Namespace, root: Path) -> None:
+    def __init__(self, args: argparse.Namespace, root: Path, runtimes: list[str]) -> None:
         self.args = args
         self.root = root
+        # Every gestvenv call names its runtime: the config's "auto" would pick systemd inside
+        # the test host and local outside, and the rows must say which one they measured.
+        self.runtimes = runtimes
+        self.primary = runtimes[0]  # local when it is measured: the reference, .pyc trials
+        self.reference = gv_label("disk", self.primary)
+        self.pyc_off = f"gestvenv (disk, {self.primary}, compile_bytecode=0)"
         self.packages: list[str] = args.packages
         self.modules: list[str] = args.imports or import_names(self.packages)
         self.import_code = "import " + ", ".join(self.modules)
@@ -201,19 +225,22 @@ class Bench:
 
     # --- one full cycle per tool ---
 
-    async def gv_async(self, backend: str, compile_bytecode: bool | None = None) -> None:
+    async def gv_async(self, backend: str, runtime: str,
+                       compile_bytecode: bool | None = None) -> None:
         if compile_bytecode is not None:
             os.environ["GESTVENV_EPHEMERAL_COMPILE_BYTECODE"] = str(int(compile_bytecode))
         try:
-            async with gestvenv.ephemeral(packages=self.packages, storage_backend=backend) as env:
+            async with gestvenv.ephemeral(packages=self.packages, storage_backend=backend,
+                                          runtime=runtime) as env:
                 result = await env.execute(self.argv_import)
         finally:
             os.environ.pop("GESTVENV_EPHEMERAL_COMPILE_BYTECODE", None)
         if not result.ok:
-            raise SystemExit(f"gestvenv ({backend}): import failed\n{result.stderr}")
+            raise SystemExit(f"gestvenv ({backend}, {runtime}): import failed\n{result.stderr}")
 
     def gv_sync(self) -> None:
-        with gestvenv.ephemeral_sync(packages=self.packages, storage_backend="disk") as env:
+        with gestvenv.ephemeral_sync(packages=self.packages, storage_backend="disk",
+                                     runtime=self.primary) as env:
             result = env.execute(self.argv_import)
         if not result.ok:
             raise SystemExit(f"gestvenv sync: import failed\n{result.stderr}")
@@ -254,7 +281,8 @@ class Bench:
     # --- checks ---
 
     async def link_mode_check(self, backend: str) -> str:
-        async with gestvenv.ephemeral(packages=self.packages[:1], storage_backend=backend) as env:
+        async with gestvenv.ephemeral(packages=self.packages[:1], storage_backend=backend,
+                                      runtime=self.primary) as env:
             files = list(env.path.glob(f"lib/python*/site-packages/{self.modules[0]}/*.py"))
             if not files:
                 return "unknown (no .py file found)"
@@ -271,7 +299,7 @@ class Bench:
         """
         os.environ["GESTVENV_EPHEMERAL_COMPILE_BYTECODE"] = "1" if compile_bytecode else "0"
         try:
-            async with gestvenv.ephemeral(storage_backend="disk") as env:
+            async with gestvenv.ephemeral(storage_backend="disk", runtime=self.primary) as env:
                 t0 = time.perf_counter()
                 await env.install(self.packages)
                 install = time.perf_counter() - t0

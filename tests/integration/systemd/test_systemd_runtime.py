@@ -270,6 +270,43 @@ async def test_network_access_false_cuts_even_loopback() -> None:
         listener.close()
 
 
+async def test_isolation_levels_are_applied_by_systemd(tmp_path: Path) -> None:
+    marker = tmp_path / "host-file"
+    marker.write_text("host")
+    look = ["sh", "-c", f"cat {marker} 2>/dev/null || echo hidden; ls /tmp | grep -c . ; "
+            "touch /tmp/mine && echo tmp-writable; touch /usr/x 2>/dev/null || echo usr-ro; "
+            "touch \"$VIRTUAL_ENV/x\" && echo env-writable"]
+    async with gestvenv.ephemeral("sd-ns", runtime=SD, isolation_level="namespace") as env:
+        assert env.isolation.value == "namespace"
+        first = (await env.execute(look)).stdout.split()
+        # A private /tmp (the host's files are not there), shared by the env's commands.
+        assert first[0] == "hidden" and first[2:] == ["tmp-writable", "usr-ro", "env-writable"]
+        again = await env.execute(["ls", "/tmp"])
+        assert "mine" in again.stdout.split()
+    assert not await asyncio.to_thread(os.path.exists, "/tmp/mine")
+    async with gestvenv.ephemeral("sd-ct", runtime=SD, isolation_level="container") as env:
+        home = await env.execute(["sh", "-c", "touch /root/gv-x 2>/dev/null || echo home-ro; "
+                                  "touch /var/gv-x 2>/dev/null || echo var-ro; "
+                                  "touch \"$VIRTUAL_ENV/y\" && echo env-writable"])
+        assert home.stdout.split() == ["home-ro", "var-ro", "env-writable"]
+    async with gestvenv.ephemeral("sd-chroot", runtime=SD, isolation_level="chroot") as env:
+        assert env.isolation.value == "container"  # honest fallback, and said
+        assert any("chroot" in note for note in env.info()["notes"])
+
+
+async def test_an_env_stopped_with_systemctl_ends_its_commands() -> None:
+    async with gestvenv.ephemeral("sd-stopped", runtime=SD) as env:
+        running = asyncio.ensure_future(env.execute(["sleep", "300"]))
+        await wait_until(lambda: env_pids(env.id), 5, "the command started")
+        await run("systemctl", "stop", "gestvenv-sd-stopped.service", check=True)
+        result = await asyncio.wait_for(running, 5)
+        assert result.returncode < 0
+        [info] = [e for e in gestvenv.list_environments() if e["name"] == "sd-stopped"]
+        assert info["state"] == "stopped"
+        with pytest.raises(gestvenv.EnvironmentClosedError, match="has ended"):
+            await env.execute(["true"])
+
+
 async def test_systemctl_and_a_fresh_process_see_the_env() -> None:
     async with gestvenv.ephemeral("sd-visible", runtime=SD, ttl=300) as env:
         status = await run("systemctl", "status", "--no-pager", "gestvenv-sd-visible")
