@@ -448,7 +448,8 @@ async def environments() -> list[dict[str, Any]]:
         if record.runtime == "systemd" and units is not None:
             view = units.get(record.name)
             unit_state = view.state if view is not None and view.env_id == record.id else "gone"
-            info["unit"] = {"name": UnitNames.of(record.name).env, "state": unit_state}
+            names = UnitNames.of(record.name)
+            info["unit"] = {"name": names.env, "slice": names.slice, "state": unit_state}
             if unit_state not in LIVE_UNIT_STATES and info["state"] in ("ready", "creating"):
                 info["state"] = "stopped"
         infos.append(info)
@@ -475,7 +476,8 @@ def _unit_only(name: str, unit_state: str) -> dict[str, Any]:
             "created_at": None, "expires_at": None, "ttl": None, "idle_timeout": None,
             "last_activity": None, "owner_pid": None, "packages": [], "limits": {},
             "enforcement": {}, "guarantees": [], "notes": ["a gestvenv unit without a state file"],
-            "unit": {"name": UnitNames.of(name).env, "state": unit_state}}
+            "unit": {"name": UnitNames.of(name).env, "slice": UnitNames.of(name).slice,
+                     "state": unit_state}}
 
 
 def list_environments() -> list[dict[str, Any]]:

@@ -162,7 +162,7 @@ def list_(as_json: bool) -> None:
 def show(name: str, as_json: bool) -> None:
     """Everything about environment NAME: limits really applied, usage, guarantees."""
     env = attach(name)
-    info = env.info()
+    info = next((i for i in run_sync(environments()) if i["id"] == env.id), env.info())
     use = run_sync(env.usage())
     info["usage"] = {"processes": use.processes, "memory_bytes": use.memory_bytes,
                      "cpu_seconds": round(use.cpu_seconds, 3), "disk_bytes": use.disk_bytes}
@@ -186,6 +186,14 @@ def show(name: str, as_json: bool) -> None:
     for key, status in enforcement["limits"].items():
         flag = "enforced" if status["enforced"] else "NOT enforced"
         click.echo(f"  {key} = {status['requested']}: {flag} ({status['mechanism']})")
+    if "unit" in info:
+        user = "--user " if os.geteuid() != 0 else ""
+        unit = info["unit"]
+        click.echo(f"unit:        {unit['name']} ({unit['state']}), its processes in "
+                   f"{unit['slice']}")
+        click.echo(f"inspect:     systemctl {user}status {unit['name']} {unit['slice']}; "
+                   f"journalctl {user}-u {unit['name']} "
+                   f"-u '{unit['name'].removesuffix('.service')}@*'")
     u = info["usage"]
     click.echo(f"usage:       {u['processes']} processes, {human_bytes(u['memory_bytes'])} "
                f"memory, {u['cpu_seconds']} s cpu, {human_bytes(u['disk_bytes'])} disk")

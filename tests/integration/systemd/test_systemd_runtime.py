@@ -316,8 +316,13 @@ async def test_systemctl_and_a_fresh_process_see_the_env() -> None:
                            check=True)
         [info] = [e for e in json.loads(listed.stdout) if e["name"] == "sd-visible"]
         assert info["runtime"] == "systemd" and info["state"] == "ready"
-        assert info["unit"] == {"name": "gestvenv-sd-visible.service", "state": "active"}
+        assert info["unit"] == {"name": "gestvenv-sd-visible.service", "state": "active",
+                                "slice": "gestvenv-sd\\x2dvisible.slice"}
         assert info["path"] == str(env.path)
+        shown = await run(sys.executable, "-m", "gestvenv", "ephemeral", "show", "sd-visible",
+                          check=True)
+        assert "unit:        gestvenv-sd-visible.service (active)" in shown.stdout
+        assert "systemctl status gestvenv-sd-visible.service" in shown.stdout
 
 
 async def test_a_unit_without_state_file_is_listed_and_swept() -> None:
