@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,6 +313,258 @@ class Bench:
         return install, first.duration, second.duration
 
 
+# --- what the systemd runtime adds, per environment ---
+
+PROBE_PREFIX = "gestvenv-benchprobe@"  # '@': never taken for an env's unit by gestvenv's sweeps
+
+
+@dataclass
+class Phase:
+    """The D-Bus traffic of one step (create, execute, destroy) of one environment."""
+
+    calls: Counter[str] = field(default_factory=Counter)  # method calls, by member
+    member_s: defaultdict[str, float] = field(  # awaiting replies, by member
+        default_factory=lambda: defaultdict(float))
+    reply_s: float = 0.0  # awaiting method replies (the round trips)
+    jobs: int = 0
+    job_s: float = 0.0    # awaiting a job's JobRemoved, after its call's reply
+    wall_s: float = 0.0
+
+
+class BusMeter:
+    """Counts gestvenv's D-Bus method calls and the time spent awaiting replies and jobs.
+
+    It wraps ``SystemdBus.call`` and ``SystemdBus.wait_job`` (every call of the façade goes
+    through them) for the duration of ``installed()``, in this process only.
+    """
+
+    def __init__(self) -> None:
+        self.phases: dict[str, Phase] = {}
+        self.phase = "other"
+
+    def _current(self) -> Phase:
+        return self.phases.setdefault(self.phase, Phase())
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        cls = sdbus.SystemdBus
+        orig_call, orig_wait = cls.call, cls.wait_job
+        meter = self
+
+        async def call(bus: Any, path: str, interface: str, member: str, *args: Any,
+                       **kwargs: Any) -> list[Any]:
+            t0 = time.perf_counter()
+            try:
+                return await orig_call(bus, path, interface, member, *args, **kwargs)
+            finally:
+                phase = meter._current()
+                elapsed = time.perf_counter() - t0
+                phase.calls[member] += 1
+                phase.member_s[member] += elapsed
+                phase.reply_s += elapsed
+
+        async def wait_job(bus: Any, job: str) -> str:
+            t0 = time.perf_counter()
+            try:
+                return await orig_wait(bus, job)
+            finally:
+                phase = meter._current()
+                phase.jobs += 1
+                phase.job_s += time.perf_counter() - t0
+
+        cls.call = call  # type: ignore[method-assign,assignment]
+        cls.wait_job = wait_job  # type: ignore[method-assign,assignment]
+        try:
+            yield
+        finally:
+            cls.call = orig_call  # type: ignore[method-assign]
+            cls.wait_job = orig_wait  # type: ignore[method-assign]
+
+
+@contextlib.asynccontextmanager
+async def empty_envs(runtimes: list[str]) -> AsyncIterator[dict[str, Any]]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield {rt: await stack.enter_async_context(
+            gestvenv.ephemeral(storage_backend="disk", runtime=rt)) for rt in runtimes}
+
+
+class SystemdCost:
+    """Measures, local vs systemd, what one environment costs beyond the packages."""
+
+    STEPS = ("create", "destroy", "create + destroy", 'execute(["true"])')
+
+    def __init__(self, runtimes: list[str], runs: int) -> None:
+        self.runtimes = runtimes
+        self.runs = runs
+        self.user = SystemdRuntime().user  # root: the system manager, as gestvenv picks it
+
+    async def create_destroy(self, runtime: str) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        async with gestvenv.ephemeral(storage_backend="disk", runtime=runtime):
+            t1 = time.perf_counter()
+        return t1 - t0, time.perf_counter() - t1
+
+    async def steps(self) -> dict[str, dict[str, list[float]]]:
+        """{step: {runtime: seconds}}; the runtimes alternate, so drift hits both alike."""
+        out: dict[str, dict[str, list[float]]] = {s: {rt: [] for rt in self.runtimes}
+                                                  for s in self.STEPS}
+        for rt in self.runtimes:  # warm-up
+            await self.create_destroy(rt)
+        for i in range(self.runs):
+            for rt in self.runtimes if i % 2 == 0 else self.runtimes[::-1]:
+                create, destroy = await self.create_destroy(rt)
+                out["create"][rt].append(create)
+                out["destroy"][rt].append(destroy)
+                out["create + destroy"][rt].append(create + destroy)
+        execute = out['execute(["true"])']
+        async with empty_envs(self.runtimes) as envs:
+            for env in envs.values():  # warm-up
+                await self._true(env)
+            for i in range(self.runs):
+                for rt in self.runtimes if i % 2 == 0 else self.runtimes[::-1]:
+                    t0 = time.perf_counter()
+                    await self._true(envs[rt])
+                    execute[rt].append(time.perf_counter() - t0)
+        return out
+
+    @staticmethod
+    async def _true(env: Any) -> None:
+        result = await env.execute(["true"])
+        if not result.ok:
+            raise SystemExit(f"execute(['true']) failed: {result}")
+
+    async def counted(self, runtime: str, passes: int) -> list[dict[str, Phase]]:
+        """The D-Bus calls of create, one execute and destroy, ``passes`` times."""
+        out = []
+        for _ in range(passes):
+            meter = BusMeter()
+            with meter.installed():
+                meter.phase = "create"
+                t0 = time.perf_counter()
+                async with gestvenv.ephemeral(storage_backend="disk", runtime=runtime) as env:
+                    t1 = time.perf_counter()
+                    meter.phase = "execute"
+                    await self._true(env)
+                    t2 = time.perf_counter()
+                    meter.phase = "destroy"
+                t3 = time.perf_counter()
+            for name, wall in (("create", t1 - t0), ("execute", t2 - t1), ("destroy", t3 - t2)):
+                meter.phases.setdefault(name, Phase()).wall_s = wall
+            out.append(meter.phases)
+        return out
+
+    async def raw_dbus(self) -> tuple[str, dict[str, list[float]]]:
+        """Round trips to the manager, on gestvenv's own connection of this loop."""
+        bus = await sdbus.connection(user=self.user)
+        cheap = "gestvenv.slice"
+        try:
+            await bus.get_unit(cheap)
+        except sdbus.NoSuchUnit:
+            cheap = "-.slice"
+        connect_label = "new connection (Hello, AddMatch, Subscribe)"
+        get_label = f'GetUnit("{cheap}")'
+        list_label = 'ListUnitsByPatterns(["gestvenv-*"])'
+        start_label = "StartTransientUnit -> JobRemoved"
+        stop_label = "StopUnit -> JobRemoved"
+        times: dict[str, list[float]] = {k: [] for k in (
+            connect_label, get_label, list_label, start_label, stop_label)}
+        for _ in range(min(self.runs, 10)):
+            t0 = time.perf_counter()
+            fresh = await sdbus.SystemdBus.connect(self.user)
+            times[connect_label].append(time.perf_counter() - t0)
+            fresh.close()
+        for _ in range(5 * self.runs + 1):  # the first one is a warm-up
+            t0 = time.perf_counter()
+            await bus.get_unit(cheap)
+            times[get_label].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await bus.list_units(["gestvenv-*"])
+            times[list_label].append(time.perf_counter() - t0)
+        del times[get_label][0], times[list_label][0]
+        sleep = shutil.which("sleep") or "/bin/sleep"
+        for i in range(self.runs + 1):
+            name = f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}.service"
+            props: list[sdbus.Property] = [
+                ("Description", "s", "gestvenv benchmark probe (bench_create.py)"),
+                ("ExecStart", "a(sasb)", [[sleep, [sleep, "600"], False]]),
+                ("Type", "s", "exec"),
+                ("CollectMode", "s", "inactive-or-failed"),
+            ]
+            t0 = time.perf_counter()
+            try:
+                result = await bus.start_transient_unit(name, props)
+                t1 = time.perf_counter()
+                if result != "done":
+                    raise SystemExit(f"probe unit {name}: start job {result}")
+            finally:
+                t2 = time.perf_counter()
+                await bus.stop_unit(name)
+                t3 = time.perf_counter()
+                await bus.reset_failed(name)
+            if i:  # the first one is a warm-up
+                times[start_label].append(t1 - t0)
+                times[stop_label].append(t3 - t2)
+        return f"{'user' if self.user else 'system'} manager", times
+
+
+def report_systemd(cost: SystemdCost, steps: dict[str, dict[str, list[float]]],
+                   results: dict[str, list[float]],
+                   counted: dict[str, list[dict[str, Phase]]],
+                   raw: tuple[str, dict[str, list[float]]], passes: int) -> None:
+    both = "local" in cost.runtimes
+    print(f"\nsystemd runtime: what it adds per environment (disk backend, empty env; medians "
+          f"of {cost.runs}, runtimes alternated)")
+    print(f"{'step':<40}" + ("{:>11}".format("local ms") if both else "")
+          + f"{'systemd ms':>12}" + (f"{'added ms':>11}{'ratio':>8}" if both else ""))
+    rows = [(step, {rt: statistics.median(v) for rt, v in per_rt.items()})
+            for step, per_rt in steps.items()]
+    for backend in ("disk", "memory"):
+        if gv_label(backend, "systemd") in results:
+            rows.append((f"full cycle with packages ({backend}, table)",
+                         {rt: statistics.median(results[gv_label(backend, rt)])
+                          for rt in cost.runtimes}))
+    for step, med in rows:
+        line = f"{step:<40}"
+        if both:
+            line += f"{fmt_ms(med['local']):>11}"
+        line += f"{fmt_ms(med['systemd']):>12}"
+        if both:
+            added = med["systemd"] - med["local"]
+            line += f"{added * 1000:>+11.1f}{med['systemd'] / med['local']:>7.1f}x"
+        print(line)
+
+    print(f"\nD-Bus calls per step, systemd runtime ({passes} counted passes of create, "
+          "execute(['true']), destroy; calls: min-max of the passes, by member: the last "
+          "pass; times: medians; StartTransientUnit and StopUnit reply once the job is "
+          "queued, its end is the JobRemoved wait):")
+    for step in ("create", "execute", "destroy"):
+        phases = [c.get(step, Phase()) for c in counted["systemd"]]
+        last = phases[-1]
+        totals = sorted(sum(p.calls.values()) for p in phases)
+        total = str(totals[0]) if totals[0] == totals[-1] else f"{totals[0]}-{totals[-1]}"
+        detail = ", ".join(
+            f"{m} x{n} {statistics.median(p.member_s[m] for p in phases) * 1000:.1f} ms"
+            for m, n in last.calls.most_common())
+        reply = statistics.median(p.reply_s for p in phases)
+        job = statistics.median(p.job_s for p in phases)
+        wall = statistics.median(p.wall_s for p in phases)
+        print(f"  {step:<8} {total:>5} calls, {last.jobs} jobs waited: {reply * 1000:6.1f} ms "
+              f"awaiting replies + {job * 1000:6.1f} ms awaiting JobRemoved, of "
+              f"{wall * 1000:6.1f} ms wall")
+        print(f"           ({detail})")
+    if "local" in counted:
+        n = sum(sum(p.calls.values()) for c in counted["local"] for p in c.values())
+        print(f"  local runtime: {n} D-Bus calls in {passes} passes")
+
+    manager, times = raw
+    print(f"\nraw D-Bus round trips to the {manager} (gestvenv's own connection; probe unit: "
+          "Type=exec sleep, stopped at once)")
+    print(f"{'call':<46}{'runs':>5}{'median ms':>11}{'p90 ms':>9}{'min ms':>9}")
+    for name, values in times.items():
+        print(f"{name:<46}{len(values):>5}{fmt_ms(statistics.median(values)):>11}"
+              f"{fmt_ms(p90(values)):>9}{fmt_ms(min(values)):>9}")
+
+
 def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -333,19 +585,46 @@ def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:8.1f}"
 
 
-def report(results: dict[str, list[float]]) -> float:
-    ref = statistics.median(results[REFERENCE])
-    print(f"\n{'tool':<34}{'runs':>5}{'median ms':>11}{'p90 ms':>9}{'min ms':>9}   vs gestvenv")
+def report(results: dict[str, list[float]], reference: str) -> float:
+    ref = statistics.median(results[reference])
+    print(f"\n{'tool':<46}{'runs':>5}{'median ms':>11}{'p90 ms':>9}{'min ms':>9}   vs reference")
     for name, values in results.items():
         med = statistics.median(values)
-        ratio = "reference" if name == REFERENCE else f"{med / ref:.2f}x"
-        print(f"{name:<34}{len(values):>5}{fmt_ms(med):>11}{fmt_ms(p90(values)):>9}"
+        ratio = "reference" if name == reference else f"{med / ref:.2f}x"
+        print(f"{name:<46}{len(values):>5}{fmt_ms(med):>11}{fmt_ms(p90(values)):>9}"
               f"{fmt_ms(min(values)):>9}   {ratio}")
     print()
     for name, values in results.items():
-        if name != REFERENCE:
-            print(f"{name}: {statistics.median(values) / ref:.2f}x gestvenv")
+        if name != reference:
+            print(f"{name}: {statistics.median(values) / ref:.2f}x {reference}")
+    for backend in ("disk", "memory"):
+        local, systemd = gv_label(backend, "local"), gv_label(backend, "systemd")
+        if local in results and systemd in results:
+            lo, sd = statistics.median(results[local]), statistics.median(results[systemd])
+            print(f"systemd vs local runtime, full cycle ({backend}): {sd * 1000:.1f} vs "
+                  f"{lo * 1000:.1f} ms, {(sd - lo) * 1000:+.1f} ms per environment "
+                  f"({sd / lo:.2f}x)")
     return ref
+
+
+def choose_runtimes(choice: str) -> tuple[list[str], str | None]:
+    """The gestvenv runtimes to measure, local first; and a note on the choice."""
+    if choice == "local":
+        return ["local"], None
+    if not systemd_booted():
+        if choice == "auto":
+            return ["local"], ("systemd is not PID 1 here (no /run/systemd/system): local "
+                               "runtime only; run the benchmark inside "
+                               "`python -m tests.harness.systemd_host run -- ...` for both")
+        raise SystemExit(f"--runtime {choice}: systemd is not PID 1 here "
+                         "(no /run/systemd/system); try tests.harness.systemd_host")
+    try:
+        asyncio.run(SystemdRuntime().prepare())
+    except GestvenvError as exc:
+        if choice == "auto":
+            return ["local"], f"systemd runtime not usable ({exc}): local runtime only"
+        raise SystemExit(f"--runtime {choice}: {exc}") from None
+    return (["systemd"] if choice == "systemd" else ["local", "systemd"]), None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,32 +644,52 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--online", action="store_true", help="install real packages from PyPI")
     parser.add_argument("--tmp-base", default="/var/tmp",
                         help="where the temporary directory goes (default /var/tmp)")
+    parser.add_argument("--runtime", choices=["auto", "local", "systemd", "both"],
+                        default="auto",
+                        help="gestvenv runtime(s) to time (default auto: local and systemd when "
+                             "systemd is PID 1, else local)")
+    parser.add_argument("--breakdown-runs", type=int, default=None,
+                        help="runs per step of the systemd breakdown (default: max(2*runs, 20))")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
     slow_runs = args.slow_runs if args.slow_runs is not None else min(args.runs, 5)
     pyc_runs = args.pyc_runs if args.pyc_runs is not None else min(args.runs, 5)
+    breakdown_runs = (args.breakdown_runs if args.breakdown_runs is not None
+                      else max(2 * args.runs, 20))
+    runtimes, runtime_note = choose_runtimes(args.runtime)
 
     root = Path(tempfile.mkdtemp(prefix="gestvenv-bench-", dir=args.tmp_base))
     shm_before = _shm_entries()
     saved_environ = dict(os.environ)
     started = time.perf_counter()
     try:
-        bench = Bench(args, root)
-        _run(bench, args.runs, slow_runs, pyc_runs)
+        bench = Bench(args, root, runtimes)
+        _run(bench, args.runs, slow_runs, pyc_runs, breakdown_runs, runtime_note)
     finally:
-        leftovers = _cleanup(root, shm_before)
+        leftovers = _cleanup(root, shm_before, "systemd" in runtimes)
         os.environ.clear()
         os.environ.update(saved_environ)
-    print(f"\ntotal {time.perf_counter() - started:.0f} s; "
-          + ("cleanup: nothing left behind (processes, dirs, environments)" if not leftovers
+    what = "processes, dirs, environments" + (", gestvenv-* units" if "systemd" in runtimes
+                                              else "")
+    print(f"\nload average at end: {_loadavg()}")
+    print(f"total {time.perf_counter() - started:.0f} s; "
+          + (f"cleanup: nothing left behind ({what})" if not leftovers
              else "LEFT BEHIND: " + "; ".join(leftovers)))
     return 1 if leftovers else 0
 
 
-def _run(bench: Bench, runs: int, slow_runs: int, pyc_runs: int) -> None:
+def _run(bench: Bench, runs: int, slow_runs: int, pyc_runs: int, breakdown_runs: int,
+         runtime_note: str | None) -> None:
     print(f"gestvenv {gestvenv.__version__} | Python {sys.version.split()[0]} "
           f"({bench.base_python}) | {os.cpu_count()} CPUs")
+    print(f"gestvenv runtimes: {', '.join(bench.runtimes)}" + (
+        f" | systemd {_systemd_version()}, cgroups {_cgroup_layout()}"
+        if "systemd" in bench.runtimes else ""))
+    if runtime_note:
+        print(f"note: {runtime_note}")
+    print(f"load average at start: {_loadavg()} (host-wide; other work on the machine "
+          "shows here)")
     print(f"uv: {tool_version([bench.uv, '--version'])} | "
           f"pip: {tool_version([sys.executable, '-m', 'pip', '--version']).split(' from ')[0]} | "
           f"virtualenv: "
@@ -402,13 +701,16 @@ def _run(bench: Bench, runs: int, slow_runs: int, pyc_runs: int) -> None:
         print("note: PYTHONDONTWRITEBYTECODE was set here; unset for this benchmark")
 
     with asyncio.Runner() as runner:
-        fast: dict[str, Callable[[], object]] = {
-            REFERENCE: lambda: runner.run(bench.gv_async("disk")),
-            "gestvenv async (memory)": lambda: runner.run(bench.gv_async("memory")),
-            PYC_OFF: lambda: runner.run(bench.gv_async("disk", False)),
-            "gestvenv sync (disk)": bench.gv_sync,
-            "uv run --with": bench.uv_run,
-        }
+        def gv_cycle(backend: str, runtime: str) -> Callable[[], object]:
+            return lambda: runner.run(bench.gv_async(backend, runtime))
+
+        fast: dict[str, Callable[[], object]] = {}
+        for backend in ("disk", "memory"):
+            for rt in bench.runtimes:
+                fast[gv_label(backend, rt)] = gv_cycle(backend, rt)
+        fast[bench.pyc_off] = lambda: runner.run(bench.gv_async("disk", bench.primary, False))
+        fast[f"gestvenv sync (disk, {bench.primary})"] = bench.gv_sync
+        fast["uv run --with"] = bench.uv_run
         slow: dict[str, Callable[[], object]] = {"python -m venv + pip": bench.venv_pip}
         if importlib.util.find_spec("virtualenv") is not None:
             slow["virtualenv + pip"] = bench.virtualenv_pip
@@ -428,7 +730,16 @@ def _run(bench: Bench, runs: int, slow_runs: int, pyc_runs: int) -> None:
         results: dict[str, list[float]] = {}
         run_rounds(fast, runs, results)
         run_rounds(slow, slow_runs, results)
-        ref = report(results)
+        ref = report(results, bench.reference)
+
+        if "systemd" in bench.runtimes:
+            cost = SystemdCost(bench.runtimes, breakdown_runs)
+            print(f"\nsystemd breakdown: {breakdown_runs} runs per step...", flush=True)
+            steps = runner.run(cost.steps())
+            passes = 5
+            counted = {rt: runner.run(cost.counted(rt, passes)) for rt in bench.runtimes}
+            raw = runner.run(cost.raw_dbus())
+            report_systemd(cost, steps, results, counted, raw, passes)
 
         print(f"\n.pyc: GESTVENV_EPHEMERAL_COMPILE_BYTECODE=0 vs 1, {pyc_runs} trials each "
               "(disk, install into an empty env, then the same import twice; medians)")
@@ -445,10 +756,10 @@ def _run(bench: Bench, runs: int, slow_runs: int, pyc_runs: int) -> None:
         inst, first, second = medians[flag]
         print(f"{int(flag):<18}{fmt_ms(inst):>12}{fmt_ms(first):>15}{fmt_ms(second):>15}"
               f"{fmt_ms(inst + first):>16}")
-    _conclude(results, ref, medians)
+    _conclude(bench, results, ref, medians)
 
 
-def _conclude(results: dict[str, list[float]], ref: float,
+def _conclude(bench: Bench, results: dict[str, list[float]], ref: float,
               medians: dict[bool, list[float]]) -> None:
     peers = {n: statistics.median(v) for n, v in results.items() if not n.startswith("gestvenv")}
     best = min(peers, key=lambda n: peers[n])
@@ -461,16 +772,23 @@ def _conclude(results: dict[str, list[float]], ref: float,
     pyc = (f"compile_bytecode=1 costs {extra_install * 1000:+.1f} ms at install and saves "
            f"{saved_first * 1000:.1f} ms on the first import (net {net * 1000:+.1f} ms for an env "
            f"that imports once; 2nd import {off[2] * 1000:.1f} vs {on[2] * 1000:.1f} ms)")
-    steady_on = statistics.median(results[REFERENCE])  # the default: compile_bytecode = true
-    steady_off = statistics.median(results[PYC_OFF])
+    steady_on = statistics.median(results[bench.reference])  # default: compile_bytecode=true
+    steady_off = statistics.median(results[bench.pyc_off])
     print(f"\nSteady state (package-set snapshot reused, .pyc files cloned with it): "
           f"compile_bytecode=1 {steady_on * 1000:.1f} ms vs =0 {steady_off * 1000:.1f} ms per "
           f"create + install + import + destroy ({steady_off / steady_on:.2f}x).")
-    print(f"\nConclusion: gestvenv (async, disk) {ref * 1000:.1f} ms median is {verdict} the "
+    print(f"\nConclusion: {bench.reference} {ref * 1000:.1f} ms median is {verdict} the "
           f"best peer ({best}, {peers[best] * 1000:.1f} ms, {ratio:.2f}x); {pyc}; "
           f"with snapshots the compile cost is paid once per package set, so the default "
           f"(compile_bytecode = true) {'pays' if steady_on < steady_off else 'does NOT pay'} "
           "here.")
+    local, systemd = gv_label("disk", "local"), gv_label("disk", "systemd")
+    if local in results and systemd in results:
+        lo, sd = statistics.median(results[local]), statistics.median(results[systemd])
+        print(f"systemd runtime: {sd * 1000:.1f} ms per full cycle (disk), "
+              f"{(sd - lo) * 1000:+.1f} ms per environment over the local runtime "
+              f"({sd / lo:.2f}x), {sd / peers[best]:.2f}x the best peer's time "
+              f"({best}, {peers[best] * 1000:.1f} ms).")
 
 
 # --- cleanup ---
@@ -486,9 +804,52 @@ def _shm_entries() -> set[str] | None:
         return None
 
 
-def _cleanup(root: Path, shm_before: set[str] | None) -> list[str]:
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def _systemd_version() -> str:
+    return tool_version(["systemctl", "--version"]).split(" (")[0]
+
+
+def _cgroup_layout() -> str:
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        return "v2 (unified)"
+    if os.path.isdir("/sys/fs/cgroup/unified"):
+        return "hybrid (v1 controllers + v2 for systemd)"
+    return "v1 (legacy)"
+
+
+def _leftover_units() -> list[str]:
+    """gestvenv-* units still loaded (any state); gestvenv.slice is shared and stays."""
+    argv = ["systemctl", *(["--user"] if os.geteuid() != 0 else []), "list-units", "--all",
+            "--no-legend", "--plain", "--no-pager", "gestvenv-*"]
+    deadline = time.monotonic() + 5  # command units are collected once inactive
+    while True:
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return [f"(systemctl list-units failed: {exc})"]
+        if proc.returncode != 0:
+            return [f"(systemctl list-units failed: {proc.stderr.strip()})"]
+        units = [line.replace("\u25cf", "").split()[0] for line in proc.stdout.splitlines()
+                 if line.strip()]
+        units = [u for u in units if u != "gestvenv.slice"]
+        if not units or time.monotonic() > deadline:
+            return units
+        time.sleep(0.2)
+
+
+def _cleanup(root: Path, shm_before: set[str] | None, systemd: bool) -> list[str]:
     """Wait for (or end) our watchdog, check gestvenv left nothing, remove the temp root."""
     leftovers: list[str] = []
+    if systemd and systemd_booted():
+        units = _leftover_units()
+        if units:
+            leftovers.append(f"systemd units: {units}")
     runtime = root / "run"
     # The watchdog lingers ~2 s once no environment exists, then exits by itself.
     deadline = time.monotonic() + 6

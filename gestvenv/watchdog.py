@@ -62,6 +62,11 @@ def ensure_reaper() -> None:
     )
 
 
+def _watched() -> bool:
+    """Environments that need the watchdog: the local runtime's (systemd holds its own)."""
+    return any(r.runtime == "local" for r in registry.list_records())
+
+
 async def _watch() -> None:
     from .cleanup import sweep
     from .config import load_config
@@ -78,12 +83,12 @@ async def _watch() -> None:
             await sweep(config, expired=True, idle=True, orphans=orphans)
             if orphans:
                 last_orphan_sweep = time.monotonic()
-            if registry.list_records():
+            if _watched():
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > LINGER:
                 os.close(fd)
                 fd = None
-                if not registry.list_records():
+                if not _watched():
                     return
                 fd = _try_lock()  # someone registered meanwhile: keep watching, if still ours
                 if fd is None:

@@ -35,7 +35,7 @@ from ._common import (
 def ephemeral_group() -> None:
     """Create, inspect and destroy ephemeral environments."""
     load_config()  # a bad setting is reported by every command, not only those that use it
-    if registry.list_records():
+    if any(r.runtime == "local" for r in registry.list_records()):
         ensure_reaper()  # if the watchdog was killed, whoever looks next restarts it
 
 

@@ -104,6 +104,8 @@ class SystemdBus:
         self._jobs: dict[str, asyncio.Future[str]] = {}
         self._finished_jobs: dict[str, str] = {}  # JobRemoved seen before its caller asked
         self._watchers: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
+        # What this connection already made sure of (gestvenv.slice and its cap): once each.
+        self.settled: set[str] = set()
         bus.add_message_handler(self._on_message)
 
     # -- connection -------------------------------------------------------------------------
@@ -247,9 +249,13 @@ class SystemdBus:
 
     async def properties(self, name: str, interface: str) -> dict[str, Any]:
         """All properties of one interface of a loaded unit (:class:`NoSuchUnit` if not)."""
-        path = await self.get_unit(name)
+        return await self.properties_at(await self.get_unit(name), interface, name)
+
+    async def properties_at(self, path: str, interface: str, name: str = "") -> dict[str, Any]:
+        """The same by object path, one round trip: for a unit known to be loaded (one we
+        hold a reference on). Asking for an unloaded one would make systemd load a stub."""
         (values,) = await self.call(path, PROPERTIES, "GetAll", "s", [interface],
-                                    what=f"reading {name}")
+                                    what=f"reading {name or path}")
         return {k: v.value for k, v in values.items()}
 
     async def manager_property(self, prop: str) -> Any:

@@ -30,7 +30,7 @@ from ...registry import EnvRecord, state_path
 from ...shield import shielded
 from ..base import CommandSpec, Runtime, UnitView, Usage
 from . import cgroups, plan
-from .bus import SERVICE, UNIT, NoSuchUnit, SystemdBus, connection, variants
+from .bus import SERVICE, UNIT, NoSuchUnit, SystemdBus, connection, unit_path, variants
 from .plan import Capabilities, Property, UnitNames
 
 PIPE_GRACE = 1.0
@@ -58,6 +58,7 @@ class SystemdRuntime(Runtime):
         self.user = use_user_manager()
         self.max_total_memory_mb = max_total_memory_mb
         self._caps: Capabilities | None = None
+        self._root_cgroup = ""  # the manager's own cgroup: "" for the system manager
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -73,6 +74,7 @@ class SystemdRuntime(Runtime):
         if self._caps is None:
             if self.user:
                 root = str(await bus.manager_property("ControlGroup"))
+                self._root_cgroup = root.rstrip("/")
                 controllers = await asyncio.to_thread(cgroups.delegated_controllers, root)
             else:
                 controllers = await asyncio.to_thread(cgroups.system_controllers)
@@ -99,6 +101,13 @@ class SystemdRuntime(Runtime):
     # -- the environment ----------------------------------------------------------------------
 
     async def _ensure_parent_slice(self, bus: SystemdBus, max_total_memory_mb: int | None) -> None:
+        settled = f"{plan.PARENT_SLICE}:{max_total_memory_mb}"
+        if settled in bus.settled:
+            return  # once per connection: later envs cost one StartTransientUnit each
+        await self._set_up_parent_slice(bus, max_total_memory_mb)
+        bus.settled.add(settled)
+
+    async def _set_up_parent_slice(self, bus: SystemdBus, max_total_memory_mb: int | None) -> None:
         props = plan.parent_slice_properties(max_total_memory_mb, self.capabilities)
         try:
             current = await bus.properties(plan.PARENT_SLICE, UNIT)
@@ -131,9 +140,6 @@ class SystemdRuntime(Runtime):
         names = UnitNames.of(record.name)
         limits = ResourceLimits.from_dict(record.limits)
         await self._ensure_parent_slice(bus, self.max_total_memory_mb)
-        # A unit of a former env of this name may still be stopping: the name is ours now (the
-        # registry reserved it), so make sure it is gone.
-        await self._stop_units(bus, names)
         sandbox = self._sandbox(record)
         holder = plan.HolderArgs(
             python=_python(), script=_HOLDER,
@@ -144,8 +150,17 @@ class SystemdRuntime(Runtime):
         env_props = plan.env_properties(names, record.name, description, record.ttl, holder,
                                         sandbox)
         slice_props = plan.slice_properties(names, record.name, limits, caps)
-        result = await bus.start_transient_unit(names.env, env_props,
-                                                aux=[(names.slice, slice_props)])
+        try:
+            result = await bus.start_transient_unit(names.env, env_props,
+                                                    aux=[(names.slice, slice_props)])
+        except SystemdError as exc:
+            if "UnitExists" not in exc.dbus_name:
+                raise
+            # A unit of a former env of this name is still there (stopping, or left by a
+            # crash): the name is ours now (the registry reserved it), so it goes.
+            await self._stop_units(bus, names)
+            result = await bus.start_transient_unit(names.env, env_props,
+                                                    aux=[(names.slice, slice_props)])
         if result != "done":
             raise SystemdError(f"systemd could not start {names.env} (job {result}); see "
                                f"`journalctl -u {names.env}`", "job-" + result)
@@ -168,9 +183,13 @@ class SystemdRuntime(Runtime):
         # Its slice and commands end with its own unit (BindsTo=, StopWhenUnneeded=): a unit
         # that is gone, or another env's, leaves nothing of this env to stop.
         if env_id is not None:
-            view = await self._view(bus, names.env)
+            view = await self._view(bus, names.env, state="?")
             if view is None or view.env_id != env_id:
                 return
+            # Its commands stop first (After=), its slice once unneeded; nothing to reset:
+            # the units are collected when inactive or failed.
+            await bus.stop_unit(names.env)
+            return
         await self._stop_units(bus, names)
 
     async def _view(self, bus: SystemdBus, unit: str, state: str | None = None) -> UnitView | None:
@@ -255,8 +274,8 @@ class SystemdRuntime(Runtime):
                         command: CommandSpec) -> ExecResult:
         changed = asyncio.Event()
         unwatch = await bus.watch(unit, lambda _: changed.set())
-        slice_cgroup = await self._slice_cgroup(bus, record)
-        oom = await asyncio.to_thread(cgroups.OomWatch, slice_cgroup) if slice_cgroup else None
+        slice_cgroup = f"{self._root_cgroup}/{plan.PARENT_SLICE}/{UnitNames.of(record.name).slice}"
+        oom = await asyncio.to_thread(cgroups.OomWatch, slice_cgroup)
         oom_fired = False
         started = time.monotonic()
         chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
@@ -278,8 +297,8 @@ class SystemdRuntime(Runtime):
             if result != "done":
                 await _raise_if_not_started(bus, unit, result, command.argv[0])
             while True:
-                try:
-                    state = (await bus.properties(unit, UNIT))["ActiveState"]
+                try:  # loaded for sure: AddRef=yes holds it until we unref it
+                    state = (await bus.properties_at(unit_path(unit), UNIT, unit))["ActiveState"]
                 except NoSuchUnit:
                     break
                 if state in ("inactive", "failed"):
@@ -287,7 +306,7 @@ class SystemdRuntime(Runtime):
                 changed.clear()
                 with contextlib.suppress(TimeoutError):  # a missed signal costs a second
                     await asyncio.wait_for(changed.wait(), 1.0)
-            service = await _service_props(bus, unit)
+            service = await _service_props(bus, unit, loaded=True)
             if pumps:
                 # Output ends when the last holder of the pipes exits; a process that escaped
                 # the unit is not waited for.
@@ -303,9 +322,8 @@ class SystemdRuntime(Runtime):
                     pump.cancel()
             await shielded(bus.unref(unit))
             await shielded(unwatch())
-            if oom is not None:
-                oom_fired = oom.fired()
-                oom.close()
+            oom_fired = oom.fired()
+            oom.close()
         duration = time.monotonic() - started
         returncode = plan.exit_status(int(service.get("ExecMainCode", 1)),
                                       int(service.get("ExecMainStatus", 0)))
@@ -322,14 +340,6 @@ class SystemdRuntime(Runtime):
                           stdout=b"".join(chunks["stdout"]).decode(errors="replace"),
                           stderr=b"".join(chunks["stderr"]).decode(errors="replace"),
                           duration=duration, killed_by=killed_by)
-
-    async def _slice_cgroup(self, bus: SystemdBus, record: EnvRecord) -> str | None:
-        try:
-            props = await bus.properties(UnitNames.of(record.name).slice,
-                                         "org.freedesktop.systemd1.Slice")
-        except NoSuchUnit:
-            return None
-        return str(props.get("ControlGroup") or "") or None
 
 
 def _check_interpreter(program: str, cwd: str) -> None:
@@ -364,8 +374,10 @@ async def _raise_if_not_started(bus: SystemdBus, unit: str, job: str, program: s
                            f"`journalctl -u {unit}`", "job-" + job)
 
 
-async def _service_props(bus: SystemdBus, unit: str) -> dict[str, Any]:
+async def _service_props(bus: SystemdBus, unit: str, loaded: bool = False) -> dict[str, Any]:
     try:
+        if loaded:
+            return await bus.properties_at(unit_path(unit), SERVICE, unit)
         return await bus.properties(unit, SERVICE)
     except NoSuchUnit:
         return {}
