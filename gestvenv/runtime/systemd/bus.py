@@ -258,6 +258,12 @@ class SystemdBus:
                                     what=f"reading {name or path}")
         return {k: v.value for k, v in values.items()}
 
+    async def get(self, path: str, interface: str, prop: str) -> Any:
+        """One property by object path (a unit's GetAll is hundreds of values: far slower)."""
+        (value,) = await self.call(path, PROPERTIES, "Get", "ss", [interface, prop],
+                                   what=f"reading {prop} of {path}")
+        return value.value
+
     async def manager_property(self, prop: str) -> Any:
         (value,) = await self.call(MANAGER_PATH, PROPERTIES, "Get", "ss", [MANAGER, prop],
                                    what=f"reading the manager's {prop}")

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,7 +64,6 @@ GUEST_SHARE = "/mnt/host"
 GUEST_HOME = "/home/tester"
 GUEST_TREE = f"{GUEST_HOME}/gestvenv"
 GUEST_VENV = f"{GUEST_HOME}/venv"
-GUEST_WHEELS = f"{GUEST_HOME}/wheels"  # the wheels, also for tests that install offline
 GUEST_USER_ENV = {
     "HOME": GUEST_HOME,
     "USER": "tester",
@@ -266,24 +266,23 @@ def prepare_share(share: Path, scratch: Path, pyver: str) -> None:
     shutil.copytree(REPO / "tests", share / "src" / "tests",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache"))
     shutil.copy2(REPO / "pyproject.toml", share / "src" / "pyproject.toml")
-
-
-UNPACK_UV = """\
-import os, pathlib, re, sys, zipfile
-wheel = next(pathlib.Path(sys.argv[1]).glob("uv-*.whl"))
-with zipfile.ZipFile(wheel) as zf:
-    name = next(n for n in zf.namelist() if re.fullmatch(r"uv-[^/]+[.]data/scripts/uv", n))
-    pathlib.Path(sys.argv[2]).write_bytes(zf.read(name))
-os.chmod(sys.argv[2], 0o755)
-"""
+    # uv's binary out of its wheel, to fill the guest's venv (see SETUP_UV).
+    uv_wheel = next(wheels.glob("uv-*.whl"))
+    with zipfile.ZipFile(uv_wheel) as zf:
+        member = next(n for n in zf.namelist() if re.fullmatch(r"uv-[^/]+\.data/scripts/uv", n))
+        (share / "bin").mkdir()
+        (share / "bin" / "uv").write_bytes(zf.read(member))
+    (share / "bin" / "uv").chmod(0o755)
 
 
 def env_args(env: dict[str, str]) -> str:
     return " ".join(shlex.quote(f"{k}={v}") for k, v in env.items())
 
 
-# Both create /home/tester/venv as tester and install offline from the share. Under TCG uv
-# takes ~N s, `python -m venv` (ensurepip) + pip ~M s (measured, see the report in git log).
+# The guest's venv: created by tester, filled offline from the wheels in the share. Measured
+# under TCG (cold, same guest, 3 rounds): `python -m venv --without-pip` + uv from the share
+# 15-27 s; copying the wheels to the guest's disk first, or `uv venv`, no faster (the time is
+# TCG CPU, not 9p); `python -m venv` (ensurepip) + pip ~60 s.
 SETUP_COMMON = f"""\
 set -euo pipefail
 S={GUEST_SHARE}
@@ -293,7 +292,7 @@ step() {{  # step LABEL CMD...: run CMD, print how long it took
   local us=$(( ${{EPOCHREALTIME/./}} - t ))
   printf '  %-22s %d.%01ds\\n' "$label" $((us/1000000)) $((us/100000%10))
 }}
-rm -rf --one-file-system {GUEST_TREE} {GUEST_VENV} {GUEST_WHEELS}
+rm -rf --one-file-system {GUEST_TREE} {GUEST_VENV}
 step "copy tests/ tree" cp -r "$S/src" {GUEST_TREE}
 chown -R tester:tester {GUEST_TREE}
 cd {GUEST_TREE}   # not /root: tester can't read it (uv looks for uv.toml in the cwd)
@@ -305,22 +304,14 @@ failed=$(systemctl --failed --no-legend --plain | awk '{{print $1}}' | tr '\\n' 
 [ -z "$failed" ] || echo "WARNING: failed units in the guest: $failed"
 """
 SETUP_UV = SETUP_COMMON + f"""\
-# 9p moves ~15 MB/s under TCG and uv reads its inputs in small pieces: one sequential copy of
-# the wheels to the guest's disk, and uv's binary from its (compressed) wheel, is the fast way.
-step "copy wheels" cp -r "$S/wheels" {GUEST_WHEELS}
-chown -R tester:tester {GUEST_WHEELS}
 step "venv (no pip)" as_tester /usr/bin/python3 -m venv --without-pip {GUEST_VENV}
-step "uv from its wheel" as_tester /usr/bin/python3 -c '{UNPACK_UV}' {GUEST_WHEELS} /tmp/uv
-step "install (uv)" as_tester /tmp/uv pip install --quiet --offline --no-index \\
-  --find-links {GUEST_WHEELS} --python {GUEST_VENV}/bin/python gestvenv pytest
-rm -f /tmp/uv
+step "install (uv)" as_tester "$S/bin/uv" pip install --quiet --offline --no-index \\
+  --find-links "$S/wheels" --python {GUEST_VENV}/bin/python gestvenv pytest
 """
 SETUP_PIP = SETUP_COMMON + f"""\
-step "copy wheels" cp -r "$S/wheels" {GUEST_WHEELS}
-chown -R tester:tester {GUEST_WHEELS}
 step "venv (python -m venv)" as_tester /usr/bin/python3 -m venv {GUEST_VENV}
 step "install (pip)" as_tester {GUEST_VENV}/bin/pip install --quiet --disable-pip-version-check \\
-  --no-index --find-links {GUEST_WHEELS} gestvenv pytest
+  --no-index --find-links "$S/wheels" gestvenv pytest
 """
 
 
