@@ -163,6 +163,20 @@ async def test_timeout_and_ttl_end_a_command_and_say_which() -> None:
         await wait_until(lambda: not units_of("sd-deadlines"), 2, "units gone")
 
 
+async def test_idle_timeout_never_ends_a_running_command() -> None:
+    """The env's unit ends once nothing has run in it for idle_timeout, never during a command."""
+    async with gestvenv.ephemeral("sd-idle", runtime=SD, idle_timeout=2) as env:
+        long = await env.execute(["sleep", "4"])
+        assert long.ok and long.killed_by is None
+        idle_from = time.monotonic()
+        await wait_until(lambda: not units_of("sd-idle"), 5, "the idle env's units are gone")
+        idle_for = time.monotonic() - idle_from
+        print(f"idle env ended {idle_for:.2f}s after its last command")
+        assert 1.5 <= idle_for <= 3.5
+        with pytest.raises(gestvenv.EnvironmentClosedError, match="has ended"):
+            await env.execute(["true"])
+
+
 def _run_script(tmp_path: Path, code: str, *args: str) -> subprocess.Popen[str]:
     script = tmp_path / "creator.py"
     script.write_text(textwrap.dedent(code))
