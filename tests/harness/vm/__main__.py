@@ -146,10 +146,33 @@ def ensure_host_tools() -> None:
     env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
     for argv in (["apt-get", "update", "-qq"],
                  ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]):
-        proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            raise HarnessError(f"{' '.join(argv)} failed:\n{proc.stdout}{proc.stderr}")
+        rc, out = run_group(argv, env=env)
+        if rc != 0:
+            raise HarnessError(f"{' '.join(argv)} failed:\n{out}")
+
+
+def run_group(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ARGV in its own process group; returns (status, stdout+stderr).
+
+    When the driver is interrupted, the whole group gets SIGTERM and a minute to finish: dpkg
+    must not be cut mid-way, and build-image.sh's EXIT trap unmounts proc/sys in the target
+    before it removes its work dir. (subprocess.run would SIGKILL the direct child alone.)
+    """
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate()
+    except BaseException:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a 2nd ^C: don't cut this
+            signal.signal(sig, signal.SIG_IGN)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise
+    return proc.returncode, out.decode(errors="replace")
 
 
 # --------------------------------------------------------------------------------------- image
@@ -187,27 +210,14 @@ def ensure_image(rebuild: bool = False) -> Path:
         tmp = img.with_name(img.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         log(f"building the guest image in {img} (~1.5 min)")
-        # Own process group: on Ctrl-C/SIGTERM the whole build (debootstrap, chroot'ed dpkg)
-        # gets SIGTERM and the script's EXIT trap unmounts proc/sys in the target before it
-        # removes its work dir; subprocess.run would SIGKILL the script alone.
-        proc = subprocess.Popen(["bash", str(BUILD_SCRIPT), str(tmp)], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
         try:
-            out, _ = proc.communicate()
+            rc, out = run_group(["bash", str(BUILD_SCRIPT), str(tmp)])
         except BaseException:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if proc.returncode != 0 or not image_complete(tmp):
+        if rc != 0 or not image_complete(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-            raise HarnessError(f"build-image.sh failed ({proc.returncode}):\n"
-                               + out.decode(errors="replace")[-4000:])
+            raise HarnessError(f"build-image.sh failed ({rc}):\n{out[-4000:]}")
         shutil.rmtree(img, ignore_errors=True)
         tmp.rename(img)
         # Older images (other keys) are garbage now. Deleting is safe even while another run
@@ -215,7 +225,7 @@ def ensure_image(rebuild: bool = False) -> Path:
         for old in BASE.glob("image-*"):
             if old != img:
                 shutil.rmtree(old, ignore_errors=True)
-        for line in out.decode(errors="replace").splitlines()[-2:]:
+        for line in out.splitlines()[-2:]:
             log(f"image: {line}")
     return img
 
@@ -477,7 +487,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     rc = EXIT_HARNESS
     try:
         guest.start()
-        # Host work overlaps the guest's boot (TCG keeps ~1.5 host cores busy booting).
+        # Host work overlaps the guest's boot (which waits on TCG, not on us).
         with timer.phase("wheels(overlaps boot)"):
             prepare_share(guest.share, run, pyver)
         with timer.phase("boot(rest)"):
@@ -492,12 +502,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         if setup_rc != 0:
             raise HarnessError(f"guest setup failed ({setup_rc}):\n"
                                + setup_log.getvalue().decode(errors="replace"))
-        env = CMD_ENV | dict(e.split("=", 1) if "=" in e else (e, os.environ.get(e, ""))
-                             for e in args.env)
-        user = ["runuser", "-u", "tester", "--"] if not args.as_root else []
+        env = CMD_ENV
+        user = ["runuser", "-u", "tester", "--"]
         if args.as_root:
-            env |= {"HOME": "/root", "USER": "root", "LOGNAME": "root",
-                    "PATH": f"{GUEST_VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"}
+            user = []
+            env = env | {"HOME": "/root", "USER": "root", "LOGNAME": "root", "PATH":
+                         f"{GUEST_VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"}
+        env = env | dict(e.split("=", 1) if "=" in e else (e, os.environ.get(e, ""))
+                         for e in args.env)
         body = f"cd {GUEST_TREE}\nexec {shlex.join(user)} env -i {env_args(env)} " \
                f"{shlex.join(args.cmd)}\n"
         log(f"running as {'root' if args.as_root else 'tester'}: {shlex.join(args.cmd)}")
