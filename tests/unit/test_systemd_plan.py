@@ -231,9 +231,13 @@ def test_no_network_on_a_user_manager_uses_user_namespaces_and_no_firewall() -> 
     limits = ResourceLimits(network_access=False)
     assert "IPAddressDeny" not in slice_unit(limits, USER_FULL)
     box = sandbox(IsolationLevel.PROCESS, USER_FULL, network=False)
-    for unit in (env_unit(box=box), command(box=box)):
-        assert unit["PrivateUsers"] is True
-        assert unit["PrivateNetwork"] is True
+    cmd = command(box=box)
+    assert cmd["PrivateUsers"] is True
+    assert cmd["PrivateNetwork"] is True
+    # Each unit has its own user namespace, from which systemd cannot join another unit's
+    # network: every command gets its own, and the holder none.
+    assert "JoinsNamespaceOf" not in cmd
+    assert "PrivateNetwork" not in env_unit(box=box)
 
 
 def test_network_allowed_no_network_properties() -> None:
@@ -377,15 +381,15 @@ def test_env_unit_gets_only_the_namespace_creating_sandbox(level: IsolationLevel
     box = sandbox(level, caps, network=network)
     props = env_unit(box=box)
     sandboxed = set(props) & {name for name, _, _ in box}
-    assert sandboxed == {name for name, _, _ in box} & {"PrivateNetwork", "PrivateTmp",
-                                                        "PrivateUsers"}
+    shared = {name for name, _, _ in box} & {"PrivateNetwork", "PrivateTmp", "PrivateUsers"}
+    assert sandboxed == (shared if "PrivateUsers" not in shared else set())
     for name in ("ProtectSystem", "ProtectHome", "ReadWritePaths", "BindPaths", "PrivateDevices",
                  "NoNewPrivileges"):
         assert name not in props
     cmd = command(box=box)
     for name, _, value in box:  # a command gets all of it
         assert cmd[name] == value
-    joins = "PrivateNetwork" in cmd or "PrivateTmp" in cmd
+    joins = ("PrivateNetwork" in cmd or "PrivateTmp" in cmd) and "PrivateUsers" not in cmd
     assert ("JoinsNamespaceOf" in cmd) is joins
 
 

@@ -189,7 +189,8 @@ def enforcement(limits: ResourceLimits, isolation: IsolationLevel,
                 "IPAddressDeny=any (but loopback) on the env's slice")
         elif caps.user_namespaces:
             status["network_access"] = LimitStatus(
-                False, True, "PrivateNetwork=yes with PrivateUsers=yes (only lo)")
+                False, True, "PrivateNetwork=yes with PrivateUsers=yes (each command has a "
+                "network namespace of its own, with only lo)")
         else:
             status["network_access"] = LimitStatus(
                 False, False, f"needs user namespaces {where}, which this host does not allow")
@@ -304,7 +305,8 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
     if ttl:
         props.append(prop("RuntimeMaxUSec", ttl * USEC))
     # The holder carries the env's namespaces (private network, /tmp) for its commands to join.
-    shared = [p for p in sandbox if p[0] in SHARED_NAMESPACES]
+    shared = [p for p in sandbox if p[0] in SHARED_NAMESPACES] if shares_namespaces(sandbox) \
+        else []
     if any(p[0] == "PrivateTmp" for p in shared):
         # Its script and the env's state file may sit under /tmp or /var/tmp (a checkout, a
         # test run), which a private /tmp hides.
@@ -346,10 +348,21 @@ def command_properties(names: UnitNames, env_name: str, argv: Sequence[str],
         props.append(prop("StandardOutputFileDescriptor", fds["stdout"]))
     if "stderr" in fds:
         props.append(prop("StandardErrorFileDescriptor", fds["stderr"]))
-    if any(p[0] in ("PrivateNetwork", "PrivateTmp") for p in sandbox):
+    if shares_namespaces(sandbox):
         props.append(prop("JoinsNamespaceOf", [names.env]))  # one network and /tmp per env
     props += sandbox
     return props
+
+
+def shares_namespaces(sandbox: Sequence[Property]) -> bool:
+    """Whether the env's units share one network and /tmp (JoinsNamespaceOf= its own unit).
+
+    Not under a user manager: there every unit has a user namespace of its own (PrivateUsers),
+    and systemd 257, failing to join another unit's network namespace from it, silently leaves
+    the command in the host's (seen in tests/harness/vm). Each command then gets its own.
+    """
+    names = {p[0] for p in sandbox}
+    return "PrivateUsers" not in names and bool(names & {"PrivateNetwork", "PrivateTmp"})
 
 
 def exec_start(argv: Sequence[str], program: str | None = None) -> list[Any]:

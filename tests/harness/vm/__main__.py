@@ -377,7 +377,7 @@ class Guest:
 
     def _check_alive(self, what: str) -> None:
         if not self.alive():
-            raise HarnessError(f"qemu exited during {what}:\n{self.tail()}")
+            raise GuestCrashed(f"qemu exited during {what}:\n{self.tail()}")
 
     def tail(self) -> str:
         parts = []
@@ -473,7 +473,24 @@ def new_run_dir() -> Path:
     return run
 
 
+class GuestCrashed(HarnessError):
+    """qemu exited under us: under TCG the guest kernel has been seen to panic at random (once,
+    in the scheduler, with nothing of ours in the trace). An infrastructure failure, not a
+    test's: ``--retries`` runs the whole tier again."""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    for attempt in range(args.retries + 1):
+        try:
+            return _run_once(args)
+        except GuestCrashed as exc:
+            if attempt == args.retries:
+                raise
+            log(f"the guest crashed ({str(exc).splitlines()[0]}); running the tier again")
+    raise AssertionError("unreachable")
+
+
+def _run_once(args: argparse.Namespace) -> int:
     if not args.cmd:
         raise HarnessError("no command given: run [options] -- CMD...")
     timer = Timer()
@@ -560,6 +577,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="boot the guest, run CMD as tester, stop the guest")
     run.add_argument("--timeout", type=float, default=1200, help="for CMD (s; default 1200)")
+    run.add_argument("--retries", type=int, default=1,
+                     help="run the tier again when the guest crashes (default 1)")
     run.add_argument("--boot-timeout", type=float, default=300)
     run.add_argument("--setup-timeout", type=float, default=300)
     run.add_argument("--mem", type=int, default=2048, help="guest RAM, MiB")

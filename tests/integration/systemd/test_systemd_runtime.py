@@ -110,21 +110,23 @@ async def test_memory_limit_holds_for_the_env_as_a_whole() -> None:
 @pytest.mark.v2
 async def test_cpu_quota_caps_a_busy_loop() -> None:
     busy = textwrap.dedent("""
-        import os, time
+        import time
         start = time.monotonic()
         while time.monotonic() - start < 3:
             pass
-        t = os.times()
-        print(t.user + t.system)
     """)
     limits = ResourceLimits(max_cpu_percent=20)
     async with gestvenv.ephemeral("sd-cpu", runtime=SD, resource_limits=limits) as env:
+        before = (await env.usage()).cpu_seconds
         result = await env.execute(["python", "-c", busy])
-        share = float(result.stdout) / 3.0
-        print(f"busy loop under CPUQuota=20%: {share:.1%} of one CPU")
+        used = (await env.usage()).cpu_seconds - before
+        # The kernel's own account of the env's CPU time (its slice's cgroup), over the wall
+        # time of the command: what the quota limits.
+        share = used / result.duration
+        print(f"busy loop under CPUQuota=20%: {share:.1%} of one CPU "
+              f"({used:.2f} s in {result.duration:.2f} s)")
+        assert result.ok
         assert 0.05 < share <= 0.25
-        usage = await env.usage()
-        assert usage.cpu_seconds >= float(result.stdout) * 0.9
 
 
 @pytest.mark.v2
@@ -257,6 +259,7 @@ async def test_an_owned_env_ends_with_its_sigkilled_creator(tmp_path: Path) -> N
     assert name in report.removed
 
 
+@pytest.mark.v2
 async def test_network_access_false_cuts_even_loopback() -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -284,25 +287,27 @@ async def test_network_access_false_cuts_even_loopback() -> None:
         listener.close()
 
 
+@pytest.mark.v2
 async def test_isolation_levels_are_applied_by_systemd(tmp_path: Path) -> None:
     marker = tmp_path / "host-file"
     marker.write_text("host")
-    look = ["sh", "-c", f"cat {marker} 2>/dev/null || echo hidden; ls /tmp | grep -c . ; "
+    look = ["sh", "-c", f"cat {marker} 2>/dev/null || echo hidden; "
             "touch /tmp/mine && echo tmp-writable; touch /usr/x 2>/dev/null || echo usr-ro; "
             "touch \"$VIRTUAL_ENV/x\" && echo env-writable"]
     async with gestvenv.ephemeral("sd-ns", runtime=SD, isolation_level="namespace") as env:
         assert env.isolation.value == "namespace"
-        first = (await env.execute(look)).stdout.split()
-        # A private /tmp (the host's files are not there), shared by the env's commands.
-        assert first[0] == "hidden" and first[2:] == ["tmp-writable", "usr-ro", "env-writable"]
+        seen = (await env.execute(look)).stdout.split()
+        # A private /tmp: the host's files are not there, and what the env writes stays there.
+        assert seen == ["hidden", "tmp-writable", "usr-ro", "env-writable"]
         again = await env.execute(["ls", "/tmp"])
-        assert "mine" in again.stdout.split()
+        # The system manager gives the env's commands one /tmp; a user manager one each.
+        assert ("mine" in again.stdout.split()) is (os.geteuid() == 0)
     assert not await asyncio.to_thread(os.path.exists, "/tmp/mine")
     async with gestvenv.ephemeral("sd-ct", runtime=SD, isolation_level="container") as env:
-        home = await env.execute(["sh", "-c", "touch /root/gv-x 2>/dev/null || echo home-ro; "
-                                  "touch /var/gv-x 2>/dev/null || echo var-ro; "
-                                  "touch \"$VIRTUAL_ENV/y\" && echo env-writable"])
-        assert home.stdout.split() == ["home-ro", "var-ro", "env-writable"]
+        writes = await env.execute(["sh", "-c", 'touch "$HOME/gv-x" 2>/dev/null || echo home-ro; '
+                                    'touch "$VIRTUAL_ENV/y" && echo env-writable'])
+        assert writes.stdout.split() == ["home-ro", "env-writable"]
+    assert not await asyncio.to_thread(lambda: Path("~/gv-x").expanduser().exists())
     async with gestvenv.ephemeral("sd-chroot", runtime=SD, isolation_level="chroot") as env:
         assert env.isolation.value == "container"  # honest fallback, and said
         assert any("chroot" in note for note in env.info()["notes"])
