@@ -95,7 +95,18 @@ class _Portal:
         return result
 
 
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Start ``coro`` on the portal's loop without waiting (safe from a signal handler)."""
+        loop = self._get_loop()
+        loop.call_soon_threadsafe(lambda: loop.create_task(coro))
+
+
 _portal = _Portal()
+
+
+def run_soon(coro: Coroutine[Any, Any, Any]) -> None:
+    """Start ``coro`` on the portal without waiting for it: usable from a signal handler."""
+    _portal.submit(coro)
 
 
 class SyncEnvironment:

@@ -15,7 +15,8 @@ import click
 from ..context import Environment
 from ..exceptions import CommandNotExecutableError, CommandNotFoundError, GestvenvError
 from ..models import ExecResult
-from ..sync import run_sync
+from ..runtime import SystemdRuntime
+from ..sync import run_soon, run_sync
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -116,10 +117,10 @@ def run_foreground(env: Environment, argv: Sequence[str], *, timeout: float | No
 
     def on_int(signum: int, frame: object) -> None:
         """Ctrl-C is the command's to handle. (A handler, not SIG_IGN: an ignored signal stays
-        ignored across exec, and the command could not be interrupted at all.) A command in a
-        systemd unit is not in our terminal's process group: Ctrl-C stops its unit."""
-        if env.runtime != "local":
-            raise KeyboardInterrupt
+        ignored across exec, and the command could not be interrupted at all.)"""
+        if env.runtime == "systemd":
+            # The command runs in a unit, outside our terminal's process group: pass it on.
+            run_soon(SystemdRuntime.signal_foreground(signum))
 
     old_int = signal.signal(signal.SIGINT, on_int)
     old_term = signal.signal(signal.SIGTERM, on_term)

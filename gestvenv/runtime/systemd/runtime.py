@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ...exceptions import (
     CommandNotExecutableError,
@@ -53,6 +53,9 @@ def use_user_manager() -> bool:
 class SystemdRuntime(Runtime):
     name = "systemd"
     needs_watchdog = False
+    # Units of commands that share our terminal (capture=False), per manager: they are not in
+    # our terminal's process group, so its Ctrl-C reaches them through signal_foreground().
+    _foreground: ClassVar[set[tuple[bool, str]]] = set()
 
     def __init__(self, max_total_memory_mb: int | None = None) -> None:
         self.user = use_user_manager()
@@ -269,6 +272,13 @@ class SystemdRuntime(Runtime):
         finally:
             pipes.close()
 
+    @classmethod
+    async def signal_foreground(cls, signum: int) -> None:
+        """Send ``signum`` to the processes of every command sharing our terminal."""
+        for user, unit in list(cls._foreground):
+            bus = await connection(user)
+            await bus.kill_unit(unit, signum)
+
     async def _run_unit(self, bus: SystemdBus, record: EnvRecord, unit: str,
                         props: list[Property], pipes: _Pipes,
                         command: CommandSpec) -> ExecResult:
@@ -280,6 +290,9 @@ class SystemdRuntime(Runtime):
         started = time.monotonic()
         chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         pumps: list[asyncio.Future[Any]] = []
+        foreground = (self.user, unit)
+        if not command.capture:
+            self._foreground.add(foreground)
         try:
             try:
                 result = await bus.start_transient_unit(unit, props, unix_fds=pipes.passed)
@@ -317,6 +330,7 @@ class SystemdRuntime(Runtime):
             await shielded(bus.stop_unit(unit))
             raise
         finally:
+            self._foreground.discard(foreground)
             for pump in pumps:
                 if not pump.done():
                     pump.cancel()

@@ -326,6 +326,32 @@ async def test_an_env_stopped_with_systemctl_ends_its_commands() -> None:
             await env.execute(["true"])
 
 
+INTERRUPTIBLE = """
+import signal, sys, time
+def stop(*_):
+    print("got SIGINT", flush=True)
+    sys.exit(3)
+signal.signal(signal.SIGINT, stop)
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+async def test_ctrl_c_at_gestvenv_run_reaches_the_command_in_its_unit() -> None:
+    await run(sys.executable, "-m", "gestvenv", "ephemeral", "create", "sd-ctrlc", check=True)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gestvenv", "run", "--env", "sd-ctrlc", "--", "python", "-c",
+            INTERRUPTIBLE, stdout=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"ready\n"
+        proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C does to gestvenv
+        assert await asyncio.wait_for(proc.stdout.readline(), 10) == b"got SIGINT\n"
+        assert await asyncio.wait_for(proc.wait(), 10) == 3  # the command's own exit status
+    finally:
+        await run(sys.executable, "-m", "gestvenv", "ephemeral", "cleanup", "sd-ctrlc")
+
+
 async def test_systemctl_and_a_fresh_process_see_the_env() -> None:
     async with gestvenv.ephemeral("sd-visible", runtime=SD, ttl=300) as env:
         status = await run("systemctl", "status", "--no-pager", "gestvenv-sd-visible")
