@@ -235,3 +235,17 @@ def test_the_issues_cli_example_as_written(gv_home: Path, tmp_path: Path) -> Non
     assert not path.exists()
     assert json.loads(sh("ephemeral", "list", "--json").stdout) == []
     assert list((gv_home / "run" / "envs").iterdir()) == []
+
+
+@pytest.mark.skipif(os.path.isdir("/run/systemd/system"), reason="systemd is PID 1 here")
+def test_the_systemd_runtime_is_refused_clearly_where_systemd_does_not_run() -> None:
+    proc = gv("ephemeral", "create", "nosd", "--runtime", "systemd")
+    assert proc.returncode != 0
+    assert proc.stderr.startswith("gestvenv: error: the systemd runtime needs systemd as PID 1")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert json.loads(gv("ephemeral", "list", "--json").stdout) == []
+    # "auto" falls back to the local runtime here, and says which one it used.
+    assert gv("ephemeral", "create", "auto-rt").returncode == 0
+    [info] = json.loads(gv("ephemeral", "list", "--json").stdout)
+    assert info["runtime"] == "local"
+    assert gv("ephemeral", "cleanup", "auto-rt").returncode == 0
