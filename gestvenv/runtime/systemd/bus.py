@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import os
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -272,21 +272,29 @@ class SystemdBus:
     # -- watching a unit --------------------------------------------------------------------
 
     async def watch(self, name: str, callback: Callable[[dict[str, Any]], None]) -> Callable[
-            [], Any]:
+            [], Awaitable[None]]:
         """Call ``callback`` with every PropertiesChanged of unit ``name``; return an async
         function that stops watching. Set up before the unit starts, so no change is missed."""
         path = unit_path(name)
         rule = (f"type='signal',sender='{SYSTEMD}',path='{path}',interface='{PROPERTIES}',"
                 "member='PropertiesChanged'")
         self._watchers.setdefault(path, []).append(callback)
-        await self._add_match(rule)
 
-        async def unwatch() -> None:
+        def forget() -> None:
             callbacks = self._watchers.get(path, [])
             if callback in callbacks:
                 callbacks.remove(callback)
             if not callbacks:
                 self._watchers.pop(path, None)
+
+        try:
+            await self._add_match(rule)
+        except BaseException:
+            forget()
+            raise
+
+        async def unwatch() -> None:
+            forget()
             if self.connected:
                 with contextlib.suppress(GestvenvError):
                     await self._remove_match(rule)

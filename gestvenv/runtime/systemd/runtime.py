@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,7 +27,7 @@ from ...exceptions import (
 )
 from ...models import Enforcement, ExecResult, IsolationLevel, ResourceLimits
 from ...registry import EnvRecord, state_path
-from ...shield import shielded
+from ...shield import in_thread, shielded
 from ..base import CommandSpec, Runtime, UnitView, Usage
 from . import cgroups, plan
 from .bus import SERVICE, UNIT, NoSuchUnit, SystemdBus, connection, unit_path, variants
@@ -283,9 +283,9 @@ class SystemdRuntime(Runtime):
                         props: list[Property], pipes: _Pipes,
                         command: CommandSpec) -> ExecResult:
         changed = asyncio.Event()
-        unwatch = await bus.watch(unit, lambda _: changed.set())
         slice_cgroup = f"{self._root_cgroup}/{plan.PARENT_SLICE}/{UnitNames.of(record.name).slice}"
-        oom = await asyncio.to_thread(cgroups.OomWatch, slice_cgroup)
+        unwatch: Callable[[], Awaitable[None]] | None = None
+        oom: cgroups.OomWatch | None = None
         oom_fired = False
         started = time.monotonic()
         chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
@@ -294,6 +294,10 @@ class SystemdRuntime(Runtime):
         if not command.capture:
             self._foreground.add(foreground)
         try:
+            # Watched before it starts, so that no change is missed; the OOM watch is opened
+            # before too, so that an OOM kill in the first instant is seen.
+            unwatch = await bus.watch(unit, lambda _: changed.set())
+            oom = await in_thread(cgroups.OomWatch, slice_cgroup)
             try:
                 result = await bus.start_transient_unit(unit, props, unix_fds=pipes.passed)
             except NoSuchUnit:  # BindsTo= names the env's unit: it is gone
@@ -335,9 +339,11 @@ class SystemdRuntime(Runtime):
                 if not pump.done():
                     pump.cancel()
             await shielded(bus.unref(unit))
-            await shielded(unwatch())
-            oom_fired = oom.fired()
-            oom.close()
+            if unwatch is not None:
+                await shielded(unwatch())
+            if oom is not None:
+                oom_fired = oom.fired()
+                oom.close()
         duration = time.monotonic() - started
         returncode = plan.exit_status(int(service.get("ExecMainCode", 1)),
                                       int(service.get("ExecMainStatus", 0)))
@@ -347,9 +353,9 @@ class SystemdRuntime(Runtime):
             killed_by = "timeout"
         elif svc_result == "oom-kill" or (oom_fired and returncode == -9):
             killed_by = "memory"
-        elif returncode < 0 and record.expires_at is not None and (
-                time.time() >= record.expires_at - 0.25 or not await self.alive(record)):
-            killed_by = "ttl"
+        elif returncode < 0 and record.expires_at is not None \
+                and time.time() >= record.expires_at - 0.25:
+            killed_by = "ttl"  # stopped with the env's unit at its RuntimeMaxSec
         return ExecResult(argv=command.argv, returncode=returncode,
                           stdout=b"".join(chunks["stdout"]).decode(errors="replace"),
                           stderr=b"".join(chunks["stderr"]).decode(errors="replace"),
