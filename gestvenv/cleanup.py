@@ -90,7 +90,7 @@ async def _stop_unit_only(units: dict[str, UnitView], report: SweepReport) -> No
         if not await asyncio.to_thread(view.orphaned):
             continue
         try:
-            await runtime.stop_units_of(name, view.env_id)
+            await runtime.stop_units_of(name, view.env_id)  # only if still that env's unit
             report.removed[name] = "a gestvenv unit without a state file"
         except GestvenvError as exc:
             report.errors[name] = str(exc)

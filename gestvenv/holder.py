@@ -6,8 +6,9 @@ This process only decides the two ends systemd cannot see by itself, and exits f
 
 - the creator of an environment it owns died (``--owner-pid``; a pidfd, so no polling of a
   recycled PID: the start time is checked once, when the pidfd is opened);
-- the environment has been idle for ``--idle-timeout`` seconds: no process in its slice, and no
-  command or install recorded in its state file for that long. A running command is never idle.
+- the environment has been idle for ``--idle-timeout`` seconds: no process in its slice, no
+  build or install running (processes carrying its marker), and no command or install
+  recorded in its state file for that long. A running command is never idle.
 
 It lives in the parent slice, outside the environment's limits: it costs the environment nothing.
 """
@@ -58,6 +59,22 @@ def _slice_dir(slice_unit: str) -> Path:
                 continue
             return root / parent / slice_unit
     return Path("/nonexistent")
+
+
+def _marked_process(env_id: str) -> bool:
+    """A process of the env outside its slice: the builder during create and ``install``
+    (gestvenv runs them with the env's marker, GESTVENV_ENV_ID, in their environment)."""
+    needle = f"GESTVENV_ENV_ID={env_id}".encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _read_state(state_file: str, env_id: str) -> dict[str, object] | None:
@@ -140,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         last = float(str(state.get("last_activity") or 0.0)) if state else None
         if args.idle_timeout:
             now = time.time()
-            if _slice_busy(slice_dir):
+            building = state is not None and state.get("status") == "creating"
+            if building or _slice_busy(slice_dir) or _marked_process(args.env_id):
                 busy_seen = now
             elif now - max(busy_seen, last or 0.0) >= args.idle_timeout:
                 print(f"idle for {args.idle_timeout:g}s: ending the environment", flush=True)

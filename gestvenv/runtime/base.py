@@ -51,10 +51,17 @@ class UnitView:
     env_id: str | None        # which environment it was started for
     state_file: str | None    # where that environment's state file was
 
+    @property
+    def ours(self) -> bool:
+        """Started by gestvenv (it says which env): a unit that merely has a gestvenv-like
+        name, someone's own ``gestvenv-web.service``, is never touched."""
+        return bool(self.env_id and self.state_file)
+
     def orphaned(self) -> bool:
-        """Its environment's state file is gone, or now belongs to another environment."""
-        if not self.state_file:
-            return True
+        """Ours, and its environment's state file is gone or now belongs to another env."""
+        if not self.ours:
+            return False
+        assert self.state_file is not None
         try:
             with open(self.state_file) as f:
                 return bool(json.load(f).get("id") != self.env_id)

@@ -147,7 +147,8 @@ SYSTEMD_TYPES = {
           "PrivateDevices", "ProtectKernelTunables", "ProtectKernelModules",
           "ProtectControlGroups", "NoNewPrivileges", "RestrictSUIDSGID"],
     "t": ["RuntimeMaxUSec", "TimeoutStopUSec", "MemoryMax", "MemorySwapMax",
-          "CPUQuotaPerSecUSec", "TasksMax"],
+          "CPUQuotaPerSecUSec", "TasksMax", "StartLimitIntervalUSec"],
+    "u": ["StartLimitBurst"],
     "h": ["StandardInputFileDescriptor", "StandardOutputFileDescriptor",
           "StandardErrorFileDescriptor"],
     "as": ["Environment", "BindsTo", "After", "JoinsNamespaceOf", "ReadWritePaths"],
@@ -467,6 +468,26 @@ def test_env_unit_properties() -> None:
 @pytest.mark.parametrize("ttl", [None, 0])
 def test_env_unit_without_ttl_has_no_runtime_max(ttl: int | None) -> None:
     assert "RuntimeMaxUSec" not in env_unit(ttl=ttl)
+
+
+def test_memory_with_uncapped_swap_on_v1_is_not_claimed() -> None:
+    caps = Capabilities(user=False, controllers=frozenset({"cpu", "memory", "pids"}),
+                        cgroup_v2=False, swap_uncapped=True)
+    status = plan.enforcement(ResourceLimits(max_memory=64), IsolationLevel.PROCESS, caps)
+    assert status.limits["max_memory"].enforced is False
+    assert "swap" in status.limits["max_memory"].mechanism
+
+
+def test_env_unit_starts_once() -> None:
+    """A command started just after the TTL must not bring the env back (BindsTo= pulls)."""
+    props = env_unit(ttl=5)
+    assert props["StartLimitBurst"] == 1
+    assert props["StartLimitIntervalUSec"] == 2**64 - 1  # infinity
+
+
+def test_unit_environment_drops_values_that_are_not_utf8() -> None:
+    kept = plan.unit_environment({"OK": "é", "BAD": "\udcff", "ALSO": "x"})
+    assert kept == ["OK=é", "ALSO=x"]
 
 
 def test_env_unit_owner_and_idle_are_optional() -> None:

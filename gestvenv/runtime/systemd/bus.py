@@ -20,11 +20,11 @@ from typing import Any
 
 from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import BusType, MessageType
-from dbus_next.errors import DBusError
+from dbus_next.errors import AuthError, DBusError
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
-from ...exceptions import GestvenvError, RuntimeUnavailableError, SystemdError
+from ...exceptions import GestvenvError, RuntimeUnavailableError, SystemdError, ValidationError
 
 SYSTEMD = "org.freedesktop.systemd1"
 MANAGER_PATH = "/org/freedesktop/systemd1"
@@ -117,16 +117,22 @@ class SystemdBus:
             bus = await MessageBus(bus_address=address,  # type: ignore[arg-type] # None: default
                                    bus_type=BusType.SYSTEM,
                                    negotiate_unix_fd=True).connect()
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, ValueError, AuthError) as exc:
+            # ValueError: an address dbus-next cannot parse ("disabled:", set by some images).
             which = "your user manager's bus" if user else "the system bus"
             raise RuntimeUnavailableError(
                 f"cannot connect to {which} ({address or 'default address'}): {exc}") from None
         except DBusError as exc:
             raise translate(exc, "connecting to systemd") from None
         self = cls(bus, user)
-        await self._add_match(f"type='signal',sender='{SYSTEMD}',interface='{MANAGER}',"
-                              "member='JobRemoved'")
-        await self.call(MANAGER_PATH, MANAGER, "Subscribe", "", [], what="subscribing to systemd")
+        try:
+            await self._add_match(f"type='signal',sender='{SYSTEMD}',interface='{MANAGER}',"
+                                  "member='JobRemoved'")
+            await self.call(MANAGER_PATH, MANAGER, "Subscribe", "", [],
+                            what="subscribing to systemd")
+        except BaseException:
+            self.abandon()
+            raise
         return self
 
     @property
@@ -155,6 +161,8 @@ class SystemdBus:
             reply = await self._bus.call(msg)
         except DBusError as exc:
             raise translate(exc, what) from None
+        except UnicodeEncodeError:
+            raise ValidationError(f"{what}: a value is not valid UTF-8") from None
         except (OSError, EOFError) as exc:
             raise RuntimeUnavailableError(f"{what}: lost the connection to systemd ({exc})") \
                 from None

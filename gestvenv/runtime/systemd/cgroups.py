@@ -54,6 +54,13 @@ def delegated_controllers(cgroup: str) -> frozenset[str]:
         return frozenset()
 
 
+def swap_active() -> bool:
+    try:
+        return len(Path("/proc/swaps").read_text().splitlines()) > 1
+    except OSError:
+        return False
+
+
 def user_namespaces_allowed() -> bool:
     try:
         if int(Path("/proc/sys/user/max_user_namespaces").read_text()) <= 0:

@@ -56,6 +56,8 @@ SIGNATURES: Mapping[str, str] = {
     "AddRef": "b",
     "CollectMode": "s",
     "StopWhenUnneeded": "b",
+    "StartLimitBurst": "u",
+    "StartLimitIntervalUSec": "t",
     "RuntimeMaxUSec": "t",
     "TimeoutStopUSec": "t",
     "KillMode": "s",
@@ -139,6 +141,7 @@ class Capabilities:
     cgroup_v2: bool                  # pure unified hierarchy
     bpf_firewall: bool = True        # IPAddressDeny works (system manager)
     user_namespaces: bool = True     # PrivateUsers= possible (for sandboxing in user managers)
+    swap_uncapped: bool = False      # swap is on and cgroup v1 cannot cap it (no memory.swap.max)
 
     @property
     def manager(self) -> str:
@@ -173,7 +176,11 @@ def enforcement(limits: ResourceLimits, isolation: IsolationLevel,
     for key, controller in _CONTROLLER_FOR.items():
         if key not in requested:
             continue
-        if controller in caps.controllers:
+        if key == "max_memory" and controller in caps.controllers and caps.swap_uncapped:
+            status[key] = LimitStatus(
+                requested[key], False, "MemoryMax caps RAM only here: swap is on and cgroup v1 "
+                "cannot cap it (MemorySwapMax needs cgroup v2), so the env would swap, not stop")
+        elif controller in caps.controllers:
             status[key] = LimitStatus(requested[key], True, mechanisms[key])
         else:
             status[key] = LimitStatus(
@@ -301,6 +308,10 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
         prop("CollectMode", "inactive-or-failed"),
         prop("TimeoutStopUSec", STOP_TIMEOUT_USEC),
         prop("MemoryAccounting", True),
+        # Started once: a command started in the instant after the TTL (its BindsTo= would
+        # pull the env's unit up again) must not give the env a second life.
+        prop("StartLimitBurst", 1),
+        prop("StartLimitIntervalUSec", 2**64 - 1),
     ]
     if ttl:
         props.append(prop("RuntimeMaxUSec", ttl * USEC))
@@ -382,6 +393,10 @@ def unit_environment(environ: Mapping[str, str]) -> list[str]:
         if not _ENV_NAME_RE.fullmatch(key):
             continue
         if any(ord(c) < 32 and c not in "\t\n" for c in value) or "\x7f" in value:
+            continue
+        try:
+            value.encode()  # undecodable bytes (surrogate escapes): systemd takes UTF-8 only
+        except UnicodeEncodeError:
             continue
         out.append(f"{key}={value}")
     return out

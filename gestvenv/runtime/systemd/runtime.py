@@ -22,8 +22,10 @@ from ...exceptions import (
     CommandNotExecutableError,
     CommandNotFoundError,
     EnvironmentClosedError,
+    EnvironmentExistsError,
     RuntimeUnavailableError,
     SystemdError,
+    ValidationError,
 )
 from ...models import Enforcement, ExecResult, IsolationLevel, ResourceLimits
 from ...registry import EnvRecord, state_path
@@ -56,6 +58,10 @@ class SystemdRuntime(Runtime):
     # Units of commands that share our terminal (capture=False), per manager: they are not in
     # our terminal's process group, so its Ctrl-C reaches them through signal_foreground().
     _foreground: ClassVar[set[tuple[bool, str]]] = set()
+    # Commands of one env running at once in this process: an OOM kill seen on the env's slice
+    # cannot be pinned on one of them.
+    _running: ClassVar[dict[str, set[str]]] = {}
+    _overlapped: ClassVar[set[str]] = set()
 
     def __init__(self, max_total_memory_mb: int | None = None) -> None:
         self.user = use_user_manager()
@@ -84,7 +90,8 @@ class SystemdRuntime(Runtime):
             self._caps = Capabilities(
                 user=self.user, controllers=controllers, cgroup_v2=cgroups.is_v2(),
                 bpf_firewall=not self.user,
-                user_namespaces=await asyncio.to_thread(cgroups.user_namespaces_allowed))
+                user_namespaces=await asyncio.to_thread(cgroups.user_namespaces_allowed),
+                swap_uncapped=not cgroups.is_v2() and await asyncio.to_thread(cgroups.swap_active))
 
     @property
     def capabilities(self) -> Capabilities:
@@ -159,8 +166,16 @@ class SystemdRuntime(Runtime):
         except SystemdError as exc:
             if "UnitExists" not in exc.dbus_name:
                 raise
-            # A unit of a former env of this name is still there (stopping, or left by a
-            # crash): the name is ours now (the registry reserved it), so it goes.
+            # A unit of this name is loaded. A former env's (stopping, or left by a crash)
+            # goes: our registry reserved the name. A live env of another registry (another
+            # runtime dir of this user, on the same manager) keeps it.
+            view = await self._view(bus, names.env)
+            if view is not None and view.env_id != record.id and view.state in \
+                    plan.LIVE_UNIT_STATES and not await asyncio.to_thread(view.orphaned):
+                raise EnvironmentExistsError(
+                    f"environment name {record.name!r} is in use on this systemd manager by "
+                    f"another gestvenv registry (state file {view.state_file}); "
+                    f"unit {names.env}") from None
             await self._stop_units(bus, names)
             result = await bus.start_transient_unit(names.env, env_props,
                                                     aux=[(names.slice, slice_props)])
@@ -194,6 +209,19 @@ class SystemdRuntime(Runtime):
             await bus.stop_unit(names.env)
             return
         await self._stop_units(bus, names)
+
+    async def _env_id_of(self, bus: SystemdBus, unit: str) -> str | None:
+        """The env id an env unit was started for (two small reads), None if not loaded."""
+        try:
+            path = await bus.get_unit(unit)
+            environment = await bus.get(path, SERVICE, "Environment")
+            state = await bus.get(path, UNIT, "ActiveState")
+        except NoSuchUnit:
+            return None
+        if state not in plan.LIVE_UNIT_STATES:
+            return None
+        prefix = f"{plan.UNIT_ENV_ID}="
+        return next((e[len(prefix):] for e in environment or [] if e.startswith(prefix)), None)
 
     async def _view(self, bus: SystemdBus, unit: str, state: str | None = None) -> UnitView | None:
         try:
@@ -260,7 +288,18 @@ class SystemdRuntime(Runtime):
         names = UnitNames.of(record.name)
         unit = names.command(uuid.uuid4().hex[:12])
         cwd = command.cwd or os.getcwd()
+        if not cwd.startswith("/"):  # systemd wants it absolute
+            cwd = f"{os.getcwd()}/{cwd}"
+        _check_utf8(command.argv, cwd)
         await asyncio.to_thread(_check_interpreter, command.argv[0], cwd)
+        # The name may have passed to another env since this handle was made (ours ended,
+        # another registry's took the name): a command must never join someone else's env.
+        owner = await self._env_id_of(bus, names.env)
+        if owner != record.id:
+            raise EnvironmentClosedError(
+                f"environment {record.name!r} has ended: its unit {names.env} is "
+                + ("no longer running (TTL, idle timeout, its creator exited, or it was "
+                   "stopped)" if owner is None else "now another environment's"))
         pipes = _Pipes(command)
         try:
             # systemd wants an absolute program path; the program still sees argv[0] as given.
@@ -293,6 +332,10 @@ class SystemdRuntime(Runtime):
         foreground = (self.user, unit)
         if not command.capture:
             self._foreground.add(foreground)
+        running = self._running.setdefault(record.id, set())
+        if running:
+            self._overlapped.update(running | {unit})
+        running.add(unit)
         try:
             # Watched before it starts, so that no change is missed; the OOM watch is opened
             # before too, so that an OOM kill in the first instant is seen.
@@ -300,6 +343,8 @@ class SystemdRuntime(Runtime):
             oom = await in_thread(cgroups.OomWatch, slice_cgroup)
             try:
                 result = await bus.start_transient_unit(unit, props, unix_fds=pipes.passed)
+                if result in ("dependency", "canceled"):  # its env unit could not start
+                    raise NoSuchUnit(result)
             except NoSuchUnit:  # BindsTo= names the env's unit: it is gone
                 raise EnvironmentClosedError(
                     f"environment {record.name!r} has ended: its unit "
@@ -335,23 +380,30 @@ class SystemdRuntime(Runtime):
             raise
         finally:
             self._foreground.discard(foreground)
+            running.discard(unit)
+            if not running:
+                self._running.pop(record.id, None)
+            overlapped = unit in self._overlapped
+            self._overlapped.discard(unit)
             for pump in pumps:
                 if not pump.done():
                     pump.cancel()
-            await shielded(bus.unref(unit))
-            if unwatch is not None:
-                await shielded(unwatch())
             if oom is not None:
                 oom_fired = oom.fired()
                 oom.close()
+            # Each step even if one before was cancelled again (a second Ctrl-C).
+            await _all_of(bus.unref(unit), unwatch() if unwatch is not None else None)
         duration = time.monotonic() - started
         returncode = plan.exit_status(int(service.get("ExecMainCode", 1)),
                                       int(service.get("ExecMainStatus", 0)))
         killed_by = None
         svc_result = service.get("Result")
-        if svc_result == "timeout":
+        if svc_result == "timeout" and command.timeout is not None \
+                and duration >= command.timeout - 0.05:
+            # (Result=timeout also follows a SIGKILL after the stop timeout, when the TTL or a
+            # destroy stopped a command that ignores SIGTERM: not the command's own timeout.)
             killed_by = "timeout"
-        elif svc_result == "oom-kill" or (oom_fired and returncode == -9):
+        elif svc_result == "oom-kill" or (oom_fired and returncode == -9 and not overlapped):
             killed_by = "memory"
         elif returncode < 0 and record.expires_at is not None \
                 and time.time() >= record.expires_at - 0.25:
@@ -360,6 +412,32 @@ class SystemdRuntime(Runtime):
                           stdout=b"".join(chunks["stdout"]).decode(errors="replace"),
                           stderr=b"".join(chunks["stderr"]).decode(errors="replace"),
                           duration=duration, killed_by=killed_by)
+
+
+async def _all_of(*steps: Awaitable[None] | None) -> None:
+    """Await every step to its end, shielded, even when one is interrupted; then re-raise the
+    first interruption or error."""
+    first: BaseException | None = None
+    for step in steps:
+        if step is None:
+            continue
+        try:
+            await shielded(step)
+        except BaseException as exc:
+            first = first or exc
+    if first is not None:
+        raise first
+
+
+def _check_utf8(argv: Sequence[str], cwd: str) -> None:
+    """systemd takes UTF-8 only: a command line with undecodable bytes cannot be a unit."""
+    for text in (*argv, cwd):
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise ValidationError(
+                f"{text.encode(errors='surrogateescape')!r} is not valid UTF-8; the systemd "
+                "runtime can only pass UTF-8 arguments and paths to a unit") from None
 
 
 def _check_interpreter(program: str, cwd: str) -> None:
