@@ -21,6 +21,7 @@ from .models import ExecResult, IsolationLevel, ResourceLimits, StorageBackend
 from .runtime import StreamCallback, Usage
 
 T = TypeVar("T")
+SIGNAL_POLL = 0.1  # seconds
 
 
 class _Portal:
@@ -80,7 +81,13 @@ class _Portal:
         interrupted: BaseException | None = None
         while True:
             try:
-                result = done.result()
+                # Woken now and then: a signal (Ctrl-C, SIGTERM) the kernel hands to another
+                # of our threads does not interrupt this thread's wait, and Python runs its
+                # handler only here, in the main thread, once it wakes up.
+                concurrent.futures.wait([done], timeout=SIGNAL_POLL)
+                if not done.done():
+                    continue
+                result = done.result()  # (a TimeoutError here is the task's own)
                 break
             except KeyboardInterrupt as exc:
                 if interrupted is None and not shield:

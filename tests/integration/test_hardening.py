@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import multiprocessing
 import os
@@ -267,6 +268,32 @@ def test_cli_commands_can_be_interrupted_and_keep_their_options(tmp_path: Path) 
         assert denied.returncode == 127  # not executable: as a shell, "not found" by path
     finally:
         gv("ephemeral", "cleanup", "cli")
+
+
+def _tgkill(pid: int, tid: int, signum: int) -> None:
+    """Send a signal to one thread of another process (what the kernel may do by itself)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(234, pid, tid, signum) != 0:  # SYS_tgkill on x86_64
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
+def test_a_signal_handed_to_a_helper_thread_still_ends_gestvenv_run() -> None:
+    """The kernel may deliver SIGTERM to any thread; the main thread's wait must not miss it."""
+    assert gv("ephemeral", "create", "thread-sig").returncode == 0
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "gestvenv", "run", "--env", "thread-sig",
+                                 "--", "sh", "-c", "echo $$; exec sleep 30"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        child = int(proc.stdout.readline())
+        helpers = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
+        assert helpers  # the portal's event loop runs in a thread of its own
+        _tgkill(proc.pid, helpers[0], signal.SIGTERM)
+        proc.wait(10)
+        assert proc.returncode == 143
+        assert pid_dead(child)
+    finally:
+        gv("ephemeral", "cleanup", "thread-sig")
 
 
 def test_sigterm_to_gestvenv_run_ends_the_command_too(tmp_path: Path) -> None:
