@@ -257,17 +257,13 @@ class SystemdBus:
 
     async def properties(self, name: str, interface: str) -> dict[str, Any]:
         """All properties of one interface of a loaded unit (:class:`NoSuchUnit` if not)."""
-        return await self.properties_at(await self.get_unit(name), interface, name)
-
-    async def properties_at(self, path: str, interface: str, name: str = "") -> dict[str, Any]:
-        """The same by object path, one round trip: for a unit known to be loaded (one we
-        hold a reference on). Asking for an unloaded one would make systemd load a stub."""
-        (values,) = await self.call(path, PROPERTIES, "GetAll", "s", [interface],
-                                    what=f"reading {name or path}")
+        (values,) = await self.call(await self.get_unit(name), PROPERTIES, "GetAll", "s",
+                                    [interface], what=f"reading {name}")
         return {k: v.value for k, v in values.items()}
 
     async def get(self, path: str, interface: str, prop: str) -> Any:
-        """One property by object path (a unit's GetAll is hundreds of values: far slower)."""
+        """One property by object path (a unit's GetAll is hundreds of values: far slower).
+        For a unit known to be loaded: asking an unloaded one's path makes systemd load a stub."""
         (value,) = await self.call(path, PROPERTIES, "Get", "ss", [interface, prop],
                                    what=f"reading {prop} of {path}")
         return value.value

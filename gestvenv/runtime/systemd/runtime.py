@@ -201,7 +201,7 @@ class SystemdRuntime(Runtime):
         # Its slice and commands end with its own unit (BindsTo=, StopWhenUnneeded=): a unit
         # that is gone, or another env's, leaves nothing of this env to stop.
         if env_id is not None:
-            view = await self._view(bus, names.env, state="?")
+            view = await self._view(bus, names.env)
             if view is None or view.env_id != env_id:
                 return
             # Its commands stop first (After=), its slice once unneeded; nothing to reset:
@@ -210,35 +210,19 @@ class SystemdRuntime(Runtime):
             return
         await self._stop_units(bus, names)
 
-    async def _env_id_of(self, bus: SystemdBus, unit: str) -> str | None:
-        """The env id an env unit was started for (two small reads), None if not loaded."""
+    async def _view(self, bus: SystemdBus, unit: str, state: str | None = None) -> UnitView | None:
+        """An env unit as its manager sees it, in small reads (a service's GetAll is ~200
+        values); None if it is not loaded."""
         try:
             path = await bus.get_unit(unit)
             environment = await bus.get(path, SERVICE, "Environment")
-            state = await bus.get(path, UNIT, "ActiveState")
-        except NoSuchUnit:
-            return None
-        if state not in plan.LIVE_UNIT_STATES:
-            return None
-        prefix = f"{plan.UNIT_ENV_ID}="
-        return next((e[len(prefix):] for e in environment or [] if e.startswith(prefix)), None)
-
-    async def _view(self, bus: SystemdBus, unit: str, state: str | None = None) -> UnitView | None:
-        try:
-            props = await bus.properties(unit, SERVICE)
             if state is None:
-                state = str((await bus.properties(unit, UNIT)).get("ActiveState"))
+                state = str(await bus.get(path, UNIT, "ActiveState"))
         except NoSuchUnit:
             return None
-        variables = dict(e.split("=", 1) for e in props.get("Environment") or [] if "=" in e)
+        variables = dict(e.split("=", 1) for e in environment or [] if "=" in e)
         return UnitView(state=state, env_id=variables.get(plan.UNIT_ENV_ID),
                         state_file=variables.get(plan.UNIT_STATE_FILE))
-
-    async def alive(self, record: EnvRecord) -> bool:
-        """Whether the env's own unit is up (systemd's view, not the state file's)."""
-        view = await self._view(await self._bus(), UnitNames.of(record.name).env)
-        return view is not None and view.env_id == record.id \
-            and view.state in plan.LIVE_UNIT_STATES
 
     async def live_environments(self) -> dict[str, UnitView]:
         bus = await self._bus()
@@ -265,11 +249,9 @@ class SystemdRuntime(Runtime):
         bus = await self._bus()
         names = UnitNames.of(record.name)
         try:
-            props = await bus.properties(names.slice, UNIT)
             slice_props = await bus.properties(names.slice, "org.freedesktop.systemd1.Slice")
         except NoSuchUnit:
             return Usage(processes=0, memory_bytes=0, cpu_seconds=0.0, disk_bytes=0)
-        del props
         cgroup = str(slice_props.get("ControlGroup") or "")
         memory = _counter(slice_props.get("MemoryCurrent"))
         cpu_ns = _counter(slice_props.get("CPUUsageNSec"))
@@ -294,7 +276,9 @@ class SystemdRuntime(Runtime):
         await asyncio.to_thread(_check_interpreter, command.argv[0], cwd)
         # The name may have passed to another env since this handle was made (ours ended,
         # another registry's took the name): a command must never join someone else's env.
-        owner = await self._env_id_of(bus, names.env)
+        view = await self._view(bus, names.env)
+        owner = view.env_id if view is not None and view.state in plan.LIVE_UNIT_STATES \
+            else None
         if owner != record.id:
             raise EnvironmentClosedError(
                 f"environment {record.name!r} has ended: its unit {names.env} is "
