@@ -15,7 +15,7 @@ from .exceptions import GestvenvError
 from .lifecycle import destroy_many
 from .registry import EnvRecord
 from .runtime import SystemdRuntime, UnitView, processes
-from .runtime.systemd import systemd_booted
+from .runtime.systemd import live_units
 from .runtime.systemd.plan import LIVE_UNIT_STATES
 from .templates import TemplateCache
 
@@ -59,7 +59,7 @@ async def sweep(config: Config, *, expired: bool = True, idle: bool = True,
     now = time.time()
     doomed = []
     records = await asyncio.to_thread(registry.list_records)
-    units = await _systemd_units()
+    units = await live_units()
     for record in records:
         reason = reason_to_remove(record, now, expired=expired, idle=idle, units=units)
         if reason:
@@ -71,15 +71,6 @@ async def sweep(config: Config, *, expired: bool = True, idle: bool = True,
         if units:
             await _stop_unit_only(units, report)
     return report
-
-
-async def _systemd_units() -> dict[str, UnitView] | None:
-    if not systemd_booted():
-        return None
-    try:
-        return await SystemdRuntime().live_environments()
-    except GestvenvError:
-        return None
 
 
 async def _stop_unit_only(units: dict[str, UnitView], report: SweepReport) -> None:

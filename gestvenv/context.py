@@ -20,7 +20,6 @@ from .exceptions import (
     CommandNotFoundError,
     EnvironmentClosedError,
     EnvironmentNotFoundError,
-    GestvenvError,
     RuntimeUnavailableError,
     ValidationError,
 )
@@ -37,13 +36,11 @@ from .registry import EnvRecord
 from .runtime import (
     CommandSpec,
     StreamCallback,
-    SystemdRuntime,
-    UnitView,
     Usage,
     runtime_named,
 )
 from .runtime.processes import ENV_MARKER, EXEC_MARKER
-from .runtime.systemd import systemd_booted
+from .runtime.systemd import live_units
 from .runtime.systemd.plan import LIVE_UNIT_STATES, UnitNames
 from .shield import shielded
 
@@ -441,7 +438,7 @@ async def environments() -> list[dict[str, Any]]:
     process noticed; a ``gestvenv-*`` unit without a state file is listed as ``unit-only``.
     """
     records = await asyncio.to_thread(registry.list_records)
-    units = await _live_units(records)
+    units = await live_units()
     infos = []
     for record in records:
         info = describe(record)
@@ -459,15 +456,6 @@ async def environments() -> list[dict[str, Any]]:
         if view.env_id not in known and await asyncio.to_thread(view.orphaned):
             infos.append(_unit_only(name, view.state))
     return infos
-
-
-async def _live_units(records: list[EnvRecord]) -> dict[str, UnitView] | None:
-    if not systemd_booted():
-        return None
-    try:
-        return await SystemdRuntime().live_environments()
-    except GestvenvError:
-        return None  # systemd unreachable: the state files are all there is to go by
 
 
 def _unit_only(name: str, unit_state: str) -> dict[str, Any]:

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO
+from typing import IO, TypeVar
 
 STAGES = Path(__file__).resolve().with_name("systemd_host")
 #: The checkout this file belongs to: bind-mounted at the same path inside.
@@ -56,6 +56,8 @@ _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,47}")
 _ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _LEAVES = itertools.count()  # leaf cgroup names gvh-run-<our pid>-<n>, unique per process
+
+T = TypeVar("T")
 
 
 class HostError(RuntimeError):
@@ -603,11 +605,10 @@ def _say(msg: str) -> None:
     print(f"systemd-host: {msg}", file=sys.stderr, flush=True)
 
 
-def _boot(args: argparse.Namespace) -> SystemdHost | int:
-    """Boot for the run/boot subcommands: the host, or the exit status of a failed boot."""
-    host = SystemdHost(args.name, net=args.net, memory_limit=args.memory)
+def _guarded(step: Callable[[], T]) -> T | int:
+    """``step()``, or the exit status of its failure: 125 for the harness, 128+N for signal N."""
     try:
-        host.boot()
+        return step()
     except HostError as exc:
         _say(str(exc))
         return 125
@@ -615,7 +616,16 @@ def _boot(args: argparse.Namespace) -> SystemdHost | int:
         return 128 + exc.signum
     except KeyboardInterrupt:
         return 130
-    return host
+
+
+def _boot(args: argparse.Namespace) -> SystemdHost | int:
+    """Boot for the run/boot subcommands: the host, or the exit status of a failed boot."""
+    host = SystemdHost(args.name, net=args.net, memory_limit=args.memory)
+
+    def boot() -> SystemdHost:
+        host.boot()
+        return host
+    return _guarded(boot)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -664,18 +674,12 @@ def _cmd_boot(args: argparse.Namespace) -> int:
 
 
 def _cmd_exec(args: argparse.Namespace) -> int:
-    try:
-        host = SystemdHost.attach(args.name)
-        result = host.run(args.cmd, user=args.user, env=_env_pairs(args.env), cwd=args.cwd,
-                          capture_output=False)
-    except HostError as exc:
-        _say(str(exc))
-        return 125
-    except _Terminated as exc:
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        return 130
-    return _exit_code(result.returncode)
+    def run() -> subprocess.CompletedProcess[str]:
+        return SystemdHost.attach(args.name).run(args.cmd, user=args.user,
+                                                  env=_env_pairs(args.env), cwd=args.cwd,
+                                                  capture_output=False)
+    result = _guarded(run)
+    return result if isinstance(result, int) else _exit_code(result.returncode)
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
 """The systemd runtime: each environment a set of transient units (see ``plan``)."""
 
-from .runtime import SystemdRuntime, systemd_booted
+from .runtime import SystemdRuntime, live_units, systemd_booted
 
-__all__ = ["SystemdRuntime", "systemd_booted"]
+__all__ = ["SystemdRuntime", "live_units", "systemd_booted"]

@@ -23,6 +23,7 @@ from ...exceptions import (
     CommandNotFoundError,
     EnvironmentClosedError,
     EnvironmentExistsError,
+    GestvenvError,
     RuntimeUnavailableError,
     SystemdError,
     ValidationError,
@@ -46,6 +47,17 @@ EXIT_EXEC, EXIT_CHDIR = 203, 200
 def systemd_booted() -> bool:
     """sd_booted(): systemd is PID 1 of this host (or of this container)."""
     return os.path.isdir("/run/systemd/system")
+
+
+async def live_units() -> dict[str, UnitView] | None:
+    """The env units of this user's manager, or None when there is no systemd to ask (not
+    booted, unreachable): then the state files are all there is to go by."""
+    if not systemd_booted():
+        return None
+    try:
+        return await SystemdRuntime().live_environments()
+    except GestvenvError:
+        return None
 
 
 def use_user_manager() -> bool:
