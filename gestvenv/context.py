@@ -130,8 +130,10 @@ class Environment:
             current = None
         if current is None or current.id != self.id:
             expired = self.expires_at is not None and time.time() >= self.expires_at
-            why = " (its TTL was reached)" if expired else ""
-            raise EnvironmentClosedError(f"environment {self.name!r} no longer exists{why}")
+            why = "its TTL was reached" if expired else \
+                "destroyed by a cleanup, its idle timeout or the exit of its creator"
+            raise EnvironmentClosedError(
+                f"environment {self.name!r} has ended and no longer exists ({why})")
         return current
 
     async def install(self, packages: Iterable[str] = (), *,

@@ -89,8 +89,10 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
             await in_thread(ensure_reaper)  # from now on a dead creator is noticed
         await in_thread(storage.claim_dir, Path(record.path), registry.state_path(record.name),
                         record.id)
-        await builder.create(Path(record.path), interpreter)
+        # Started before the build: from here on, the env's end (and its files') is systemd's
+        # to guarantee, whatever happens to this process.
         await runtime.start(record)
+        await builder.create(Path(record.path), interpreter)
         await builder.populate(Path(record.path), interpreter, spec.packages, spec.requirements)
         record = record.evolve(status="ready", last_activity=time.time())
         if not spec.owned:

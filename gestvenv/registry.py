@@ -116,10 +116,15 @@ def state_path(name: str) -> Path:
 
 
 
+def lock_path() -> Path:
+    return runtime_dir() / "registry.lock"
+
+
 @contextlib.contextmanager
 def locked() -> Iterator[None]:
-    """The registry lock: serialises quota checks with reservations across processes."""
-    fd = os.open(runtime_dir() / "registry.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    """The registry lock: serialises quota checks with reservations across processes (and
+    with the reaper of an env's unit, which takes it to remove the env's state file)."""
+    fd = os.open(lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -15,10 +15,8 @@ them; environments on a tmpfs get copies (a hardlink cannot cross filesystems).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
-import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +24,17 @@ from pathlib import Path
 from .config import Config
 from .exceptions import ConfigError, GestvenvError, UnsafePathError
 from .models import StorageBackend
+from .reaper import (  # the deletion code, shared with the env unit's stop action
+    ROOT_MARK,
+    check_inside_roots,
+    is_marked_root,
+    remove_tree,
+    unescape_mountinfo,
+)
+
+__all__ = ["ROOT_MARK", "check_inside_roots", "is_marked_root", "remove_tree"]
 
 TMPFS_MAGIC = 0x01021994
-# Deleting never goes below a mount point: umount2(MNT_DETACH) first, or refuse.
-_MNT_DETACH = 2
 
 
 def _is_root() -> bool:
@@ -95,21 +100,12 @@ def _fs_magic(path: Path) -> int:
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            mnt = _unescape(fields[4])
+            mnt = unescape_mountinfo(fields[4])
             sep = fields.index("-")
             inside = target == mnt or target.startswith(mnt.rstrip("/") + "/")
             if inside and len(mnt) >= len(best):
                 best, fstype = mnt, fields[sep + 1]
     return TMPFS_MAGIC if fstype == "tmpfs" else 0
-
-
-_OCTAL = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\NNN; every other byte (UTF-8
-    included) is given as is."""
-    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
 @dataclass(frozen=True)
@@ -140,9 +136,6 @@ def storage_root(backend: StorageBackend, config: Config) -> StorageRoot:
     )
 
 
-ROOT_MARK = ".gestvenv-root"
-
-
 def _mark_root(path: Path) -> Path:
     """Note in a storage root that gestvenv made it, so that cleanup under another config (or by
     the watchdog) may delete there too; a dir without the mark is never a root."""
@@ -161,14 +154,6 @@ def _mark_root(path: Path) -> Path:
         with os.fdopen(fd, "w") as f:
             f.write("gestvenv storage root: its <name>-<id> subdirectories are gestvenv's\n")
     return path
-
-
-def is_marked_root(path: Path) -> bool:
-    try:
-        st = (path / ROOT_MARK).lstat()
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
 
 
 def all_roots(config: Config) -> list[Path]:
@@ -208,49 +193,6 @@ def is_claimed(path: Path) -> bool | None:
         return False
 
 
-# --- deletion ---
-
-def _mounts_under(path: str) -> list[str]:
-    prefix = path.rstrip("/") + "/"
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mnt = _unescape(line.split()[4])
-            if mnt == path or mnt.startswith(prefix):
-                found.append(mnt)
-    return sorted(found, key=len, reverse=True)
-
-
-def check_inside_roots(path: Path, roots: list[Path]) -> Path:
-    """Return ``path`` if it is a direct child of one of ``roots`` and not a symlink, else raise.
-
-    ``roots`` are the configured roots; pass :func:`env_roots` to also accept a root that
-    gestvenv made under another configuration (it carries gestvenv's mark).
-
-    The parent is resolved (roots may sit behind symlinks like /var/run); the leaf never is, so a
-    storage dir replaced by a link to elsewhere is refused instead of followed.
-    """
-    path = Path(os.path.abspath(path))
-    if path.name in ("", ".", ".."):
-        raise UnsafePathError(f"refusing to delete {path}: not an environment directory")
-    parent = os.path.realpath(path.parent)
-    if not any(parent == os.path.realpath(root) for root in roots):
-        raise UnsafePathError(
-            f"refusing to delete {path}: not directly inside gestvenv's storage roots "
-            f"({', '.join(str(r) for r in roots)})"
-        )
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return path
-    if stat.S_ISLNK(st.st_mode):
-        target = os.readlink(path)
-        raise UnsafePathError(f"refusing to delete {path}: it is a symlink (to {target})")
-    if not stat.S_ISDIR(st.st_mode):
-        raise UnsafePathError(f"refusing to delete {path}: not a directory")
-    return path
-
-
 def env_roots(path: Path, config: Config) -> list[Path]:
     """The roots under which an environment's ``path`` may be deleted: the configured ones, and
     its own parent if that dir carries gestvenv's root mark (a root from another config)."""
@@ -259,74 +201,6 @@ def env_roots(path: Path, config: Config) -> list[Path]:
     if is_marked_root(parent):
         roots.append(parent)
     return roots
-
-
-def remove_tree(path: Path, roots: list[Path]) -> bool:
-    """Delete an environment directory safely; return False if it did not exist.
-
-    Never follows a symlink (every directory is opened with O_NOFOLLOW relative to its parent's
-    descriptor), never descends into a mount (mounts found in mountinfo are detached first or the
-    deletion is refused; a directory on another device met on the way is refused too), and
-    copes with read-only directories.
-    """
-    path = check_inside_roots(path, roots)
-    if not path.exists():
-        return False
-    # Mount points are listed by real path: look where the path really is.
-    real = os.path.join(os.path.realpath(path.parent), path.name)
-    for mnt in _mounts_under(real):
-        if not _umount(mnt):
-            raise UnsafePathError(f"refusing to delete {path}: {mnt} is mounted inside it")
-    parent_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        _remove_at(parent_fd, path.name, os.fstat(parent_fd).st_dev, str(path))
-    except FileNotFoundError:
-        pass
-    finally:
-        os.close(parent_fd)
-    return True
-
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-
-
-def _remove_at(parent_fd: int, name: str, dev: int, shown: str) -> None:
-    try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-    except PermissionError:
-        # An unreadable dir (mode 0o000): give it back to its owner, after checking it is a
-        # directory and not a link (chmod with dir_fd cannot refuse links itself).
-        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-        if not stat.S_ISDIR(st.st_mode):
-            raise
-        os.chmod(name, stat.S_IMODE(st.st_mode) | stat.S_IRWXU, dir_fd=parent_fd)
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-    try:
-        st = os.fstat(fd)
-        if st.st_dev != dev:
-            raise UnsafePathError(f"refusing to delete {shown}: a filesystem is mounted there")
-        if st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
-            os.fchmod(fd, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)  # a read-only dir
-        with os.scandir(fd) as entries:
-            children = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
-        for child, is_dir in children:
-            if is_dir:
-                _remove_at(fd, child, dev, f"{shown}/{child}")
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(child, dir_fd=fd)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=parent_fd)
-
-
-def _umount(mnt: str) -> bool:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.umount2(mnt.encode(), _MNT_DETACH) == 0:
-        return True
-    return ctypes.get_errno() == errno.EINVAL and mnt not in _mounts_under(mnt)
 
 
 def disk_usage(path: Path) -> int:

@@ -9,51 +9,16 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
-ENV_MARKER = "GESTVENV_ENV_ID"
-EXEC_MARKER = "GESTVENV_EXEC_ID"
+from ..reaper import (  # shared with the env unit's stop action (stdlib only)
+    ENV_MARKER,
+    EXEC_MARKER,
+    is_zombie,
+    kill_marked,
+    marked_pids,
+)
 
-
-def marked_pids(key: str, value: str) -> list[int]:
-    """PIDs whose initial environment has ``key=value`` (only processes we may read)."""
-    needle = f"{key}={value}".encode()
-    me = os.getpid()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        if pid == me:
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        if needle in data.split(b"\0"):
-            found.append(pid)
-    return found
-
-
-def kill_marked(key: str, value: str, *, passes: int = 50) -> int:
-    """SIGKILL every process marked ``key=value`` until none is left; return how many were hit.
-
-    Several passes because a process may fork while we kill its parent.
-    """
-    killed: set[int] = set()
-    for _ in range(passes):
-        pids = [p for p in marked_pids(key, value) if not _is_zombie(p)]
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.add(pid)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.005)
-    return len(killed)
+__all__ = ["ENV_MARKER", "EXEC_MARKER", "is_zombie", "kill_marked", "marked_pids"]
 
 
 def pipe_ids(pid: int) -> set[str]:
@@ -91,12 +56,3 @@ def kill_pipe_holders(pipes: set[str]) -> int:
             except OSError:
                 continue
     return killed
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            # The state follows the command name, which is in parentheses and may contain spaces.
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True

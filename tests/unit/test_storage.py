@@ -108,10 +108,23 @@ def test_symlink_leaf_pointing_outside_is_refused_and_target_survives(
     link.symlink_to(outside, target_is_directory=True)
     with pytest.raises(UnsafePathError, match="symlink"):
         check_inside_roots(link, [root])
-    with pytest.raises(UnsafePathError, match="symlink"):
+    with pytest.raises(UnsafePathError, match="symlink to .*the link was removed"):
         remove_tree(link, [root])
     _assert_intact(outside)
+    # The link was an entry of gestvenv's root: it goes, so no sweep trips on it again.
+    assert not os.path.lexists(link)
+
+
+def test_a_symlink_outside_the_roots_is_not_even_unlinked(root: Path, outside: Path,
+                                                          tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = elsewhere / "env-0123abcd"
+    link.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UnsafePathError, match="not directly inside"):
+        remove_tree(link, [root])
     assert link.is_symlink()
+    _assert_intact(outside)
 
 
 def test_dangling_symlink_leaf_is_refused(root: Path, tmp_path: Path) -> None:
@@ -382,7 +395,7 @@ def test_a_directory_on_another_device_is_never_entered(root: Path, tmp_path: Pa
     env = _make_env(root)
     with _mounted(env, "-t", "tmpfs", "-o", "size=1m", "gvtest") as mnt:
         (mnt / "inside-the-mount.txt").write_text("keep me")
-        from gestvenv.storage import _remove_at
+        from gestvenv.reaper import _remove_at
 
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:

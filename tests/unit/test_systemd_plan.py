@@ -51,8 +51,11 @@ LIMITS = {
 }
 
 HOLDER = HolderArgs(python="/usr/bin/python3", script="/opt/gestvenv/site/gestvenv/holder.py",
-                    state_file="/run/gestvenv/state/ci-test.json", env_id="abc123",
-                    owner_pid=4242, owner_start=1700000000.25, idle_timeout=30)
+                    state_file="/run/gestvenv/envs/ci-test.json", env_id="abc12345ff",
+                    owner_pid=4242, owner_start=1700000000.25, idle_timeout=30,
+                    reaper="/opt/gestvenv/site/gestvenv/reaper.py",
+                    env_path="/var/cache/gestvenv/envs/ci-test-abc12345",
+                    registry_lock="/run/gestvenv/registry.lock")
 FDS = {"stdin": 0, "stdout": 1, "stderr": 2}
 
 
@@ -152,7 +155,7 @@ SYSTEMD_TYPES = {
     "h": ["StandardInputFileDescriptor", "StandardOutputFileDescriptor",
           "StandardErrorFileDescriptor"],
     "as": ["Environment", "BindsTo", "After", "JoinsNamespaceOf", "ReadWritePaths"],
-    "a(sasas)": ["ExecStartEx"],
+    "a(sasas)": ["ExecStartEx", "ExecStopPostEx"],
     "a(iayu)": ["IPAddressDeny", "IPAddressAllow"],
     "a(ssbt)": ["BindPaths", "BindReadOnlyPaths"],
 }
@@ -463,6 +466,25 @@ def test_env_unit_properties() -> None:
     assert "--owner-pid 4242" in joined
     assert "--owner-start 1700000000.25" in joined
     assert "--idle-timeout 30" in joined
+
+
+def test_env_unit_stop_action_is_the_reaper_with_its_own_copy_of_the_path() -> None:
+    """The files go with the unit, whoever stops it; the dir to delete is on the unit's own
+    command line (a state file edited later cannot redirect it)."""
+    props = env_unit(ttl=90)
+    ((path, argv, flags),) = props["ExecStopPostEx"]
+    assert path == argv[0] == HOLDER.python
+    assert argv[1:] == ["-I", "-S", "-B", HOLDER.reaper, HOLDER.env_path, HOLDER.env_id,
+                        HOLDER.state_file, HOLDER.registry_lock]
+    # Outside the unit's namespaces (a private /tmp would hide the dir), no $VAR expansion.
+    assert sorted(flags) == ["no-env-expand", "privileged"]
+    # The stop action shares the unit's stop timeout: room to delete a big tree.
+    assert props["TimeoutStopUSec"] == plan.ENV_STOP_TIMEOUT_USEC >= 60 * 1_000_000
+
+
+def test_env_unit_without_a_reaper_has_no_stop_action() -> None:
+    bare = HolderArgs(python="py", script="/p/holder.py", state_file="/s", env_id="e")
+    assert "ExecStopPostEx" not in env_unit(holder=bare)
 
 
 @pytest.mark.parametrize("ttl", [None, 0])

@@ -36,13 +36,17 @@ UNIT_STATE_FILE = "GESTVENV_UNIT_STATE_FILE"
 UNIT_NAME_MAX = 255  # systemd's UNIT_NAME_MAX (256) with its NUL
 MB = 1 << 20
 USEC = 1_000_000
-# How long a unit may take to stop after SIGTERM before SIGKILL: the TTL is a deadline.
+# How long a command's unit may take to stop after SIGTERM before SIGKILL: the TTL is a deadline.
 STOP_TIMEOUT_USEC = 500_000
+# The env's own unit: its holder exits at once on SIGTERM, but its stop action (the reaper,
+# which deletes the env's files) shares this timeout, and a large tree on a slow disk takes time.
+ENV_STOP_TIMEOUT_USEC = 120 * 1_000_000
 
 SIGNATURES: Mapping[str, str] = {
     "Description": "s",
     "Slice": "s",
     "ExecStartEx": "a(sasas)",
+    "ExecStopPostEx": "a(sasas)",
     "Type": "s",
     "WorkingDirectory": "s",
     "Environment": "as",
@@ -275,7 +279,8 @@ def slice_properties(names: UnitNames, env_name: str, limits: ResourceLimits,
 
 @dataclass(frozen=True)
 class HolderArgs:
-    """How the env's own unit runs gestvenv's holder (see ``gestvenv.holder``)."""
+    """How the env's own unit runs gestvenv's holder (``gestvenv.holder``) and, as its stop
+    action, gestvenv's reaper (``gestvenv.reaper``)."""
 
     python: str
     script: str  # gestvenv/holder.py
@@ -284,6 +289,9 @@ class HolderArgs:
     owner_pid: int | None = None
     owner_start: float | None = None
     idle_timeout: int | None = None
+    reaper: str = ""         # gestvenv/reaper.py
+    env_path: str = ""       # the env's storage dir, as created: the reaper never reads it
+    registry_lock: str = ""  # from the state file
 
 
 def env_properties(names: UnitNames, env_name: str, description: str, ttl: int | None,
@@ -306,13 +314,21 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
         prop("ExecStartEx", exec_start(argv)),
         prop("Type", "exec"),
         prop("CollectMode", "inactive-or-failed"),
-        prop("TimeoutStopUSec", STOP_TIMEOUT_USEC),
+        prop("TimeoutStopUSec", ENV_STOP_TIMEOUT_USEC),
         prop("MemoryAccounting", True),
         # Started once: a command started in the instant after the TTL (its BindsTo= would
         # pull the env's unit up again) must not give the env a second life.
         prop("StartLimitBurst", 1),
         prop("StartLimitIntervalUSec", 2**64 - 1),
     ]
+    if holder.reaper:
+        # Whoever stops the unit (TTL, holder, systemctl, cleanup, shutdown), the files go
+        # with it. Privileged ("+"): outside the unit's namespaces, so it sees the env's dir
+        # where it really is (a private /tmp would hide it), and it runs even if the start
+        # failed. -S: no site, only the standard library is needed, and it starts faster.
+        reap = [holder.python, "-I", "-S", "-B", holder.reaper, holder.env_path,
+                holder.env_id, holder.state_file, holder.registry_lock]
+        props.append(prop("ExecStopPostEx", [[reap[0], reap, ["privileged", "no-env-expand"]]]))
     if ttl:
         props.append(prop("RuntimeMaxUSec", ttl * USEC))
     # The holder carries the env's namespaces (private network, /tmp) for its commands to join.

@@ -29,7 +29,7 @@ from ...exceptions import (
     ValidationError,
 )
 from ...models import Enforcement, ExecResult, IsolationLevel, ResourceLimits
-from ...registry import EnvRecord, state_path
+from ...registry import EnvRecord, lock_path, state_path
 from ...shield import in_thread, shielded
 from ..base import CommandSpec, Runtime, UnitView, Usage
 from . import cgroups, plan
@@ -37,8 +37,9 @@ from .bus import SERVICE, UNIT, NoSuchUnit, SystemdBus, connection, unit_path, v
 from .plan import Capabilities, Property, UnitNames
 
 PIPE_GRACE = 1.0
-# The env unit's process (stdlib only, run as a file).
+# The env unit's process and its stop action (stdlib only, run as files).
 _HOLDER = str(Path(__file__).resolve().parents[2] / "holder.py")
+_REAPER = str(Path(__file__).resolve().parents[2] / "reaper.py")
 
 # systemd's exit statuses for a command that could not be started (systemd.exec(5)).
 EXIT_EXEC, EXIT_CHDIR = 203, 200
@@ -167,7 +168,8 @@ class SystemdRuntime(Runtime):
             python=_python(), script=_HOLDER,
             state_file=str(state_path(record.name)), env_id=record.id,
             owner_pid=record.owner_pid, owner_start=record.owner_started,
-            idle_timeout=record.idle_timeout)
+            idle_timeout=record.idle_timeout, reaper=_REAPER, env_path=record.path,
+            registry_lock=str(lock_path()))
         description = f"python {record.python_version}, {record.backend} storage, {record.path}"
         env_props = plan.env_properties(names, record.name, description, record.ttl, holder,
                                         sandbox)
@@ -253,8 +255,9 @@ class SystemdRuntime(Runtime):
             "systemd runtime: the TTL is the env unit's RuntimeMaxSec and the limits are its "
             "slice's cgroup settings, enforced by systemd and the kernel whatever happens to "
             "gestvenv's processes",
-            "systemd runtime: when the env's unit stops, its processes end, but its files stay "
-            "until `gestvenv ephemeral cleanup --expired` (or the next create sweep) removes them",
+            "systemd runtime: when the env's unit stops, for whatever reason, its processes end "
+            "and its stop action (gestvenv's reaper) deletes its files and state; what a crash "
+            "or power loss leaves is removed by gestvenv-cleanup.timer (also at boot)",
         )
 
     async def usage(self, record: EnvRecord) -> Usage:

@@ -182,6 +182,9 @@ async def test_idle_timeout_never_ends_a_running_command() -> None:
         idle_for = time.monotonic() - idle_from
         print(f"idle env ended {idle_for:.2f}s after its last command")
         assert 1.5 <= idle_for <= 3.5
+        # Its files and state went with its unit (the reaper, its stop action): no sweep.
+        assert not env.path.exists()
+        assert not registry.state_path("sd-idle").exists()
         with pytest.raises(gestvenv.EnvironmentClosedError, match="has ended"):
             await env.execute(["true"])
 
@@ -231,11 +234,12 @@ async def test_ttl_is_held_by_systemd_after_the_creator_is_sigkilled(tmp_path: P
     print(f"units gone {late:.2f}s after the TTL")
     assert late <= 1.2
     assert all(pid_dead(p) for p in pids)
-    [listed] = [e for e in gestvenv.list_environments() if e["name"] == name]
-    assert listed["state"] == "expired" and listed["unit"]["state"] == "gone"
-    # systemd ended it; the files go with the next sweep.
+    # systemd ended it and its stop action took the files and the state: nothing to sweep.
+    assert not Path(record.path).exists()
+    assert not registry.state_path(name).exists()
+    assert [e for e in gestvenv.list_environments() if e["name"] == name] == []
     report = await sweep(gestvenv.load_config())
-    assert name in report.removed
+    assert report.removed == {} and report.orphan_paths == []
 
 
 OWNED = """
@@ -262,8 +266,10 @@ async def test_an_owned_env_ends_with_its_sigkilled_creator(tmp_path: Path) -> N
     took = await wait_until(lambda: not units_of(name), 5, "units gone")
     print(f"units gone {took:.2f}s after the creator's SIGKILL")
     assert all(pid_dead(p) for p in pids)
+    assert not Path(record.path).exists()
+    assert not registry.state_path(name).exists()
     report = await sweep(gestvenv.load_config())
-    assert name in report.removed
+    assert report.removed == {} and report.orphan_paths == []
 
 
 @pytest.mark.v2
@@ -327,8 +333,9 @@ async def test_an_env_stopped_with_systemctl_ends_its_commands() -> None:
         await run("systemctl", "stop", "gestvenv-sd-stopped.service", check=True)
         result = await asyncio.wait_for(running, 5)
         assert result.returncode < 0
-        [info] = [e for e in gestvenv.list_environments() if e["name"] == "sd-stopped"]
-        assert info["state"] == "stopped"
+        # Whoever stops the unit, the env's files and state go with it.
+        assert not env.path.exists()
+        assert [e for e in gestvenv.list_environments() if e["name"] == "sd-stopped"] == []
         with pytest.raises(gestvenv.EnvironmentClosedError, match="has ended"):
             await env.execute(["true"])
 

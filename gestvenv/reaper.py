@@ -1,0 +1,305 @@
+"""The reaper: the only code that deletes an environment, also run by the env's systemd unit.
+
+Under the systemd runtime an environment's own unit runs it as its stop action
+(``ExecStopPost=``, privileged so that it sees the host's filesystem, not the unit's private
+/tmp), so an environment's files go whenever its unit stops, whoever stops it (its TTL, its
+holder for a dead creator or idleness, ``systemctl stop``, a cleanup, a shutdown)::
+
+    python -I -S -B reaper.py PATH ENV_ID STATE_FILE REGISTRY_LOCK
+
+It kills what is left of the environment outside its units (a builder or installer whose
+creator died: they carry its marker), deletes ``PATH`` and forgets the environment (its state
+file, if it still names this environment). ``PATH`` comes from the unit's command line, written
+when the unit was made, never from the state file: a tampered state file cannot point it
+elsewhere. It deletes only a dir named ``<name>-<id[:8]>`` directly inside a storage root that
+carries gestvenv's mark, never follows a symlink, never descends into a mount.
+
+Standard library only: the unit runs this file with the base interpreter in isolated mode,
+where gestvenv's dependencies are not importable; :mod:`gestvenv.storage` and
+:mod:`gestvenv.runtime.processes` import it as a module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import signal
+import stat
+import sys
+import time
+from pathlib import Path
+
+try:
+    from .exceptions import UnsafePathError
+except ImportError:  # run as a file by a unit (no package): the same name, for the same uses
+    class UnsafePathError(Exception):  # type: ignore[no-redef]
+        """A path gestvenv refuses to delete."""
+
+ROOT_MARK = ".gestvenv-root"
+ENV_MARKER = "GESTVENV_ENV_ID"  # in the environment of every process gestvenv starts for an env
+EXEC_MARKER = "GESTVENV_EXEC_ID"
+# Deleting never goes below a mount point: umount2(MNT_DETACH) first, or refuse.
+_MNT_DETACH = 2
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+# --- processes ---
+
+def marked_pids(key: str, value: str) -> list[int]:
+    """PIDs whose initial environment has ``key=value`` (only processes we may read)."""
+    needle = f"{key}={value}".encode()
+    me = os.getpid()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if needle in data.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_marked(key: str, value: str, *, passes: int = 50) -> int:
+    """SIGKILL every process marked ``key=value`` until none is left; return how many were hit.
+
+    Several passes because a process may fork while we kill its parent.
+    """
+    killed: set[int] = set()
+    for _ in range(passes):
+        pids = [p for p in marked_pids(key, value) if not is_zombie(p)]
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.005)
+    return len(killed)
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # The state follows the command name, which is in parentheses and may contain spaces.
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
+# --- where deleting is allowed ---
+
+def is_marked_root(path: Path) -> bool:
+    """A storage root gestvenv made: it holds gestvenv's mark, a regular file of ours."""
+    try:
+        st = (path / ROOT_MARK).lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def _parent_is_a_root(path: Path, roots: list[Path]) -> None:
+    """``path`` is a direct child of one of ``roots``; the parent is resolved (roots may sit
+    behind symlinks like /var/run), the leaf never is."""
+    if path.name in ("", ".", ".."):
+        raise UnsafePathError(f"refusing to delete {path}: not an environment directory")
+    parent = os.path.realpath(path.parent)
+    if not any(parent == os.path.realpath(root) for root in roots):
+        raise UnsafePathError(
+            f"refusing to delete {path}: not directly inside gestvenv's storage roots "
+            f"({', '.join(str(r) for r in roots)})"
+        )
+
+
+def check_inside_roots(path: Path, roots: list[Path]) -> Path:
+    """Return ``path`` if it is a direct child of one of ``roots`` and not a symlink, else raise:
+    a storage dir replaced by a link to elsewhere is refused instead of followed."""
+    path = Path(os.path.abspath(path))
+    _parent_is_a_root(path, roots)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return path
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafePathError(
+            f"refusing to delete {path}: it is a symlink (to {os.readlink(path)})")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePathError(f"refusing to delete {path}: not a directory")
+    return path
+
+
+# --- deleting ---
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def unescape_mountinfo(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\NNN; every other byte (UTF-8
+    included) is given as is."""
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts_under(path: str) -> list[str]:
+    """Mount points at or below ``path`` (a real path), deepest first."""
+    prefix = path.rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mnt = unescape_mountinfo(line.split()[4])
+            if mnt == path or mnt.startswith(prefix):
+                found.append(mnt)
+    return sorted(found, key=len, reverse=True)
+
+
+def remove_tree(path: Path, roots: list[Path]) -> bool:
+    """Delete an environment directory safely; return False if it did not exist.
+
+    Never follows a symlink (every directory is opened with O_NOFOLLOW relative to its parent's
+    descriptor), never descends into a mount (mounts found in mountinfo are detached first or the
+    deletion is refused; a directory on another device met on the way is refused too), and
+    copes with read-only directories. A storage dir replaced by a symlink: the link itself goes
+    (it is an entry of gestvenv's root), what it points to is left alone, and it is reported.
+    """
+    path = Path(os.path.abspath(path))
+    if os.path.islink(path):
+        _parent_is_a_root(path, roots)
+        target = os.readlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # unlink() never follows the link
+        raise UnsafePathError(
+            f"refusing to delete through {path}: it was a symlink to {target}; the link was "
+            "removed, its target left alone")
+    path = check_inside_roots(path, roots)
+    if not path.exists():
+        return False
+    # Mount points are listed by real path: look where the path really is.
+    real = os.path.join(os.path.realpath(path.parent), path.name)
+    for mnt in mounts_under(real):
+        if not _umount(mnt):
+            raise UnsafePathError(f"refusing to delete {path}: {mnt} is mounted inside it")
+    parent_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _remove_at(parent_fd, path.name, os.fstat(parent_fd).st_dev, str(path))
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(parent_fd)
+    return True
+
+
+def _remove_at(parent_fd: int, name: str, dev: int, shown: str) -> None:
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except PermissionError:
+        # An unreadable dir (mode 0o000): give it back to its owner, after checking it is a
+        # directory and not a link (chmod with dir_fd cannot refuse links itself).
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            raise
+        os.chmod(name, stat.S_IMODE(st.st_mode) | stat.S_IRWXU, dir_fd=parent_fd)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        st = os.fstat(fd)
+        if st.st_dev != dev:
+            raise UnsafePathError(f"refusing to delete {shown}: a filesystem is mounted there")
+        if st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)  # a read-only dir
+        with os.scandir(fd) as entries:
+            children = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+        for child, is_dir in children:
+            if is_dir:
+                _remove_at(fd, child, dev, f"{shown}/{child}")
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+
+
+def _umount(mnt: str) -> bool:
+    import ctypes  # only when a mount is met: it costs a few ms at every reaper's start
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(mnt.encode(), _MNT_DETACH) == 0:
+        return True
+    return ctypes.get_errno() == errno.EINVAL and mnt not in mounts_under(mnt)
+
+
+# --- the unit's stop action ---
+
+def forget(state_file: Path, env_id: str, lock: Path) -> bool:
+    """Remove the state file if it still names this environment (the name may be reused);
+    under the registry's lock, as :func:`gestvenv.registry.remove` does."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return False  # no registry at all any more
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = json.loads(state_file.read_text())
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError):
+            return False  # unreadable: the orphan sweep's to judge
+        if not isinstance(current, dict) or current.get("id") != env_id:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            state_file.unlink()
+        return True
+    finally:
+        os.close(fd)
+
+
+def reap(path: Path, env_id: str, state_file: Path, lock: Path) -> list[str]:
+    """Everything of one environment outside systemd's units: processes, files, state.
+    Returns what it did; raises :class:`UnsafePathError` for what it refused."""
+    done = []
+    killed = kill_marked(ENV_MARKER, env_id)
+    if killed:
+        done.append(f"killed {killed} leftover process(es) of the environment")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*-" + re.escape(env_id[:8]), path.name) \
+            or len(env_id) < 8:
+        raise UnsafePathError(f"refusing to delete {path}: not the directory of env {env_id}")
+    root = Path(os.path.abspath(path)).parent
+    if not is_marked_root(root):
+        raise UnsafePathError(
+            f"refusing to delete {path}: {root} is not a gestvenv storage root (no {ROOT_MARK})")
+    try:
+        if remove_tree(path, [root]):
+            done.append(f"removed {path}")
+    finally:
+        if forget(state_file, env_id, lock):
+            done.append(f"removed {state_file}")
+    return done
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 4:
+        print("usage: reaper.py PATH ENV_ID STATE_FILE REGISTRY_LOCK", file=sys.stderr)
+        return 2
+    path, env_id, state_file, lock = argv
+    started = time.monotonic()
+    try:
+        done = reap(Path(path), env_id, Path(state_file), Path(lock))
+    except (UnsafePathError, OSError) as exc:
+        print(f"gestvenv reaper: {exc}", file=sys.stderr, flush=True)
+        return 1
+    took = time.monotonic() - started
+    print(f"gestvenv reaper: {'; '.join(done) or 'nothing left to remove'} ({took:.3f} s)",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
