@@ -67,7 +67,8 @@ async def sweep(config: Config, *, expired: bool = True, idle: bool = True,
     report.errors.update(await destroy_many([r for r, _ in doomed], config))
     report.removed.update((r.name, why) for r, why in doomed if r.name not in report.errors)
     if orphans:
-        await asyncio.to_thread(_sweep_orphans, config, report)
+        kept = {r.path for r in records if r.name not in report.removed}
+        await asyncio.to_thread(_sweep_orphans, config, report, kept)
         if units:
             await _stop_unit_only(units, report)
     return report
@@ -87,8 +88,9 @@ async def _stop_unit_only(units: dict[str, UnitView], report: SweepReport) -> No
             report.errors[name] = str(exc)
 
 
-def _sweep_orphans(config: Config, report: SweepReport) -> None:
-    """Storage dirs that no state file claims, and state files nobody can read."""
+def _sweep_orphans(config: Config, report: SweepReport, kept: set[str]) -> None:
+    """Storage dirs that no state file claims, and state files nobody can read. ``kept``: the
+    paths of the environments that remain."""
     for path in registry.unreadable_state_files():
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -103,6 +105,11 @@ def _sweep_orphans(config: Config, report: SweepReport) -> None:
             if not _ENV_DIR_RE.fullmatch(entry.name):
                 continue  # only names gestvenv gives its dirs: "<name>-<8 hex>"
             try:
+                if entry.is_symlink():
+                    if str(root / entry.name) in kept:
+                        continue  # its env's own cleanup refuses it, and says so to its user
+                    # Never an env's dir: the link goes, its target is left alone (said).
+                    storage.remove_tree(root / entry.name, roots)
                 # Whichever registry owns it (another runtime dir too) must still know it.
                 claimed = storage.is_claimed(root / entry.name)
                 if claimed:

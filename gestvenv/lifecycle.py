@@ -105,18 +105,36 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
 async def destroy(record: EnvRecord, config: Config) -> None:
     """Stop every process, delete the files (only inside the storage roots), forget the env.
 
-    Idempotent. A path outside the roots (a tampered state file, a symlink) is refused: the state
-    file is removed and :class:`UnsafePathError` reports what was not deleted.
+    Idempotent. A path the state file may not name (outside the roots, another env's dir, a
+    symlink) is refused: nothing is deleted through it, the state file is removed and
+    :class:`UnsafePathError` says what was refused.
     """
+    path = Path(record.path)
     runtime = runtime_named(record.runtime)
+    roots = await asyncio.to_thread(storage.env_roots, path, config)
+    # Judged before the stop: under systemd the unit's reaper deletes the env's dir from its
+    # own copy of the path and refuses the same things, but only its journal would say so.
+    refused = await asyncio.to_thread(_refusal, path, record, roots)
     try:
         await runtime.stop(record)
-        roots = await asyncio.to_thread(storage.env_roots, Path(record.path), config)
-        await asyncio.to_thread(storage.remove_tree, Path(record.path), roots)
+        if refused is None or await asyncio.to_thread(os.path.islink, path):
+            # (A link still there is removed, never followed, and reported.)
+            await asyncio.to_thread(storage.remove_tree, path, roots)
+        if refused is not None:
+            raise refused
     except UnsafePathError:
         await asyncio.to_thread(registry.remove, record)
         raise
     await asyncio.to_thread(registry.remove, record)
+
+
+def _refusal(path: Path, record: EnvRecord, roots: list[Path]) -> UnsafePathError | None:
+    try:
+        storage.check_env_dir(path, record.name, record.id)
+        storage.check_inside_roots(path, roots)
+    except UnsafePathError as exc:
+        return exc
+    return None
 
 
 async def destroy_many(records: Sequence[EnvRecord], config: Config) -> list[tuple[str, str]]:

@@ -193,6 +193,31 @@ def is_claimed(path: Path) -> bool | None:
         return False
 
 
+def check_env_dir(path: Path, name: str, env_id: str) -> None:
+    """Raise unless ``path`` can be environment ``name``'s own dir: named ``<name>-<id[:8]>``
+    as gestvenv names it and, once claimed, claiming that id. A state file edited to point at
+    another environment's dir (or anywhere else) is refused, not obeyed."""
+    if Path(path).name != f"{name}-{env_id[:8]}":
+        raise UnsafePathError(
+            f"refusing to delete {path}: environment {name!r} lives in a dir named "
+            f"{name}-{env_id[:8]}; its state file was changed")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return  # gone, or a link (remove_tree removes the link and says so)
+    try:
+        claim_fd = os.open(CLAIM, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+        with os.fdopen(claim_fd) as f:
+            claimed = json.load(f).get("id")
+    except (OSError, ValueError, AttributeError):
+        return  # no claim yet: a creator killed between mkdir and the claim
+    finally:
+        os.close(fd)
+    if claimed != env_id:
+        raise UnsafePathError(
+            f"refusing to delete {path}: it belongs to environment {claimed!r}, not {env_id!r}")
+
+
 def env_roots(path: Path, config: Config) -> list[Path]:
     """The roots under which an environment's ``path`` may be deleted: the configured ones, and
     its own parent if that dir carries gestvenv's root mark (a root from another config)."""

@@ -17,6 +17,7 @@ from ..exceptions import GestvenvError
 from ..lifecycle import destroy_many
 from ..models import IsolationLevel, ResourceLimits, StorageBackend
 from ..registry import EnvRecord
+from ..runtime.systemd import systemd_booted
 from ..sync import run_sync
 from ..watchdog import ensure_reaper
 from ._common import (
@@ -35,8 +36,11 @@ from ._common import (
 def ephemeral_group() -> None:
     """Create, inspect and destroy ephemeral environments."""
     load_config()  # a bad setting is reported by every command, not only those that use it
-    if any(r.runtime == "local" for r in registry.list_records()):
-        ensure_reaper()  # if the watchdog was killed, whoever looks next restarts it
+    if not systemd_booted() or any(r.runtime == "local" for r in registry.list_records()):
+        # Without systemd (and its cleanup timer), every invocation makes sure the watchdog
+        # runs: it sweeps orphans at once, restarts the watch of local envs if it was killed,
+        # and exits by itself when there is nothing left to watch.
+        ensure_reaper()
 
 
 def split_packages(values: tuple[str, ...]) -> list[str]:

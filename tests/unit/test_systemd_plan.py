@@ -135,7 +135,7 @@ def test_variant_check_is_live() -> None:
 
 def test_prop_uses_the_declared_signature_and_refuses_unknown_names() -> None:
     assert plan.prop("MemoryMax", 5) == ("MemoryMax", "t", 5)
-    assert plan.prop("ExecStartEx", []) == ("ExecStartEx", "a(sasas)", [])
+    assert plan.prop("ExecStart", []) == ("ExecStart", "a(sasb)", [])
     with pytest.raises(KeyError):
         plan.prop("MemoryLimit", 5)
 
@@ -155,7 +155,7 @@ SYSTEMD_TYPES = {
     "h": ["StandardInputFileDescriptor", "StandardOutputFileDescriptor",
           "StandardErrorFileDescriptor"],
     "as": ["Environment", "BindsTo", "After", "JoinsNamespaceOf", "ReadWritePaths"],
-    "a(sasas)": ["ExecStartEx", "ExecStopPostEx"],
+    "a(sasb)": ["ExecStart", "ExecStopPost"],
     "a(iayu)": ["IPAddressDeny", "IPAddressAllow"],
     "a(ssbt)": ["BindPaths", "BindReadOnlyPaths"],
 }
@@ -384,10 +384,12 @@ def test_env_unit_gets_only_the_namespace_creating_sandbox(level: IsolationLevel
                                                            caps: Capabilities) -> None:
     box = sandbox(level, caps, network=network)
     props = env_unit(box=box)
-    sandboxed = set(props) & {name for name, _, _ in box}
+    sandboxed = set(props) & {name for name, _, _ in box} - {"BindPaths"}
     shared = {name for name, _, _ in box} & {"PrivateNetwork", "PrivateTmp", "PrivateUsers"}
     assert sandboxed == (shared if "PrivateUsers" not in shared else set())
-    for name in ("ProtectSystem", "ProtectHome", "ReadWritePaths", "BindPaths", "PrivateDevices",
+    # Its own binds (state, storage root) only: never the commands' view of the system.
+    assert ENV_PATH not in [bind[0] for bind in props.get("BindPaths", [])]
+    for name in ("ProtectSystem", "ProtectHome", "ReadWritePaths", "PrivateDevices",
                  "NoNewPrivileges"):
         assert name not in props
     cmd = command(box=box)
@@ -455,9 +457,9 @@ def test_env_unit_properties() -> None:
     # Which env and which state file (no PYTHONPATH: the holder needs only the stdlib).
     assert props["Environment"] == [f"GESTVENV_UNIT_ENV_ID={HOLDER.env_id}",
                                     f"GESTVENV_UNIT_STATE_FILE={HOLDER.state_file}"]
-    ((path, argv, flags),) = props["ExecStartEx"]
+    ((path, argv, ignore_failure),) = props["ExecStart"]
     assert path == argv[0] == HOLDER.python
-    assert flags == ["no-env-expand"]  # argv reaches the program untouched, no $VAR expansion
+    assert ignore_failure is False
     joined = shlex.join(argv)
     assert "-I -B /opt/gestvenv/site/gestvenv/holder.py" in joined
     assert f"--slice {shlex.quote(names.slice)}" in joined
@@ -472,19 +474,43 @@ def test_env_unit_stop_action_is_the_reaper_with_its_own_copy_of_the_path() -> N
     """The files go with the unit, whoever stops it; the dir to delete is on the unit's own
     command line (a state file edited later cannot redirect it)."""
     props = env_unit(ttl=90)
-    ((path, argv, flags),) = props["ExecStopPostEx"]
+    ((path, argv, ignore_failure),) = props["ExecStopPost"]
     assert path == argv[0] == HOLDER.python
     assert argv[1:] == ["-I", "-S", "-B", HOLDER.reaper, HOLDER.env_path, HOLDER.env_id,
                         HOLDER.state_file, HOLDER.registry_lock]
-    # Outside the unit's namespaces (a private /tmp would hide the dir), no $VAR expansion.
-    assert sorted(flags) == ["no-env-expand", "privileged"]
+    assert ignore_failure is False  # a refusal shows: the unit ends "failed", said in its journal
     # The stop action shares the unit's stop timeout: room to delete a big tree.
     assert props["TimeoutStopUSec"] == plan.ENV_STOP_TIMEOUT_USEC >= 60 * 1_000_000
 
 
 def test_env_unit_without_a_reaper_has_no_stop_action() -> None:
     bare = HolderArgs(python="py", script="/p/holder.py", state_file="/s", env_id="e")
-    assert "ExecStopPostEx" not in env_unit(holder=bare)
+    assert "ExecStopPost" not in env_unit(holder=bare)
+
+
+def test_a_private_tmp_still_shows_the_env_unit_its_scripts_state_and_storage_root() -> None:
+    """The holder and the reaper run in the env unit's namespaces: a private /tmp must not
+    hide what they read or delete (a checkout, state and storage under /tmp in a test run)."""
+    holder = HolderArgs(python="py", script="/tmp/co/gestvenv/holder.py",
+                        state_file="/tmp/run/envs/x.json", env_id="e" * 32,
+                        reaper="/tmp/co/gestvenv/reaper.py", env_path="/tmp/envs/x-eeeeeeee",
+                        registry_lock="/tmp/run/registry.lock")
+    props = env_unit(holder=holder, box=sandbox(IsolationLevel.NAMESPACE, SYSTEM))
+    assert props["PrivateTmp"] is True
+    assert props["BindReadOnlyPaths"] == [[p, p, True, 0] for p in
+                                          ("/tmp/co/gestvenv/holder.py",
+                                           "/tmp/co/gestvenv/reaper.py")]
+    assert props["BindPaths"] == [[p, p, True, 0] for p in ("/tmp/run/envs", "/tmp/envs")]
+    assert "BindPaths" not in env_unit(holder=holder)  # no private /tmp: nothing to bind
+
+
+@pytest.mark.parametrize("arg", ["$HOME", "$$", "a$$b", "${X}", "%h", "plain"])
+def test_exec_lines_double_every_dollar_so_systemd_passes_them_as_given(arg: str) -> None:
+    """systemd expands $VAR in ExecStart= arguments and turns $$ into $ (checked against
+    systemd 252 in the test host, also across a daemon-reload)."""
+    ((path, argv, _),) = plan.exec_start(["/bin/echo", arg], program="/bin/echo")
+    assert path == "/bin/echo"
+    assert argv[1].replace("$$", "$") == arg and argv[1].count("$") == 2 * arg.count("$")
 
 
 @pytest.mark.parametrize("ttl", [None, 0])
@@ -514,7 +540,7 @@ def test_unit_environment_drops_values_that_are_not_utf8() -> None:
 
 def test_env_unit_owner_and_idle_are_optional() -> None:
     holder = HolderArgs(python="py", script="/p/holder.py", state_file="/s", env_id="e")
-    argv = env_unit(holder=holder)["ExecStartEx"][0][1]
+    argv = env_unit(holder=holder)["ExecStart"][0][1]
     assert "--owner-pid" not in argv
     assert "--owner-start" not in argv
     assert "--idle-timeout" not in argv
@@ -537,7 +563,7 @@ def test_command_unit_properties() -> None:
     assert props["After"] == [names.env]
     assert props["Slice"] == names.slice
     assert props["WorkingDirectory"] == "/work"
-    assert props["ExecStartEx"] == [["python", ["python", "-c", "print(1)"], ["no-env-expand"]]]
+    assert props["ExecStart"] == [["python", ["python", "-c", "print(1)"], False]]
     assert props["Environment"] == ["A=1"]
     assert props["CollectMode"] == "inactive-or-failed"
     assert ENV in props["Description"]
@@ -575,7 +601,7 @@ def test_long_command_description_is_truncated() -> None:
     assert len(props["Description"]) <= 220
     assert props["Description"].endswith("...")
     assert ENV in props["Description"]
-    assert props["ExecStartEx"][0][1][2] == "x = 1; " * 200  # the command itself is whole
+    assert props["ExecStart"][0][1][2] == "x = 1; " * 200  # the command itself is whole
 
 
 # --- environment variables ---

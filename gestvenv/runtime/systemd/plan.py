@@ -45,8 +45,12 @@ ENV_STOP_TIMEOUT_USEC = 120 * 1_000_000
 SIGNATURES: Mapping[str, str] = {
     "Description": "s",
     "Slice": "s",
-    "ExecStartEx": "a(sasas)",
-    "ExecStopPostEx": "a(sasas)",
+    # The plain forms, not ExecStartEx= (flags): systemd 252 writes "ExecStartEx=" into the
+    # transient unit file, a key its own parser rejects, so after any daemon-reload or
+    # daemon-reexec the unit became "bad-setting": no new command could join the env and its
+    # stop action was lost (seen in tests/harness/systemd_host).
+    "ExecStart": "a(sasb)",
+    "ExecStopPost": "a(sasb)",
     "Type": "s",
     "WorkingDirectory": "s",
     "Environment": "as",
@@ -311,7 +315,7 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
                              f"{UNIT_STATE_FILE}={holder.state_file}"]),
         prop("Slice", PARENT_SLICE),
         prop("BindsTo", [names.slice]),
-        prop("ExecStartEx", exec_start(argv)),
+        prop("ExecStart", exec_start(argv)),
         prop("Type", "exec"),
         prop("CollectMode", "inactive-or-failed"),
         prop("TimeoutStopUSec", ENV_STOP_TIMEOUT_USEC),
@@ -323,22 +327,25 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
     ]
     if holder.reaper:
         # Whoever stops the unit (TTL, holder, systemctl, cleanup, shutdown), the files go
-        # with it. Privileged ("+"): outside the unit's namespaces, so it sees the env's dir
-        # where it really is (a private /tmp would hide it), and it runs even if the start
-        # failed. -S: no site, only the standard library is needed, and it starts faster.
+        # with it; it also runs when the start failed. -S: no site, only the standard library
+        # is needed, and it starts faster.
         reap = [holder.python, "-I", "-S", "-B", holder.reaper, holder.env_path,
                 holder.env_id, holder.state_file, holder.registry_lock]
-        props.append(prop("ExecStopPostEx", [[reap[0], reap, ["privileged", "no-env-expand"]]]))
+        props.append(prop("ExecStopPost", exec_start(reap)))
     if ttl:
         props.append(prop("RuntimeMaxUSec", ttl * USEC))
     # The holder carries the env's namespaces (private network, /tmp) for its commands to join.
     shared = [p for p in sandbox if p[0] in SHARED_NAMESPACES] if shares_namespaces(sandbox) \
         else []
     if any(p[0] == "PrivateTmp" for p in shared):
-        # Its script and the env's state file may sit under /tmp or /var/tmp (a checkout, a
-        # test run), which a private /tmp hides.
-        keep = [holder.script, os.path.dirname(holder.state_file)]
+        # Its scripts, the env's state file and storage root may sit under /tmp or /var/tmp
+        # (a checkout, a test run), which a private /tmp hides; the reaper runs in there too.
+        keep = [p for p in (holder.script, holder.reaper) if p]
         shared.append(prop("BindReadOnlyPaths", [[p, p, True, 0] for p in keep]))
+        writable = [os.path.dirname(holder.state_file)]
+        if holder.env_path:
+            writable.append(os.path.dirname(holder.env_path))
+        shared.append(prop("BindPaths", [[p, p, True, 0] for p in dict.fromkeys(writable)]))
     props += shared
     return props
 
@@ -357,7 +364,7 @@ def command_properties(names: UnitNames, env_name: str, argv: Sequence[str],
         prop("Slice", names.slice),
         prop("BindsTo", [names.env]),
         prop("After", [names.env]),
-        prop("ExecStartEx", exec_start(argv, program)),
+        prop("ExecStart", exec_start(argv, program)),
         prop("Type", "exec"),
         prop("WorkingDirectory", cwd),
         prop("Environment", unit_environment(environ)),
@@ -393,9 +400,10 @@ def shares_namespaces(sandbox: Sequence[Property]) -> bool:
 
 
 def exec_start(argv: Sequence[str], program: str | None = None) -> list[Any]:
-    """The command line exactly as given: systemd would otherwise expand ``$VAR`` (and turn
-    ``$$`` into ``$``) in it."""
-    return [[program or argv[0], list(argv), ["no-env-expand"]]]
+    """An ExecStart=/ExecStopPost= value that runs ``argv`` exactly as given: systemd expands
+    ``$VAR`` in arguments at exec time and turns ``$$`` into ``$``, so every ``$`` is doubled.
+    ``program`` is the path to execute (default: argv[0]); it is not expanded."""
+    return [[program or argv[0], [a.replace("$", "$$") for a in argv], False]]
 
 
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)

@@ -25,6 +25,7 @@ import pytest
 import gestvenv
 from gestvenv import ResourceLimits, registry
 from gestvenv.cleanup import sweep
+from gestvenv.context import environments
 
 from ..support import env_pids, pid_dead, wait_until
 from .conftest import gestvenv_units
@@ -235,7 +236,7 @@ async def test_ttl_is_held_by_systemd_after_the_creator_is_sigkilled(tmp_path: P
     assert late <= 1.2
     assert all(pid_dead(p) for p in pids)
     # systemd ended it and its stop action took the files and the state: nothing to sweep.
-    assert not Path(record.path).exists()
+    assert not await asyncio.to_thread(os.path.exists, record.path)
     assert not registry.state_path(name).exists()
     assert [e for e in gestvenv.list_environments() if e["name"] == name] == []
     report = await sweep(gestvenv.load_config())
@@ -266,7 +267,7 @@ async def test_an_owned_env_ends_with_its_sigkilled_creator(tmp_path: Path) -> N
     took = await wait_until(lambda: not units_of(name), 5, "units gone")
     print(f"units gone {took:.2f}s after the creator's SIGKILL")
     assert all(pid_dead(p) for p in pids)
-    assert not Path(record.path).exists()
+    assert not await asyncio.to_thread(os.path.exists, record.path)
     assert not registry.state_path(name).exists()
     report = await sweep(gestvenv.load_config())
     assert report.removed == {} and report.orphan_paths == []
@@ -545,3 +546,43 @@ def test_one_connection_per_loop_and_none_left_by_closed_loops() -> None:
     for _ in range(10):
         asyncio.run(cycle())
     assert _bus_sockets() <= baseline
+
+
+def _main_pid(unit: str) -> int:
+    scope = ["--user"] if os.geteuid() != 0 else []
+    out = subprocess.run(["systemctl", *scope, "show", "-P", "MainPID", unit],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip() or 0)
+
+
+@pytest.mark.v2
+async def test_envs_survive_a_daemon_reexec_and_are_listed_and_cleaned_as_before() -> None:
+    """systemd re-executes itself (an upgrade does): its transient units, our envs, carry on,
+    a command in flight finishes and is read, TTLs still hold and cleanup still works."""
+    scope = ["--user"] if os.geteuid() != 0 else []
+    kept = await gestvenv.create_environment("sd-reexec-ttl", runtime=SD, ttl=8)
+    async with gestvenv.ephemeral("sd-reexec", runtime=SD) as env:
+        holder = _main_pid("gestvenv-sd-reexec.service")
+        running = asyncio.ensure_future(env.execute(
+            ["python", "-c", "import time; time.sleep(3); print('finished')"]))
+        await wait_until(lambda: env_pids(env.id), 5, "the command started")
+        await run("systemctl", *scope, "daemon-reexec", check=True)
+        result = await asyncio.wait_for(running, 15)
+        assert (result.returncode, result.stdout) == (0, "finished\n"), result
+        assert _main_pid("gestvenv-sd-reexec.service") == holder  # the same env, not a new one
+        listed = {e["name"]: e for e in await environments()}
+        for name in ("sd-reexec", "sd-reexec-ttl"):
+            assert listed[name]["state"] == "ready"
+            assert listed[name]["unit"]["state"] == "active"
+        again = await env.execute(["python", "-c", "print('after')"])
+        assert again.stdout == "after\n"
+        path = env.path
+    assert not path.exists() and not units_of("sd-reexec")
+    # The TTL set before the re-exec still ends the other one, files included.
+    assert kept.expires_at is not None
+    await wait_until(lambda: not kept.path.exists() and not units_of("sd-reexec-ttl"),
+                     kept.expires_at - time.time() + 3, "the kept env ended at its TTL")
+    late = time.time() - kept.expires_at
+    print(f"env created before the re-exec ended {late:.2f}s after its TTL")
+    assert late < 2.5
+    assert not registry.state_path("sd-reexec-ttl").exists()
