@@ -13,18 +13,35 @@ works unchanged); a lingering user ``gvtest`` (uid 4242, only in the overlay) wh
 and user bus are up; a private network namespace with ``lo`` up; a 4G memory cap for the whole
 host; its own /tmp, /dev/shm and /run.
 
+Reboots: with ``persist`` the writable layer of the root filesystem is a "disk" (a tmpfs that
+boot.sh mounts at ``/var/tmp/gestvenv-testhost/NAME/persist`` in the host's mount namespace, so
+that it outlives the container; see boot.sh for why it cannot be a plain directory). A reboot
+stops the host, either as a power loss (``crash``: SIGKILL of its systemd, nothing is stopped
+or cleaned) or cleanly (systemd's poweroff: units are stopped, their ExecStop*= run), keeps the
+disk and boots again on it: files under /etc, /var, /home... are still there, /run, /tmp and
+/dev/shm are empty again, the machine-id stays, as on a real machine.
+
 Command line (root)::
 
     python -m tests.harness.systemd_host run [--name N] [--keep] -- CMD...   # boot, CMD, stop
-    python -m tests.harness.systemd_host boot [--name N]                     # for debugging
+    python -m tests.harness.systemd_host boot [--name N] [--persist]         # for debugging
     python -m tests.harness.systemd_host exec NAME [--user gvtest] -- CMD...
-    python -m tests.harness.systemd_host stop NAME
+    python -m tests.harness.systemd_host reboot NAME [--crash]               # --persist only
+    python -m tests.harness.systemd_host stop NAME [--kill] [--purge]
+
+``stop`` keeps the disk of a ``--persist`` host (``boot --persist --name NAME`` boots on it
+again) unless ``--purge``; ``stop NAME --kill --purge`` clears anything a crashed run left.
 
 From Python::
 
     with SystemdHost() as host:
         host.run(["systemctl", "is-system-running"], check=True)
         host.run(["systemctl", "--user", "is-system-running"], user="gvtest")
+
+    with SystemdHost(name="gvreboot", persist=True) as host:   # leaving it purges the disk
+        host.run(["touch", "/var/cache/kept", "/run/gone"], check=True)
+        host.reboot(crash=True)                    # or crash=False: a clean poweroff
+        host.run(["test", "-e", "/var/cache/kept"], check=True)
 """
 
 from __future__ import annotations
@@ -146,6 +163,11 @@ class SystemdHost:
 
     ``pid`` is the host PID of its systemd (PID 1 inside), ``name`` its name (hostname inside,
     cgroups ``/sys/fs/cgroup/*/gv-NAME``, state in ``/var/tmp/gestvenv-testhost/NAME``).
+
+    ``persist=True``: the root filesystem's writable layer is a "disk" (``persist_dir``, a
+    tmpfs in the host's mount namespace, see boot.sh) that survives :meth:`reboot` and
+    :meth:`stop`; a boot of a name whose disk exists boots on it. Leaving the ``with`` block
+    purges it (``stop(purge=True)``).
     """
 
     def __init__(
@@ -158,6 +180,8 @@ class SystemdHost:
         memory_limit: str = "4G",
         boot_timeout: float = 60.0,
         stop_timeout: float = 10.0,
+        persist: bool = False,
+        tmpfs_size: str = "4G",
     ) -> None:
         self.checkout = Path(checkout).resolve() if checkout is not None else None
         self.name = name or default_name(self.checkout or CHECKOUT)
@@ -171,9 +195,14 @@ class SystemdHost:
         self.memory_limit = memory_limit
         self.boot_timeout = boot_timeout
         self.stop_timeout = stop_timeout
+        self.persist = persist
+        self.tmpfs_size = tmpfs_size  # the writable layer's tmpfs (a new disk's size), /tmp's
+        #: The persistent disk's mount point (``persist=True``), kept across reboots.
+        self.persist_dir = self.state_dir / "persist"
         self.pid: int | None = None
         self.boot_seconds: float | None = None
         self.stop_seconds: float | None = None
+        self.reboot_seconds: float | None = None
         self._pid_start: str | None = None
         self._lock_fd: int | None = None
         self._watcher: subprocess.Popen[bytes] | None = None
@@ -184,27 +213,53 @@ class SystemdHost:
 
     @property
     def bus_address(self) -> str:
-        """The system bus, reachable from the host (EXTERNAL auth as uid 0 works)."""
+        """The system bus, reachable from the host (EXTERNAL auth as uid 0 works).
+
+        With ``persist``, the same address across reboots: ``STATE_DIR/system_bus_socket``, a
+        symlink to ``/proc/PID/root/run/dbus/system_bus_socket`` that every boot re-points."""
         self._require_running()
+        if self.persist:
+            return f"unix:path={self.state_dir}/system_bus_socket"
         return f"unix:path=/proc/{self.pid}/root/run/dbus/system_bus_socket"
+
+    @property
+    def disk_mounted(self) -> bool:
+        """The persistent disk of this name exists (mounted on the host), booted or not."""
+        with open("/proc/self/mountinfo") as mountinfo:
+            return any(_is_disk_mount(line, self.name, self.persist_dir) for line in mountinfo)
 
     @classmethod
     def attach(cls, name: str, *, base: str | os.PathLike[str] = DEFAULT_BASE) -> SystemdHost:
-        """A handle on a running host booted elsewhere (``boot`` subcommand, ``run --keep``)."""
+        """A handle on a running host booted elsewhere (``boot`` subcommand, ``run --keep``),
+        with the settings it was booted with (checkout, net, memory, persist)."""
         host = cls(name, checkout=None, base=base)
         recorded = _read_pid(host.state_dir / "pid")
         if recorded is None or not _alive(*recorded):
-            raise HostError(f"host {name} is not running")
+            hint = (f" (its disk {host.persist_dir} is kept: boot --persist --name {name} "
+                    f"boots on it, stop {name} --purge removes it)" if host.disk_mounted else "")
+            raise HostError(f"host {name} is not running{hint}")
         host.pid, host._pid_start = recorded
         with contextlib.suppress(OSError):
             for line in (host.state_dir / "env").read_text().splitlines():
                 key, _, value = line.partition("=")
                 if key == "GVH_CHECKOUT" and value:
                     host.checkout = Path(value)
+                elif key == "GVH_NET" and value in ("private", "host"):
+                    host.net = value
+                elif key == "GVH_MEMORY_LIMIT" and value:
+                    host.memory_limit = value
+                elif key == "GVH_TMPFS_SIZE" and value:
+                    host.tmpfs_size = value
+                elif key == "GVH_PERSIST":
+                    host.persist = value == "1"
         return host
 
     def boot(self) -> None:
-        """Boot (about 1 s); a stale host of the same name left by a killed run is removed first."""
+        """Boot (about 1 s); a stale host of the same name left by a killed run is removed first.
+
+        With ``persist``, on the persistent disk of that name if it exists (neither stop()
+        without ``purge`` nor the removal of a stale host removes it), else on a new one,
+        which is removed again if this boot fails."""
         if self.pid is not None:
             raise HostError(f"host {self.name} already booted")
         self._lock()
@@ -213,6 +268,45 @@ class SystemdHost:
         except BaseException:
             self._unlock()
             raise
+        self._start()
+
+    def reboot(self, *, crash: bool = False) -> None:
+        """Reboot on the persistent disk (``persist=True`` only).
+
+        ``crash``: a power loss, SIGKILL of its systemd (no unit is stopped, nothing cleaned
+        up); otherwise a clean ``poweroff`` (units stopped, their ExecStop*= run). Either way,
+        then verify that nothing but the disk is left (HostLeftovers otherwise) and boot again:
+        same name, state dir and ``bus_address``, a new ``pid``. What was written to the root
+        filesystem (/etc, /var, /home...) is still there; /run, /tmp and /dev/shm start empty.
+        ``reboot_seconds``: stop + boot. A detached host stays detached."""
+        if not self.persist:
+            raise HostError(f"host {self.name} has no persistent disk (persist=True) to reboot on")
+        self._require_running()
+        detached = (self.state_dir / "detached").exists()
+        if self._lock_fd is None:
+            self._lock()  # an attached handle: HostBusy if another harness process owns it
+        t0 = time.monotonic()
+        try:
+            self._disarm_watcher()
+            if not self._ns_pins:
+                self._pin_namespaces()
+            self._teardown(kill=crash)
+        except BaseException:
+            self._unpin_namespaces()
+            self.pid = None
+            self._unlock()
+            raise
+        self._unpin_namespaces()
+        self.pid = None
+        self._start()
+        self.reboot_seconds = time.monotonic() - t0
+        if detached:
+            self.detach()
+
+    def _start(self) -> None:
+        """boot.sh, under the name's lock held by the caller; a failure tears the half-booted
+        host down (and removes a disk created for it) and releases the lock."""
+        new_disk = self.persist and not self.disk_mounted
         try:
             env = {
                 "PATH": _PATH,
@@ -220,6 +314,8 @@ class SystemdHost:
                 "GVH_CHECKOUT": str(self.checkout or ""),
                 "GVH_NET": self.net,
                 "GVH_MEMORY_LIMIT": self.memory_limit,
+                "GVH_TMPFS_SIZE": self.tmpfs_size,
+                "GVH_PERSIST": "1" if self.persist else "0",
                 "GVH_USER": TEST_USER,
                 "GVH_UID": str(TEST_UID),
                 "GVH_BOOT_TIMEOUT": str(int(self.boot_timeout)),
@@ -248,7 +344,7 @@ class SystemdHost:
         except BaseException:
             self._disarm_watcher()
             with contextlib.suppress(HostError):
-                self._teardown(kill=True)
+                self._teardown(kill=True, purge=new_disk)
             self._unpin_namespaces()
             self.pid = None
             self._unlock()
@@ -336,10 +432,14 @@ class SystemdHost:
             result.check_returncode()
         return result
 
-    def stop(self, *, kill: bool = False, force: bool = False) -> None:
+    def stop(self, *, kill: bool = False, force: bool = False, purge: bool = False) -> None:
         """Stop (graceful poweroff, SIGKILL after ``stop_timeout``; ``kill``: SIGKILL at once),
         remove the cgroups and verify that no process, mount or cgroup is left (HostLeftovers
-        otherwise). ``force``: even if another live harness process owns the host."""
+        otherwise). ``force``: even if another live harness process owns the host.
+
+        The persistent disk of this name, if any, is kept (a later boot with ``persist`` boots
+        on it) unless ``purge``: then it is unmounted and removed too, and nothing of the host
+        may be left at all. Also works on a host that is not running (stale state)."""
         if self._lock_fd is None:
             try:
                 self._lock()
@@ -350,7 +450,7 @@ class SystemdHost:
             self._disarm_watcher()
             if self.pid is not None and not self._ns_pins:
                 self._pin_namespaces()
-            self._teardown(kill=kill)
+            self._teardown(kill=kill, purge=purge)
         finally:
             self._unpin_namespaces()
             self.pid = None
@@ -370,7 +470,7 @@ class SystemdHost:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.stop()
+        self.stop(purge=self.persist)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -415,15 +515,17 @@ class SystemdHost:
         """If this process dies without stop() (SIGKILL, OOM kill), a watcher in its own
         session tears the host down: it waits for EOF on a pipe only we hold, then runs
         ``stop.sh --kill`` under the name's lock (``flock -n``: if a new owner has the lock,
-        it is that owner's job to clean a stale host)."""
+        it is that owner's job to clean a stale host). With ``persist`` also ``--purge``: the
+        disk of a crashed harness run is nobody's to boot again (a detached host, whose disk
+        is kept on purpose, has no watcher)."""
         read_fd, self._watch_fd = os.pipe()
         log_fd = os.open(self.state_dir / "watch.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                          0o644)
         try:
             self._watcher = subprocess.Popen(
-                ["/bin/sh", "-c", 'read -r _; exec flock -n "$1" "$2" "$3" --kill',
+                ["/bin/sh", "-c", 'read -r _; exec flock -n "$@"',
                  "gvh-watch", str(self.state_dir / "lock"), str(STAGES / "stop.sh"),
-                 self.name],
+                 self.name, "--kill", *(["--purge"] if self.persist else [])],
                 stdin=read_fd, stdout=log_fd, stderr=subprocess.STDOUT,
                 start_new_session=True, env={"PATH": _PATH, "GVH_BASE": str(self.base)},
             )
@@ -461,14 +563,16 @@ class SystemdHost:
             os.close(fd)
         self._ns_pins.clear()
 
-    def _teardown(self, *, kill: bool) -> None:
-        """stop.sh, then an independent check; raises HostLeftovers."""
+    def _teardown(self, *, kill: bool, purge: bool = False) -> None:
+        """stop.sh, then an independent check; raises HostLeftovers. The persistent disk is
+        kept (and is no leftover) unless ``purge``."""
         recorded = [r for r in (_read_pid(self.state_dir / f)
                                 for f in ("pid", "unshare.pid", "script.pid")) if r]
         t0 = time.monotonic()
         try:
             proc = subprocess.run(
-                [str(STAGES / "stop.sh"), self.name, *(["--kill"] if kill else [])],
+                [str(STAGES / "stop.sh"), self.name, *(["--kill"] if kill else []),
+                 *(["--purge"] if purge else [])],
                 env={"PATH": _PATH, "GVH_BASE": str(self.base),
                      "GVH_STOP_TIMEOUT": str(int(self.stop_timeout))},
                 stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -484,8 +588,14 @@ class SystemdHost:
         left += [f"cgroup {mp}/gv-{self.name}" for mp in cgroup_mounts()
                  if (mp / f"gv-{self.name}").exists()]
         with open("/proc/self/mountinfo") as mountinfo:
-            left += [f"mount {line.split()[4]}" for line in mountinfo
-                     if f"gvh-{self.name} " in line or f"{self.state_dir}/" in line]
+            mounts = [line for line in mountinfo
+                      if f"gvh-{self.name} " in line or f"{self.state_dir}/" in line]
+        disk = [line for line in mounts if _is_disk_mount(line, self.name, self.persist_dir)]
+        if disk and not purge:  # the one disk mount is kept
+            mounts.remove(disk[0])
+        left += [f"mount {line.split()[4]}" for line in mounts]
+        if purge and self.persist_dir.exists():
+            left.append(f"directory {self.persist_dir}")
         if proc.returncode != 0 or left:
             raise HostLeftovers(f"stop of {self.name} left: {', '.join(left) or '?'}\n"
                                 f"{proc.stdout}{proc.stderr}".rstrip())
@@ -535,6 +645,17 @@ class SystemdHost:
     def _join(threads: Sequence[threading.Thread]) -> None:
         for thread in threads:
             thread.join(timeout=10)
+
+
+def _is_disk_mount(line: str, name: str, persist_dir: Path) -> bool:
+    """The mountinfo line is the persistent disk of host ``name`` (boot.sh: a tmpfs named
+    ``gvh-persist.NAME`` at ``persist_dir``)."""
+    fields = line.split()
+    if "-" not in fields[6:]:
+        return False
+    sep = fields.index("-", 6)
+    return fields[4] == str(persist_dir) and fields[sep + 1:sep + 3] == [
+        "tmpfs", f"gvh-persist.{name}"]
 
 
 def _children(pid: int) -> set[int]:
@@ -620,7 +741,8 @@ def _guarded(step: Callable[[], T]) -> T | int:
 
 def _boot(args: argparse.Namespace) -> SystemdHost | int:
     """Boot for the run/boot subcommands: the host, or the exit status of a failed boot."""
-    host = SystemdHost(args.name, net=args.net, memory_limit=args.memory)
+    host = SystemdHost(args.name, net=args.net, memory_limit=args.memory,
+                       tmpfs_size=args.tmpfs_size, persist=getattr(args, "persist", False))
 
     def boot() -> SystemdHost:
         host.boot()
@@ -667,9 +789,28 @@ def _cmd_boot(args: argparse.Namespace) -> int:
     if isinstance(host, int):
         return host
     host.detach()
+    disk = (f"  disk:   {host.persist_dir} (kept by stop and reboot)\n"
+            f"  reboot: python -m tests.harness.systemd_host reboot {host.name} [--crash]\n"
+            if host.persist else "")
+    purge = " [--purge]" if host.persist else ""
     print(f"host {host.name} booted in {host.boot_seconds:.2f} s (pid {host.pid})\n"
           f"  inside: python -m tests.harness.systemd_host exec {host.name} -- CMD...\n"
-          f"  stop:   python -m tests.harness.systemd_host stop {host.name}")
+          f"{disk}"
+          f"  stop:   python -m tests.harness.systemd_host stop {host.name}{purge}")
+    return 0
+
+
+def _cmd_reboot(args: argparse.Namespace) -> int:
+    def reboot() -> SystemdHost:
+        host = SystemdHost.attach(args.name)
+        host.reboot(crash=args.crash)
+        return host
+    host = _guarded(reboot)
+    if isinstance(host, int):
+        return host
+    print(f"host {host.name} rebooted ({'crash' if args.crash else 'clean'}) in "
+          f"{host.reboot_seconds or 0:.2f} s: stop {host.stop_seconds or 0:.2f} s, boot "
+          f"{host.boot_seconds or 0:.2f} s (pid {host.pid})")
     return 0
 
 
@@ -689,14 +830,16 @@ def _cmd_stop(args: argparse.Namespace) -> int:
         host = SystemdHost(args.name, checkout=None)
     try:
         with _shielded():
-            host.stop(kill=args.kill, force=args.force)
+            host.stop(kill=args.kill, force=args.force, purge=args.purge)
     except HostBusy as exc:
         _say(f"{exc} (--force stops it anyway)")
         return 1
     except HostError as exc:
         _say(str(exc))
         return 1
-    _say(f"host {host.name} stopped in {host.stop_seconds or 0:.2f} s, clean")
+    kept = (f"; disk {host.persist_dir} kept (boot --persist --name {host.name} boots on it, "
+            f"stop {host.name} --purge removes it)" if host.disk_mounted else "")
+    _say(f"host {host.name} stopped in {host.stop_seconds or 0:.2f} s, clean{kept}")
     return 0
 
 
@@ -715,6 +858,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--name", "-n", help="default: derived from the checkout path")
         p.add_argument("--net", choices=["private", "host"], default="private")
         p.add_argument("--memory", default="4G", help="memory cap of the whole host")
+        p.add_argument("--tmpfs-size", default="4G",
+                       help="size of the writable layer (a new disk's) and of /tmp")
 
     p_run = sub.add_parser("run", help="boot, run CMD inside, stop; exit with CMD's status")
     boot_opts(p_run)
@@ -722,6 +867,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     inside_opts(p_run)
     p_boot = sub.add_parser("boot", help="boot a host and leave it running")
     boot_opts(p_boot)
+    p_boot.add_argument("--persist", action="store_true",
+                        help="writable layer on a disk that survives reboot and stop "
+                             "(a disk of that name is booted on)")
     p_exec = sub.add_parser("exec", help="run CMD in a running host")
     p_exec.add_argument("name")
     inside_opts(p_exec)
@@ -730,6 +878,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_stop.add_argument("--kill", action="store_true", help="SIGKILL, no graceful poweroff")
     p_stop.add_argument("--force", action="store_true",
                         help="even if a live harness process owns it")
+    p_stop.add_argument("--purge", action="store_true",
+                        help="also remove its persistent disk (kept otherwise)")
+    p_reboot = sub.add_parser("reboot", help="reboot a host booted with --persist on its disk")
+    p_reboot.add_argument("name")
+    p_reboot.add_argument("--crash", action="store_true",
+                          help="a power loss (SIGKILL of its systemd), not a clean poweroff")
     # CMD is everything after the first "--", verbatim: argparse would also drop a later "--"
     # (as in `... -- runuser -u gvtest -- cmd`).
     words = list(sys.argv[1:] if argv is None else argv)
@@ -750,6 +904,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _raise_terminated)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "run": _cmd_run, "boot": _cmd_boot, "exec": _cmd_exec, "stop": _cmd_stop,
+        "reboot": _cmd_reboot,
     }
     return handlers[args.command](args)
 

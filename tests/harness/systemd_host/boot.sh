@@ -2,7 +2,8 @@
 # shellcheck source-path=SCRIPTDIR
 # boot.sh NAME -- boot a throw-away systemd (252, the host's own) as PID 1 of
 # its own PID/mount/cgroup/UTS/IPC/net namespaces, on an overlay of the host
-# "/" whose upper layer is a private tmpfs.  Used by tests/harness/systemd_host.py
+# "/" whose upper layer is a private tmpfs (or, with GVH_PERSIST=1, a tmpfs
+# that outlives the container: a "disk" kept across reboots, see below).  Used by tests/harness/systemd_host.py
 # (prefer `python -m tests.harness.systemd_host ...`); runnable by hand for
 # debugging.  Root only.  No extra packages: util-linux (unshare, nsenter,
 # setpriv, script) plus the host's systemd and dbus.
@@ -25,13 +26,34 @@
 # container's /dev/console), init.log, env.  Stop with stop.sh NAME, run
 # commands inside with enter.sh NAME -- CMD...
 #
+# Persistent disk (GVH_PERSIST=1), for "reboots" of the test host: whatever
+# the container writes to its root filesystem (/etc, /var, /home, ...) lands
+# in the overlay's upper layer; keep that layer and boot again on it, and the
+# new boot finds the old boot's files, as a real machine finds its disk.
+# /run, /tmp and /dev/shm are tmpfs mounted over the overlay at every boot, so
+# they start empty, as on a real machine.  The upper layer cannot be a plain
+# directory of the host: the lower layer is the host's "/" itself, and
+# overlayfs refuses an upper/work dir inside its lower layer (overlapping
+# layers).  The private tmpfs of a normal boot lives in the container's mount
+# namespace and dies with it.  So the upper layer goes to a tmpfs mounted here,
+# in the HOST mount namespace, at $GVH_BASE/NAME/persist (source name
+# "gvh-persist.NAME", size GVH_TMPFS_SIZE): the container's mount namespace
+# gets a copy of it at unshare() time, init.sh puts the overlay on it, and it
+# outlives the container.  A boot whose persist mount already exists reuses it
+# (a reboot); stop.sh NAME (with or without --kill) keeps it; stop.sh NAME
+# --purge unmounts and removes it.  A failed boot keeps it as well.
+#
 # Environment knobs:
 #   GVH_BASE          state dir parent (default /var/tmp/gestvenv-testhost)
 #   GVH_CHECKOUT      host dir bind-mounted rw at the same path (default: none)
 #   GVH_NET           private (default) | host
 #   GVH_MEMORY_LIMIT  memory.limit_in_bytes of the whole host (default 4G)
 #   GVH_PIDS_LIMIT    pids.max of the whole host (default 32768)
-#   GVH_TMPFS_SIZE    size of the tmpfs holding the overlay upper layer (default 4G)
+#   GVH_TMPFS_SIZE    size of the tmpfs holding the overlay upper layer, and of
+#                     /tmp inside (default 4G); a reused persistent disk keeps
+#                     the size it was created with
+#   GVH_PERSIST       1: upper layer on the persistent disk (created or reused);
+#                     0 (default): on a private tmpfs gone with the container
 #   GVH_USER/GVH_UID  the non-root test user (default gvtest / 4242)
 #   GVH_BOOT_TIMEOUT  seconds to wait for the boot (default 60)
 set -euo pipefail
@@ -41,12 +63,15 @@ HERE=$(dirname "$(readlink -f "$0")")
 . "$HERE/common.sh"
 gvh_setup_name "${1:-}"
 GVH_NET=${GVH_NET:-private}
+GVH_PERSIST=${GVH_PERSIST:-0}
+GVH_TMPFS_SIZE=${GVH_TMPFS_SIZE:-4G}
 GVH_USER=${GVH_USER:-gvtest}
 GVH_UID=${GVH_UID:-4242}
 TIMEOUT=${GVH_BOOT_TIMEOUT:-60}
 
 [ "$(id -u)" = 0 ] || gvh_die "must be root"
 case "$GVH_NET" in private|host) ;; *) gvh_die "GVH_NET must be private or host" ;; esac
+case "$GVH_PERSIST" in 0|1) ;; *) gvh_die "GVH_PERSIST must be 0 or 1" ;; esac
 if [ -n "${GVH_CHECKOUT:-}" ]; then
     if [ "${GVH_CHECKOUT:0:1}" != / ] || [ ! -d "$GVH_CHECKOUT" ]; then
         gvh_die "GVH_CHECKOUT must be an absolute directory: $GVH_CHECKOUT"
@@ -75,6 +100,23 @@ done
 rm -f "$GVH_DIR"/*.pid "$GVH_DIR"/pid "$GVH_DIR"/ns "$GVH_DIR"/env "$GVH_DIR"/*.log
 t0=$(date +%s.%N)
 
+# 0. The persistent disk (see the top): reuse ours, or mount a new one.  It
+#    is made private, so that nothing mounted under it later propagates.
+disk=
+if [ "$GVH_PERSIST" = 1 ]; then
+    case $(gvh_persist_mounts) in
+        1) disk="reused disk $PERSIST" ;;
+        0) if mountpoint -q "$PERSIST" 2>/dev/null; then
+               gvh_die "$PERSIST is a mount point, not a disk of this harness"
+           fi
+           mkdir -p "$PERSIST"
+           mount -t tmpfs -o "mode=0755,size=$GVH_TMPFS_SIZE" "$PERSIST_SRC" "$PERSIST"
+           mount --make-private "$PERSIST"
+           disk="new disk $PERSIST" ;;
+        *) gvh_die "several mounts at $PERSIST: stop.sh $NAME --purge" ;;
+    esac
+fi
+
 # 1. One cgroup per host hierarchy (v1 controllers, name=systemd, cgroup2).
 #    stage1 joins them before unshare(CLONE_NEWCGROUP), which makes them the
 #    root of the container's cgroup namespace.  The marker tells stop.sh (and a
@@ -95,7 +137,7 @@ echo "${GVH_PIDS_LIMIT:-32768}" > "/sys/fs/cgroup/pids/$CG/pids.max"
 netflag=--net
 [ "$GVH_NET" = host ] && netflag=
 export GVH_DIR GVH_NAME=$NAME GVH_CG=$CG GVH_CGMOUNTS="$cgmounts" GVH_NETFLAG=$netflag \
-       GVH_TMPFS_SIZE=${GVH_TMPFS_SIZE:-4G} GVH_CHECKOUT=${GVH_CHECKOUT:-} \
+       GVH_TMPFS_SIZE GVH_CHECKOUT=${GVH_CHECKOUT:-} GVH_PERSIST \
        GVH_USER GVH_UID
 setsid script -qfe -c "exec /bin/bash $HERE/init.sh stage1" "$GVH_DIR/console.log" \
     > /dev/null 2> "$GVH_DIR/init.log" < /dev/null &
@@ -180,6 +222,10 @@ GVH_NAME=$NAME
 GVH_PID=$cpid
 GVH_DIR=$GVH_DIR
 GVH_CHECKOUT=$GVH_CHECKOUT
+GVH_NET=$GVH_NET
+GVH_MEMORY_LIMIT=${GVH_MEMORY_LIMIT:-4G}
+GVH_TMPFS_SIZE=$GVH_TMPFS_SIZE
+GVH_PERSIST=$GVH_PERSIST
 DBUS_SYSTEM_BUS_ADDRESS=unix:path=$GVH_DIR/system_bus_socket
 EOT
-echo "host $NAME booted (${state% *}) in $(awk "BEGIN{printf \"%.2f\", $t1 - $t0}") s, pid $cpid"
+echo "host $NAME booted (${state% *}) in $(awk "BEGIN{printf \"%.2f\", $t1 - $t0}") s, pid $cpid${disk:+, $disk}"

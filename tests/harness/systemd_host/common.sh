@@ -15,6 +15,33 @@ gvh_setup_name() {
     [[ $NAME =~ ^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$ ]] || gvh_die "bad host name '${NAME}'"
     GVH_DIR=$GVH_BASE/$NAME
     CG=gv-$NAME
+    # The persistent disk (boot.sh with GVH_PERSIST=1): a tmpfs mounted in the
+    # HOST mount namespace at $PERSIST, holding the overlay's upper/ and work/.
+    # Its source name is how stop.sh recognises it as ours; "." cannot occur
+    # in a host name, so it never matches another host's "gvh-NAME".
+    PERSIST=$GVH_DIR/persist
+    PERSIST_SRC=gvh-persist.$NAME
+}
+
+# gvh_persist_mounts: how many mounts of ours (tmpfs named $PERSIST_SRC) sit
+# at $PERSIST in this mount namespace (0, or 1 unless something went wrong).
+gvh_persist_mounts() {
+    awk -v mp="$PERSIST" -v src="$PERSIST_SRC" '
+        { for (i = 7; i <= NF; i++) if ($i == "-") break }
+        $5 == mp && $(i+1) == "tmpfs" && $(i+2) == src { n++ }
+        END { print n + 0 }' /proc/self/mountinfo
+}
+
+# gvh_host_mounts KEEP: the mounts (mountinfo lines) of this mount namespace
+# that belong to host NAME: its overlay or tmpfs ("gvh-NAME ") or anything
+# under "$GVH_DIR/".  With KEEP=keep, the persistent-disk mount (see above)
+# is not listed.
+gvh_host_mounts() {
+    awk -v keep="$1" -v mp="$PERSIST" -v src="$PERSIST_SRC" -v name="gvh-$NAME " \
+        -v dir="$GVH_DIR/" '
+        { for (i = 7; i <= NF; i++) if ($i == "-") break }
+        keep == "keep" && $5 == mp && $(i+1) == "tmpfs" && $(i+2) == src && !seen++ { next }
+        index($0, name) || index($0, dir) { print }' /proc/self/mountinfo
 }
 
 # Mount points of the host's cgroup hierarchies (v1 controllers, name=systemd,

@@ -11,6 +11,9 @@
 #
 #     overlayfs( lower = host "/" (never written), upper/work = private tmpfs )
 #
+# (with GVH_PERSIST=1, upper/work are on the persistent disk that boot.sh
+# mounted in the host mount namespace instead: see boot.sh).
+#
 # It mounts the API filesystems much like systemd-nspawn would (read-only /sys
 # and /proc/sys, tmpfs /dev with a few bind-mounted nodes, private devpts,
 # tmpfs /dev/shm and /run) EXCEPT that the cgroup v1 controller hierarchies
@@ -18,19 +21,29 @@
 # bind-mounts the checkout at its own path, creates the test user, masks
 # units that must not run here, pivot_root()s into the overlay and execs
 # systemd.  Every write except into the checkout lands in the tmpfs, which
-# disappears with the mount namespace when the container's last process exits.
+# disappears with the mount namespace when the container's last process exits
+# (or stays on the persistent disk for the next boot).
+#
+# A second boot on the same persistent disk must work, so every step that
+# writes to the root is idempotent or copes with what an earlier boot left:
+# the machine-id is kept (as on a real machine; a fresh one on a first boot),
+# the test user is created only if missing, files are overwritten, symlinks
+# replaced.  /run, /tmp, /dev and /dev/shm are new tmpfs at every boot.
 #
 # Environment (set by boot.sh): GVH_DIR GVH_NAME GVH_CG GVH_CGMOUNTS
-#   GVH_NETFLAG GVH_TMPFS_SIZE GVH_CHECKOUT GVH_USER GVH_UID
+#   GVH_NETFLAG GVH_TMPFS_SIZE GVH_CHECKOUT GVH_USER GVH_UID GVH_PERSIST
 set -euo pipefail
 
 : "${GVH_DIR:?}" "${GVH_NAME:?}" "${GVH_CG:?}" "${GVH_USER:?}" "${GVH_UID:?}"
 RW="$GVH_DIR/rw"          # tmpfs holding overlay upper+work (private to this mount ns)
+if [ "${GVH_PERSIST:-0}" = 1 ]; then RW="$GVH_DIR/persist"; fi   # or: the persistent disk
 R="$GVH_DIR/root"         # overlay mount point == future container "/"
 
 log() { echo "init.sh: $*" >&2; }
 # shellcheck source=common.sh
 . "$(dirname "$0")/common.sh"
+GVH_BASE=${GVH_DIR%/*}
+gvh_setup_name "$GVH_NAME"    # PERSIST, PERSIST_SRC (GVH_DIR unchanged)
 
 if [ "${1:-}" = stage1 ]; then
     gvh_record_pid $$ "$GVH_DIR/unshare.pid"
@@ -50,9 +63,15 @@ fi
 mount --make-rprivate /
 
 # 1. Writable layer on tmpfs + overlay of the host root.  Only the root
-#    filesystem itself is the lower layer (no submounts of the host).
+#    filesystem itself is the lower layer (no submounts of the host).  The
+#    persistent disk is this mount namespace's copy of the host's mount (made
+#    at unshare(), same tmpfs): nothing to mount, only to check.
 mkdir -p "$RW" "$R"
-mount -t tmpfs -o "mode=0755,size=$GVH_TMPFS_SIZE" "gvh-$GVH_NAME" "$RW"
+if [ "${GVH_PERSIST:-0}" = 1 ]; then
+    [ "$(gvh_persist_mounts)" = 1 ] || { log "no persistent disk at $RW"; exit 1; }
+else
+    mount -t tmpfs -o "mode=0755,size=$GVH_TMPFS_SIZE" "gvh-$GVH_NAME" "$RW"
+fi
 mkdir -p "$RW/upper" "$RW/work"
 mount -t overlay -o "lowerdir=/,upperdir=$RW/upper,workdir=$RW/work" "gvh-$GVH_NAME" "$R"
 
@@ -136,13 +155,26 @@ if [ -n "${GVH_CHECKOUT:-}" ]; then
 fi
 
 # 8. Container-local configuration (lands in the tmpfs upper layer only).
-rm -f "$R/etc/machine-id"; dbus-uuidgen > "$R/etc/machine-id"    # fresh id per container
+#    A fresh machine-id per container, kept across reboots on a persistent
+#    disk: one written by an earlier boot is a regular file in the upper layer
+#    (the host's own is in the lower one).
+if [ -f "$RW/upper/etc/machine-id" ] && grep -qx '[0-9a-f]\{32\}' "$RW/upper/etc/machine-id"; then
+    log "reboot: keeping machine-id $(cat "$RW/upper/etc/machine-id")"
+else
+    rm -f "$R/etc/machine-id"; dbus-uuidgen > "$R/etc/machine-id"
+fi
 echo "$GVH_NAME" > "$R/etc/hostname"
 hostname "$GVH_NAME"
 # The non-root test user, inside the overlay only, lingering: logind starts
-# user@UID.service (and with it the user bus /run/user/UID/bus) at boot.
-useradd --root "$R" --uid "$GVH_UID" --user-group --create-home --shell /bin/bash \
-    --comment "gestvenv test user" "$GVH_USER"
+# user@UID.service (and with it the user bus /run/user/UID/bus) at boot.  On a
+# reboot it exists already (with its home): it must have the same uid.
+uid=$(awk -F: -v u="$GVH_USER" '$1 == u { print $3 }' "$R/etc/passwd")
+if [ -z "$uid" ]; then
+    useradd --root "$R" --uid "$GVH_UID" --user-group --create-home --shell /bin/bash \
+        --comment "gestvenv test user" "$GVH_USER"
+elif [ "$uid" != "$GVH_UID" ]; then
+    log "user $GVH_USER exists on this disk with uid $uid, not $GVH_UID"; exit 1
+fi
 mkdir -p "$R/var/lib/systemd/linger"
 touch "$R/var/lib/systemd/linger/$GVH_USER"
 # Units that are useless or harmful here (host services, timers, udev/network

@@ -1,15 +1,22 @@
 #!/bin/bash
 # shellcheck source-path=SCRIPTDIR
-# stop.sh NAME [--kill] -- stop the host booted by boot.sh NAME and remove
-# every trace of it (processes, mounts, cgroups), then verify.  Idempotent:
-# also cleans up after a half-started boot or a killed harness run.
+# stop.sh NAME [--kill] [--purge] -- stop the host booted by boot.sh NAME and
+# remove every trace of it (processes, mounts, cgroups), then verify.
+# Idempotent: also cleans up after a half-started boot or a killed harness run.
 #
 #  default : graceful: SIGRTMIN+4 to the inner systemd (= "systemctl
 #            poweroff"); systemd stops all units, then its reboot(2) ends the
 #            PID namespace.  SIGKILL after GVH_STOP_TIMEOUT s (default 10).
-#  --kill  : SIGKILL the container's PID 1 right away: the kernel kills every
-#            process of the PID namespace, and the mount namespace (overlay,
-#            tmpfs upper layer, all API mounts) goes with its last process.
+#  --kill  : SIGKILL the container's PID 1 right away (a power loss): the
+#            kernel kills every process of the PID namespace, and the mount
+#            namespace (overlay, tmpfs upper layer, all API mounts) goes with
+#            its last process.  No unit is stopped, nothing cleaned.
+#  --purge : also unmount and remove the persistent disk of NAME (boot.sh
+#            GVH_PERSIST=1), if there is one.  Without --purge it is KEPT (for
+#            the next boot, i.e. a reboot) and is the one thing not reported
+#            as left over; with it, nothing of NAME may be left at all.  Works
+#            whether or not the host is running (stop.sh NAME --kill --purge
+#            clears whatever a crashed run left).
 #
 # Only processes recorded at boot (PID + start time, so a reused PID is never
 # hit), processes in the container's own pid/mount namespaces and processes
@@ -20,7 +27,15 @@ HERE=$(dirname "$(readlink -f "$0")")
 # shellcheck source=common.sh
 . "$HERE/common.sh"
 gvh_setup_name "${1:-}"
-mode=${2:-graceful}
+shift || true
+mode=--graceful purge=no
+for arg in "$@"; do
+    case "$arg" in
+        --kill) mode=--kill ;;
+        --purge) purge=yes ;;
+        *) gvh_die "usage: stop.sh NAME [--kill] [--purge]" ;;
+    esac
+done
 TIMEOUT=${GVH_STOP_TIMEOUT:-10}
 [ "$(id -u)" = 0 ] || gvh_die "must be root"
 t0=$(date +%s.%N)
@@ -100,9 +115,19 @@ for mp in $(gvh_cgroup_mounts); do
     done
     find "$mp/$CG" -depth -type d -exec rmdir {} + 2>/dev/null
 done
+
+# 5. The persistent disk, with --purge only (the container, which had the
+#    overlay on it, is gone by now; our mount is the host namespace's).
+if [ $purge = yes ]; then
+    for _ in 1 2 3; do
+        [ "$(gvh_persist_mounts)" -gt 0 ] || break
+        umount "$PERSIST" || break
+    done
+    [ "$(gvh_persist_mounts)" -gt 0 ] || rmdir "$PERSIST" 2>/dev/null
+fi
 t1=$(date +%s.%N)
 
-# 5. Verify.
+# 6. Verify.
 fail=0
 for p in "$pid:$pstart" "$upid:$ustart" "$spid:$sstart"; do
     if gvh_alive "${p%%:*}" "${p#*:}"; then echo "stop.sh: LEFT: process ${p%%:*}" >&2; fail=1; fi
@@ -111,11 +136,15 @@ if [ ${#pinned[@]} -gt 0 ]; then
     left=$(gvh_ns_members "${pinned[@]}" | tr '\n' ' ')
     if [ -n "$left" ]; then echo "stop.sh: LEFT: processes in its namespaces: $left" >&2; fail=1; fi
 fi
-if grep -E -q "(gvh-$NAME |$GVH_DIR/)" /proc/self/mountinfo; then
+keep=keep
+[ $purge = yes ] && keep=
+left=$(gvh_host_mounts "$keep")
+if [ -n "$left" ]; then
     echo "stop.sh: LEFT: mounts on the host:" >&2
-    grep -E "(gvh-$NAME |$GVH_DIR/)" /proc/self/mountinfo >&2
+    echo "$left" >&2
     fail=1
 fi
+if [ $purge = yes ] && [ -e "$PERSIST" ]; then echo "stop.sh: LEFT: $PERSIST" >&2; fail=1; fi
 for mp in $(gvh_cgroup_mounts); do
     if [ -d "$mp/$CG" ]; then echo "stop.sh: LEFT: cgroup $mp/$CG" >&2; fail=1; fi
 done
@@ -124,5 +153,8 @@ if [ $fail = 0 ]; then
           "$GVH_DIR/system_bus_socket" "$GVH_DIR/cgroups" "$GVH_DIR/detached"
     rmdir "$GVH_DIR/root" "$GVH_DIR/rw" 2>/dev/null
 fi
-echo "host $NAME stopped (${mode#--}) in $(awk "BEGIN{printf \"%.2f\", $t1 - $t0}") s; clean=$([ $fail = 0 ] && echo yes || echo NO)"
+disk=
+if [ $purge = yes ]; then disk=", disk purged"
+elif [ "$(gvh_persist_mounts)" -gt 0 ]; then disk=", disk kept: $PERSIST"; fi
+echo "host $NAME stopped (${mode#--}) in $(awk "BEGIN{printf \"%.2f\", $t1 - $t0}") s; clean=$([ $fail = 0 ] && echo yes || echo NO)$disk"
 exit $fail
