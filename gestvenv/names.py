@@ -15,6 +15,8 @@ from .exceptions import InvalidNameError, ValidationError
 MAX_NAME_LENGTH = 64
 # ASCII letters and digits first (no hidden files, no option-like "-x"); then also "_", "." and "-".
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*", re.ASCII)
+# Names whose units would be gestvenv's own: "cleanup" is gestvenv-cleanup.service/.timer.
+RESERVED_NAMES = frozenset({"cleanup"})
 
 
 def validate_name(name: object) -> str:
@@ -34,6 +36,10 @@ def validate_name(name: object) -> str:
         )
     if ".." in name or name.endswith("."):
         raise InvalidNameError(f"invalid environment name {name!r}: no '..' and no trailing '.'")
+    if name in RESERVED_NAMES:
+        raise InvalidNameError(
+            f"environment name {name!r} is reserved: gestvenv-{name}.service is gestvenv's own "
+            "unit (the cleanup timer's)")
     return name
 
 

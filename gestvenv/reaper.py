@@ -40,6 +40,7 @@ except ImportError:  # run as a file by a unit (no package): the same name, for 
         """A path gestvenv refuses to delete."""
 
 ROOT_MARK = ".gestvenv-root"
+CLAIM = ".gestvenv-env"  # in an env's dir: its id and state file (see gestvenv.storage)
 ENV_MARKER = "GESTVENV_ENV_ID"  # in the environment of every process gestvenv starts for an env
 EXEC_MARKER = "GESTVENV_EXEC_ID"
 # Deleting never goes below a mount point: umount2(MNT_DETACH) first, or refuse.
@@ -214,7 +215,10 @@ def _remove_at(parent_fd: int, name: str, dev: int, shown: str) -> None:
         if st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
             os.fchmod(fd, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)  # a read-only dir
         with os.scandir(fd) as entries:
-            children = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+            # The env's claim last: a deletion cut short still says whose dir it was, so the
+            # next sweep finishes it instead of leaving an unclaimed dir alone.
+            children = sorted(((e.name, e.is_dir(follow_symlinks=False)) for e in entries),
+                              key=lambda child: child[0] == CLAIM)
         for child, is_dir in children:
             if is_dir:
                 _remove_at(fd, child, dev, f"{shown}/{child}")

@@ -25,6 +25,7 @@ from .config import Config
 from .exceptions import ConfigError, GestvenvError, UnsafePathError
 from .models import StorageBackend
 from .reaper import (  # the deletion code, shared with the env unit's stop action
+    CLAIM,
     ROOT_MARK,
     check_inside_roots,
     is_marked_root,
@@ -32,7 +33,7 @@ from .reaper import (  # the deletion code, shared with the env unit's stop acti
     unescape_mountinfo,
 )
 
-__all__ = ["ROOT_MARK", "check_inside_roots", "is_marked_root", "remove_tree"]
+__all__ = ["CLAIM", "ROOT_MARK", "check_inside_roots", "is_marked_root", "remove_tree"]
 
 TMPFS_MAGIC = 0x01021994
 
@@ -169,7 +170,6 @@ def all_roots(config: Config) -> list[Path]:
 
 # --- claiming: an env dir names the state file that owns it ---
 
-CLAIM = ".gestvenv-env"
 
 
 def claim_dir(path: Path, state_file: Path, env_id: str) -> None:

@@ -9,6 +9,7 @@ from ..context import attach
 from ._common import handle_errors, run_foreground
 from .config import config_group
 from .ephemeral import ephemeral_group
+from .timer import timer_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,6 +40,7 @@ def run_command(env_name: str, timeout: float | None, cwd: str | None,
     raise SystemExit(run_foreground(attach(env_name), command, timeout=timeout, cwd=cwd))
 
 
+ephemeral_group.add_command(timer_group)  # gestvenv ephemeral timer install|uninstall|status
 cli.add_command(ephemeral_group)
 cli.add_command(config_group)
 

@@ -126,3 +126,10 @@ def test_bad_specs_are_refused(spec: str) -> None:
 def test_non_string_spec_is_refused() -> None:
     with pytest.raises(ValidationError, match="must be a string"):
         validate_packages(["six", 3])  # type: ignore[list-item]
+
+
+def test_a_name_whose_units_are_gestvenvs_own_is_reserved() -> None:
+    """An env "cleanup" would be gestvenv-cleanup.service: the cleanup timer's own service."""
+    with pytest.raises(InvalidNameError, match="reserved"):
+        validate_name("cleanup")
+    assert validate_name("cleanup-2") == "cleanup-2"

@@ -151,3 +151,21 @@ def test_the_file_needs_only_the_standard_library() -> None:
     imported = {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines()
                 if line.startswith("import time:")}
     assert not imported & {"gestvenv", "psutil", "dbus_next", "click", "tomlkit"}
+
+
+def test_the_claim_is_deleted_last(root: Path, registry: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deletion cut short still says whose dir it was: the next sweep can finish it."""
+    path, _ = make_env(root, registry)
+    (path / "zz").write_text("z")
+    (path / gestvenv.reaper.CLAIM).write_text("{}")
+    unlinked: list[str] = []
+    real_unlink = os.unlink
+
+    def unlink(name: str, *, dir_fd: int | None = None) -> None:
+        unlinked.append(name)
+        real_unlink(name, dir_fd=dir_fd)
+
+    monkeypatch.setattr(gestvenv.reaper.os, "unlink", unlink)
+    assert gestvenv.reaper.remove_tree(path, [root])
+    assert unlinked[-1] == gestvenv.reaper.CLAIM and len(unlinked) == 4

@@ -696,3 +696,8 @@ def test_variants_refuses_a_value_that_does_not_fit(bad: Property) -> None:
     check: Callable[[], Any] = lambda: bus.variants([bad])  # noqa: E731
     with pytest.raises(Exception):  # noqa: B017, PT011 - dbus-next's own mismatch error
         check()
+
+
+def test_the_cleanup_timers_service_is_not_taken_for_an_env() -> None:
+    assert plan.env_name_of_unit("gestvenv-cleanup.service") is None
+    assert plan.env_name_of_unit("gestvenv-ci.service") == "ci"

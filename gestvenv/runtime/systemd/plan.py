@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...models import Enforcement, IsolationLevel, LimitStatus, ResourceLimits
+from ...names import RESERVED_NAMES
 
 PARENT_SLICE = "gestvenv.slice"
 # In the env unit's environment: which env it is, and where its state file is (a name is reused
@@ -137,7 +138,9 @@ _ENV_UNIT_RE = re.compile(r"gestvenv-([A-Za-z0-9][A-Za-z0-9_.-]*)\.service")
 def env_name_of_unit(unit: str) -> str | None:
     """The environment an env unit belongs to (None for command units and others)."""
     match = _ENV_UNIT_RE.fullmatch(unit)
-    return match.group(1) if match else None
+    if match is None or match.group(1) in RESERVED_NAMES:  # gestvenv-cleanup.service
+        return None
+    return match.group(1)
 
 
 @dataclass(frozen=True)
