@@ -30,7 +30,8 @@ from gestvenv import StorageBackend, storage, timer
 from gestvenv.config import Config
 
 CHECKOUT = Path(__file__).resolve().parents[3]
-SITE = next((CHECKOUT / ".venv" / "lib").glob("python3*/site-packages"))
+# The checkout's venv (absent in the v2 VM, which collects this file but runs none of it).
+SITE = next((CHECKOUT / ".venv" / "lib").glob("python3*/site-packages"), CHECKOUT / ".venv")
 UNITS = (timer.SERVICE_UNIT, timer.TIMER_UNIT)
 SLACK = 4.0  # seconds past the schedule: AccuracySec=1s, python's start-up, the sweep itself
 
