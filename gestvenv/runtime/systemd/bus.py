@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -68,6 +69,34 @@ def translate(exc: DBusError, what: str) -> GestvenvError:
     return SystemdError(f"{what}: {exc.text}", name)
 
 
+# How long a call waits for a manager that is re-executing itself (it takes well under a
+# second; a loaded machine, or a VM, takes longer).
+REEXEC_WAIT = 15.0
+_UNDELIVERED = ("org.freedesktop.DBus.Error.ServiceUnknown",
+                "org.freedesktop.DBus.Error.NameHasNoOwner")
+_LOST = "org.freedesktop.DBus.Error.NoReply"
+# Calls that may be repeated when their reply was lost: reads, and requests whose second
+# sending does what the first did.
+_REPEATABLE = frozenset({"Get", "GetAll", "GetUnit", "ListUnitsByPatterns", "StopUnit",
+                         "KillUnit", "ResetFailedUnit", "Subscribe", "Reload"})
+
+
+class _Reexecuting(Exception):
+    def __init__(self, error: GestvenvError, lost: bool) -> None:
+        super().__init__(str(error))
+        self.error, self.lost = error, lost
+
+
+def _checked(exc: DBusError, what: str) -> Exception:
+    """``exc`` translated, or marked as a call the manager may answer once it is back."""
+    error = translate(exc, what)
+    if exc.type in _UNDELIVERED:
+        return _Reexecuting(error, lost=False)
+    if exc.type == _LOST and "disconnected" in (exc.text or ""):
+        return _Reexecuting(error, lost=True)
+    return error
+
+
 def variants(properties: Iterable[Property]) -> list[list[Any]]:
     """Properties as D-Bus ``a(sv)``; dbus-next checks each value against its signature here."""
     return [[k, Variant(sig, value)] for k, sig, value in properties]
@@ -106,6 +135,7 @@ class SystemdBus:
         self._watchers: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
         # What this connection already made sure of (gestvenv.slice and its cap): once each.
         self.settled: set[str] = set()
+        self._answered = False  # the manager has replied on this connection
         bus.add_message_handler(self._on_message)
 
     # -- connection -------------------------------------------------------------------------
@@ -155,22 +185,43 @@ class SystemdBus:
     async def call(self, path: str, interface: str, member: str, signature: str,
                    body: Sequence[Any], *, what: str, destination: str = SYSTEMD,
                    unix_fds: Sequence[int] = ()) -> list[Any]:
+        deadline = time.monotonic() + REEXEC_WAIT
+        while True:
+            try:
+                return await self._call_once(path, interface, member, signature, body,
+                                             what=what, destination=destination,
+                                             unix_fds=unix_fds)
+            except _Reexecuting as exc:
+                # The manager answered before and is gone from the bus: it is re-executing
+                # itself (daemon-reexec, an upgrade). A call it never received is sent again;
+                # one lost in the re-exec only if repeating it is harmless. (A manager that
+                # never answered is not there at all: that is said at once.)
+                if not self._answered or (exc.lost and member not in _REPEATABLE) \
+                        or time.monotonic() > deadline:
+                    raise exc.error from None
+                await asyncio.sleep(0.05)
+
+    async def _call_once(self, path: str, interface: str, member: str, signature: str,
+                         body: Sequence[Any], *, what: str, destination: str,
+                         unix_fds: Sequence[int]) -> list[Any]:
         msg = Message(destination=destination, path=path, interface=interface, member=member,
                       signature=signature, body=list(body), unix_fds=list(unix_fds))
         try:
             reply = await self._bus.call(msg)
         except DBusError as exc:
-            raise translate(exc, what) from None
+            raise _checked(exc, what) from None
         except UnicodeEncodeError:
             raise ValidationError(f"{what}: a value is not valid UTF-8") from None
         except (OSError, EOFError) as exc:
             raise RuntimeUnavailableError(f"{what}: lost the connection to systemd ({exc})") \
                 from None
         assert reply is not None
-        if reply.message_type == MessageType.ERROR:
+        if reply.message_type != MessageType.ERROR:
+            self._answered = True
+        else:
             error = DBusError(  # type: ignore[no-untyped-call]
                 reply.error_name, str(reply.body[0]) if reply.body else "", reply=reply)
-            raise translate(error, what)
+            raise _checked(error, what)
         return list(reply.body)
 
     async def _add_match(self, rule: str) -> None:

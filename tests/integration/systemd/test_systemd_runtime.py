@@ -165,11 +165,15 @@ async def test_forking_past_max_processes_fails_inside_the_env() -> None:
 
 @pytest.mark.v2
 async def test_timeout_and_ttl_end_a_command_and_say_which() -> None:
-    async with gestvenv.ephemeral("sd-deadlines", runtime=SD, ttl=3) as env:
+    # TTLs count from the env unit's start, before the build: timings are taken against
+    # expires_at, and the TTL leaves room for a creation that takes seconds (a loaded VM).
+    async with gestvenv.ephemeral("sd-deadlines", runtime=SD, ttl=10) as env:
+        assert env.expires_at is not None
         timed = await env.execute(["sleep", "30"], timeout=1)
         assert timed.killed_by == "timeout" and timed.duration < 2.5
-        ttl = await env.execute(["sleep", "30"])
-        assert ttl.killed_by == "ttl" and ttl.duration < 4
+        ttl = await env.execute(["sleep", "60"])
+        late = time.time() - env.expires_at
+        assert ttl.killed_by == "ttl" and -0.5 < late < 1.5, (ttl, late)
         await wait_until(lambda: not units_of("sd-deadlines"), 2, "units gone")
 
 
@@ -207,7 +211,8 @@ CREATE_AND_RUN = """
     import asyncio, sys, gestvenv
 
     async def main():
-        env = await gestvenv.create_environment(sys.argv[1], runtime="systemd", ttl=3)
+        # The TTL counts from the unit's start, before the build: room for a slow VM.
+        env = await gestvenv.create_environment(sys.argv[1], runtime="systemd", ttl=15)
         task = asyncio.ensure_future(env.execute(["sleep", "100"]))
         await asyncio.sleep(0.5)
         print("ready", flush=True)
@@ -560,7 +565,7 @@ async def test_envs_survive_a_daemon_reexec_and_are_listed_and_cleaned_as_before
     """systemd re-executes itself (an upgrade does): its transient units, our envs, carry on,
     a command in flight finishes and is read, TTLs still hold and cleanup still works."""
     scope = ["--user"] if os.geteuid() != 0 else []
-    kept = await gestvenv.create_environment("sd-reexec-ttl", runtime=SD, ttl=8)
+    kept = await gestvenv.create_environment("sd-reexec-ttl", runtime=SD, ttl=20)
     async with gestvenv.ephemeral("sd-reexec", runtime=SD) as env:
         holder = _main_pid("gestvenv-sd-reexec.service")
         running = asyncio.ensure_future(env.execute(
