@@ -88,13 +88,15 @@ class LocalRuntime(Runtime):
     def guarantees(self) -> Sequence[str]:
         return (
             "local runtime: the TTL, idle timeout and a dead creator are handled by gestvenv's "
-            "watchdog process (about 0.5 s late), not by systemd: if the watchdog is killed, the "
-            "next gestvenv invocation sweeps what is left",
+            "watchdog process (about 0.5 s late), not by systemd: if the watchdog is killed too, "
+            "nothing ends the environment until the next gestvenv command (any command restarts "
+            "the watchdog, which then sweeps)",
             "local runtime: processes are found by an environment marker (and, at a timeout, "
             "by holding the command's output pipes); one that clears its environment and "
             "closes those pipes escapes cleanup",
-            "local runtime: nothing survives a reboot except DISK-backed files, which the "
-            "watchdog's orphan sweep (every cleanup_interval) or `cleanup --orphans` removes",
+            "local runtime: nothing survives a reboot except DISK-backed files, which stay "
+            "until the next gestvenv command (its watchdog sweeps orphans at once, then every "
+            "cleanup_interval); there is no timer at boot",
         )
 
     async def usage(self, record: EnvRecord) -> Usage:

@@ -227,10 +227,12 @@ async def test_ttl_is_held_by_systemd_after_the_creator_is_sigkilled(tmp_path: P
     name = "sd-ttl-kill"
     creator = _run_script(tmp_path, CREATE_AND_RUN, name)
     await _wait_ready(creator)
-    creator.kill()
-    creator.wait()
     record = registry.load(name)
     assert record.expires_at is not None
+    # Killed once its command runs (a slow VM may take more than the script's 0.5 s).
+    await wait_until(lambda: env_pids(record.id), 10, "the command running in its unit")
+    creator.kill()
+    creator.wait()
     pids = env_pids(record.id)
     assert pids, "the command should be running in its unit"
     assert units_of(name)
