@@ -123,6 +123,12 @@ def _sweep_orphans(config: Config, report: SweepReport, kept: set[str]) -> None:
                     if any(os.scandir(root / entry.name)):
                         report.errors[str(root / entry.name)] = "no gestvenv claim; left alone"
                         continue
+                else:
+                    # Its state file is gone, maybe not its processes (a command still running
+                    # in an env whose state was deleted): they go first, as the reaper does.
+                    env_id, _ = storage.claim_of(root / entry.name) or ("", "")
+                    if env_id:
+                        processes.kill_marked(processes.ENV_MARKER, env_id)
                 storage.remove_tree(root / entry.name, roots)
                 report.orphan_paths.append(str(root / entry.name))
             except Exception as exc:  # report and go on: one bad entry must not stop the sweep

@@ -124,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
-    # A private /tmp (isolation namespace and up) may hide a state file kept under /tmp.
-    watch_state = Path(args.state_file).exists()
+    # The state file goes when the env is destroyed. Its dir is always visible here (bound in
+    # under a private /tmp): a state file already missing when this (late, under load) start
+    # looks means the env was destroyed meanwhile, not that the file cannot be seen.
+    watch_state = Path(args.state_file).parent.is_dir()
     owner = None
     if args.owner_pid:
         owner = _owner_fd(args.owner_pid, args.owner_start)

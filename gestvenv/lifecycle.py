@@ -83,15 +83,19 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
         undo.push_async_callback(lambda: shielded(destroy(record, config)))
         # Threads are waited for when cancelled (in_thread), so that the undo runs after the
         # state file or the dir exists, never before it.
+        if runtime.needs_watchdog:
+            # Running before the state file exists: a creator killed right after reserving is
+            # noticed too. (And again after: a watchdog about to exit may not have seen it.)
+            await in_thread(ensure_reaper)
         await in_thread(registry.reserve, record, max_concurrent=config.max_concurrent,
                         max_total_memory_mb=config.max_total_memory_mb)
         if runtime.needs_watchdog:
             await in_thread(ensure_reaper)  # from now on a dead creator is noticed
+        # Started right after the reservation, before the dir and the build: from here on the
+        # env's end (its files' too) is systemd's to guarantee, whatever becomes of us.
+        await runtime.start(record)
         await in_thread(storage.claim_dir, Path(record.path), registry.state_path(record.name),
                         record.id)
-        # Started before the build: from here on, the env's end (and its files') is systemd's
-        # to guarantee, whatever happens to this process.
-        await runtime.start(record)
         await builder.create(Path(record.path), interpreter)
         await builder.populate(Path(record.path), interpreter, spec.packages, spec.requirements)
         record = record.evolve(status="ready", last_activity=time.time())

@@ -178,14 +178,22 @@ def claim_dir(path: Path, state_file: Path, env_id: str) -> None:
     (path / CLAIM).write_text(json.dumps({"id": env_id, "state_file": str(state_file)}))
 
 
+def claim_of(path: Path) -> tuple[str, str] | None:
+    """The (env id, state file) an env dir's claim names; None without a readable claim."""
+    try:
+        claim = json.loads((path / CLAIM).read_text())
+        return str(claim["id"]), str(claim["state_file"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def is_claimed(path: Path) -> bool | None:
     """True if the state file named in ``path``'s claim exists and holds the same id; None if
     the dir has no readable claim (too young to have written one, or not an env dir)."""
-    try:
-        claim = json.loads((path / CLAIM).read_text())
-        env_id, state_file = str(claim["id"]), str(claim["state_file"])
-    except (OSError, ValueError, KeyError, TypeError):
+    claim = claim_of(path)
+    if claim is None:
         return None
+    env_id, state_file = claim
     try:
         with open(state_file) as f:
             return bool(json.load(f).get("id") == env_id)

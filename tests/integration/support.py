@@ -100,3 +100,107 @@ def processes_of(runtime_dir: Path, *, marked_only: bool, cmd: str = "") -> list
             continue
         found.append(proc)
     return found
+
+
+# --- leftovers: everything of gestvenv still present for the test (test_guaranteed_cleanup) ---
+
+LEFTOVER_KINDS = ("units", "dirs", "state files", "processes", "mounts")
+# gestvenv's own infrastructure, not an environment's: the parent slice, the cleanup timer.
+_SHARED_UNITS = ("gestvenv.slice", "gestvenv-cleanup.service", "gestvenv-cleanup.timer")
+# The env unit's environment names its state file: its holder and reaper carry it.
+_UNIT_STATE_FILE = "GESTVENV_UNIT_STATE_FILE"
+
+
+def loaded_units(pattern: str = "gestvenv-*") -> list[tuple[str, str, str]]:
+    """(unit, active state, sub state) of the loaded units matching ``pattern`` in this user's
+    manager (the system manager for root), except gestvenv's shared ones; [] without systemd."""
+    import subprocess
+
+    from gestvenv.runtime.systemd import systemd_booted
+
+    if not systemd_booted():
+        return []
+    scope = ["--user"] if os.geteuid() != 0 else []
+    out = subprocess.run(["systemctl", *scope, "list-units", "--all", "--plain", "--no-legend",
+                          pattern], capture_output=True, text=True, check=True).stdout
+    units = []
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[0] not in _SHARED_UNITS:
+            units.append((fields[0], fields[2], fields[3]))
+    return units
+
+
+def _claimed_by(path: Path, state_dir: Path) -> bool:
+    """The env dir's claim names a state file of ``state_dir`` (this test's registry)."""
+    import json
+
+    try:
+        claim = json.loads((path / storage.CLAIM).read_text())
+        return Path(str(claim["state_file"])).parent == state_dir
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def leftovers() -> dict[str, list[str]]:
+    """Everything of gestvenv still present for this test, by kind (see LEFTOVER_KINDS).
+
+    - units: loaded ``gestvenv-*`` units (when systemd is PID 1), but the shared slice/timer;
+    - dirs: env dirs in every storage root of the test's config (the root's mark aside); in a
+      root shared with other users of the machine (/dev/shm) only those claimed by this test's
+      registry;
+    - state files: every entry of the test's state dir (temporary files included);
+    - processes: processes carrying the env marker and the test's runtime dir, and those of an
+      env unit of this registry (holder, reaper);
+    - mounts: mount points below those storage dirs.
+    """
+    from gestvenv.reaper import unescape_mountinfo
+
+    runtime = storage.runtime_dir()
+    state = storage.state_dir()
+    left: dict[str, list[str]] = {kind: [] for kind in LEFTOVER_KINDS}
+    left["units"] = [f"{u} ({a}/{s})" for u, a, s in loaded_units()]
+    mount_scopes: list[Path] = []
+    for root in storage.all_roots(gestvenv.load_config()):
+        shared = root.is_relative_to("/dev/shm")
+        if not shared:
+            mount_scopes.append(root)
+        for entry in env_dirs(root):
+            if not shared or _claimed_by(entry, state):
+                left["dirs"].append(str(entry))
+                mount_scopes.append(entry)
+    if state.is_dir():
+        left["state files"] = sorted(str(p) for p in state.iterdir())
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        env = environ_of(proc)
+        ours = (ENV_MARKER in env and env.get("GESTVENV_RUNTIME_DIR") == str(runtime)) or \
+            env.get(_UNIT_STATE_FILE, "").startswith(f"{state}/")
+        if not ours:
+            continue
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            env_name = env.get("GESTVENV_ENV_NAME") or env.get(_UNIT_STATE_FILE, "?")
+            left["processes"].append(
+                f"{proc.pid} {' '.join(proc.cmdline())[:160]} [env {env_name}]")
+        except psutil.Error:
+            continue
+    with open("/proc/self/mountinfo") as f:
+        points = [unescape_mountinfo(line.split()[4]) for line in f]
+    for point in points:
+        if any(point.startswith(f"{os.path.realpath(scope)}/") for scope in mount_scopes):
+            left["mounts"].append(point)
+    return left
+
+
+def leftover_count(left: dict[str, list[str]]) -> int:
+    return sum(len(items) for items in left.values())
+
+
+def leftover_summary(left: dict[str, list[str]]) -> str:
+    """``0 (units 0, dirs 0, state files 0, processes 0, mounts 0)``"""
+    parts = ", ".join(f"{kind} {len(left[kind])}" for kind in LEFTOVER_KINDS)
+    return f"{leftover_count(left)} ({parts})"
