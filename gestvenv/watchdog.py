@@ -47,19 +47,29 @@ def watchdog_running() -> bool:
     return False
 
 
+# When this process last started a watchdog, per runtime dir: a create asks before and after
+# its reservation, and the one started a moment ago (not holding its lock yet) will see it.
+_started: dict[str, float] = {}
+_FRESH = 1.0  # well under LINGER: a watchdog this young has not given up yet
+
+
 def ensure_reaper() -> None:
-    """Start the watchdog unless one runs. Call after the env's state file is written."""
-    if watchdog_running():
+    """Start the watchdog unless one runs. Call after the env's state file is written (a call
+    before it too makes a creator killed in between noticed)."""
+    runtime = str(storage.runtime_dir())
+    started = _started.get(runtime)
+    if (started is not None and time.monotonic() - started < _FRESH) or watchdog_running():
         return
     env = {k: v for k, v in os.environ.items()
            if k not in (processes.ENV_MARKER, processes.EXEC_MARKER)}
-    env["GESTVENV_RUNTIME_DIR"] = str(storage.runtime_dir())
+    env["GESTVENV_RUNTIME_DIR"] = runtime
     # Through sh's "&" so the watchdog is not our child (no zombie, survives our death).
     subprocess.run(
         ["/bin/sh", "-c", 'exec "$@" </dev/null >/dev/null 2>&1 &', "sh",
          sys.executable, "-m", "gestvenv.watchdog"],
         env=env, check=True, start_new_session=True,
     )
+    _started[runtime] = time.monotonic()
 
 
 def _watched() -> bool:
