@@ -336,8 +336,12 @@ async def test_isolation_levels_are_applied_by_systemd(tmp_path: Path) -> None:
         assert any("chroot" in note for note in env.info()["notes"])
 
 
-async def test_an_env_stopped_with_systemctl_ends_its_commands() -> None:
-    async with gestvenv.ephemeral("sd-stopped", runtime=SD) as env:
+@pytest.mark.parametrize("isolation", ["process", "namespace"])
+async def test_an_env_stopped_with_systemctl_ends_its_commands(isolation: str) -> None:
+    """Also with a private /tmp (namespace): the reaper runs in the env unit's namespaces,
+    where the storage root of this test (under /tmp) is bound in."""
+    async with gestvenv.ephemeral("sd-stopped", runtime=SD, isolation_level=isolation) as env:
+        assert env.isolation.value == isolation
         running = asyncio.ensure_future(env.execute(["sleep", "300"]))
         await wait_until(lambda: env_pids(env.id), 5, "the command started")
         await run("systemctl", "stop", "gestvenv-sd-stopped.service", check=True)
