@@ -245,9 +245,9 @@ def forget(state_file: Path, env_id: str, lock: Path) -> bool:
     """Remove the state file if it still names this environment (the name may be reused);
     under the registry's lock, as :func:`gestvenv.registry.remove` does."""
     try:
-        fd = os.open(lock, os.O_RDWR)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     except FileNotFoundError:
-        return False  # no registry at all any more
+        return False  # no registry at all any more (its dir is gone)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:

@@ -500,7 +500,7 @@ def test_a_private_tmp_still_shows_the_env_unit_its_scripts_state_and_storage_ro
     assert props["BindReadOnlyPaths"] == [[p, p, True, 0] for p in
                                           ("/tmp/co/gestvenv/holder.py",
                                            "/tmp/co/gestvenv/reaper.py")]
-    assert props["BindPaths"] == [[p, p, True, 0] for p in ("/tmp/run/envs", "/tmp/envs")]
+    assert props["BindPaths"] == [[p, p, True, 0] for p in ("/tmp/run", "/tmp/envs")]
     assert "BindPaths" not in env_unit(holder=holder)  # no private /tmp: nothing to bind
 
 

@@ -345,7 +345,11 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
         # (a checkout, a test run), which a private /tmp hides; the reaper runs in there too.
         keep = [p for p in (holder.script, holder.reaper) if p]
         shared.append(prop("BindReadOnlyPaths", [[p, p, True, 0] for p in keep]))
-        writable = [os.path.dirname(holder.state_file)]
+        # The registry (its lock and the state files) and the storage root: the reaper writes
+        # there.
+        registry = os.path.dirname(holder.registry_lock) if holder.registry_lock \
+            else os.path.dirname(holder.state_file)
+        writable = [registry]
         if holder.env_path:
             writable.append(os.path.dirname(holder.env_path))
         shared.append(prop("BindPaths", [[p, p, True, 0] for p in dict.fromkeys(writable)]))
