@@ -11,11 +11,18 @@ This process only decides the two ends systemd cannot see by itself, and exits f
   recorded in its state file for that long. A running command is never idle.
 
 It lives in the parent slice, outside the environment's limits: it costs the environment nothing.
+
+Whenever it ends (one of those, or SIGTERM: the TTL, a cleanup, ``systemctl stop``, a shutdown,
+all of which stop the env's commands first), it reaps the environment on its way out
+(``gestvenv.reaper``, loaded when it starts): the files go without starting another Python.
+The unit's stop action runs the reaper again only if something is left (this process was
+killed, or failed).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import select
@@ -113,8 +120,32 @@ def _owner_fd(pid: int, started: float) -> int | None:
     return fd
 
 
+def _load_reaper() -> object:
+    """gestvenv/reaper.py, beside this file, as a module (run as a file: no package here)."""
+    spec = importlib.util.spec_from_file_location("gestvenv_reaper",
+                                                  Path(__file__).with_name("reaper.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _reap(reaper: object, args: argparse.Namespace) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut it short
+    try:
+        done = reaper.reap(Path(args.env_path), args.env_id,  # type: ignore[attr-defined]
+                           Path(args.state_file), Path(args.registry_lock))
+    except Exception as exc:  # the unit's stop action tries again, and says why
+        print(f"gestvenv reaper: {exc}", file=sys.stderr, flush=True)
+        return
+    print(f"gestvenv reaper: {'; '.join(done) or 'nothing left to remove'}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # first: a stop may come this early
     parser = argparse.ArgumentParser(prog="gestvenv.holder")
+    parser.add_argument("--env-path", help="reap the env on the way out: its dir")
+    parser.add_argument("--registry-lock", default="")
     parser.add_argument("--slice", required=True)
     parser.add_argument("--state-file", required=True)
     parser.add_argument("--env-id", required=True)
@@ -122,7 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--owner-start", type=float, default=0.0)
     parser.add_argument("--idle-timeout", type=float, default=0.0)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    reaper = _load_reaper() if args.env_path else None
+    try:
+        return _hold(args)
+    finally:
+        if reaper is not None:
+            _reap(reaper, args)
+
+
+def _hold(args: argparse.Namespace) -> int:
 
     # The state file goes when the env is destroyed. Its dir is always visible here (bound in
     # under a private /tmp): a state file already missing when this (late, under load) start
@@ -168,4 +207,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    except SystemExit as stop:  # SIGTERM
+        status = stop.code if isinstance(stop.code, int) else 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # no interpreter teardown: the unit's stop waits for this exit

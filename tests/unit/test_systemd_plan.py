@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import shlex
 import socket
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -461,7 +463,7 @@ def test_env_unit_properties() -> None:
     assert path == argv[0] == HOLDER.python
     assert ignore_failure is False
     joined = shlex.join(argv)
-    assert "-I -B /opt/gestvenv/site/gestvenv/holder.py" in joined
+    assert "-I -S -B /opt/gestvenv/site/gestvenv/holder.py" in joined
     assert f"--slice {shlex.quote(names.slice)}" in joined
     assert f"--state-file {HOLDER.state_file}" in joined
     assert f"--env-id {HOLDER.env_id}" in joined
@@ -471,16 +473,37 @@ def test_env_unit_properties() -> None:
 
 
 def test_env_unit_stop_action_is_the_reaper_with_its_own_copy_of_the_path() -> None:
-    """The files go with the unit, whoever stops it; the dir to delete is on the unit's own
-    command line (a state file edited later cannot redirect it)."""
+    """The files go with the unit, whoever stops it: the holder reaps on its way out, the stop
+    action again if anything is left. The dir to delete is on the unit's own command line (a
+    state file edited later cannot redirect it)."""
     props = env_unit(ttl=90)
-    ((path, argv, ignore_failure),) = props["ExecStopPost"]
-    assert path == argv[0] == HOLDER.python
-    assert argv[1:] == ["-I", "-S", "-B", HOLDER.reaper, HOLDER.env_path, HOLDER.env_id,
-                        HOLDER.state_file, HOLDER.registry_lock]
+    argv = props["ExecStart"][0][1]
+    assert argv[argv.index("--env-path") + 1] == HOLDER.env_path
+    assert argv[argv.index("--registry-lock") + 1] == HOLDER.registry_lock
+    ((path, stop_argv, ignore_failure),) = props["ExecStopPost"]
+    assert path == stop_argv[0] == "/bin/sh"
     assert ignore_failure is False  # a refusal shows: the unit ends "failed", said in its journal
     # The stop action shares the unit's stop timeout: room to delete a big tree.
     assert props["TimeoutStopUSec"] == plan.ENV_STOP_TIMEOUT_USEC >= 60 * 1_000_000
+
+
+def test_the_stop_action_runs_the_reaper_only_when_something_is_left(tmp_path: Path) -> None:
+    """Run as systemd runs it ($$ back to $), with echo in place of Python."""
+    holder = HolderArgs(python="/bin/echo", script="/p/holder.py",
+                        state_file=str(tmp_path / "ci.json"), env_id="e" * 32,
+                        reaper="/p/reaper.py", env_path=str(tmp_path / "ci-eeeeeeee"),
+                        registry_lock="/run/x/registry.lock")
+    ((_, argv, _),) = env_unit(holder=holder)["ExecStopPost"]
+    as_run = [a.replace("$$", "$") for a in argv]
+    nothing = subprocess.run(as_run, capture_output=True, text=True, check=True)
+    assert nothing.stdout == ""  # the holder reaped: no second Python
+    want = (f"-I -S -B /p/reaper.py {holder.env_path} {holder.env_id} {holder.state_file} "
+            f"{holder.registry_lock}\n")
+    Path(holder.env_path).mkdir()
+    assert subprocess.run(as_run, capture_output=True, text=True).stdout == want
+    Path(holder.env_path).rmdir()
+    Path(holder.state_file).write_text("{}")
+    assert subprocess.run(as_run, capture_output=True, text=True).stdout == want
 
 
 def test_env_unit_without_a_reaper_has_no_stop_action() -> None:
@@ -544,7 +567,7 @@ def test_env_unit_owner_and_idle_are_optional() -> None:
     assert "--owner-pid" not in argv
     assert "--owner-start" not in argv
     assert "--idle-timeout" not in argv
-    assert argv[argv.index("-I") + 2] == "/p/holder.py"
+    assert argv[argv.index("-I") + 3] == "/p/holder.py"
 
 
 # --- command units ---

@@ -305,13 +305,15 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
                    holder: HolderArgs, sandbox: Sequence[Property]) -> list[Property]:
     # Run as a file with -I: the holder needs only the standard library, not gestvenv's
     # dependencies (which the interpreter may not see), nor anyone's PYTHONPATH.
-    argv = [holder.python, "-I", "-B", holder.script, "--slice", names.slice,
+    argv = [holder.python, "-I", "-S", "-B", holder.script, "--slice", names.slice,
             "--state-file", holder.state_file, "--env-id", holder.env_id]
     if holder.owner_pid is not None:
         argv += ["--owner-pid", str(holder.owner_pid),
                  "--owner-start", repr(holder.owner_start or 0.0)]
     if holder.idle_timeout:
         argv += ["--idle-timeout", str(holder.idle_timeout)]
+    if holder.reaper:
+        argv += ["--env-path", holder.env_path, "--registry-lock", holder.registry_lock]
     props = [
         prop("Description", f"gestvenv environment {env_name} ({description})"),
         prop("Environment", [f"{UNIT_ENV_ID}={holder.env_id}",
@@ -330,11 +332,10 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
     ]
     if holder.reaper:
         # Whoever stops the unit (TTL, holder, systemctl, cleanup, shutdown), the files go
-        # with it; it also runs when the start failed. -S: no site, only the standard library
-        # is needed, and it starts faster.
-        reap = [holder.python, "-I", "-S", "-B", holder.reaper, holder.env_path,
-                holder.env_id, holder.state_file, holder.registry_lock]
-        props.append(prop("ExecStopPost", exec_start(reap)))
+        # with it. The holder reaps on its way out; this runs the reaper again only if
+        # something is left (the holder was killed, or the start failed), so that the usual
+        # stop does not pay for a second Python (-S: no site, only the standard library).
+        props.append(prop("ExecStopPost", exec_start(reap_if_left(holder))))
     if ttl:
         props.append(prop("RuntimeMaxUSec", ttl * USEC))
     # The holder carries the env's namespaces (private network, /tmp) for its commands to join.
@@ -355,6 +356,14 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
         shared.append(prop("BindPaths", [[p, p, True, 0] for p in dict.fromkeys(writable)]))
     props += shared
     return props
+
+
+def reap_if_left(holder: HolderArgs) -> list[str]:
+    """The env unit's stop action: ``sh`` checks that the env's dir or state file is still
+    there, then runs the reaper (``$`` is doubled for systemd by exec_start)."""
+    script = 'if [ -e "$1" ] || [ -e "$2" ]; then exec "$3" -I -S -B "$4" "$1" "$5" "$2" "$6"; fi'
+    return ["/bin/sh", "-c", script, "gestvenv-reap", holder.env_path, holder.state_file,
+            holder.python, holder.reaper, holder.env_id, holder.registry_lock]
 
 
 def command_properties(names: UnitNames, env_name: str, argv: Sequence[str],
