@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gestvenv.holder")
     parser.add_argument("--env-path", help="reap the env on the way out: its dir")
     parser.add_argument("--registry-lock", default="")
-    parser.add_argument("--slice", required=True)
+    parser.add_argument("--slice", default="", help="the env's slice (systemd runtime)")
+    parser.add_argument("--expires-at", type=float, default=0.0,
+                        help="end at this time (local runtime; systemd has RuntimeMaxSec)")
     parser.add_argument("--state-file", required=True)
     parser.add_argument("--env-id", required=True)
     parser.add_argument("--owner-pid", type=int)
@@ -174,15 +176,21 @@ def _hold(args: argparse.Namespace) -> int:
         if owner is None and not released:
             print(f"owner {args.owner_pid} is gone: ending the environment", flush=True)
             return 0
-    slice_dir = _slice_dir(args.slice)
+    slice_dir = _slice_dir(args.slice) if args.slice else None
     busy_seen = time.time()
     while True:
+        wait = PERIOD
+        if args.expires_at:
+            if time.time() >= args.expires_at:
+                print("TTL reached: ending the environment", flush=True)
+                return 0
+            wait = min(PERIOD, args.expires_at - time.time())
         owner_exited = False
         if owner is not None:
-            ready, _, _ = select.select([owner], [], [], PERIOD)
+            ready, _, _ = select.select([owner], [], [], max(wait, 0.0))
             owner_exited = bool(ready)
         else:
-            time.sleep(PERIOD)
+            time.sleep(max(wait, 0.0))
         state = _read_state(args.state_file, args.env_id) if watch_state else None
         if owner_exited and not _released(state):
             print(f"owner {args.owner_pid} exited: ending the environment", flush=True)
@@ -199,7 +207,8 @@ def _hold(args: argparse.Namespace) -> int:
         if args.idle_timeout:
             now = time.time()
             building = state is not None and state.get("status") == "creating"
-            if building or _slice_busy(slice_dir) or _marked_process(args.env_id):
+            busy = slice_dir is not None and _slice_busy(slice_dir)
+            if building or busy or _marked_process(args.env_id):
                 busy_seen = now
             elif now - max(busy_seen, last or 0.0) >= args.idle_timeout:
                 print(f"idle for {args.idle_timeout:g}s: ending the environment", flush=True)

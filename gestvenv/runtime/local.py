@@ -11,21 +11,44 @@ import codecs
 import os
 import resource
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import psutil
 
 from ..exceptions import CommandNotExecutableError, CommandNotFoundError
 from ..models import Enforcement, ExecResult, IsolationLevel, LimitStatus, ResourceLimits
-from ..registry import EnvRecord
+from ..registry import EnvRecord, lock_path, state_path
 from ..shield import shielded
 from . import processes
 from .base import CommandSpec, Runtime, Usage
 
 MB = 1 << 20
 PIPE_GRACE = 1.0
+HOLDER = str(Path(__file__).resolve().parents[1] / "holder.py")
+HOLDER_MARKER = "GESTVENV_HOLDER_OF"  # in the environment of an env's own (local) holder
+
+
+def _spawn_holder(record: EnvRecord) -> None:
+    argv = [os.path.realpath(sys.executable), "-I", "-S", "-B", HOLDER,
+            "--state-file", str(state_path(record.name)), "--env-id", record.id,
+            "--env-path", record.path, "--registry-lock", str(lock_path())]
+    if record.owner_pid is not None:
+        argv += ["--owner-pid", str(record.owner_pid),
+                 "--owner-start", repr(record.owner_started or 0.0)]
+    if record.idle_timeout:
+        argv += ["--idle-timeout", str(record.idle_timeout)]
+    if record.expires_at is not None:
+        argv += ["--expires-at", repr(record.expires_at)]
+    env = {k: v for k, v in os.environ.items()
+           if k not in (processes.ENV_MARKER, processes.EXEC_MARKER)}
+    env[HOLDER_MARKER] = record.id
+    # Through sh's "&": not our child (no zombie), it outlives us, which is its purpose.
+    subprocess.run(["/bin/sh", "-c", 'exec "$@" </dev/null >/dev/null 2>&1 &', "sh", *argv],
+                   env=env, check=True, start_new_session=True)
 
 
 def _user_task_count(uid: int) -> int:
@@ -78,19 +101,24 @@ class LocalRuntime(Runtime):
         return Enforcement(self.name, isolation, IsolationLevel.PROCESS, status, tuple(notes))
 
     async def start(self, record: EnvRecord) -> None:
-        # Nothing to start: the processes of a command carry the env's marker, and the
-        # watchdog (started when the env was registered) holds the TTL.
-        return None
+        """The env's own watchdog: gestvenv's holder, as under systemd (where it is the env
+        unit's process), detached from us. It ends and reaps the env at its TTL, when its
+        creator dies, when it has been idle, or when its state file is deleted. The per-user
+        watchdog (started when the env was registered) sweeps too, should this one be killed."""
+        await asyncio.to_thread(_spawn_holder, record)
 
     async def stop(self, record: EnvRecord) -> None:
+        # Its holder first (the destroy deletes the files itself), then its processes.
+        await asyncio.to_thread(processes.kill_marked, HOLDER_MARKER, record.id)
         await asyncio.to_thread(processes.kill_marked, processes.ENV_MARKER, record.id)
 
     def guarantees(self) -> Sequence[str]:
         return (
-            "local runtime: the TTL, idle timeout and a dead creator are handled by gestvenv's "
-            "watchdog process (about 0.5 s late), not by systemd: if the watchdog is killed too, "
-            "nothing ends the environment until the next gestvenv command (any command restarts "
-            "the watchdog, which then sweeps)",
+            "local runtime: the TTL, idle timeout and a dead creator are handled by the env's "
+            "own watchdog process (it then deletes the env's files) and by a per-user one "
+            "(about 0.5 s late), not by systemd: if both are killed, nothing ends the "
+            "environment until the next gestvenv command (any command restarts the per-user "
+            "watchdog, which then sweeps)",
             "local runtime: processes are found by an environment marker (and, at a timeout, "
             "by holding the command's output pipes); one that clears its environment and "
             "closes those pipes escapes cleanup",

@@ -162,3 +162,34 @@ async def test_without_systemd_every_invocation_sweeps_orphans() -> None:
     os.utime(orphan, (old, old))
     assert gv("ephemeral", "list").returncode == 0  # any command
     await wait_until(lambda: not orphan.exists(), 5, "the orphan swept by the watchdog")
+
+
+@pytest.mark.local_runtime
+async def test_each_local_env_has_a_watchdog_of_its_own(gv_home: Path) -> None:
+    """Without systemd an env's end does not depend on one process: its own watchdog (the
+    holder, detached) ends it at its TTL and deletes its files with no per-user watchdog
+    running; an env whose own watchdog was killed is swept by the per-user one, which any
+    gestvenv command restarts."""
+    from gestvenv.runtime.local import HOLDER_MARKER
+    from gestvenv.runtime.processes import kill_marked, marked_pids
+
+    from .support import processes_of
+
+    solo = await gestvenv.create_environment("own-watch", ttl=3)
+    backed = await gestvenv.create_environment("shared-watch", ttl=3)
+    assert solo.expires_at is not None
+    assert marked_pids(HOLDER_MARKER, solo.id) and marked_pids(HOLDER_MARKER, backed.id)
+    for watchdog in processes_of(gv_home / "run", marked_only=False, cmd="gestvenv.watchdog"):
+        watchdog.kill()  # the per-user one
+        watchdog.wait(5)
+    kill_marked(HOLDER_MARKER, backed.id)  # and backed's own
+    await wait_until(lambda: not solo.path.exists(), solo.expires_at - time.time() + 3,
+                     "solo ended at its TTL, by its own watchdog")
+    late = time.time() - solo.expires_at
+    print(f"solo gone {late:.2f}s after its TTL, with no per-user watchdog")
+    assert late < 1.0
+    assert processes_of(gv_home / "run", marked_only=False, cmd="gestvenv.watchdog") == []
+    assert backed.path.exists()  # nothing watched it
+    gv("ephemeral", "list")  # any command restarts the per-user watchdog, which sweeps
+    await wait_until(lambda: not backed.path.exists(), 3, "backed swept")
+    assert gestvenv.list_environments() == []

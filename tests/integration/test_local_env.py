@@ -38,6 +38,8 @@ from gestvenv import (
     ValidationError,
     registry,
 )
+from gestvenv.runtime.local import HOLDER_MARKER
+from gestvenv.runtime.processes import marked_pids
 from gestvenv.storage import is_tmpfs
 
 from .support import (
@@ -624,6 +626,9 @@ async def test_next_invocation_sweeps_what_a_killed_watchdog_left(gv_home: Path)
         [watchdog] = processes_of(gv_home / "run", marked_only=False, cmd="gestvenv.watchdog")
         watchdog.kill()
         watchdog.wait(5)
+        # ...and the env's own watchdog: nothing is left to watch it.
+        for pid in marked_pids(HOLDER_MARKER, env_id):
+            os.kill(pid, signal.SIGKILL)
     finally:
         proc.kill()
         await proc.wait()
