@@ -95,6 +95,10 @@ def _sweep_orphans(config: Config, report: SweepReport, kept: set[str]) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             report.removed[path.name] = "unreadable state file"
+    for path in registry.stale_temp_files():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            report.removed[path.name] = "a state file its writer never finished"
     roots = storage.all_roots(config)
     for root in roots:
         try:

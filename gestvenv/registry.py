@@ -231,12 +231,35 @@ def list_records() -> list[EnvRecord]:
     return records
 
 
+def stale_temp_files() -> list[Path]:
+    """Temporary state files whose writer died before linking or renaming them (a creator
+    SIGKILLed at that instant): the writer's PID is in the name (see ``_write_tmp``)."""
+    stale = []
+    for path in state_dir().glob(".*.tmp"):
+        try:
+            pid = int(path.name.split(".")[-3])
+            age = time.time() - path.stat().st_mtime
+        except (ValueError, IndexError, OSError):
+            continue
+        # A live writer holds its file for microseconds; an old one with a live PID is a
+        # recycled PID.
+        if not psutil.pid_exists(pid) or age > 60:
+            stale.append(path)
+    return stale
+
+
 def unreadable_state_files() -> list[Path]:
-    """State files that cannot be parsed (tampered or from another version): for cleanup."""
+    """State files that cannot be parsed (tampered or from another version): for cleanup.
+    Not one changed in the last seconds: someone may be writing it in place (gestvenv itself
+    never does: it renames a finished file over it)."""
     bad = []
     for path in sorted(state_dir().glob("*.json")):
         try:
             EnvRecord.from_json(path.read_text())
         except (OSError, ValueError, TypeError):
-            bad.append(path)
+            try:
+                if time.time() - path.stat().st_mtime > 5:
+                    bad.append(path)
+            except OSError:
+                continue
     return bad

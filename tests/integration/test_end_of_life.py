@@ -42,6 +42,13 @@ def assert_intact(keep: Path) -> None:
     assert (keep / "sub" / "more.txt").read_text() == "and me"
 
 
+def rewrite(state: Path, data: dict[str, object]) -> None:
+    """Edit a state file as a tamperer would who does not want to be caught half-way."""
+    tmp = state.with_name(state.name + ".edit")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, state)
+
+
 def create(name: str) -> dict[str, object]:
     made = gv("ephemeral", "create", name, "--ttl", "120", "--json")
     assert made.returncode == 0, made.stderr
@@ -88,7 +95,7 @@ def test_a_state_file_pointing_outside_cannot_make_cleanup_delete_there(
     state = registry.state_path("tampered")
     data = json.loads(state.read_text())
     data["path"] = str(keep)
-    state.write_text(json.dumps(data))
+    rewrite(state, data)
     done = gv("ephemeral", "cleanup", "tampered")
     assert done.returncode == 1
     assert "refusing" in done.stderr and str(keep) in done.stderr, done.stderr
@@ -111,7 +118,7 @@ def test_a_state_file_pointing_at_another_env_cannot_destroy_it() -> None:
     state = registry.state_path("attacker")
     data = json.loads(state.read_text())
     data["path"] = victim["path"]
-    state.write_text(json.dumps(data))
+    rewrite(state, data)
     done = gv("ephemeral", "cleanup", "attacker")
     assert done.returncode == 1
     assert "refusing" in done.stderr, done.stderr
@@ -193,3 +200,32 @@ async def test_each_local_env_has_a_watchdog_of_its_own(gv_home: Path) -> None:
     gv("ephemeral", "list")  # any command restarts the per-user watchdog, which sweeps
     await wait_until(lambda: not backed.path.exists(), 3, "backed swept")
     assert gestvenv.list_environments() == []
+
+
+def test_unfinished_and_unreadable_state_files_are_swept_not_one_being_written() -> None:
+    """A creator SIGKILLed between writing its state to a temporary file and linking it; a
+    state file nobody can read (but not one changed a moment ago)."""
+    import asyncio
+
+    from gestvenv.cleanup import sweep
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    state = storage.state_dir()
+    orphan = state / f".gone.v1.{dead.stdout.strip()}.123.tmp"  # (a name may hold dots)
+    writing = state / f".busy.{os.getpid()}.456.tmp"  # a live writer's, this instant
+    for path in (orphan, writing):
+        path.write_text("{}")
+    garbage, being_edited = state / "garbage.json", state / "editing.json"
+    for path in (garbage, being_edited):
+        path.write_text('{"name": "gar')
+    old = time.time() - 60
+    os.utime(garbage, (old, old))
+    report = asyncio.run(sweep(gestvenv.load_config()))
+    assert orphan.name in report.removed and not orphan.exists()
+    assert writing.exists()
+    assert report.removed.get("garbage.json") == "unreadable state file"
+    assert not garbage.exists()
+    assert being_edited.exists()  # changed a moment ago: maybe someone is writing it
+    writing.unlink()
+    being_edited.unlink()

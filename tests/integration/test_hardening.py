@@ -326,7 +326,8 @@ def test_a_record_of_an_unknown_runtime_does_not_break_listing(gv_home: Path) ->
     state = gv_home / "run" / "envs" / "future.json"
     data = json.loads(state.read_text())
     data["runtime"] = "from-a-newer-version"
-    state.write_text(json.dumps(data))
+    (state.parent / "future.edit").write_text(json.dumps(data))
+    os.replace(state.parent / "future.edit", state)  # in one step: a sweep may be reading it
     listed = gv("ephemeral", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     [entry] = json.loads(listed.stdout)
