@@ -95,6 +95,18 @@ def _read_state(state_file: str, env_id: str) -> dict[str, object] | None:
     return data
 
 
+def _state_gone(state_file: str, env_id: str) -> bool:
+    """The env's state file is missing, or now another env's (an unreadable one is not
+    judged here: the orphan sweep is)."""
+    try:
+        data = json.loads(Path(state_file).read_text())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("id") != env_id
+
+
 def _released(state: dict[str, object] | None) -> bool:
     """Built and kept (``ephemeral create``): the env no longer belongs to its creator."""
     return state is not None and state.get("status") == "ready" and state.get("owner_pid") is None
@@ -195,9 +207,9 @@ def _hold(args: argparse.Namespace) -> int:
         if owner_exited and not _released(state):
             print(f"owner {args.owner_pid} exited: ending the environment", flush=True)
             return 0
-        if watch_state and state is None and not Path(args.state_file).exists():
-            # Destroyed (or never committed and undone): whoever did it stops this unit too;
-            # leaving first only makes that quicker.
+        if watch_state and state is None and _state_gone(args.state_file, args.env_id):
+            # Destroyed (or never committed and undone, or the name already reused): whoever
+            # did it stops this unit too; leaving first only makes that quicker.
             print("state file gone: ending the environment", flush=True)
             return 0
         if owner is not None and _released(state):
