@@ -14,7 +14,7 @@ It lives in the parent slice, outside the environment's limits: it costs the env
 
 Whenever it ends (one of those, or SIGTERM: the TTL, a cleanup, ``systemctl stop``, a shutdown,
 all of which stop the env's commands first), it reaps the environment on its way out
-(``gestvenv.reaper``, loaded when it starts): the files go without starting another Python.
+(``gestvenv.reaper``, loaded then): the files go without starting another Python.
 The unit's stop action runs the reaper again only if something is left (this process was
 killed, or failed).
 """
@@ -142,9 +142,10 @@ def _load_reaper() -> object:
     return module
 
 
-def _reap(reaper: object, args: argparse.Namespace) -> None:
+def _reap(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut it short
     try:
+        reaper = _load_reaper()
         done = reaper.reap(Path(args.env_path), args.env_id,  # type: ignore[attr-defined]
                            Path(args.state_file), Path(args.registry_lock))
     except Exception as exc:  # the unit's stop action tries again, and says why
@@ -167,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--owner-start", type=float, default=0.0)
     parser.add_argument("--idle-timeout", type=float, default=0.0)
     args = parser.parse_args(argv)
-    reaper = _load_reaper() if args.env_path else None
     try:
         return _hold(args)
     finally:
-        if reaper is not None:
-            _reap(reaper, args)
+        if args.env_path:
+            # Loaded only now: the holder starts while the env is being created, on the
+            # creator's heels, and its start should cost as little CPU as possible.
+            _reap(args)
 
 
 def _hold(args: argparse.Namespace) -> int:
