@@ -14,7 +14,7 @@ It lives in the parent slice, outside the environment's limits: it costs the env
 
 Whenever it ends (one of those, or SIGTERM: the TTL, a cleanup, ``systemctl stop``, a shutdown,
 all of which stop the env's commands first), it reaps the environment on its way out
-(``gestvenv.reaper``, loaded then): the files go without starting another Python.
+(``gestvenv.reaper``): the files go without starting another Python.
 The unit's stop action runs the reaper again only if something is left (this process was
 killed, or failed).
 """
@@ -142,10 +142,10 @@ def _load_reaper() -> object:
     return module
 
 
-def _reap(args: argparse.Namespace) -> None:
+def _reap(args: argparse.Namespace, reaper: object | None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut it short
     try:
-        reaper = _load_reaper()
+        reaper = reaper or _load_reaper()
         done = reaper.reap(Path(args.env_path), args.env_id,  # type: ignore[attr-defined]
                            Path(args.state_file), Path(args.registry_lock))
     except Exception as exc:  # the unit's stop action tries again, and says why
@@ -168,13 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--owner-start", type=float, default=0.0)
     parser.add_argument("--idle-timeout", type=float, default=0.0)
     args = parser.parse_args(argv)
+    # An env unit's holder loads the reaper now: a destroy waits for its stop. A local one
+    # (no slice) only when it reaps: it starts on its creator's heels, on the same CPUs, and
+    # its own end is rarely waited for.
+    reaper = _load_reaper() if args.env_path and args.slice else None
     try:
         return _hold(args)
     finally:
         if args.env_path:
-            # Loaded only now: the holder starts while the env is being created, on the
-            # creator's heels, and its start should cost as little CPU as possible.
-            _reap(args)
+            _reap(args, reaper)
 
 
 def _hold(args: argparse.Namespace) -> int:
