@@ -407,13 +407,17 @@ async def test_a_signal_to_a_script_using_ephemeral_leaves_nothing(spawn: Spawn,
     assert leftover_count(leftovers()) > 0
     sent = time.monotonic()
     second = await asyncio.to_thread(_send, script, how, command)
+    # The environment is clean within SIGNAL_DEADLINE of the signal, whatever the script does.
+    took = await gone_within(SIGNAL_DEADLINE, sent, f"the env of a script ended by {how}")
+    # A second Ctrl-C lands wherever the event loop is (asyncio.run raises it there) and the
+    # interpreter's own teardown may take longer then; gestvenv's guarantee is the line above.
+    exit_deadline = SIGNAL_DEADLINE if how != "SIGINT twice" else 3 * SIGNAL_DEADLINE
     try:
-        status = await asyncio.to_thread(script.wait, SIGNAL_DEADLINE)
+        status = await asyncio.to_thread(script.wait, exit_deadline)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"the script still runs {SIGNAL_DEADLINE}s after {how}") from None
+        raise AssertionError(f"the script still runs {exit_deadline}s after {how}") from None
     exited = time.monotonic() - sent
     stderr = script.communicate()[1]
-    took = await gone_within(SIGNAL_DEADLINE, sent, f"the env of a script ended by {how}")
     print(f"{RUNTIME}: {how} to a script in {api} ephemeral(){second}: exit {status} after "
           f"{exited:.2f}s, nothing left after {took:.2f}s")
     signum = signal.SIGTERM if how == "SIGTERM" else signal.SIGINT
@@ -421,7 +425,12 @@ async def test_a_signal_to_a_script_using_ephemeral_leaves_nothing(spawn: Spawn,
     # Nothing but the interruption itself is reported: no error of gestvenv's, no task or
     # exception lost in a teardown cut short.
     lines = stderr.splitlines()
-    assert lines[-1:] == ([] if how == "SIGTERM" else ["KeyboardInterrupt"]), stderr
+    if how == "SIGTERM":
+        assert lines == [], stderr
+    else:
+        # (Python decorates an interruption that lands in a codec call: "KeyboardInterrupt:
+        # decoding with 'utf-8' codec failed (KeyboardInterrupt: )".)
+        assert lines and lines[-1].startswith("KeyboardInterrupt"), stderr
     lost = ("gestvenv.exceptions.", "Exception ignored", "never retrieved",
             "was destroyed but it is pending")
     assert [line for line in lines if line.startswith(lost)] == [], stderr
