@@ -109,6 +109,7 @@ class OomWatch:
 
     def __init__(self, cgroup: str) -> None:
         self._events: Path | None = None
+        self._base = Path("/nonexistent")
         self._baseline = 0
         self._eventfd: int | None = None
         if is_v2():
@@ -118,6 +119,7 @@ class OomWatch:
         # v1: the OOM counter lives in the victim's own (short-lived) cgroup, but the cgroup
         # whose limit was hit notifies an eventfd registered on its memory.oom_control.
         base = _dir(CGROUP_ROOT / "memory", cgroup)
+        self._base = base
         control = None
         try:
             efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -151,11 +153,12 @@ class OomWatch:
             return self._oom_kills() > self._baseline
         if self._eventfd is not None:
             try:
-                return os.eventfd_read(self._eventfd) > 0
-            except BlockingIOError:
+                notified = os.eventfd_read(self._eventfd) > 0
+            except OSError:  # (BlockingIOError: not notified)
                 return False
-            except OSError:
-                return False
+            # v1 also notifies when the cgroup is removed: the env ended (its TTL, a stop)
+            # while the command's end was being read. That is no OOM kill.
+            return notified and self._base.is_dir()
         return False
 
     def close(self) -> None:
