@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-import subprocess
 import sys
 import time
 
@@ -60,15 +59,8 @@ def ensure_reaper() -> None:
     started = _started.get(runtime)
     if (started is not None and time.monotonic() - started < _FRESH) or watchdog_running():
         return
-    env = {k: v for k, v in os.environ.items()
-           if k not in (processes.ENV_MARKER, processes.EXEC_MARKER)}
-    env["GESTVENV_RUNTIME_DIR"] = runtime
-    # Through sh's "&" so the watchdog is not our child (no zombie, survives our death).
-    subprocess.run(
-        ["/bin/sh", "-c", 'exec "$@" </dev/null >/dev/null 2>&1 &', "sh",
-         sys.executable, "-m", "gestvenv.watchdog"],
-        env=env, check=True, start_new_session=True,
-    )
+    processes.spawn_detached([sys.executable, "-m", "gestvenv.watchdog"],
+                             {"GESTVENV_RUNTIME_DIR": runtime})
     _started[runtime] = time.monotonic()
 
 

@@ -43,12 +43,7 @@ def _spawn_holder(record: EnvRecord) -> None:
         argv += ["--idle-timeout", str(record.idle_timeout)]
     if record.expires_at is not None:
         argv += ["--expires-at", repr(record.expires_at)]
-    env = {k: v for k, v in os.environ.items()
-           if k not in (processes.ENV_MARKER, processes.EXEC_MARKER)}
-    env[HOLDER_MARKER] = record.id
-    # Through sh's "&": not our child (no zombie), it outlives us, which is its purpose.
-    subprocess.run(["/bin/sh", "-c", 'exec "$@" </dev/null >/dev/null 2>&1 &', "sh", *argv],
-                   env=env, check=True, start_new_session=True)
+    processes.spawn_detached(argv, {HOLDER_MARKER: record.id})
 
 
 def _user_task_count(uid: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 
 from ..reaper import (  # shared with the env unit's stop action (stdlib only)
     ENV_MARKER,
@@ -56,3 +57,11 @@ def kill_pipe_holders(pipes: set[str]) -> int:
             except OSError:
                 continue
     return killed
+
+
+def spawn_detached(argv: list[str], env: dict[str, str]) -> None:
+    """Start ``argv`` outside our process tree, through sh's "&": not our child (no zombie),
+    it outlives us. ``env`` is added to ours, without the markers of the env we may run in."""
+    environ = {k: v for k, v in os.environ.items() if k not in (ENV_MARKER, EXEC_MARKER)}
+    subprocess.run(["/bin/sh", "-c", 'exec "$@" </dev/null >/dev/null 2>&1 &', "sh", *argv],
+                   env={**environ, **env}, check=True, start_new_session=True)
