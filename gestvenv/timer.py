@@ -11,13 +11,12 @@ only adds a drop-in when the interval differs. Otherwise it writes both units in
 (``/etc/systemd/system``, ``$XDG_CONFIG_HOME/systemd/user``), each carrying :data:`MARKER`, and
 ``uninstall`` removes only files that carry it. Everything goes over D-Bus (no ``systemctl``).
 
-The checked-in ``systemd/`` files are the rendering for a distro install; a unit test compares
-them byte for byte. Regenerate them with ``python -m gestvenv.timer --write systemd/``.
+The checked-in ``systemd/`` files are the rendering for a distro install (see
+:mod:`gestvenv.distfiles`, which writes them all).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import errno
@@ -55,7 +54,7 @@ BOOT_DELAY = 10  # seconds: the first sweep after boot waits for the rest of the
 MARKER = "# gestvenv-managed: written by `gestvenv ephemeral timer install`, " \
          "removed by `gestvenv ephemeral timer uninstall`"
 _HEADER = ("# gestvenv's cleanup timer, as a distro package installs it. Generated from "
-           "gestvenv/timer.py:\n#   python -m gestvenv.timer --write systemd/\n")
+           "gestvenv/timer.py:\n#   python -m gestvenv.distfiles --write systemd/\n")
 # Where a distro package puts units, by manager (user=True: user managers). Debian 12 still
 # installs system units under /lib; tests point these elsewhere.
 PACKAGE_DIRS: dict[bool, tuple[Path, ...]] = {
@@ -95,13 +94,24 @@ def render_service(exec_argv: Sequence[str]) -> str:
     return (
         "[Unit]\n"
         "Description=gestvenv: remove expired, idle and orphaned ephemeral environments\n"
+        "Documentation=man:gestvenv-ephemeral(1)\n"
         "After=local-fs.target\n"
+        "# Only where gestvenv was used: its state dir (since boot or login), its disk root\n"
+        "# (orphans after a power loss) or a config file (which may name another root). Other\n"
+        "# users' managers skip the sweep without starting Python.\n"
+        "ConditionPathExists=|%t/gestvenv/envs\n"
+        "ConditionPathExists=|%C/gestvenv/envs\n"
+        "ConditionPathExists=|%E/gestvenv/config.toml\n"
         "\n"
         "[Service]\n"
         "Type=oneshot\n"
         f"ExecStart={' '.join(quote(a) for a in argv)}\n"
         "Nice=10\n"
         "IOSchedulingClass=idle\n"
+        "# The journal gets what was removed, and failures; not three lines a minute about\n"
+        "# starting and finishing (the manager's own lines about the unit are info).\n"
+        "SyslogLevel=notice\n"
+        "LogLevelMax=notice\n"
     )
 
 
@@ -483,19 +493,3 @@ async def uninstall(*, user: bool) -> UninstallReport:
         await bus.reset_failed(unit)  # a failed unit would stay loaded
     return UninstallReport([str(p) for p in removed], [str(p) for p in kept],
                            [str(c[1]) for c in changes], await _status(bus, user))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gestvenv.timer",
-                                     description="Write the packaged unit files.")
-    parser.add_argument("--write", metavar="DIR", required=True, type=Path,
-                        help="the directory to write them into (the source tree's systemd/)")
-    args = parser.parse_args(argv)
-    for name, text in packaged_units().items():
-        (args.write / name).write_text(text)
-        print(args.write / name)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -48,18 +48,12 @@ def test_the_checked_in_units_are_the_rendering_for_a_distro_install() -> None:
     for name, text in timer.packaged_units().items():
         assert (CHECKOUT / "systemd" / name).read_bytes() == text.encode(), (
             f"systemd/{name} differs from gestvenv/timer.py's rendering: "
-            "python -m gestvenv.timer --write systemd/")
+            "python -m gestvenv.distfiles --write systemd/")
     assert Config().cleanup_interval == 60
     assert "OnUnitActiveSec=60s\n" in (CHECKOUT / "systemd" / timer.TIMER_UNIT).read_text()
     assert "ExecStart=/usr/bin/gestvenv ephemeral cleanup --expired --idle --orphans\n" in \
         (CHECKOUT / "systemd" / timer.SERVICE_UNIT).read_text()
     assert timer.MARKER not in "".join(timer.packaged_units().values())  # never uninstalled
-
-
-def test_the_regeneration_command_writes_the_same_files(tmp_path: Path) -> None:
-    assert timer.main(["--write", str(tmp_path)]) == 0
-    for name in (timer.SERVICE_UNIT, timer.TIMER_UNIT):
-        assert (tmp_path / name).read_bytes() == (CHECKOUT / "systemd" / name).read_bytes()
 
 
 def test_the_service_is_a_low_priority_oneshot_without_install_section() -> None:

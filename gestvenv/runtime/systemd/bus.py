@@ -77,7 +77,7 @@ _UNDELIVERED = ("org.freedesktop.DBus.Error.ServiceUnknown",
 _LOST = "org.freedesktop.DBus.Error.NoReply"
 # Calls that may be repeated when their reply was lost: reads, and requests whose second
 # sending does what the first did.
-_REPEATABLE = frozenset({"Get", "GetAll", "GetUnit", "ListUnitsByPatterns", "StopUnit",
+_REPEATABLE = frozenset({"Get", "GetAll", "GetUnit", "LoadUnit", "ListUnitsByPatterns", "StopUnit",
                          "KillUnit", "ResetFailedUnit", "Subscribe", "Reload"})
 
 
@@ -300,16 +300,25 @@ class SystemdBus:
                                   what=f"looking up {name}")
         return str(path)
 
+    async def load_unit(self, name: str) -> str:
+        """The unit's path, loading it from its unit file if it is not in memory (a packaged
+        unit nothing has started yet)."""
+        (path,) = await self.call(MANAGER_PATH, MANAGER, "LoadUnit", "s", [name],
+                                  what=f"loading {name}")
+        return str(path)
+
     async def list_units(self, patterns: Sequence[str],
                          states: Sequence[str] = ()) -> list[UnitInfo]:
         (rows,) = await self.call(MANAGER_PATH, MANAGER, "ListUnitsByPatterns", "asas",
                                   [list(states), list(patterns)], what="listing units")
         return [UnitInfo(r[0], r[1], r[2], r[3], r[4], r[6]) for r in rows]
 
-    async def properties(self, name: str, interface: str) -> dict[str, Any]:
-        """All properties of one interface of a loaded unit (:class:`NoSuchUnit` if not)."""
-        (values,) = await self.call(await self.get_unit(name), PROPERTIES, "GetAll", "s",
-                                    [interface], what=f"reading {name}")
+    async def properties(self, name: str, interface: str, *, load: bool = False) -> dict[str, Any]:
+        """All properties of one interface of a loaded unit (:class:`NoSuchUnit` if not).
+        ``load``: load it from its unit file first (LoadState ``not-found`` if there is none)."""
+        path = await (self.load_unit(name) if load else self.get_unit(name))
+        (values,) = await self.call(path, PROPERTIES, "GetAll", "s", [interface],
+                                    what=f"reading {name}")
         return {k: v.value for k, v in values.items()}
 
     async def get(self, path: str, interface: str, prop: str) -> Any:

@@ -132,11 +132,10 @@ class SystemdRuntime(Runtime):
 
     async def _set_up_parent_slice(self, bus: SystemdBus, max_total_memory_mb: int | None) -> None:
         props = plan.parent_slice_properties(max_total_memory_mb, self.capabilities)
-        try:
-            current = await bus.properties(plan.PARENT_SLICE, UNIT)
-        except NoSuchUnit:
-            current = None
-        if current is None or current.get("LoadState") != "loaded" or \
+        # Loaded, not looked up: a distro package's gestvenv.slice is a unit file that nothing
+        # may have started yet (GetUnit knows only units in memory).
+        current = await bus.properties(plan.PARENT_SLICE, UNIT, load=True)
+        if current.get("LoadState") != "loaded" or \
                 current.get("ActiveState") not in ("active", "activating"):
             try:
                 await bus.start_transient_unit(plan.PARENT_SLICE, props)
@@ -148,7 +147,8 @@ class SystemdRuntime(Runtime):
         # config's, set at runtime (a drop-in under /run, gone at reboot).
         wanted = {k: v for k, _, v in props if k == "MemoryMax"}
         if wanted:
-            slice_props = await bus.properties(plan.PARENT_SLICE, "org.freedesktop.systemd1.Slice")
+            slice_props = await bus.properties(plan.PARENT_SLICE, "org.freedesktop.systemd1.Slice",
+                                               load=True)
             if slice_props.get("MemoryMax") != wanted["MemoryMax"]:
                 await bus.call(
                     "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager",

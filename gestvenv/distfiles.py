@@ -1,0 +1,88 @@
+"""The files of the source tree's ``systemd/`` directory: what a distro package installs.
+
+- ``gestvenv-cleanup.service`` and ``.timer`` (rendered by :mod:`gestvenv.timer`): the sweep,
+  for the system manager (root's environments) and user managers (a user's own);
+- ``gestvenv.slice``: the parent of every environment's slice, with the global caps (the
+  config's ``max_total_memory_mb``; a different configured value is applied at run time);
+- ``gestvenv.tmpfiles`` (installed as ``/usr/lib/tmpfiles.d/gestvenv.conf``): root's dirs,
+  created private at boot.
+
+They are rendered here from the same constants the code uses, and a unit test compares the
+checked-in files byte for byte. Regenerate them with ``python -m gestvenv.distfiles --write
+systemd/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import timer
+from .config import Config
+from .runtime.systemd import plan
+
+SLICE_UNIT = plan.PARENT_SLICE
+TMPFILES = "gestvenv.tmpfiles"  # installed as tmpfiles.d/gestvenv.conf
+_HEADER = ("# {what}, as a distro package installs it. Generated from gestvenv/distfiles.py:\n"
+           "#   python -m gestvenv.distfiles --write systemd/\n")
+
+
+def render_slice(max_total_memory_mb: int) -> str:
+    """The same properties as the transient slice the runtime starts when no unit file exists
+    (:func:`plan.parent_slice_properties`), so that both look alike in ``systemctl show``."""
+    return (
+        "[Unit]\n"
+        "Description=gestvenv ephemeral environments\n"
+        "Documentation=man:gestvenv(1)\n"
+        "Before=slices.target\n"
+        "\n"
+        "[Slice]\n"
+        "MemoryAccounting=yes\n"
+        "TasksAccounting=yes\n"
+        "# All environments together (config: max_total_memory_mb). gestvenv sets another\n"
+        "# configured value at run time (a drop-in under /run).\n"
+        f"MemoryMax={max_total_memory_mb}M\n"
+    )
+
+
+def render_tmpfiles() -> str:
+    return (
+        "# Type Path                Mode User Group Age\n"
+        "# Root's runtime dir (state files, locks, tmpfs-backed envs), memory-backed envs and\n"
+        "# cache (uv cache, disk-backed envs): created private at boot, before any user could\n"
+        "# take a name first (/dev/shm is world-writable). No age: environments end by their\n"
+        "# own units and the cleanup timer, never by systemd-tmpfiles-clean.\n"
+        "d     /run/gestvenv        0700 root root  -\n"
+        "d     /dev/shm/gestvenv    0700 root root  -\n"
+        "d     /var/cache/gestvenv  0700 root root  -\n"
+        "# A user's runtime dir when there is no $XDG_RUNTIME_DIR: never aged while envs live.\n"
+        "x     /tmp/gestvenv-*\n"
+    )
+
+
+def distro_files() -> dict[str, str]:
+    """Every file of ``systemd/``, by name."""
+    config = Config()
+    return {
+        **timer.packaged_units(),
+        SLICE_UNIT: _HEADER.format(what="The parent slice of gestvenv's environments")
+        + render_slice(config.max_total_memory_mb),
+        TMPFILES: _HEADER.format(what="gestvenv's tmpfiles.d file") + render_tmpfiles(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gestvenv.distfiles",
+                                     description="Write the files a distro package installs.")
+    parser.add_argument("--write", metavar="DIR", required=True, type=Path,
+                        help="the directory to write them into (the source tree's systemd/)")
+    args = parser.parse_args(argv)
+    for name, text in distro_files().items():
+        (args.write / name).write_text(text)
+        print(args.write / name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
