@@ -54,17 +54,23 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
-def runtime_dir() -> Path:
-    """The per-user runtime directory: state files and locks (a tmpfs on systemd hosts)."""
+def runtime_dir_path() -> Path:
+    """Where :func:`runtime_dir` is, computed without creating or checking anything (shell
+    completion reads it at every <TAB>)."""
     explicit = os.environ.get("GESTVENV_RUNTIME_DIR")
     if explicit:
-        return _private_dir(Path(explicit))
+        return Path(explicit)
     if _is_root():
-        return _private_dir(Path("/run/gestvenv"))
+        return Path("/run/gestvenv")
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg) and os.stat(xdg).st_uid == os.geteuid():
-        return _private_dir(Path(xdg) / "gestvenv")
-    return _private_dir(Path(f"/tmp/gestvenv-{os.geteuid()}"))
+        return Path(xdg) / "gestvenv"
+    return Path(f"/tmp/gestvenv-{os.geteuid()}")
+
+
+def runtime_dir() -> Path:
+    """The per-user runtime directory: state files and locks (a tmpfs on systemd hosts)."""
+    return _private_dir(runtime_dir_path())
 
 
 def state_dir() -> Path:

@@ -7,6 +7,7 @@ import click
 from .. import __version__
 from ..context import attach
 from ._common import handle_errors, run_foreground
+from ._complete import complete_env_name
 from .config import config_group
 from .ephemeral import ephemeral_group
 from .timer import timer_group
@@ -24,7 +25,7 @@ _COMMAND_SETTINGS = {"ignore_unknown_options": True, "allow_interspersed_args": 
 
 @cli.command("run", context_settings=_COMMAND_SETTINGS)
 @click.option("--env", "env_name", required=True, metavar="NAME",
-              help="The environment to run in.")
+              shell_complete=complete_env_name, help="The environment to run in.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Kill the command (and its children) after this many seconds.")
 @click.option("--cwd", type=click.Path(exists=True, file_okay=False), help="Working directory.")

@@ -41,11 +41,11 @@ def handle_errors(func: F) -> F:
         except CommandNotFoundError as exc:
             UserError(str(exc)).show()
             sys.exit(127)  # as a shell says "command not found"
-        except GestvenvError as exc:
-            raise UserError(str(exc)) from None
-        except CommandNotExecutableError as exc:
+        except CommandNotExecutableError as exc:  # before its base class, GestvenvError
             UserError(str(exc)).show()
             sys.exit(126)  # as a shell says "cannot execute"
+        except GestvenvError as exc:
+            raise UserError(str(exc)) from None
         except Terminated:
             click.echo("gestvenv: terminated", err=True)
             sys.exit(128 + signal.SIGTERM)

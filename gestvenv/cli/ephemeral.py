@@ -29,6 +29,7 @@ from ._common import (
     run_foreground,
     table,
 )
+from ._complete import complete_env_name
 
 
 @click.group("ephemeral")
@@ -160,7 +161,7 @@ def list_(as_json: bool) -> None:
 
 
 @ephemeral_group.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_env_name)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def show(name: str, as_json: bool) -> None:
@@ -207,7 +208,7 @@ def show(name: str, as_json: bool) -> None:
 
 @ephemeral_group.command("exec", context_settings={"ignore_unknown_options": True,
                                                    "allow_interspersed_args": False})
-@click.argument("name")
+@click.argument("name", shell_complete=complete_env_name)
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Kill the command (and its children) after this many seconds.")
 @click.option("--cwd", type=click.Path(exists=True, file_okay=False), help="Working directory.")
@@ -219,7 +220,7 @@ def exec_(name: str, timeout: float | None, cwd: str | None, command: tuple[str,
 
 
 @ephemeral_group.command("cleanup")
-@click.argument("names", nargs=-1)
+@click.argument("names", nargs=-1, shell_complete=complete_env_name)
 @click.option("--all", "all_", is_flag=True, help="Every environment of this user.")
 @click.option("--expired", is_flag=True, help="Those past their TTL or whose creator died.")
 @click.option("--idle", is_flag=True, help="Those idle for longer than their idle timeout.")

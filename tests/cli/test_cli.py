@@ -72,6 +72,11 @@ def test_run_exits_with_the_commands_status(gv_home: Path, tmp_path: Path) -> No
     assert timed.returncode == 124
     assert "timed out" in timed.stderr
     assert gv("run", "--env", "ci-test", "--", "no-such-program").returncode == 127
+    junk = tmp_path / "junk"  # executable, but no format the kernel knows (ENOEXEC)
+    junk.write_bytes(b"\x7fELF\x00garbage")
+    junk.chmod(0o755)
+    unexecutable = gv("run", "--env", "ci-test", "--", str(junk))
+    assert unexecutable.returncode == 126, unexecutable.stderr  # as a shell: "cannot execute"
     assert gv("ephemeral", "cleanup", "--all").returncode == 0
 
 
