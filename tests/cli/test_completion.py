@@ -20,8 +20,8 @@ from gestvenv import registry
 from gestvenv.cli import cli, docs
 from gestvenv.cli import ephemeral as ephemeral_cli
 from gestvenv.cli._complete import env_names
-from gestvenv.storage import runtime_dir_path
 from gestvenv.registry import EnvRecord
+from gestvenv.storage import runtime_dir_path
 
 ROOT = Path(__file__).resolve().parents[2]
 

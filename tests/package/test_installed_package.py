@@ -12,6 +12,7 @@ completion, root's and a user's environments, a reinstall with an env alive, the
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -194,6 +195,11 @@ def test_the_system_timer_is_enabled_and_active(host: SystemdHost,
     # Once it has run, the timer's period counts from its last run.
     assert "OnUnitActiveUSec=1min" in show(host, "gestvenv-cleanup.timer",
                                            "TimersMonotonic")["TimersMonotonic"]
+    # gestvenv itself sees the packaged timer (`timer install` would only add a drop-in).
+    status = json.loads(run(host, "gestvenv", "ephemeral", "timer", "status", "--json").stdout)
+    assert (status["source"], status["unit_file"], status["enabled"], status["active"],
+            status["last_result"]) == ("package", "/lib/systemd/system/gestvenv-cleanup.timer",
+                                       "enabled", "active", "success")
     # tmpfiles.d made root's dirs private at install.
     modes = run(host, "stat", "-c", "%n %a %U", "/run/gestvenv", "/dev/shm/gestvenv",
                 "/var/cache/gestvenv").stdout.splitlines()
@@ -208,6 +214,10 @@ def test_the_user_timer_is_enabled_for_every_user_and_runs_in_a_running_manager(
         "/usr/lib/systemd/user/gestvenv-cleanup.timer"
     timer = show(host, "gestvenv-cleanup.timer", "UnitFileState", "ActiveState", user=USER)
     assert timer == {"UnitFileState": "enabled", "ActiveState": "active"}
+    status = json.loads(run(host, "gestvenv", "ephemeral", "timer", "status", "--json",
+                            user=USER).stdout)
+    assert (status["manager"], status["source"], status["unit_file"]) == (
+        "user", "package", "/usr/lib/systemd/user/gestvenv-cleanup.timer")
 
 
 def test_man_pages_render(host: SystemdHost, installed: list[str]) -> None:
