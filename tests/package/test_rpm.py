@@ -68,6 +68,15 @@ def built_rpm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return srpm, rpm
 
 
+def assert_installs_systemd_dir(files: set[str]) -> None:
+    """Each unit of systemd/ in both unit dirs (system and user managers), the tmpfiles file."""
+    for name in systemd_files():
+        if name.endswith(UNIT_SUFFIXES):
+            assert {f"/usr/lib/systemd/system/{name}", f"/usr/lib/systemd/user/{name}"} <= files
+        elif name.endswith(".tmpfiles"):
+            assert f"/usr/lib/tmpfiles.d/{name.removesuffix('.tmpfiles')}.conf" in files
+
+
 def rpm_query(rpm: Path, *args: str) -> str:
     return subprocess.run(["rpm", "-qp", *args, rpm], capture_output=True, text=True,
                           check=True).stdout
@@ -83,11 +92,7 @@ def test_rpm_holds_the_code_units_tmpfiles_man_pages_and_completions(
     site = sitelib.pop()
     assert {f"{site}/gestvenv/__init__.py", f"{site}/gestvenv/cli/__init__.py",
             f"{site}/gestvenv-{VERSION}.dist-info/METADATA", "/usr/bin/gestvenv"} <= files
-    for name in systemd_files():
-        if name.endswith(UNIT_SUFFIXES):
-            assert {f"/usr/lib/systemd/system/{name}", f"/usr/lib/systemd/user/{name}"} <= files
-        elif name.endswith(".tmpfiles"):
-            assert f"/usr/lib/tmpfiles.d/{name.removesuffix('.tmpfiles')}.conf" in files
+    assert_installs_systemd_dir(files)
     for command in COMMANDS:
         assert [f for f in files if re.fullmatch(rf"/usr/share/man/man1/{command}\.1(\.gz)?", f)]
     assert set(COMPLETIONS) <= files
@@ -178,11 +183,7 @@ def test_pkgbuild_functions_build_and_package(tmp_path: Path) -> None:
     # /usr/local/...: only the names are checked.
     assert [f for f in files if f.endswith("/bin/gestvenv")], sorted(files)
     assert [f for f in files if f.endswith("-packages/gestvenv/cli/__init__.py")]
-    for name in systemd_files():
-        if name.endswith(UNIT_SUFFIXES):
-            assert {f"/usr/lib/systemd/system/{name}", f"/usr/lib/systemd/user/{name}"} <= files
-        elif name.endswith(".tmpfiles"):
-            assert f"/usr/lib/tmpfiles.d/{name.removesuffix('.tmpfiles')}.conf" in files
+    assert_installs_systemd_dir(files)
     for command in COMMANDS:
         assert f"/usr/share/man/man1/{command}.1" in files
     assert set(COMPLETIONS) <= files
