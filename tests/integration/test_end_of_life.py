@@ -185,7 +185,11 @@ async def test_each_local_env_has_a_watchdog_of_its_own(gv_home: Path) -> None:
     solo = await gestvenv.create_environment("own-watch", ttl=3)
     backed = await gestvenv.create_environment("shared-watch", ttl=3)
     assert solo.expires_at is not None
-    assert marked_pids(HOLDER_MARKER, solo.id) and marked_pids(HOLDER_MARKER, backed.id)
+    # create returns once sh has forked the detached watchdog; reading its environment
+    # finds nothing while it is in the middle of exec'ing Python.
+    await wait_until(lambda: bool(marked_pids(HOLDER_MARKER, solo.id)
+                                  and marked_pids(HOLDER_MARKER, backed.id)), 2,
+                     "each env's own watchdog running")
     for watchdog in processes_of(gv_home / "run", marked_only=False, cmd="gestvenv.watchdog"):
         watchdog.kill()  # the per-user one
         watchdog.wait(5)
