@@ -47,7 +47,8 @@ SERVICE_UNIT = "gestvenv-cleanup.service"
 TIMER_UNIT = "gestvenv-cleanup.timer"
 DROP_IN = "50-interval.conf"
 TIMER = "org.freedesktop.systemd1.Timer"
-CLEANUP_ARGS = ("ephemeral", "cleanup", "--expired", "--idle", "--orphans")
+# --quiet: a sweep with nothing to do writes nothing to the journal, every minute.
+CLEANUP_ARGS = ("ephemeral", "cleanup", "--expired", "--idle", "--orphans", "--quiet")
 DISTRO_EXEC = ("/usr/bin/gestvenv",)
 BOOT_DELAY = 10  # seconds: the first sweep after boot waits for the rest of the boot
 # Files install writes carry this line; uninstall removes no file without it.

@@ -227,9 +227,11 @@ def exec_(name: str, timeout: float | None, cwd: str | None, command: tuple[str,
 @click.option("--orphans", is_flag=True,
               help="Storage dirs and state files that belong to no environment.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="Say nothing when there is nothing to clean up (the timer's sweep).")
 @handle_errors
 def cleanup(names: tuple[str, ...], all_: bool, expired: bool, idle: bool, orphans: bool,
-            as_json: bool) -> None:
+            as_json: bool, quiet: bool) -> None:
     """Destroy environments: by NAME, --all, --expired, --idle, --orphans."""
     if not (names or all_ or expired or idle or orphans):
         raise UserError("say what to clean up: NAME..., --all, --expired, --idle or --orphans")
@@ -260,7 +262,7 @@ def cleanup(names: tuple[str, ...], all_: bool, expired: bool, idle: bool, orpha
             click.echo(f"removed orphan {path}")
         for name, error in errors.items():
             click.echo(f"gestvenv: error: {name}: {error}", err=True)
-        if not (removed or orphan_paths or errors):
+        if not (removed or orphan_paths or errors or quiet):
             click.echo("nothing to clean up")
     if errors:
         raise SystemExit(1)

@@ -116,6 +116,14 @@ def test_cleanup_needs_a_target_and_reports(runner: CliRunner) -> None:
     result = runner.invoke(cli, ["ephemeral", "cleanup", "--expired", "--orphans", "--json"])
     assert result.exit_code == 0
     assert json.loads(result.output) == {"removed": {}, "orphan_paths": [], "errors": {}}
+    said = runner.invoke(cli, ["ephemeral", "cleanup", "--expired", "--orphans"])
+    assert (said.exit_code, said.output) == (0, "nothing to clean up\n")
+    # --quiet (the timer's sweep): nothing to say when nothing was done, but what was done is.
+    quiet = runner.invoke(cli, ["ephemeral", "cleanup", "--expired", "--orphans", "--quiet"])
+    assert (quiet.exit_code, quiet.output) == (0, "")
+    assert runner.invoke(cli, ["ephemeral", "create", "gone"]).exit_code == 0
+    quiet = runner.invoke(cli, ["ephemeral", "cleanup", "gone", "-q"])
+    assert (quiet.exit_code, quiet.output) == (0, "removed gone (requested)\n")
 
 
 def test_cleanup_expired(runner: CliRunner) -> None:

@@ -95,7 +95,8 @@ def test_bash_completes_commands_and_options(scripts: dict[str, Path],
     assert bash_complete(bash, "gestvenv ephemeral cr", shell_env) == ["create"]
     assert bash_complete(bash, "gestvenv e", shell_env) == ["ephemeral"]
     options = bash_complete(bash, "gestvenv ephemeral cleanup --", shell_env)
-    assert {"--all", "--expired", "--idle", "--orphans", "--json", "--help"} == set(options)
+    assert {"--all", "--expired", "--idle", "--orphans", "--json", "--quiet", "--help"} == \
+        set(options)
     assert set(bash_complete(bash, "gestvenv ephemeral timer ", shell_env)) == \
         {"install", "uninstall", "status"}
     assert bash_complete(bash, "gestvenv ephemeral create --runtime s", shell_env) == ["systemd"]

@@ -191,11 +191,21 @@ def test_the_system_timer_is_enabled_and_active(host: SystemdHost,
     assert "OnBootUSec=10s" in timer["TimersMonotonic"]
     listed = run(host, "systemctl", "list-timers", "--all", "--no-pager").stdout
     assert "gestvenv-cleanup.timer" in listed and "gestvenv-cleanup.service" in listed
-    # The sweep itself runs from the package's command (a oneshot: start waits for its end).
+    # Where gestvenv was never used, the sweep is skipped (no Python started) ...
+    run(host, "systemctl", "start", "gestvenv-cleanup.service")  # a oneshot: waits for its end
+    service = show(host, "gestvenv-cleanup.service", "ConditionResult", "ExecMainPID")
+    assert (service["ConditionResult"], service["ExecMainPID"]) == ("no", "0")
+    # ... and once it was (any command makes its state dir), the package's command runs it,
+    # silently when there is nothing to do: not one journal line, the manager's included.
+    run(host, "gestvenv", "ephemeral", "list")
     run(host, "systemctl", "start", "gestvenv-cleanup.service")
-    service = show(host, "gestvenv-cleanup.service", "Result", "ExecMainStatus", "ExecStart")
+    service = show(host, "gestvenv-cleanup.service", "ConditionResult", "ExecMainPID", "Result",
+                   "ExecMainStatus", "ExecStart")
+    assert service["ConditionResult"] == "yes" and service["ExecMainPID"] != "0"
     assert (service["Result"], service["ExecMainStatus"]) == ("success", "0")
     assert "path=/usr/bin/gestvenv" in service["ExecStart"]
+    assert run(host, "journalctl", "-q", "--no-pager", "-o", "cat", "-u",
+               "gestvenv-cleanup.service").stdout == ""
     # Once it has run, the timer's period counts from its last run.
     assert "OnUnitActiveUSec=1min" in show(host, "gestvenv-cleanup.timer",
                                            "TimersMonotonic")["TimersMonotonic"]

@@ -51,8 +51,8 @@ def test_the_checked_in_units_are_the_rendering_for_a_distro_install() -> None:
             "python -m gestvenv.distfiles --write systemd/")
     assert Config().cleanup_interval == 60
     assert "OnUnitActiveSec=60s\n" in (CHECKOUT / "systemd" / timer.TIMER_UNIT).read_text()
-    assert "ExecStart=/usr/bin/gestvenv ephemeral cleanup --expired --idle --orphans\n" in \
-        (CHECKOUT / "systemd" / timer.SERVICE_UNIT).read_text()
+    assert "ExecStart=/usr/bin/gestvenv ephemeral cleanup --expired --idle --orphans --quiet\n" \
+        in (CHECKOUT / "systemd" / timer.SERVICE_UNIT).read_text()
     assert timer.MARKER not in "".join(timer.packaged_units().values())  # never uninstalled
 
 
@@ -61,7 +61,7 @@ def test_the_service_is_a_low_priority_oneshot_without_install_section() -> None
     lines = text.splitlines()
     assert "Type=oneshot" in lines
     assert "ExecStart=/opt/gv/bin/python -m gestvenv ephemeral cleanup --expired --idle " \
-           "--orphans" in lines
+           "--orphans --quiet" in lines
     assert {"Nice=10", "IOSchedulingClass=idle", "After=local-fs.target"} <= set(lines)
     assert "[Install]" not in lines
 
@@ -93,7 +93,7 @@ def test_an_odd_command_line_renders_as_systemd_reads_it() -> None:
     assert line == (
         'ExecStart=/bin/sh -c "printf \\"[%%s]\\\\n\\" \\"$$0\\" > /run/x; shift; exec \\"$$@\\"" '
         '"sp ace \'q\' \\"dq\\" \\\\back ; %% $$HOME" "" ";" /usr/bin/gestvenv '
-        "ephemeral cleanup --expired --idle --orphans")
+        "ephemeral cleanup --expired --idle --orphans --quiet")
 
 
 @pytest.mark.parametrize("argv", [[], ["gestvenv"], ["bin/gestvenv"], ["/usr/bin/x", "a\0b"]])

@@ -139,7 +139,7 @@ def test_the_system_timer_sweeps_an_orphan_on_its_own(system_timer: None) -> Non
     assert (etc / "timers.target.wants" / timer.TIMER_UNIT).is_symlink()
     exec_start = show(timer.SERVICE_UNIT, "ExecStart")["ExecStart"]
     assert f"argv[]={sys.executable} -m gestvenv ephemeral cleanup --expired --idle --orphans " \
-        in exec_start
+           "--quiet " in exec_start
 
     # Its first run: at install (OnBootSec already past) or BOOT_DELAY after this host booted.
     wait_for(has_run, timer.BOOT_DELAY + SLACK, "the first sweep")
