@@ -82,4 +82,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_create.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build
