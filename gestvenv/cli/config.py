@@ -43,8 +43,13 @@ def show(as_json: bool) -> None:
         click.echo(f"{key} = {value!r}".ljust(48) + f"  # {source}; {OPTIONS[key].help}")
 
 
+def _complete_key(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Config keys for shell completion (``config get|set|unset <TAB>``)."""
+    return sorted(k for k in OPTIONS if k.startswith(incomplete))
+
+
 @config_group.command("get")
-@click.argument("key")
+@click.argument("key", shell_complete=_complete_key)
 @handle_errors
 def get(key: str) -> None:
     """Print the effective value of KEY."""
@@ -56,7 +61,7 @@ def get(key: str) -> None:
 
 
 @config_group.command("set")
-@click.argument("key")
+@click.argument("key", shell_complete=_complete_key)
 @click.argument("value")
 @click.option("--system", is_flag=True, help="Edit the system-wide file instead of yours.")
 @handle_errors
@@ -68,7 +73,7 @@ def set_(key: str, value: str, system: bool) -> None:
 
 
 @config_group.command("unset")
-@click.argument("key")
+@click.argument("key", shell_complete=_complete_key)
 @click.option("--system", is_flag=True, help="Edit the system-wide file instead of yours.")
 @handle_errors
 def unset(key: str, system: bool) -> None:

@@ -91,8 +91,12 @@ def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--processes", type=click.IntRange(min=1), help="Maximum number of processes.")
 @click.option("--disk", type=click.IntRange(min=1), help="Disk limit in MB.")
 @click.option("--no-network", is_flag=True, help="Cut the environment off the network.")
-@click.option("--isolation", type=click.Choice([i.value for i in IsolationLevel]))
-@click.option("--storage", type=click.Choice([s.value for s in StorageBackend]))
+@click.option("--isolation", type=click.Choice([i.value for i in IsolationLevel]),
+              help="How far it is fenced off (default: default_isolation_level); the level "
+                   "really applied is reported by `show`.")
+@click.option("--storage", type=click.Choice([s.value for s in StorageBackend]),
+              help="Where its files live: disk, tmpfs (RAM, in the runtime dir) or memory "
+                   "(/dev/shm) (default: storage_backend).")
 @click.option("--runtime", type=click.Choice(list(RUNTIMES)),
               help="systemd (transient units, kernel-enforced limits), local, or auto")
 @click.option("--allow-unenforced", is_flag=True, default=None,

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from gestvenv import registry
+from gestvenv import config, registry
 from gestvenv.cli import cli, docs
 from gestvenv.cli import ephemeral as ephemeral_cli
-from gestvenv.cli._complete import env_names
+from gestvenv.cli._complete import complete_env_name, env_names
 from gestvenv.registry import EnvRecord
 from gestvenv.storage import runtime_dir_path
 
@@ -100,6 +100,8 @@ def test_bash_completes_commands_and_options(scripts: dict[str, Path],
     assert set(bash_complete(bash, "gestvenv ephemeral timer ", shell_env)) == \
         {"install", "uninstall", "status"}
     assert bash_complete(bash, "gestvenv ephemeral create --runtime s", shell_env) == ["systemd"]
+    assert bash_complete(bash, "gestvenv config set max_t", shell_env) == ["max_total_memory_mb"]
+    assert len(bash_complete(bash, "gestvenv config get ", shell_env)) == len(config.OPTIONS)
 
 
 @needs("bash")
@@ -223,7 +225,7 @@ def test_env_names_are_empty_on_any_error(monkeypatch: pytest.MonkeyPatch,
 
 def test_every_parameter_naming_an_existing_env_completes_names() -> None:
     hooked = {(n.name, p.name) for n in docs.walk() for p in n.command.params
-              if getattr(p, "_custom_shell_complete", None) is not None}
+              if getattr(p, "_custom_shell_complete", None) is complete_env_name}
     assert hooked == {("gestvenv run", "env_name"), ("gestvenv ephemeral show", "name"),
                       ("gestvenv ephemeral exec", "name"), ("gestvenv ephemeral cleanup", "names")}
 
