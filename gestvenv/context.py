@@ -42,7 +42,7 @@ from .runtime import (
 from .runtime.processes import ENV_MARKER, EXEC_MARKER
 from .runtime.systemd import live_units
 from .runtime.systemd.plan import LIVE_UNIT_STATES, UnitNames
-from .shield import shielded
+from .shield import HeldInterrupts, shielded
 
 Command = str | Sequence[str | os.PathLike[str]]
 _SCRUBBED = ("PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX", "__PYVENV_LAUNCHER__", ENV_MARKER,
@@ -362,18 +362,27 @@ class EphemeralContext:
         self._spec = spec
         self._config = config
         self._env: Environment | None = None
+        self._interrupts = HeldInterrupts()  # a second Ctrl-C waits for the teardown
 
     async def __aenter__(self) -> Environment:
         if self._env is not None:
             raise RuntimeError("this ephemeral() context is already in use")
-        record = await create(self._spec, self._config)
+        self._interrupts.install()
+        try:
+            record = await create(self._spec, self._config)
+        except BaseException:
+            self._interrupts.release()
+            raise
         self._env = Environment(record, self._config, owned=True)
         return self._env
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._env is not None:
-            await self._env.aclose()
+        try:
+            if self._env is not None:
+                await self._env.aclose()
+        finally:
+            self._interrupts.release()
 
 
 def ephemeral(name: str | None = None, *, packages: Iterable[str] = (),

@@ -409,9 +409,11 @@ async def test_a_signal_to_a_script_using_ephemeral_leaves_nothing(spawn: Spawn,
     second = await asyncio.to_thread(_send, script, how, command)
     # The environment is clean within SIGNAL_DEADLINE of the signal, whatever the script does.
     took = await gone_within(SIGNAL_DEADLINE, sent, f"the env of a script ended by {how}")
-    # A second Ctrl-C lands wherever the event loop is (asyncio.run raises it there) and the
+    # Under ephemeral_sync() a second Ctrl-C lands wherever the main thread is, and the
     # interpreter's own teardown may take longer then; gestvenv's guarantee is the line above.
-    exit_deadline = SIGNAL_DEADLINE if how != "SIGINT twice" else 3 * SIGNAL_DEADLINE
+    # Under ephemeral() it is held until the teardown is over (shield.HeldInterrupts).
+    exit_deadline = 3 * SIGNAL_DEADLINE if (how, api) == ("SIGINT twice", "sync") \
+        else SIGNAL_DEADLINE
     try:
         status = await asyncio.to_thread(script.wait, exit_deadline)
     except subprocess.TimeoutExpired:
@@ -434,6 +436,59 @@ async def test_a_signal_to_a_script_using_ephemeral_leaves_nothing(spawn: Spawn,
     lost = ("gestvenv.exceptions.", "Exception ignored", "never retrieved",
             "was destroyed but it is pending")
     assert [line for line in lines if line.startswith(lost)] == [], stderr
+
+
+SLOW_TEARDOWN_API = """
+    import asyncio, sys, gestvenv
+    from gestvenv import context
+
+    real_destroy = context.destroy
+
+    async def slow_destroy(record, config):
+        print("teardown", flush=True)
+        await asyncio.sleep(0.5)  # the next Ctrl-Cs land here
+        await real_destroy(record, config)
+        print("torn down", flush=True)
+
+    context.destroy = slow_destroy
+
+    async def main():
+        async with gestvenv.ephemeral(sys.argv[1], ttl=120) as env:
+            print(env.id, flush=True)
+            await env.execute(["python", "-c", sys.argv[2]])
+
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("presses", [2, 3])
+async def test_a_second_ctrl_c_waits_for_the_teardown_a_third_does_not(spawn: Spawn,
+                                                                       presses: int) -> None:
+    """asyncio.run raises a second Ctrl-C wherever the loop is, then cancels every task, the
+    teardown's included. Under ephemeral() it is held until the teardown is over, then comes out
+    of the ``async with``; a third is not held (a way out), and the env's unit or watchdog ends
+    what the teardown left."""
+    script = spawn(SLOW_TEARDOWN_API, "gc-held", SLEEP_LOOP)
+    env_id = await read_line(script)
+    await wait_until(lambda: env_pids(env_id), 10, "the command runs")
+    os.killpg(script.pid, signal.SIGINT)
+    assert await read_line(script) == "teardown"
+    for _ in range(presses - 1):
+        os.killpg(script.pid, signal.SIGINT)
+        await asyncio.sleep(0.05)
+    sent = time.monotonic()
+    status = await asyncio.to_thread(script.wait, SIGNAL_DEADLINE)
+    out, err = script.communicate()
+    assert status == -signal.SIGINT, err  # ended by the Ctrl-C, as Python does
+    assert err.splitlines()[-1].startswith("KeyboardInterrupt"), err
+    if presses == 2:
+        assert out.splitlines() == ["torn down"], (out, err)  # the whole teardown, then exit
+        assert nothing_left(), leftovers()
+    else:
+        assert "torn down" not in out, (out, err)  # not waited for
+        took = await gone_within(SIGNAL_DEADLINE, sent, "what a forced exit left")
+        print(f"{RUNTIME}: three Ctrl-Cs: the script exited mid-teardown; its env was gone "
+              f"{took:.2f}s later")
 
 
 # --- 50 environments, ended in every way at once ---
