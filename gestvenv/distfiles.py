@@ -18,12 +18,13 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import timer
+from . import storage, timer
 from .config import Config
 from .runtime.systemd import plan
 
 SLICE_UNIT = plan.PARENT_SLICE
 TMPFILES = "gestvenv.tmpfiles"  # installed as tmpfiles.d/gestvenv.conf
+ROOT_DIRS = (storage.ROOT_RUNTIME_DIR, storage.ROOT_SHM_DIR, storage.ROOT_CACHE_DIR)
 _HEADER = ("# {what}, as a distro package installs it. Generated from gestvenv/distfiles.py:\n"
            "#   python -m gestvenv.distfiles --write systemd/\n")
 
@@ -53,11 +54,9 @@ def render_tmpfiles() -> str:
         "# cache (uv cache, disk-backed envs): created private at boot, before any user could\n"
         "# take a name first (/dev/shm is world-writable). No age: environments end by their\n"
         "# own units and the cleanup timer, never by systemd-tmpfiles-clean.\n"
-        "d     /run/gestvenv        0700 root root  -\n"
-        "d     /dev/shm/gestvenv    0700 root root  -\n"
-        "d     /var/cache/gestvenv  0700 root root  -\n"
-        "# A user's runtime dir when there is no $XDG_RUNTIME_DIR: never aged while envs live.\n"
-        "x     /tmp/gestvenv-*\n"
+        + "".join(f"d     {path!s:<21}0700 root root  -\n" for path in ROOT_DIRS)
+        + "# A user's runtime dir when there is no $XDG_RUNTIME_DIR: never aged while envs live.\n"
+        f"x     {storage.USER_TMP_RUNTIME_PREFIX}*\n"
     )
 
 

@@ -36,6 +36,12 @@ from .reaper import (  # the deletion code, shared with the env unit's stop acti
 __all__ = ["CLAIM", "ROOT_MARK", "check_inside_roots", "is_marked_root", "remove_tree"]
 
 TMPFS_MAGIC = 0x01021994
+# Root's dirs (other users' are under their XDG dirs): also what the packaged tmpfiles.d file
+# creates at boot (gestvenv.distfiles).
+ROOT_RUNTIME_DIR = Path("/run/gestvenv")
+ROOT_SHM_DIR = Path("/dev/shm/gestvenv")
+ROOT_CACHE_DIR = Path("/var/cache/gestvenv")
+USER_TMP_RUNTIME_PREFIX = "/tmp/gestvenv-"  # + uid: a runtime dir without XDG_RUNTIME_DIR
 
 
 def _is_root() -> bool:
@@ -61,11 +67,11 @@ def runtime_dir_path() -> Path:
     if explicit:
         return Path(explicit)
     if _is_root():
-        return Path("/run/gestvenv")
+        return ROOT_RUNTIME_DIR
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg) and os.stat(xdg).st_uid == os.geteuid():
         return Path(xdg) / "gestvenv"
-    return Path(f"/tmp/gestvenv-{os.geteuid()}")
+    return Path(f"{USER_TMP_RUNTIME_PREFIX}{os.geteuid()}")
 
 
 def runtime_dir() -> Path:
@@ -79,7 +85,7 @@ def state_dir() -> Path:
 
 def cache_base(config: Config) -> Path:
     if _is_root():
-        return Path("/var/cache/gestvenv")
+        return ROOT_CACHE_DIR
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(xdg) / "gestvenv"
 
@@ -128,7 +134,7 @@ def storage_root(backend: StorageBackend, config: Config) -> StorageRoot:
     if backend is StorageBackend.DISK:
         root = config.storage_root or cache_base(config) / "envs"
         return StorageRoot(backend, _mark_root(_private_dir(root)))
-    shm = Path("/dev/shm/gestvenv" if _is_root() else f"/dev/shm/gestvenv-{os.geteuid()}")
+    shm = ROOT_SHM_DIR if _is_root() else Path(f"{ROOT_SHM_DIR}-{os.geteuid()}")
     if backend is StorageBackend.MEMORY:
         return StorageRoot(backend, _mark_root(_private_dir(shm)))
     candidate = runtime_dir() / "storage"

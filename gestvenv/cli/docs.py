@@ -29,7 +29,7 @@ from typing import Any
 import click
 from click.shell_completion import BashComplete, FishComplete, ShellComplete, ZshComplete
 
-from .. import __version__, config, storage, timer
+from .. import __version__, config, distfiles, storage, timer
 from ..exceptions import CommandNotExecutableError, CommandNotFoundError, GestvenvError
 from ..names import MAX_NAME_LENGTH
 from ..runtime.systemd import plan
@@ -494,8 +494,9 @@ ABOUT = [
     "`gestvenv-NAME@ID.service`; `systemctl` and `journalctl` show them. systemd ends the "
     "environment at the end of its TTL, and `gestvenv-cleanup.timer` sweeps what a crash or a "
     "power loss left behind.",
-    "Without systemd, the `local` runtime runs environments as plain processes, watched by a "
-    "per-user watchdog process that every `gestvenv ephemeral` command starts when needed. A "
+    "Without systemd, the `local` runtime runs environments as plain processes, each watched "
+    "by a watchdog process of its own and all by a per-user one that every `gestvenv "
+    "ephemeral` command starts when needed. A "
     "limit that a runtime cannot enforce is refused, or, if allowed (`--allow-unenforced`, "
     "`allow_unenforced_limits`), reported as not enforced by `gestvenv ephemeral show`.",
 ]
@@ -661,7 +662,8 @@ def files() -> list[str]:
                 text_line(inline(what + "."))]
     out += [
         ".PP", text_line(inline(
-            "Without `XDG_RUNTIME_DIR`, a user's runtime directory is `/tmp/gestvenv-UID`. The "
+            f"Without `XDG_RUNTIME_DIR`, a user's runtime directory is "
+            f"`{storage.USER_TMP_RUNTIME_PREFIX}UID`. The "
             "`storage_root` and `cache_dir` settings move the disk-backed environments and the "
             "package cache; snapshots of installed package sets (`gestvenv-templates`) sit "
             "beside the cache.")),
@@ -670,7 +672,7 @@ def files() -> list[str]:
         text_line(inline("The configuration files; see CONFIGURATION.")),
         ".TP", italic(timer.SERVICE_UNIT) + ", " + italic(timer.TIMER_UNIT),
         text_line(inline(
-            "The periodic sweep (`gestvenv ephemeral cleanup --expired --idle --orphans`, also "
+            f"The periodic sweep (`{PROG} {' '.join(timer.CLEANUP_ARGS)}`, also "
             f"at boot). A package installs them ({packaged}); otherwise `gestvenv ephemeral "
             f"timer install` writes them into `{timer.SYSTEM_ADMIN_DIR}` or "
             "`$XDG_CONFIG_HOME/systemd/user` (over a package's units: a drop-in that changes "
@@ -682,9 +684,9 @@ def files() -> list[str]:
             "above; without it gestvenv starts it as a transient unit.")),
         ".TP", italic("/usr/lib/tmpfiles.d/gestvenv.conf"),
         text_line(inline(
-            "Installed by a package: tmpfiles.d(5) lines that create root's directories "
-            "(`/run/gestvenv`, `/dev/shm/gestvenv`, `/var/cache/gestvenv`) private at boot, and "
-            "keep `systemd-tmpfiles` from cleaning a user's `/tmp/gestvenv-UID`.")),
+            "Installed by a package: tmpfiles.d(5) lines that create root's directories ("
+            + ", ".join(f"`{d}`" for d in distfiles.ROOT_DIRS) + ") private at boot, and keep "
+            f"`systemd-tmpfiles` from cleaning a user's `{storage.USER_TMP_RUNTIME_PREFIX}UID`.")),
     ]
     return section("FILES", out)
 
