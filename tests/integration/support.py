@@ -16,6 +16,16 @@ from gestvenv.runtime.processes import ENV_MARKER, marked_pids
 from tests.harness.wheels import PACKAGES
 
 
+def systemctl_show(output: str) -> dict[str, str]:
+    """``systemctl show``'s output as a dict; a list (TimersMonotonic) comes as one line per
+    item, joined here with newlines."""
+    props: dict[str, str] = {}
+    for line in output.splitlines():
+        key, _, value = line.partition("=")
+        props[key] = f"{props[key]}\n{value}" if key in props else value
+    return props
+
+
 def latest(name: str) -> str:
     """The newest version of ``name`` in the test wheelhouse."""
     versions = [v for n, v, _, _ in PACKAGES if n == name]

@@ -26,6 +26,7 @@ import pytest
 from gestvenv.runtime.systemd import systemd_booted
 from tests.harness.systemd_host import SystemdHost
 from tests.harness.wheels import build_wheelhouse
+from tests.integration.support import systemctl_show
 
 DEB_DIR = os.environ.get("GESTVENV_DEB_DIR", "")
 
@@ -93,11 +94,7 @@ def run(host: SystemdHost, *argv: str, user: str | None = None, ok: bool = True,
 def show(host: SystemdHost, unit: str, *props: str, user: str | None = None) -> dict[str, str]:
     argv = ["systemctl", *(["--user"] if user else []), "show", unit,
             *(f"--property={p}" for p in props)]
-    values: dict[str, str] = {}
-    for line in run(host, *argv, user=user).stdout.splitlines():
-        key, _, value = line.partition("=")  # a list (TimersMonotonic) is one line per item
-        values[key] = f"{values[key]}\n{value}" if key in values else value
-    return values
+    return systemctl_show(run(host, *argv, user=user).stdout)
 
 
 def upper_layer(host: SystemdHost) -> dict[str, str]:

@@ -29,6 +29,8 @@ import pytest
 from gestvenv import StorageBackend, storage, timer
 from gestvenv.config import Config
 
+from ..support import systemctl_show
+
 CHECKOUT = Path(__file__).resolve().parents[3]
 # The checkout's venv (absent in the v2 VM, which collects this file but runs none of it).
 SITE = next((CHECKOUT / ".venv" / "lib").glob("python3*/site-packages"), CHECKOUT / ".venv")
@@ -66,12 +68,7 @@ def show(unit: str, *props: str, user: bool = False) -> dict[str, str]:
     """systemctl show (only for loaded units: on others it would load a stub)."""
     argv = ["systemctl", *(["--user"] if user else []), "show", unit,
             *(f"--property={p}" for p in props)]
-    out = as_gvtest(*argv) if user else sh(*argv)
-    props: dict[str, str] = {}
-    for line in out.splitlines():  # a list (TimersMonotonic) comes as one line per item
-        key, _, value = line.partition("=")
-        props[key] = f"{props[key]}\n{value}" if key in props else value
-    return props
+    return systemctl_show(as_gvtest(*argv) if user else sh(*argv))
 
 
 def loaded(user: bool = False) -> list[str]:
