@@ -102,6 +102,24 @@ class ResourceLimits:
                    network_access=bool(data.get("network_access", True)))
 
 
+# The threats an isolation level is judged against (``Enforcement.protections``), in the order
+# ``show`` lists them: what code inside an environment may try.
+THREATS: dict[str, str] = {
+    "privileges": "keep or gain privileges (capabilities, setuid, root)",
+    "secrets": "read private host files (/etc/shadow, /root, the creator's home)",
+    "host_writes": "write the host (/usr, /etc, /var/lib) or remount it",
+    "processes": "see or signal processes outside the environment",
+    "units": "start, stop or change units over the system or user bus",
+    "other_envs": "read or write other environments' files",
+    "shared_files": "edit the shared cache or snapshots through installed files",
+    "ipc_uts": "share IPC objects or the hostname with the host",
+    "kernel": "change sysctls, load modules, read kernel logs, set the clock",
+    "network": "reach the network (when network_access=False)",
+    "builds": "run package build code outside the environment's limits and isolation",
+}
+NOT_HELD = "not held: "
+
+
 @dataclass(frozen=True, slots=True)
 class LimitStatus:
     """Whether one requested limit is really enforced, and by what."""
@@ -123,6 +141,9 @@ class Enforcement:
     isolation_applied: IsolationLevel
     limits: dict[str, LimitStatus] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    # What the applied isolation holds against each threat (keys of THREATS), and by what;
+    # a threat it does not hold says so ("not held: ...").
+    protections: dict[str, str] = field(default_factory=dict)
 
     @property
     def unenforced(self) -> dict[str, LimitStatus]:
@@ -135,6 +156,7 @@ class Enforcement:
             "isolation_applied": self.isolation_applied.value,
             "limits": {k: v.to_dict() for k, v in self.limits.items()},
             "notes": list(self.notes),
+            "protections": dict(self.protections),
         }
 
     @classmethod
@@ -145,6 +167,7 @@ class Enforcement:
             isolation_applied=IsolationLevel(data["isolation_applied"]),
             limits={k: LimitStatus(**v) for k, v in data.get("limits", {}).items()},
             notes=tuple(data.get("notes", ())),
+            protections=dict(data.get("protections", {})),
         )
 
 

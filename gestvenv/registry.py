@@ -57,6 +57,9 @@ class EnvRecord:
     notes: list[str] = field(default_factory=list)
     environ: dict[str, str] = field(default_factory=dict)
     uid: int = field(default_factory=os.geteuid)
+    # The unprivileged uid (and gid) the env's commands run as when a root creator asked for
+    # namespace isolation or more; None: they run as the creator.
+    sandbox_uid: int | None = None
     version: int = STATE_VERSION
 
     @property
