@@ -45,11 +45,12 @@ test-vm: $(VENV)/.installed
 	$(BIN)/python -m tests.harness.vm run -- \
 	    python -m pytest -q -p no:cacheprovider -m v2 tests/integration/systemd
 
-# Tools some tests use and skip without (zsh and fish completion, rpmbuild): installed when root.
+# Tools some tests use and skip without (zsh and fish completion, rpmbuild, bubblewrap for the
+# local runtime's namespace isolation): installed when root.
 APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 tools:
-	@if [ "$$(id -u)" = 0 ]; then for tool in zsh fish rpmbuild; do \
-	    command -v $$tool >/dev/null || { $(APT_INSTALL) zsh fish rpm >/dev/null; break; }; \
+	@if [ "$$(id -u)" = 0 ]; then for tool in zsh fish rpmbuild bwrap; do \
+	    command -v $$tool >/dev/null || { $(APT_INSTALL) zsh fish rpm bubblewrap >/dev/null; break; }; \
 	done; fi
 
 # The Debian package, built from a copy of the tree (dpkg-buildpackage writes into the parent

@@ -287,7 +287,8 @@ class Bench:
             if not files:
                 return "unknown (no .py file found)"
             links = os.stat(files[0]).st_nlink
-        return "hardlink" if links > 1 else f"copy (st_nlink={links})"
+        return (f"SHARED inode (hardlink, st_nlink={links})" if links > 1
+                else "own inode (reflink or copy, st_nlink=1)")
 
     # --- the .pyc question ---
 
@@ -648,6 +649,11 @@ def main(argv: list[str] | None = None) -> int:
                         default="auto",
                         help="gestvenv runtime(s) to time (default auto: local and systemd when "
                              "systemd is PID 1, else local)")
+    parser.add_argument("--write-isolation", action="store_true",
+                        help="then the cost of write isolation (issue 11): copies vs the old "
+                             "hardlinks, for requests and for numpy + pandas (wheels from PyPI)")
+    parser.add_argument("--isolation-runs", type=int, default=5,
+                        help="runs per row of --write-isolation (5)")
     parser.add_argument("--breakdown-runs", type=int, default=None,
                         help="runs per step of the systemd breakdown (default: max(2*runs, 20))")
     args = parser.parse_args(argv)
@@ -666,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench = Bench(args, root, runtimes)
         _run(bench, args.runs, slow_runs, pyc_runs, breakdown_runs, runtime_note)
+        if args.write_isolation:
+            run_write_isolation(args, root, runtimes[0])
     finally:
         leftovers = _cleanup(root, shm_before, "systemd" in runtimes)
         os.environ.clear()
@@ -789,6 +797,195 @@ def _conclude(bench: Bench, results: dict[str, list[float]], ref: float,
               f"{(sd - lo) * 1000:+.1f} ms per environment over the local runtime "
               f"({sd / lo:.2f}x), {sd / peers[best]:.2f}x the best peer's time "
               f"({best}, {peers[best] * 1000:.1f} ms).")
+
+
+# --- what write isolation costs (issue 11): copies vs the old hardlinks ---
+
+ISOLATION_SETS = {"small": ["requests"], "large": ["numpy", "pandas"]}
+
+
+@contextlib.contextmanager
+def old_hardlinks() -> Iterator[None]:
+    """Benchmark only: gestvenv as it was before issue 11, in this process (uv installs with
+    --link-mode hardlink, snapshots stored and cloned with os.link)."""
+    from gestvenv import builder, templates
+
+    link_mode, copy = builder.UvBuilder.link_mode, templates.Copier.copy
+    builder.UvBuilder.link_mode = lambda self, env_path: "hardlink"  # type: ignore[method-assign]
+    templates.Copier.copy = lambda self, src, dst: os.link(src, dst)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        builder.UvBuilder.link_mode = link_mode  # type: ignore[method-assign]
+        templates.Copier.copy = copy  # type: ignore[method-assign]
+
+
+def own_bytes(root: Path) -> tuple[int, int]:
+    """(bytes allocated to files whose inode is the env's alone (st_nlink 1), bytes of files
+    whose inode is shared (hardlinks)), directories and symlinks not counted."""
+    own = shared = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if not os.path.islink(os.path.join(dirpath, name)):
+                if st.st_nlink == 1:
+                    own += st.st_blocks * 512
+                else:
+                    shared += st.st_blocks * 512
+    return own, shared
+
+
+def download_wheels(dest: Path, packages: list[str]) -> None:
+    """PyPI wheels of ``packages`` and their dependencies, for this interpreter."""
+    dest.mkdir(parents=True, exist_ok=True)
+    run_checked([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary", ":all:",
+                 "--disable-pip-version-check", "--dest", str(dest), *packages],
+                {k: v for k, v in os.environ.items() if not k.startswith("PIP_")},
+                "pip download")
+
+
+class IsolationCost:
+    """create + install + import + destroy on disk (local runtime), copies (now) vs hardlinks
+    (before issue 11), with every env installed by uv (``template_ttl = 0``) and with envs
+    cloned from the package-set snapshot (the default); next to ``uv run --with``."""
+
+    PATHS = ("uv install", "snapshot clone")
+    MODES = ("copies (now)", "hardlinks (old)")
+
+    def __init__(self, bench: Bench, runtime: str) -> None:
+        self.bench = bench
+        self.runtime = runtime
+
+    async def cycle(self, path: str) -> tuple[float, float, int, int]:
+        """(s to create with packages, s for the whole cycle, own bytes, shared bytes)."""
+        if path == "uv install":
+            os.environ["GESTVENV_EPHEMERAL_TEMPLATE_TTL"] = "0"
+        try:
+            t0 = time.perf_counter()
+            async with gestvenv.ephemeral(packages=self.bench.packages, storage_backend="disk",
+                                          runtime=self.runtime) as env:
+                t1 = time.perf_counter()
+                own, shared = own_bytes(env.path)
+                t_own = time.perf_counter() - t1  # not part of the cycle: taken off
+                result = await env.execute(self.bench.argv_import)
+        finally:
+            os.environ.pop("GESTVENV_EPHEMERAL_TEMPLATE_TTL", None)
+        total = time.perf_counter() - t0 - t_own
+        if not result.ok:
+            raise SystemExit(f"isolation cycle ({path}): import failed\n{result.stderr}")
+        return t1 - t0, total, own, shared
+
+    def measure(self, runner: asyncio.Runner, runs: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+
+        def one(mode: str, path: str) -> tuple[float, float, int, int]:
+            if mode == self.MODES[1]:
+                with old_hardlinks():
+                    return runner.run(self.cycle(path))
+            return runner.run(self.cycle(path))
+
+        keys = [(m, p) for p in self.PATHS for m in self.MODES]
+        for mode, path in keys:  # warm-up: the cache, a snapshot per mode
+            one(mode, path)
+        self.bench.uv_run()
+        rows: dict[tuple[str, str], list[tuple[float, float, int, int]]] = {k: [] for k in keys}
+        uv: list[float] = []
+        for i in range(runs):
+            for mode, path in keys if i % 2 == 0 else keys[::-1]:
+                rows[(mode, path)].append(one(mode, path))
+            t0 = time.perf_counter()
+            self.bench.uv_run()
+            uv.append(time.perf_counter() - t0)
+        for key, values in rows.items():
+            out[" / ".join(key)] = {
+                "create": statistics.median(v[0] for v in values),
+                "cycle": statistics.median(v[1] for v in values),
+                "own": statistics.median(v[2] for v in values),
+                "shared": statistics.median(v[3] for v in values),
+            }
+        out["uv run --with"] = {"cycle": statistics.median(uv)}
+        return out
+
+
+def copy_primitives(src: Path, root: Path, runs: int) -> dict[str, float]:
+    """Median seconds to copy the regular files of ``src`` (a site-packages) to a new tree on
+    the same filesystem, per primitive."""
+    from gestvenv.templates import Copier
+
+    files = [os.path.relpath(os.path.join(d, f), src) for d, _, fs in os.walk(src) for f in fs
+             if not os.path.islink(os.path.join(d, f))]
+    dirs = sorted({os.path.dirname(f) for f in files})
+
+    def copier(reflink: bool) -> Callable[[str, str], None]:
+        c = Copier(reflink=reflink)
+        return c.copy
+
+    prims: dict[str, Callable[[], Callable[[str, str], None]]] = {
+        "os.link (old)": lambda: os.link,
+        "Copier auto (FICLONE, then copy_file_range)": lambda: copier(True),
+        "Copier copy (sendfile)": lambda: copier(False),
+        "shutil.copy2": lambda: shutil.copy2,  # type: ignore[dict-item]
+    }
+    times: dict[str, list[float]] = {k: [] for k in prims}
+    for i in range(runs):
+        for name in prims if i % 2 == 0 else list(prims)[::-1]:
+            dst = root / f"copy-{uuid.uuid4().hex[:8]}"
+            for d in dirs:
+                os.makedirs(dst / d, exist_ok=True)
+            fn = prims[name]()
+            t0 = time.perf_counter()
+            for f in files:
+                fn(str(src / f), str(dst / f))
+            times[name].append(time.perf_counter() - t0)
+            shutil.rmtree(dst)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+async def kept_site(packages: list[str], runtime: str, keep: Path) -> Path:
+    """A copy of the site-packages of an environment of ``packages``, at ``keep``."""
+    async with gestvenv.ephemeral(packages=packages, storage_backend="disk",
+                                  runtime=runtime) as env:
+        site = next(env.path.glob("lib/python*/site-packages"))
+        shutil.copytree(site, keep, symlinks=True)
+    return keep
+
+
+def run_write_isolation(args: argparse.Namespace, root: Path, runtime: str) -> None:
+    runs = args.isolation_runs
+    print(f"\nwrite isolation (issue 11): copies vs the old hardlinks, disk, {runtime} runtime, "
+          f"{runs} interleaved runs per row (medians); wheels from PyPI", flush=True)
+    wheels = root / "isolation-wheels"
+    for packages in ISOLATION_SETS.values():
+        download_wheels(wheels, packages)
+    print(f"wheelhouse: {len(os.listdir(wheels))} wheels, "
+          f"{sum(f.stat().st_size for f in wheels.iterdir()) / 1e6:.0f} MB")
+    for label, packages in ISOLATION_SETS.items():
+        ns = argparse.Namespace(**{**vars(args), "packages": packages, "imports": None,
+                                   "online": False, "wheelhouse": str(wheels)})
+        bench = Bench(ns, root, [runtime])
+        with asyncio.Runner() as runner:
+            figures = IsolationCost(bench, runtime).measure(runner, runs)
+            site = runner.run(kept_site(packages, runtime, root / f"site-{label}"))
+        uv = figures.pop("uv run --with")["cycle"]
+        print(f"\n{label} set ({' '.join(packages)}; import {bench.import_code[7:]}):")
+        print(f"{'':34}{'create+install ms':>18}{'full cycle ms':>15}{'vs uv run':>11}"
+              f"{'own MB':>9}{'shared MB':>11}")
+        for name, f in figures.items():
+            print(f"{name:34}{f['create'] * 1000:>18.1f}{f['cycle'] * 1000:>15.1f}"
+                  f"{f['cycle'] / uv:>10.2f}x{f['own'] / 1e6:>9.1f}{f['shared'] / 1e6:>11.1f}")
+        print(f"{'uv run --isolated --with':34}{'':>18}{uv * 1000:>15.1f}{1:>10.2f}x")
+        for path in IsolationCost.PATHS:
+            new = figures[f"{IsolationCost.MODES[0]} / {path}"]
+            old = figures[f"{IsolationCost.MODES[1]} / {path}"]
+            print(f"cost of isolation, {path}: {(new['cycle'] - old['cycle']) * 1000:+.1f} ms "
+                  f"per full cycle ({new['cycle'] / old['cycle']:.2f}x), "
+                  f"{(new['own'] - old['own']) / 1e6:+.1f} MB written per environment")
+        prims = copy_primitives(site, root, max(3, runs))
+        n = sum(len(fs) for _, _, fs in os.walk(site))
+        print(f"copying this set's site-packages ({n} files, "
+              f"{own_bytes(site)[0] / 1e6:.1f} MB) once: " + ", ".join(
+                  f"{name} {t * 1000:.1f} ms" for name, t in prims.items()))
+        shutil.rmtree(site)
 
 
 # --- cleanup ---

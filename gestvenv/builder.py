@@ -1,12 +1,15 @@
 """Building environments: uv when present, else ``python -m venv`` + pip (with a warning).
 
 With uv, the virtualenv itself is written here (``pyvenv.cfg``, three links to the interpreter,
-an empty site-packages: no process), then one ``uv pip install`` fills it from the shared cache
-with hardlinks, and what it added is kept as a snapshot of that package set (templates.py): the
-next environment asking for the same set is a hardlinked clone, with no uv process at all.
+an empty site-packages: no process), then one ``uv pip install --link-mode copy`` fills it from
+the shared cache, and what it added is kept as a snapshot of that package set (templates.py):
+the next environment asking for the same set is a clone of it (reflinks where the filesystem
+has them, else copies), with no uv process at all. Never hardlinks: nothing an environment
+writes may reach the cache, a snapshot or another environment.
 Measured by benchmarks/bench_create.py on the development machine (create + install + run +
-destroy, medians): 24 ms, against 36 ms for ``uv run --isolated --with`` (which reuses one
-cached environment), 2.3 s for virtualenv + pip and 5.2 s for ``python -m venv`` + pip.
+destroy, tiny wheels, medians, copies): 46 ms, against 52 ms for ``uv run --isolated --with``
+(which reuses one cached environment), 2.7 s for virtualenv + pip and 6.3 s for
+``python -m venv`` + pip; what copies cost for real packages is in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import functools
 import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -27,10 +31,13 @@ from pathlib import Path
 
 from .config import Config
 from .exceptions import BuildError, ValidationError
+from .inside import InsideInstaller, stage_inputs
+from .models import ExecResult
 from .runtime.processes import ENV_MARKER
 from .shield import in_thread
 from .storage import templates_dir, uv_cache_dir
 from .templates import (
+    PRIVATE_DIR,
     TemplateCache,
     retarget,
     snapshot_baseline,
@@ -110,9 +117,14 @@ class Builder:
 
     name = "abstract"
 
-    def __init__(self, config: Config, env_id: str | None = None) -> None:
+    def __init__(self, config: Config, env_id: str | None = None,
+                 inside: InsideInstaller | None = None) -> None:
         self.config = config
         self.marker = {ENV_MARKER: env_id} if env_id else {}
+        # Where package code runs: a command of the env (gestvenv.inside). None: here, in the
+        # creator's process (only for callers that build no env of gestvenv's).
+        self.inside = inside
+        self.built_inside = False  # an install had to build inside: its files are the build's
 
     async def create(self, env_path: Path, interpreter: Interpreter) -> None:
         raise NotImplementedError
@@ -162,16 +174,17 @@ class UvBuilder(Builder):
 
     name = "uv"
 
-    def __init__(self, config: Config, uv: str, env_id: str | None = None) -> None:
-        super().__init__(config, env_id)
+    def __init__(self, config: Config, uv: str, env_id: str | None = None,
+                 inside: InsideInstaller | None = None) -> None:
+        super().__init__(config, env_id, inside)
         self.uv = uv
         self.cache = uv_cache_dir(config)
         self.templates = TemplateCache(templates_dir(config), config.template_ttl,
-                                       link=config.link_mode != "copy")
+                                       reflink=config.link_mode != "copy")
 
     async def create(self, env_path: Path, interpreter: Interpreter) -> None:
         write_venv(env_path, interpreter)
-        write_pip_shim(env_path, self.uv, self.cache, self.config)
+        write_pip_shim(env_path, self.uv, self.config)
 
     async def populate(self, env_path: Path, interpreter: Interpreter, packages: Sequence[str],
                        requirements: Sequence[Path] = ()) -> None:
@@ -197,7 +210,9 @@ class UvBuilder(Builder):
                 log.debug("snapshot %s unusable (%s); installing", template, exc)
                 await in_thread(remove_added, env_path, baseline)
         await self.install(env_path, interpreter, packages, requirements)
-        await in_thread(self.templates.store, key, env_path, baseline)
+        if not self.built_inside:
+            # (What a build inside wrote is the env's code, not uv's: never snapshotted.)
+            await in_thread(self.templates.store, key, env_path, baseline)
 
     async def install(self, env_path: Path, interpreter: Interpreter, packages: Sequence[str],
                       requirements: Sequence[Path] = ()) -> None:
@@ -219,18 +234,82 @@ class UvBuilder(Builder):
         env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
         for key in ("VIRTUAL_ENV", "UV_PYTHON", "UV_SYSTEM_PYTHON"):
             env.pop(key, None)
-        await self._run(argv, "uv pip install " + " ".join(packages), env)
+        what = "uv pip install " + " ".join(packages)
+        if self.inside is None:
+            await self._run(argv, what, env)
+        else:
+            try:
+                # Wheels only, here: resolving, downloading and unpacking run no package code.
+                await self._run([*argv[:3], "--no-build", *argv[3:]], what, env)
+            except BuildError as exc:
+                if not _NEEDS_BUILD.search(exc.output):
+                    raise
+                await self._install_inside(env_path, interpreter, packages, requirements, env)
         await in_thread(_fix_shebangs, env_path, interpreter, before)
 
-    def link_mode(self, env_path: Path) -> str:
-        # A hardlink cannot cross filesystems: tmpfs-backed envs get copies.
-        if self.config.link_mode == "copy":
-            return "copy"
+    async def _install_inside(self, env_path: Path, interpreter: Interpreter,
+                              packages: Sequence[str], requirements: Sequence[Path],
+                              env: dict[str, str]) -> None:
+        """The install again as a command of the env, which builds what must be built: under
+        its limits, isolation and network, with a uv cache of its own."""
+        assert self.inside is not None
+        argv = [self.uv, "pip", "install", "--quiet", "--python", interpreter.path,
+                "--prefix", str(env_path), "--cache-dir", str(shim_cache_dir(env_path)),
+                "--link-mode", "copy"]
+        if self.config.compile_bytecode:
+            argv.append("--compile-bytecode")
+        if self.config.offline or not self.inside.network:
+            argv.append("--offline")  # downloads only from what is local (find-links, paths)
+        self.built_inside = True
+        staged = env_path / PRIVATE_DIR / "inputs"
         try:
-            same = os.stat(self.cache).st_dev == os.stat(env_path).st_dev
-        except OSError:
-            same = False
-        return "hardlink" if same else "copy"
+            argv += await in_thread(stage_inputs, self._install_args(packages, requirements),
+                                    staged)
+            result = await self.inside.run(
+                argv, {k: v for k, v in env.items() if k.startswith(("UV_", "LANG", "LC_"))})
+        finally:
+            for scratch in (staged, shim_cache_dir(env_path)):
+                await in_thread(remove_tree_quietly, scratch)
+        _raise_for(result, "uv pip install " + " ".join(packages), self.inside)
+
+    def _install_args(self, packages: Sequence[str], requirements: Sequence[Path]) -> list[str]:
+        args = _index_args(self.config)
+        for req in requirements:
+            args += ["--requirement", str(req)]
+        return args + list(packages)
+
+    def link_mode(self, env_path: Path) -> str:
+        """Always "copy", whatever ``link_mode`` says: a hardlink would share the cache's inode
+        (an in-place edit of an installed file would reach the cache and every later env), and
+        uv's "clone" falls back to hardlinks where reflinks fail (uv PR 18104). uv copies with
+        copy_file_range, which the kernel turns into a reflink on btrfs and XFS."""
+        return "copy"
+
+
+# uv's words when --no-build refuses an sdist or a source tree that would have to be built.
+_NEEDS_BUILD = re.compile(r"(?i)(building source distributions is disabled|building from source "
+                          r"is disabled|--no-build)")
+
+
+def _raise_for(result: ExecResult, what: str, inside: InsideInstaller) -> None:
+    """An install run inside the env that failed, said plainly: above all an OOM kill."""
+    if result.returncode == 0 and result.killed_by is None:
+        return
+    name = inside.record.name
+    output = result.stderr or result.stdout
+    if result.killed_by == "memory" or result.oom_killed:
+        raise BuildError(f"{what} in environment {name!r}: the build was killed by the "
+                         f"environment's memory limit (max_memory={inside.memory_limit} MB)",
+                         output)
+    if result.killed_by is not None:
+        raise BuildError(f"{what} in environment {name!r}: {result.describe()}", output)
+    raise BuildError(f"{what} failed inside environment {name!r} (exit {result.returncode})",
+                     output)
+
+
+def remove_tree_quietly(path: Path) -> None:
+    """The inside install's own uv cache (the env's, under its sandbox uid): not kept."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _scripts(env_path: Path) -> dict[str, int]:
@@ -294,22 +373,39 @@ class VenvPipBuilder(Builder):
         for req in requirements:
             argv += ["--requirement", str(req)]
         argv += list(packages)
-        await self._run(argv, "pip install " + " ".join(packages))
+        what = "pip install " + " ".join(packages)
+        if self.inside is None:
+            await self._run(argv, what)
+            return
+        # pip runs package code (builds) as it installs: all of it inside the env.
+        if not self.inside.network and "--no-index" not in argv:
+            argv.insert(argv.index("install") + 1, "--no-index")
+        self.built_inside = True
+        staged = env_path / PRIVATE_DIR / "inputs"
+        head = argv.index("install") + 1
+        try:
+            argv[head:] = await in_thread(stage_inputs, argv[head:], staged)
+            result = await self.inside.run(argv, {k: v for k, v in os.environ.items()
+                                                  if k.startswith(("PIP_", "LANG", "LC_"))})
+        finally:
+            await in_thread(remove_tree_quietly, staged)
+        _raise_for(result, what, self.inside)
 
 
-def make_builder(config: Config, env_id: str | None = None) -> Builder:
+def make_builder(config: Config, env_id: str | None = None,
+                 inside: InsideInstaller | None = None) -> Builder:
     """The configured builder; ``env_id`` marks its processes as the environment's, so that
     destroying the environment mid-install kills them and the idle check sees them."""
     if config.builder == "venv":
-        return VenvPipBuilder(config, env_id)
+        return VenvPipBuilder(config, env_id, inside)
     uv = find_uv()
     if uv is not None:
-        return UvBuilder(config, uv, env_id)
+        return UvBuilder(config, uv, env_id, inside)
     if config.builder == "uv":
         raise BuildError("builder = 'uv' but uv is not installed (pip install uv)")
     warnings.warn("uv not found: building environments with python -m venv + pip (much slower)",
                   RuntimeWarning, stacklevel=3)
-    return VenvPipBuilder(config, env_id)
+    return VenvPipBuilder(config, env_id, inside)
 
 
 _ACTIVATE = """\
@@ -355,22 +451,27 @@ def write_venv(env_path: Path, interpreter: Interpreter) -> None:
 _PIP_SHIM = """\
 #!/bin/sh
 # gestvenv: this environment was built with uv; pip here is uv's pip interface for it,
-# with gestvenv's cache and index settings. (There is no "python -m pip" in it.)
+# with gestvenv's index settings and a cache of its own, inside it: what runs under this pip
+# (an sdist's build) cannot write gestvenv's shared cache. (There is no "python -m pip".)
 {settings} exec {uv} pip "$@"
 """
 
 
-def write_pip_shim(env_path: Path, uv: str, cache: Path, config: Config) -> None:
+def shim_cache_dir(env_path: Path) -> Path:
+    """The pip shim's uv cache: the environment's own (left out of snapshots)."""
+    return env_path / PRIVATE_DIR / "uv-cache"
+
+
+def write_pip_shim(env_path: Path, uv: str, config: Config) -> None:
     import shlex
 
     settings = {
         "UV_PYTHON": str(env_path / "bin" / "python"),
-        "UV_CACHE_DIR": str(cache),
+        "UV_CACHE_DIR": str(shim_cache_dir(env_path)),
+        "UV_LINK_MODE": "copy",
         "UV_PYTHON_DOWNLOADS": "never",
         "UV_COMPILE_BYTECODE": "1" if config.compile_bytecode else "0",
     }
-    if config.link_mode == "copy":
-        settings["UV_LINK_MODE"] = "copy"
     if config.offline:
         settings["UV_OFFLINE"] = "1"
     if config.find_links:

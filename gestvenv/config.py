@@ -126,8 +126,9 @@ OPTIONS: dict[str, Option] = {
     "allow_unenforced_limits": Option(_bool, "create envs even if a limit cannot be enforced"),
     "compile_bytecode": Option(_bool, "write .pyc files when installing packages"),
     "link_mode": Option(_choice("auto", "copy"),
-                        "auto: hardlink from the cache when possible (fast; an in-place edit of an "
-                        "installed file shows in other envs), copy: always copy (isolated)"),
+                        "how installed files are made, never as hardlinks (each env's files are "
+                        "its own): auto: reflink (copy-on-write clone) where the filesystem has "
+                        "them, else copy; copy: always a byte copy"),
     "template_ttl": Option(_int(0), "seconds a resolved package set is reused (0: never)"),
     "python": Option(_opt_str, "default interpreter (a version like '3.12' or a path)"),
     "storage_root": Option(_opt_path, "directory of disk-backed environments"),

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import registry, storage
+from . import registry, sandbox, storage
 from .builder import Interpreter, make_builder
 from .config import Config, load_config
 from .exceptions import (
@@ -23,6 +23,7 @@ from .exceptions import (
     RuntimeUnavailableError,
     ValidationError,
 )
+from .inside import InsideInstaller
 from .lifecycle import EnvSpec, create, destroy
 from .models import (
     Enforcement,
@@ -147,8 +148,10 @@ class Environment:
         # marker (destroying the env mid-install kills them).
         await asyncio.to_thread(registry.touch, record.name, record.id)
         try:
-            await make_builder(self._config, record.id).install(self.path, interpreter, specs,
-                                                                 reqs)
+            inside = InsideInstaller(record, runtime_named(record.runtime))
+            await make_builder(self._config, record.id, inside).install(
+                self.path, interpreter, specs, reqs)
+            await asyncio.to_thread(sandbox.hand_over_env, record.path, record.sandbox_uid)
         finally:
             await asyncio.to_thread(registry.touch, record.name, record.id)
         await asyncio.to_thread(_record_packages, record, specs)
@@ -309,6 +312,8 @@ def describe(record: EnvRecord) -> dict[str, Any]:
         "packages": record.packages,
         "limits": record.limits,
         "enforcement": record.enforcement,
+        "sandbox_uid": record.sandbox_uid,
+        "sandbox_expose": record.sandbox_expose,
         "guarantees": _guarantees(record.runtime),
         "notes": record.notes,
     }

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import psutil
 
-from . import registry, storage
-from .builder import find_interpreter, make_builder
+from . import registry, sandbox, storage
+from .builder import find_interpreter, find_uv, make_builder
 from .config import Config
 from .exceptions import UnenforceableLimitError, UnsafePathError
+from .inside import InsideInstaller
 from .models import Enforcement, IsolationLevel, ResourceLimits, StorageBackend
 from .registry import EnvRecord
 from .runtime import runtime_named, select_runtime
@@ -76,6 +77,9 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
         builder=builder.name, packages=list(spec.packages),
         notes=[n for n in (root.note, *enforcement.notes) if n], environ=dict(spec.environ),
     )
+    if enforcement.isolation_applied.rank >= IsolationLevel.NAMESPACE.rank:
+        record = await asyncio.to_thread(_with_sandbox, record, config)
+    builder.inside = InsideInstaller(record, runtime)  # package code runs in the env
     async with AsyncExitStack() as undo:
         # The undo is armed before the reservation: a cancellation may land while the reserving
         # thread has already written the state file. destroy() only ever removes this record
@@ -98,12 +102,30 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
                         record.id)
         await builder.create(Path(record.path), interpreter)
         await builder.populate(Path(record.path), interpreter, spec.packages, spec.requirements)
+        await in_thread(sandbox.hand_over_env, record.path, record.sandbox_uid)
         record = record.evolve(status="ready", last_activity=time.time())
         if not spec.owned:
             record = record.evolve(owner_pid=None, owner_started=None)
         await in_thread(registry.commit, record)
         undo.pop_all()
     return record
+
+
+def _with_sandbox(record: EnvRecord, config: Config) -> EnvRecord:
+    """The env's sandbox: its own uid (a root creator's), what its commands must not see
+    (gestvenv's dirs) and what they need from hidden trees (the interpreter, uv)."""
+    uid = None
+    if sandbox.needs_own_uid(os.geteuid(), IsolationLevel(record.enforcement["isolation_applied"])):
+        taken = {r.sandbox_uid for r in registry.list_records() if r.sandbox_uid is not None}
+        uid = sandbox.uid_for(record.id, taken)
+    dirs = [str(storage.runtime_dir_path()), str(storage.uv_cache_dir(config)),
+            str(storage.templates_dir(config)), *map(str, storage.all_roots(config))]
+    if os.geteuid() == 0:
+        dirs += map(str, (storage.ROOT_RUNTIME_DIR, storage.ROOT_CACHE_DIR))
+    uv = find_uv()
+    hide, expose = sandbox.sandbox_paths(record.interpreter, [uv] if uv else [],
+                                         [d for d in dirs if os.path.isdir(d)])
+    return record.evolve(sandbox_uid=uid, sandbox_hide=hide, sandbox_expose=expose)
 
 
 async def destroy(record: EnvRecord, config: Config) -> None:

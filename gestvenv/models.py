@@ -179,7 +179,9 @@ class ExecResult:
     :mod:`subprocess`). ``killed_by`` says who ended it when gestvenv knows: ``"timeout"``,
     ``"ttl"`` (the environment expired), ``"memory"`` (a runtime that can tell an OOM kill:
     cgroups; under the local runtime's RLIMIT_AS an allocation fails instead, and the program
-    reports it, Python with MemoryError) or ``None``.
+    reports it, Python with MemoryError) or ``None``. ``oom_killed`` is True when the kernel
+    OOM-killed a process of the command's, even one whose death the command survived (a build
+    tool whose compiler was killed).
     """
 
     argv: tuple[str, ...]
@@ -188,6 +190,7 @@ class ExecResult:
     stderr: str
     duration: float
     killed_by: str | None = None
+    oom_killed: bool = False
 
     @property
     def ok(self) -> bool:

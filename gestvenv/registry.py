@@ -60,6 +60,10 @@ class EnvRecord:
     # The unprivileged uid (and gid) the env's commands run as when a root creator asked for
     # namespace isolation or more; None: they run as the creator.
     sandbox_uid: int | None = None
+    # At namespace isolation and above: gestvenv's own dirs the env's commands must not see
+    # (hidden under an empty tmpfs), and paths under hidden trees they need (bound read-only).
+    sandbox_hide: list[str] = field(default_factory=list)
+    sandbox_expose: list[str] = field(default_factory=list)
     version: int = STATE_VERSION
 
     @property

@@ -13,9 +13,12 @@ A non-root creator cannot switch uids: its commands keep its uid, inside a user 
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import os
+from collections.abc import Collection, Iterable
+from pathlib import Path
 
 from .models import IsolationLevel
+from .reaper import CLAIM
 
 UID_BASE = 0x70000000   # 1879048192
 UID_COUNT = 1 << 24     # up to 1895825407
@@ -39,3 +42,49 @@ def uid_for(env_id: str, taken: Collection[int] = ()) -> int:
 
 def is_sandbox_uid(uid: int) -> bool:
     return UID_BASE <= uid < UID_BASE + UID_COUNT
+
+
+# Trees a sandbox hides wholesale (homes, private /tmp and /dev/shm): what a command needs from
+# below them (the interpreter, uv) is bound back read-only.
+HIDDEN_TREES = ("/home", "/root", "/run/user", "/tmp", "/var/tmp", "/dev/shm")
+
+
+def is_hidden(path: str) -> bool:
+    """Whether a sandbox at namespace isolation or above hides ``path`` (see HIDDEN_TREES)."""
+    return any(path == tree or path.startswith(tree + "/") for tree in HIDDEN_TREES)
+
+
+def sandbox_paths(interpreter: str, tools: Iterable[str],
+                  gestvenv_dirs: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(dirs to hide, paths to expose read-only) for an env's sandbox.
+
+    Hidden: gestvenv's own dirs (the shared cache, the snapshots, the storage roots and the
+    state files) unless a hidden tree covers them already; the env's own dir is bound back over
+    them by the runtime. Exposed: the interpreter's prefix (its ``bin/python`` links to it) and
+    gestvenv's tools (uv, for the env's pip) where a hidden tree would take them away.
+    """
+    hide = [d for d in dict.fromkeys(gestvenv_dirs) if not is_hidden(d)]
+    expose = []
+    if is_hidden(interpreter):
+        expose.append(str(Path(interpreter).parent.parent))
+    expose += [t for t in tools if is_hidden(t)]
+    return hide, list(dict.fromkeys(expose))
+
+
+def hand_over(path: Path, uid: int, keep: Collection[str] = ()) -> None:
+    """Give the env's files to its sandbox uid (after an install by its root creator), but the
+    top-level names in ``keep`` (gestvenv's claim): its commands can then change their own
+    env, and only it."""
+    os.lchown(path, uid, uid)
+    for dirpath, dirnames, filenames in os.walk(path):
+        top = dirpath == str(path)
+        for name in (*dirnames, *filenames):
+            if top and name in keep:
+                continue
+            os.lchown(os.path.join(dirpath, name), uid, uid)
+
+
+def hand_over_env(path: str, uid: int | None) -> None:
+    """After an install by a root creator: the env's files (but its claim) to its sandbox uid."""
+    if uid is not None:
+        hand_over(Path(path), uid, keep=(CLAIM,))

@@ -2,8 +2,10 @@
 
 ``uv run --with`` reuses one cached environment per set of requirements; gestvenv gives every
 caller a fresh environment, so it keeps instead a snapshot of what the first install added
-(site-packages, scripts, data) and clones it: hardlinks on the same filesystem, copies across
-filesystems, scripts rewritten for the new environment's interpreter. A snapshot is keyed by
+(site-packages, scripts, data) and clones it: reflinks (copy-on-write clones) where the
+filesystem has them, else copies, never hardlinks (an environment's in-place edit of an
+installed file must not reach the snapshot nor any other environment); scripts are rewritten
+for the new environment's interpreter. A snapshot is keyed by
 everything that decides the resolution (interpreter, specs, requirements files' contents, index
 settings, uv) and is used for ``template_ttl`` seconds, after which the set is resolved again.
 """
@@ -11,11 +13,12 @@ settings, uv) and is used for ``template_ttl`` seconds, after which the set is r
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
-import shutil
 import stat
 import time
 import uuid
@@ -37,6 +40,14 @@ _MAX_SHEBANG = 127
 _PLAIN_REQ = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\s*(\[[A-Za-z0-9._,\s-]*\])?\s*"
                         r"([<>=!~][^@/\\]*)?(;[^@/\\]*)?", re.ASCII)
 _SH_PREAMBLE = b"#!/bin/sh\n'''exec'"
+# In an environment's dir: what belongs to the environment alone (the pip shim's own uv
+# cache), never part of a snapshot.
+PRIVATE_DIR = ".gestvenv"
+# ioctl(dst, FICLONE, src): dst becomes a copy-on-write clone of src (btrfs, XFS, bcachefs...).
+_FICLONE = 0x40049409
+# What a filesystem (or a pair of them) without reflinks answers: stop trying for this transfer.
+_NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS,
+               errno.EPERM, errno.EBADF}
 
 
 def snapshottable(packages: Sequence[str], requirements: Sequence[Path]) -> bool:
@@ -99,11 +110,16 @@ def template_key(*, interpreter: str, version: str, uv: str, packages: Sequence[
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def walk(root: Path, *, topdown: bool = True) -> Iterator[tuple[str, str, bool]]:
+def walk(root: Path, *, topdown: bool = True,
+         prune: frozenset[str] | set[str] = frozenset()) -> Iterator[tuple[str, str, bool]]:
     """(path relative to ``root``, full path, is a real directory) for everything below
-    ``root``; symlinks are listed, never followed."""
+    ``root``; symlinks are listed, never followed. Top-level entries named in ``prune`` are
+    left out, with all they hold (``topdown`` only)."""
     for dirpath, dirnames, filenames in os.walk(root, topdown=topdown):
         rel = os.path.relpath(dirpath, root)
+        if prune and rel == ".":
+            dirnames[:] = [d for d in dirnames if d not in prune]
+            filenames = [f for f in filenames if f not in prune]
         for name in (*dirnames, *filenames):
             path = os.path.join(dirpath, name)
             is_dir = name in dirnames and not os.path.islink(path)
@@ -130,25 +146,75 @@ def _retargeted(path: str, old: bytes, new: bytes) -> bytes | None:
         return retarget(f.read(), old, new)
 
 
-def _place(src: str, dst: str, *, link: bool) -> None:
-    if link:
+class Copier:
+    """Copies files, never links them: each copy is an inode of its own, so writing one never
+    changes another. ``reflink``: try a copy-on-write clone first (FICLONE), then the kernel's
+    copy_file_range (which may clone too, on btrfs/XFS), else sendfile; without it, sendfile
+    only (a byte copy). Mode bits and times are kept (times: so that the .pyc files copied
+    alongside stay valid). What fails once is not tried again for the rest of the transfer."""
+
+    def __init__(self, *, reflink: bool) -> None:
+        self.reflink = reflink
+        self.range = reflink
+        self.reflinked = self.copied = 0
+
+    def copy(self, src: str, dst: str) -> None:
+        fsrc = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            os.link(src, dst)
-            return
-        except OSError:
-            pass
-    shutil.copy2(src, dst)
+            st = os.fstat(fsrc)
+            fdst = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                           | os.O_NOFOLLOW, 0o600)
+            try:
+                if st.st_size:
+                    self._data(fsrc, fdst, st.st_size)
+                os.fchmod(fdst, stat.S_IMODE(st.st_mode))
+                os.utime(fdst, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(fdst)
+        finally:
+            os.close(fsrc)
+
+    def _data(self, fsrc: int, fdst: int, size: int) -> None:
+        if self.reflink:
+            try:
+                fcntl.ioctl(fdst, _FICLONE, fsrc)
+                self.reflinked += 1
+                return
+            except OSError as exc:
+                if exc.errno not in _NO_REFLINK:
+                    raise
+                self.reflink = False
+        self.copied += 1
+        done = 0
+        if self.range:
+            try:
+                while done < size:
+                    n = os.copy_file_range(fsrc, fdst, size - done)
+                    if n == 0:
+                        return  # shrunk meanwhile
+                    done += n
+                return
+            except OSError as exc:
+                if done or exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP,
+                                             errno.EINVAL):
+                    raise
+                self.range = False
+        while done < size:
+            n = os.sendfile(fdst, fsrc, done, size - done)
+            if n == 0:
+                return
+            done += n
 
 
 def _transfer(src_root: Path, dst_root: Path, *, skip: set[str], replace: tuple[bytes, bytes],
-              link: bool) -> None:
-    """Recreate ``src_root``'s tree under ``dst_root``, minus the relative paths in ``skip``:
-    directories made, symlinks recreated, scripts in bin/ rewritten (``replace``: the
-    interpreter's path for the placeholder or back), other files hardlinked when ``link`` and the
-    filesystem allow, else copied."""
-    link = link and os.stat(src_root).st_dev == os.stat(dst_root).st_dev
+              reflink: bool) -> None:
+    """Recreate ``src_root``'s tree under ``dst_root``, minus the relative paths in ``skip``
+    and the environment's private dir: directories made, symlinks recreated, scripts in bin/
+    rewritten (``replace``: the interpreter's path for the placeholder or back), other files
+    copied (reflinked when ``reflink`` and the filesystem allow): never hardlinked."""
+    copier = Copier(reflink=reflink)
     old, new = replace
-    for relname, src, is_dir in walk(src_root):
+    for relname, src, is_dir in walk(src_root, prune={PRIVATE_DIR}):
         dst = os.path.join(dst_root, relname)
         if is_dir:
             os.makedirs(dst, exist_ok=True)  # also a skipped dir: it may hold new files
@@ -161,14 +227,16 @@ def _transfer(src_root: Path, dst_root: Path, *, skip: set[str], replace: tuple[
                 f.write(data)
             os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode))
         else:
-            _place(src, dst, link=link)
+            copier.copy(src, dst)
 
 
 class TemplateCache:
-    def __init__(self, root: Path, max_age: int, *, link: bool = True) -> None:
+    def __init__(self, root: Path, max_age: int, *, reflink: bool = True) -> None:
         self.root = root
         self.max_age = max_age
-        self.link = link  # False: every file is copied (config link_mode = "copy")
+        # True (link_mode "auto"): reflinks where the filesystem has them, else copies;
+        # False ("copy"): byte copies. Never hardlinks, in either direction.
+        self.reflink = reflink
 
     def _usable_root(self) -> bool:
         """Create the snapshots dir, marked as gestvenv's; a dir of that name that is not ours
@@ -198,7 +266,7 @@ class TemplateCache:
     def clone(self, template: Path, env_path: Path) -> None:
         python = str(env_path / "bin" / "python").encode()
         _transfer(template, env_path, skip={_COMPLETE}, replace=(PLACEHOLDER, python),
-                  link=self.link)
+                  reflink=self.reflink)
 
     def store(self, key: str, env_path: Path, baseline: set[str]) -> None:
         """Snapshot what an install added to ``env_path``; a concurrent twin may win, fine."""
@@ -209,7 +277,7 @@ class TemplateCache:
         tmp.mkdir()
         try:
             _transfer(env_path, tmp, skip=baseline, replace=(python, PLACEHOLDER),
-                      link=self.link)
+                      reflink=self.reflink)
             (tmp / _COMPLETE).write_text(json.dumps({"created": time.time()}))
             final = self.root / key
             if final.exists():  # stale (past max_age) or a twin's: replace it

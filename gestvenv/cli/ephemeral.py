@@ -15,7 +15,7 @@ from ..config import RUNTIMES, load_config
 from ..context import attach, create_environment, environments
 from ..exceptions import GestvenvError
 from ..lifecycle import destroy_many
-from ..models import IsolationLevel, ResourceLimits, StorageBackend
+from ..models import NOT_HELD, IsolationLevel, ResourceLimits, StorageBackend
 from ..registry import EnvRecord
 from ..runtime.systemd import systemd_booted
 from ..sync import run_sync
@@ -195,6 +195,13 @@ def show(name: str, as_json: bool) -> None:
     for key, status in enforcement["limits"].items():
         flag = "enforced" if status["enforced"] else "NOT enforced"
         click.echo(f"  {key} = {status['requested']}: {flag} ({status['mechanism']})")
+    protections = enforcement.get("protections") or {}
+    if protections:
+        who = f" (commands run as uid {info['sandbox_uid']})" if info.get("sandbox_uid") else ""
+        click.echo(f"isolation holds{who}:")
+    for threat, how in protections.items():
+        held = "NOT held" if how.startswith(NOT_HELD) else "held"
+        click.echo(f"  {threat}: {held} ({how.removeprefix(NOT_HELD)})")
     if "unit" in info:
         user = "--user " if os.geteuid() != 0 else ""
         unit = info["unit"]

@@ -1,4 +1,5 @@
-"""The local runtime, for hosts without systemd: a process group per command, rlimits, a watchdog.
+"""The local runtime, for hosts without systemd: a process group per command, rlimits, a watchdog,
+and at namespace isolation a bubblewrap sandbox per command (:mod:`.bwrap`).
 
 What it cannot enforce it says so in :meth:`LocalRuntime.plan`; the manager then refuses the
 environment unless unenforced limits are explicitly allowed.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
+import errno
 import os
 import resource
 import subprocess
@@ -19,14 +22,29 @@ from pathlib import Path
 
 import psutil
 
-from ..exceptions import CommandNotExecutableError, CommandNotFoundError
-from ..models import Enforcement, ExecResult, IsolationLevel, LimitStatus, ResourceLimits
+from .. import sandbox as sandbox_ids
+from ..exceptions import (
+    CommandNotExecutableError,
+    CommandNotFoundError,
+    RuntimeUnavailableError,
+    ValidationError,
+)
+from ..models import (
+    NOT_HELD,
+    THREATS,
+    Enforcement,
+    ExecResult,
+    IsolationLevel,
+    LimitStatus,
+    ResourceLimits,
+)
 from ..registry import EnvRecord, lock_path, state_path
 from ..shield import shielded
-from . import processes
+from . import bwrap, processes
 from .base import CommandSpec, Runtime, Usage
 
 MB = 1 << 20
+SANDBOX_TASKS = 2  # bwrap's init (PID 1) and ours, in the command's namespaces
 PIPE_GRACE = 1.0
 HOLDER = str(Path(__file__).resolve().parents[1] / "holder.py")
 HOLDER_MARKER = "GESTVENV_HOLDER_OF"  # in the environment of an env's own (local) holder
@@ -62,6 +80,75 @@ def _user_task_count(uid: int) -> int:
     return count
 
 
+NETWORK_MECHANISM = ("a network namespace of its own for each command, with only lo "
+                     "(bubblewrap --unshare-net): the env's commands do not reach each other "
+                     "over loopback either")
+
+
+def protections(applied: IsolationLevel, *, root: bool, own_uid: bool,
+                network: LimitStatus | None) -> dict[str, str]:
+    """What the local runtime holds against each threat (``models.THREATS``) at the applied
+    isolation, and by what; what it does not hold says so. ``own_uid``: a root creator's
+    commands run as the env's own unprivileged uid (``EnvRecord.sandbox_uid``)."""
+    boxed = applied.rank >= IsolationLevel.NAMESPACE.rank
+    out = {
+        "shared_files": "installed files are copies or reflinks, never hardlinks, of the cache "
+                        "and snapshots" + ("; gestvenv's dirs but the env's are hidden"
+                                           if boxed else ""),
+        "builds": f"{NOT_HELD}package builds run in the creator's process",
+    }
+    if network is None:
+        out["network"] = f"{NOT_HELD}network_access=True"
+    else:
+        out["network"] = network.mechanism if network.enforced else NOT_HELD + network.mechanism
+    if not boxed:
+        who = "root, as the creator" if root else "the creator's uid"
+        for threat in ("privileges", "secrets", "host_writes", "processes", "units",
+                       "other_envs", "ipc_uts", "kernel"):
+            out[threat] = f"{NOT_HELD}process isolation: commands run as {who}, on the host"
+        if not root:
+            out["privileges"] = (f"{NOT_HELD}commands run as the creator's unprivileged uid, "
+                                 "which setuid programs (sudo, su) can still raise")
+        return _ordered(out)
+    as_root = root and not own_uid
+    if as_root:
+        out["privileges"] = (f"{NOT_HELD}commands run as root (uid 0) in a user namespace, "
+                             "no capability (bwrap --cap-drop ALL), but root's files are theirs")
+        out["secrets"] = (f"{NOT_HELD}homes and /run/user are hidden, but commands run as uid "
+                          "0: root-only files elsewhere (/etc/shadow) stay readable")
+    elif own_uid:
+        out["privileges"] = ("an unprivileged uid of the env's own (setpriv: no group, no "
+                             "capability, empty bounding set) in a user namespace; setuid bits "
+                             "give nothing (no capability in the namespace)")
+        out["secrets"] = ("homes and /run/user hidden (tmpfs); root-only files such as "
+                          "/etc/shadow are unreadable to the env's uid; world-readable files "
+                          "stay readable")
+    else:
+        out["privileges"] = ("the creator's unprivileged uid in a user namespace, no capability "
+                             "(bwrap --cap-drop ALL); setuid bits give nothing")
+        out["secrets"] = ("homes and /run/user hidden (tmpfs, the creator's home too); files "
+                          "readable by the creator elsewhere stay readable")
+    out["host_writes"] = ("the host is bound read-only (bwrap --ro-bind / /), /tmp, /var/tmp, "
+                          "/dev/shm and /dev are private: only the env's dir is writable; no "
+                          "capability to remount")
+    out["processes"] = ("a PID namespace of its own per command, with a fresh /proc: no host "
+                        "process is visible or signalable")
+    out["units"] = ("/run/user (the user bus, the user manager) and /run/dbus (the system bus) "
+                    "hidden" + ("" if as_root else
+                                "; the uid has no right to manage system units"))
+    out["other_envs"] = ("the env's storage root and gestvenv's dirs hidden (tmpfs), the env's "
+                         "own dir bound back" + ("; a uid per env" if own_uid else ""))
+    out["ipc_uts"] = "IPC and UTS namespaces of its own per command"
+    out["kernel"] = ("no capability (bwrap --cap-drop ALL), /proc/sys and /sys read-only; "
+                     "no system call filter: the kernel's own checks (kernel logs stay readable "
+                     "where kernel.dmesg_restrict is 0)")
+    return _ordered(out)
+
+
+def _ordered(held: dict[str, str]) -> dict[str, str]:
+    return {threat: held[threat] for threat in THREATS if threat in held}
+
+
 class LocalRuntime(Runtime):
     name = "local"
 
@@ -69,31 +156,59 @@ class LocalRuntime(Runtime):
         self.note = note  # why "auto" chose this runtime, when it had a choice
 
     def plan(self, limits: ResourceLimits, isolation: IsolationLevel) -> Enforcement:
-        root = os.geteuid() == 0
+        creator = os.geteuid()
+        root = creator == 0
         status: dict[str, LimitStatus] = {}
         if limits.max_memory is not None:
             status["max_memory"] = LimitStatus(
                 limits.max_memory, True,
                 "RLIMIT_AS on each process (address space per process, not the env's total)")
-        if limits.max_processes is not None:
-            status["max_processes"] = LimitStatus(
-                limits.max_processes, not root,
-                "root is exempt from RLIMIT_NPROC" if root else
-                "RLIMIT_NPROC: the user's task count at command start + max_processes")
         if limits.max_cpu_percent is not None:
             status["max_cpu_percent"] = LimitStatus(
                 limits.max_cpu_percent, False, "needs a cpu cgroup (systemd runtime)")
         if limits.max_disk is not None:
             status["max_disk"] = LimitStatus(
                 limits.max_disk, False, "needs a size-capped storage (systemd runtime)")
-        if not limits.network_access:
-            status["network_access"] = LimitStatus(
-                False, False, "needs a private network namespace (systemd runtime)")
         notes = [self.note] if self.note else []
+        applied = IsolationLevel.PROCESS
         if isolation is not IsolationLevel.PROCESS:
-            notes.append(f"isolation {isolation.value} requested; the local runtime applies "
-                         "process isolation only (own process group, marked processes)")
-        return Enforcement(self.name, isolation, IsolationLevel.PROCESS, status, tuple(notes))
+            reason = bwrap.probe_for(creator, namespaces=True)
+            if reason is None:
+                applied = IsolationLevel.NAMESPACE
+                if isolation.rank > applied.rank:
+                    notes.append(
+                        f"isolation {isolation.value} requested; the local runtime applies "
+                        "namespace isolation (bubblewrap): already a read-only host where only "
+                        "the env's dir and its private /tmp, /var/tmp and /dev/shm are writable, "
+                        "but no system call filter and no change of root directory")
+            else:
+                notes.append(f"isolation {isolation.value} requested; the local runtime "
+                             f"applies process isolation only: {reason}")
+        if not limits.network_access:
+            reason = bwrap.probe_for(creator, namespaces=applied is IsolationLevel.NAMESPACE)
+            status["network_access"] = LimitStatus(False, True, NETWORK_MECHANISM) \
+                if reason is None else LimitStatus(
+                    False, False, f"needs a private network namespace: {reason}")
+        own_uid = sandbox_ids.needs_own_uid(creator, applied)
+        if limits.max_processes is not None:
+            if applied is IsolationLevel.NAMESPACE and own_uid:
+                status["max_processes"] = LimitStatus(
+                    limits.max_processes, True,
+                    "RLIMIT_NPROC on the env's own uid: its task count at command start + "
+                    "max_processes")
+            elif applied is IsolationLevel.NAMESPACE and not root:
+                status["max_processes"] = LimitStatus(
+                    limits.max_processes, True,
+                    "RLIMIT_NPROC in each command's own user namespace: max_processes tasks "
+                    "per command, not for the env as a whole")
+            else:
+                status["max_processes"] = LimitStatus(
+                    limits.max_processes, not root,
+                    "root is exempt from RLIMIT_NPROC" if root else
+                    "RLIMIT_NPROC: the user's task count at command start + max_processes")
+        held = protections(applied, root=root, own_uid=own_uid,
+                           network=status.get("network_access"))
+        return Enforcement(self.name, isolation, applied, status, tuple(notes), held)
 
     async def start(self, record: EnvRecord) -> None:
         """The env's own watchdog: gestvenv's holder, as under systemd (where it is the env
@@ -120,6 +235,11 @@ class LocalRuntime(Runtime):
             "local runtime: nothing survives a reboot except DISK-backed files, which stay "
             "until the next gestvenv command (its watchdog sweeps orphans at once, then every "
             "cleanup_interval); there is no timer at boot",
+            "local runtime: at namespace isolation (bubblewrap) each command has namespaces of "
+            "its own (PID, IPC, network without network access, /tmp): the env's commands "
+            "neither see each other's processes nor share a loopback network or /tmp; only the "
+            "env's dir is common to them. A working directory hidden by the sandbox (a home, "
+            "/tmp) is refused",
         )
 
     async def usage(self, record: EnvRecord) -> Usage:
@@ -146,22 +266,41 @@ class LocalRuntime(Runtime):
         else:
             stdin = subprocess.DEVNULL if command.capture else None
         out = subprocess.PIPE if command.capture else None
+        box = sandbox_of(record, command)
+        argv: Sequence[str] = command.argv
+        cwd, preexec, status_r, status_w = command.cwd, _rlimits(record), -1, -1
+        if box is not None:
+            # bwrap is run from / and told where to go inside (a dir it would not find inside
+            # is refused before); the rlimits are set by its init, just before the command.
+            status_r, status_w = os.pipe()
+            os.set_blocking(status_r, False)
+            argv = _sandboxed_argv(record, box, command, status_w)
+            cwd, preexec = "/", None
         started = time.monotonic()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *command.argv, stdin=stdin, stdout=out, stderr=out, cwd=command.cwd,
+                *argv, stdin=stdin, stdout=out, stderr=out, cwd=cwd,
                 env=environ,
                 # Captured commands get a session of their own (one group to kill); interactive
                 # ones stay in the terminal's foreground group so that Ctrl-C and job control
                 # reach them.
                 start_new_session=command.capture,
-                preexec_fn=_rlimits(record.resource_limits),
+                preexec_fn=preexec,
+                pass_fds=(status_w,) if status_w >= 0 else (),
             )
-        except FileNotFoundError as exc:  # e.g. the interpreter named by its "#!" line
-            raise CommandNotFoundError(f"cannot run {command.argv[0]}: {exc.strerror}") from None
-        except OSError as exc:  # EACCES, ENOEXEC (a "#!" line too long or malformed)
-            raise CommandNotExecutableError(
-                f"cannot run {command.argv[0]}: {exc.strerror}") from None
+        except BaseException as exc:
+            if status_w >= 0:
+                os.close(status_r)
+            if isinstance(exc, FileNotFoundError):  # e.g. the interpreter of its "#!" line
+                raise CommandNotFoundError(
+                    f"cannot run {command.argv[0]}: {exc.strerror}") from None
+            if isinstance(exc, OSError):  # EACCES, ENOEXEC (a "#!" line too long or malformed)
+                raise CommandNotExecutableError(
+                    f"cannot run {command.argv[0]}: {exc.strerror}") from None
+            raise
+        finally:
+            if status_w >= 0:
+                os.close(status_w)
         # The command's output pipes: whoever still holds them at a timeout is of its tree,
         # even a process that scrubbed its environment (and so its marker).
         pipes = processes.pipe_ids(proc.pid) if command.capture else set()
@@ -189,11 +328,15 @@ class LocalRuntime(Runtime):
         except BaseException:
             # Cancelled (Ctrl-C, a task group): the command does not outlive its caller.
             collector.cancel()
+            if status_r >= 0:
+                os.close(status_r)
             await shielded(asyncio.to_thread(kill_tree))
             raise
         stdout, stderr = b"".join(chunks["stdout"]), b"".join(chunks["stderr"])
         duration = time.monotonic() - started
         returncode = proc.returncode if proc.returncode is not None else await proc.wait()
+        if status_r >= 0:
+            returncode = _sandboxed_status(status_r, returncode, command.argv[0])
         if killed_by is None and returncode == -9 and record.expires_at is not None \
                 and time.time() >= record.expires_at - 0.05:
             killed_by = "ttl"  # the watchdog ended the environment while this ran
@@ -213,13 +356,29 @@ def _deadline(record: EnvRecord, timeout: float | None) -> tuple[str, float | No
     return "ttl", remaining
 
 
-def _rlimits(limits: ResourceLimits) -> Callable[[], None] | None:
+def _limit_settings(record: EnvRecord, box: bwrap.Sandbox | None = None) -> list[tuple[int, int]]:
+    limits = record.resource_limits
     settings: list[tuple[int, int]] = []
     if limits.max_memory is not None:
         settings.append((resource.RLIMIT_AS, limits.max_memory * MB))
-    if limits.max_processes is not None and os.geteuid() != 0:
-        budget = _user_task_count(os.getuid()) + limits.max_processes
-        settings.append((resource.RLIMIT_NPROC, budget))
+    if limits.max_processes is not None:
+        if box is not None and box.namespaced and box.uid is not None:
+            # The env's own uid: its tasks are the env's (and our init's, counted here).
+            budget = _user_task_count(box.uid) + limits.max_processes + 1
+            settings.append((resource.RLIMIT_NPROC, budget))
+        elif box is not None and box.namespaced and not box.root:
+            # In a user namespace of its own the kernel counts only the command's tasks (of
+            # its uid, in that namespace): the limit holds per command, plus bwrap's init and
+            # ours.
+            settings.append((resource.RLIMIT_NPROC, limits.max_processes + SANDBOX_TASKS))
+        elif os.geteuid() != 0:
+            budget = _user_task_count(os.getuid()) + limits.max_processes
+            settings.append((resource.RLIMIT_NPROC, budget))
+    return settings
+
+
+def _rlimits(record: EnvRecord) -> Callable[[], None] | None:
+    settings = _limit_settings(record)
     if not settings:
         return None
 
@@ -227,6 +386,80 @@ def _rlimits(limits: ResourceLimits) -> Callable[[], None] | None:
         for which, value in settings:
             resource.setrlimit(which, (value, value))
     return apply
+
+
+def sandbox_of(record: EnvRecord, command: CommandSpec | None = None) -> bwrap.Sandbox | None:
+    """The bubblewrap sandbox the env's commands run in, or None (process isolation with the
+    host's network), from what its plan applied."""
+    enforcement = record.enforcement_record
+    namespaced = enforcement.isolation_applied.rank >= IsolationLevel.NAMESPACE.rank
+    net = enforcement.limits.get("network_access")
+    private_net = net is not None and net.enforced
+    if not namespaced and not private_net:
+        return None
+    env_path = os.path.realpath(record.path)
+    expose = [bwrap.interpreter_prefix(record.interpreter),
+              os.path.dirname(os.path.dirname(os.path.abspath(record.interpreter))),
+              *getattr(record, "sandbox_expose", ()), *getattr(command, "expose", ())]
+    from ..builder import find_uv  # (builder imports the runtime package)
+
+    uv = find_uv()
+    if uv is not None:
+        expose += [os.path.abspath(uv), os.path.realpath(uv)]
+    return bwrap.Sandbox(
+        level=IsolationLevel.NAMESPACE if namespaced else IsolationLevel.PROCESS,
+        network=not private_net, env_path=env_path,
+        hide=(os.path.dirname(env_path), *getattr(record, "sandbox_hide", ())),
+        expose=tuple(expose),
+        uid=record.sandbox_uid if namespaced and record.uid == 0 else None,
+        root=record.uid == 0)
+
+
+def _sandboxed_argv(record: EnvRecord, box: bwrap.Sandbox, command: CommandSpec,
+                    status_fd: int) -> list[str]:
+    cwd = os.path.abspath(command.cwd if command.cwd is not None else os.getcwd())
+    if not box.visible(cwd):
+        raise ValidationError(
+            f"working directory {cwd} is hidden inside environment {record.name!r} (namespace "
+            "isolation hides homes, /tmp, /var/tmp, /dev and gestvenv's storage but the env's "
+            f"own dir {record.path}): pass a cwd that is visible inside, such as the env's dir")
+    program = os.path.join(cwd, command.argv[0])
+    if not box.visible(os.path.abspath(program)):
+        raise CommandNotFoundError(
+            f"cannot run {command.argv[0]}: it is hidden inside environment {record.name!r} "
+            "(namespace isolation hides homes, /tmp, /var/tmp, /dev and gestvenv's storage but "
+            "the env's own dir)")
+    tool = bwrap.find_bwrap()
+    if tool is None:
+        raise RuntimeUnavailableError(
+            f"environment {record.name!r} runs its commands under bubblewrap, which is gone")
+    return bwrap.bwrap_argv(
+        box, bwrap=tool, python=record.interpreter, status_fd=status_fd,
+        limits=_limit_settings(record, box), argv=command.argv, cwd=cwd,
+        # Interactive commands stay in the terminal's session (Ctrl-C, job control); captured
+        # ones have no terminal (they are in a session of their own already).
+        new_session=command.capture)
+
+
+def _sandboxed_status(status_r: int, returncode: int, program: str) -> int:
+    """The command's own status, as the sandbox's init reported it (bwrap gives 128+N for a
+    death by signal N); bwrap's if there is no report (bwrap failed, or was killed)."""
+    try:
+        report = os.read(status_r, 64).decode(errors="replace")
+    except OSError:  # BlockingIOError: no report
+        report = ""
+    finally:
+        os.close(status_r)
+    if report.startswith("E"):  # then "S127" from the init
+        errno_ = int(report[1:].partition("S")[0] or errno.ENOEXEC)
+        text = os.strerror(errno_)
+        if errno_ == errno.ENOENT:
+            raise CommandNotFoundError(f"cannot run {program}: {text}")
+        raise CommandNotExecutableError(f"cannot run {program}: {text}")
+    if report.startswith("S"):
+        with contextlib.suppress(ValueError):
+            return int(report[1:])
+    return returncode
 
 
 async def _collect(proc: asyncio.subprocess.Process, command: CommandSpec,

@@ -98,12 +98,11 @@ def test_user_errors_are_one_line_without_traceback(gv_home: Path) -> None:
 @pytest.mark.local_runtime
 def test_unenforced_limits_are_reported(runner: CliRunner) -> None:
     result = runner.invoke(cli, ["ephemeral", "create", "lim", "--cpu", "20", "--memory", "256",
-                                 "--no-network", "--allow-unenforced", "--json"])
+                                 "--allow-unenforced", "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output[result.output.index("{"):])
     limits = info["enforcement"]["limits"]
     assert limits["max_cpu_percent"]["enforced"] is False
-    assert limits["network_access"]["enforced"] is False
     assert limits["max_memory"]["enforced"] is True
     shown = runner.invoke(cli, ["ephemeral", "show", "lim"]).output
     assert "max_cpu_percent = 20.0: NOT enforced" in shown

@@ -39,9 +39,12 @@ async def test_second_env_is_cloned_with_scripts_pointing_at_itself(gv_home: Pat
         result = await env.execute(["gvtool"])
         six = await env.execute(["python", "-c", "import six; print(six.__version__)"])
         site = next(env.path.glob("lib/python*/site-packages"))
-        # a fresh env: its own dirs, files linked (same filesystem), not the snapshot's dir
-        assert (site / "six" / "__init__.py").stat().st_nlink > 1
+        # a fresh env: its own dirs and its own files (reflinked or copied, never hardlinked)
+        mine = (site / "six" / "__init__.py").stat()
         twin = snapshot / site.relative_to(env.path) / "six"
+        assert mine.st_nlink == 1
+        assert mine.st_ino != (twin / "__init__.py").stat().st_ino
+        assert mine.st_mtime_ns == (twin / "__init__.py").stat().st_mtime_ns  # .pyc stay valid
         assert (site / "six").stat().st_ino != twin.stat().st_ino
         listed = await env.execute(["pip", "list"])
     assert result.stdout == "gvtool ran\n"

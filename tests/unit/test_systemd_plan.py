@@ -15,7 +15,7 @@ from dbus_next.errors import DBusError
 from dbus_next.signature import Variant
 
 from gestvenv.exceptions import GestvenvError, RuntimeUnavailableError, SystemdError
-from gestvenv.models import IsolationLevel, ResourceLimits
+from gestvenv.models import NOT_HELD, THREATS, IsolationLevel, ResourceLimits
 from gestvenv.names import MAX_NAME_LENGTH, validate_name
 from gestvenv.runtime.systemd import bus, plan
 from gestvenv.runtime.systemd.plan import (
@@ -68,7 +68,7 @@ def as_dict(props: list[Property]) -> dict[str, Any]:
 
 
 def sandbox(level: IsolationLevel, caps: Capabilities, network: bool = True) -> list[Property]:
-    return plan.sandbox_properties(level, network, ENV_PATH, caps)
+    return plan.sandbox_properties(plan.SandboxSpec(level, network, ENV_PATH), caps)
 
 
 def command(timeout: float | None = None, fds: dict[str, int] | None = None,
@@ -97,7 +97,7 @@ def every_unit(limits: ResourceLimits, isolation: IsolationLevel,
     the sandbox follows the isolation applied, not the one requested)."""
     names = UnitNames.of(ENV)
     applied = plan.enforcement(limits, isolation, caps).isolation_applied
-    box = plan.sandbox_properties(applied, limits.network_access, ENV_PATH, caps)
+    box = plan.sandbox_properties(plan.SandboxSpec(applied, limits.network_access, ENV_PATH), caps)
     bare_holder = HolderArgs(python="py", script="h.py", state_file="s", env_id="e")
     return {
         "parent": plan.parent_slice_properties(1024, caps),
@@ -146,17 +146,24 @@ def test_prop_uses_the_declared_signature_and_refuses_unknown_names() -> None:
 # signature changed by mistake in SIGNATURES would pass the matrix above but fail on the bus.
 SYSTEMD_TYPES = {
     "s": ["Description", "Slice", "Type", "WorkingDirectory", "StandardInput", "CollectMode",
-          "KillMode", "ProtectSystem", "ProtectHome"],
+          "KillMode", "ProtectSystem", "ProtectHome", "ProtectProc"],
     "b": ["AddRef", "StopWhenUnneeded", "SendSIGKILL", "MemoryAccounting", "CPUAccounting",
           "TasksAccounting", "IPAccounting", "PrivateNetwork", "PrivateUsers", "PrivateTmp",
           "PrivateDevices", "ProtectKernelTunables", "ProtectKernelModules",
-          "ProtectControlGroups", "NoNewPrivileges", "RestrictSUIDSGID"],
+          "ProtectControlGroups", "NoNewPrivileges", "RestrictSUIDSGID", "PrivateIPC",
+          "PrivatePIDs", "ProtectHostname", "ProtectKernelLogs", "ProtectClock",
+          "LockPersonality", "RestrictRealtime"],
     "t": ["RuntimeMaxUSec", "TimeoutStopUSec", "MemoryMax", "MemorySwapMax",
-          "CPUQuotaPerSecUSec", "TasksMax", "StartLimitIntervalUSec"],
+          "CPUQuotaPerSecUSec", "TasksMax", "StartLimitIntervalUSec", "CapabilityBoundingSet",
+          "AmbientCapabilities", "RestrictNamespaces"],
+    "i": ["SystemCallErrorNumber"],
     "u": ["StartLimitBurst"],
     "h": ["StandardInputFileDescriptor", "StandardOutputFileDescriptor",
           "StandardErrorFileDescriptor"],
-    "as": ["Environment", "BindsTo", "After", "JoinsNamespaceOf", "ReadWritePaths"],
+    "as": ["Environment", "BindsTo", "After", "JoinsNamespaceOf", "ReadWritePaths",
+           "ReadOnlyPaths", "InaccessiblePaths", "SystemCallArchitectures"],
+    "a(ss)": ["TemporaryFileSystem"],
+    "(bas)": ["SystemCallFilter"],
     "a(sasb)": ["ExecStart", "ExecStopPost"],
     "a(iayu)": ["IPAddressDeny", "IPAddressAllow"],
     "a(ssbt)": ["BindPaths", "BindReadOnlyPaths"],
@@ -358,25 +365,83 @@ def test_process_isolation_has_no_sandbox(caps: Capabilities) -> None:
 @pytest.mark.parametrize("caps", [SYSTEM, USER_FULL], ids=["system", "user"])
 def test_namespace_isolation(caps: Capabilities) -> None:
     props = as_dict(sandbox(IsolationLevel.NAMESPACE, caps))
-    assert props["PrivateTmp"] is True
-    assert props["PrivateDevices"] is True
-    assert props["ProtectSystem"] == "full"
-    assert props["NoNewPrivileges"] is True
+    for name in ("PrivateTmp", "PrivateDevices", "PrivateIPC", "NoNewPrivileges",
+                 "RestrictSUIDSGID", "ProtectKernelTunables", "ProtectKernelModules",
+                 "ProtectKernelLogs", "ProtectControlGroups", "ProtectClock", "ProtectHostname",
+                 "LockPersonality", "RestrictRealtime"):
+        assert props[name] is True, name
+    assert props["ProtectSystem"] == "strict"
+    assert props["ProtectHome"] == "tmpfs"
+    assert props["ProtectProc"] == "invisible"
+    assert props["RestrictNamespaces"] == 0  # none allowed
+    assert props["CapabilityBoundingSet"] == 0 and props["AmbientCapabilities"] == 0
+    # /run read-only again: systemd 252 leaves it writable under ProtectProc=invisible.
+    assert "/run" in props["ReadOnlyPaths"]
+    assert props["InaccessiblePaths"] == ["-/run/dbus/system_bus_socket"]
+    assert props["TemporaryFileSystem"] == [["/dev/shm", "mode=1777"]]
     assert props["BindPaths"] == [[ENV_PATH, ENV_PATH, False, 0]]
-    assert "ProtectHome" not in props
-    assert "ReadWritePaths" not in props
+    assert props["ReadWritePaths"] == [ENV_PATH]
     assert ("PrivateUsers" in props) is caps.user  # a user manager needs a user namespace
     assert "PrivateNetwork" not in props
+    assert "PrivatePIDs" not in props  # systemd 257 only
+    assert "SystemCallFilter" not in props
+
+
+def test_a_root_creators_sandbox_keeps_only_what_setpriv_needs() -> None:
+    spec = plan.SandboxSpec(IsolationLevel.NAMESPACE, True, ENV_PATH, uid=1879048200,
+                            hide=("/var/cache/gestvenv", "/tmp/x"),
+                            expose=("/root/.pyenv/versions/3.11.7",))
+    props = as_dict(plan.sandbox_properties(spec, SYSTEM))
+    assert props["CapabilityBoundingSet"] == (1 << 6) | (1 << 7) | (1 << 8)
+    # gestvenv's dirs hidden, but those under a tree hidden anyway (/tmp: PrivateTmp).
+    assert props["TemporaryFileSystem"] == [["/dev/shm", "mode=1777"],
+                                            ["/var/cache/gestvenv", "mode=0755"]]
+    assert props["BindReadOnlyPaths"] == [["/root/.pyenv/versions/3.11.7"] * 2 + [True, 0]]
+    argv = plan.setpriv_argv(1879048200)
+    assert argv[0] == plan.SETPRIV and argv[-1] == "--"
+    for option in ("--reuid=1879048200", "--regid=1879048200", "--clear-groups",
+                   "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all"):
+        assert option in argv
+
+
+def test_systemd_257_gives_a_pid_namespace() -> None:
+    caps = Capabilities(user=True, controllers=ALL_CONTROLLERS, cgroup_v2=True, version=257)
+    props = as_dict(sandbox(IsolationLevel.NAMESPACE, caps))
+    assert props["PrivatePIDs"] is True
+    held = plan.protections(IsolationLevel.NAMESPACE, caps, None)
+    assert held["processes"].startswith("PrivatePIDs=yes")
+    old = plan.protections(IsolationLevel.NAMESPACE, USER_FULL, None)
+    assert old["processes"].startswith(NOT_HELD)
 
 
 @pytest.mark.parametrize("caps", [SYSTEM, USER_FULL], ids=["system", "user"])
 def test_container_isolation(caps: Capabilities) -> None:
     props = as_dict(sandbox(IsolationLevel.CONTAINER, caps))
     assert props["ProtectSystem"] == "strict"
-    assert props["ProtectHome"] == "read-only"
+    assert props["ProtectHome"] == "tmpfs"
     assert props["ReadWritePaths"] == [ENV_PATH]
     assert props["PrivateTmp"] is True
     assert props["BindPaths"] == [[ENV_PATH, ENV_PATH, False, 0]]
+    # Calls outside an ordinary service's set fail with EPERM, not a SIGSYS death.
+    assert props["SystemCallFilter"] == [True, ["@system-service"]]
+    assert props["SystemCallErrorNumber"] == 1
+
+
+@pytest.mark.parametrize("level", list(IsolationLevel))
+@pytest.mark.parametrize("caps", list(CAPS.values()), ids=list(CAPS))
+def test_protections_name_every_threat_and_own_up_to_what_is_not_held(
+        level: IsolationLevel, caps: Capabilities) -> None:
+    held = plan.enforcement(ResourceLimits(), level, caps).protections
+    assert list(held) == list(THREATS)
+    applied = plan.enforcement(ResourceLimits(), level, caps).isolation_applied
+    not_held = {k for k, v in held.items() if v.startswith(NOT_HELD)}
+    if applied is IsolationLevel.PROCESS:
+        assert {"secrets", "host_writes", "processes", "units", "other_envs"} <= not_held
+    elif not caps.user:
+        assert not_held == {"network"}  # (network access was not cut off: allowed)
+    else:
+        assert not_held == {"network", "processes"}  # the user manager's PIDs, before 257
+    assert "shared_files" not in not_held
 
 
 @pytest.mark.parametrize("level", list(IsolationLevel))
@@ -387,7 +452,8 @@ def test_env_unit_gets_only_the_namespace_creating_sandbox(level: IsolationLevel
     box = sandbox(level, caps, network=network)
     props = env_unit(box=box)
     sandboxed = set(props) & {name for name, _, _ in box} - {"BindPaths"}
-    shared = {name for name, _, _ in box} & {"PrivateNetwork", "PrivateTmp", "PrivateUsers"}
+    shared = {name for name, _, _ in box} & {"PrivateNetwork", "PrivateTmp", "PrivateUsers",
+                                             "PrivateIPC"}
     assert sandboxed == (shared if "PrivateUsers" not in shared else set())
     # Its own binds (state, storage root) only: never the commands' view of the system.
     assert ENV_PATH not in [bind[0] for bind in props.get("BindPaths", [])]

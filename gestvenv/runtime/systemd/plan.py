@@ -26,8 +26,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...models import Enforcement, IsolationLevel, LimitStatus, ResourceLimits
+from ...models import NOT_HELD, THREATS, Enforcement, IsolationLevel, LimitStatus, ResourceLimits
 from ...names import RESERVED_NAMES
+from ...sandbox import is_hidden
 
 PARENT_SLICE = "gestvenv.slice"
 # In the env unit's environment: which env it is, and where its state file is (a name is reused
@@ -95,10 +96,27 @@ SIGNATURES: Mapping[str, str] = {
     "ReadWritePaths": "as",
     "BindPaths": "a(ssbt)",
     "BindReadOnlyPaths": "a(ssbt)",
+    "ReadOnlyPaths": "as",
+    "InaccessiblePaths": "as",
+    "TemporaryFileSystem": "a(ss)",
+    "CapabilityBoundingSet": "t",
+    "AmbientCapabilities": "t",
+    "ProtectProc": "s",
+    "PrivateIPC": "b",
+    "PrivatePIDs": "b",
+    "ProtectHostname": "b",
+    "ProtectKernelLogs": "b",
+    "ProtectClock": "b",
+    "RestrictNamespaces": "t",
+    "LockPersonality": "b",
+    "RestrictRealtime": "b",
+    "SystemCallFilter": "(bas)",
+    "SystemCallArchitectures": "as",
+    "SystemCallErrorNumber": "i",
 }
 
 # The sandboxing that creates namespaces an env's units share (JoinsNamespaceOf= its own unit).
-SHARED_NAMESPACES = ("PrivateNetwork", "PrivateTmp", "PrivateUsers")
+SHARED_NAMESPACES = ("PrivateNetwork", "PrivateTmp", "PrivateUsers", "PrivateIPC")
 
 Property = tuple[str, str, Any]
 
@@ -145,7 +163,7 @@ def env_name_of_unit(unit: str) -> str | None:
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What the manager can enforce, probed once per connection (see ``probe``)."""
+    """What the manager can enforce, probed once per connection (``SystemdRuntime.prepare``)."""
 
     user: bool                       # a user manager (systemd --user), not the system's
     controllers: frozenset[str]      # cgroup controllers it can use: cpu, memory, pids
@@ -153,10 +171,17 @@ class Capabilities:
     bpf_firewall: bool = True        # IPAddressDeny works (system manager)
     user_namespaces: bool = True     # PrivateUsers= possible (for sandboxing in user managers)
     swap_uncapped: bool = False      # swap is on and cgroup v1 cannot cap it (no memory.swap.max)
+    version: int = 252               # the manager's systemd version (PrivatePIDs= needs 257)
 
     @property
     def manager(self) -> str:
         return "user manager (systemd --user)" if self.user else "system manager"
+
+
+def systemd_version(text: str) -> int:
+    """The major version in the manager's Version property ("252.38-1~deb12u1", "257")."""
+    match = re.match(r"\D*(\d+)", text)
+    return int(match.group(1)) if match else 0
 
 
 @dataclass(frozen=True)
@@ -213,7 +238,72 @@ def enforcement(limits: ResourceLimits, isolation: IsolationLevel,
             status["network_access"] = LimitStatus(
                 False, False, f"needs user namespaces {where}, which this host does not allow")
     applied, notes = _isolation_applied(isolation, caps)
-    return Enforcement("systemd", isolation, applied, status, tuple(notes))
+    held = protections(applied, caps, status.get("network_access"))
+    return Enforcement("systemd", isolation, applied, status, tuple(notes), held)
+
+
+def protections(applied: IsolationLevel, caps: Capabilities,
+                network: LimitStatus | None) -> dict[str, str]:
+    """What the applied isolation holds against each threat (``models.THREATS``), and by what
+    unit setting; what it does not hold says so."""
+    boxed = applied.rank >= IsolationLevel.NAMESPACE.rank
+    own_uid = boxed and not caps.user  # root's envs: see gestvenv.sandbox
+    who = "the creator's uid, unprivileged" if caps.user else "root, as the creator"
+    out = {
+        "shared_files": "installed files are copies or reflinks of the cache and snapshots, "
+                        "never hardlinks" + ("; the cache and snapshots are hidden" if boxed
+                                             else ""),
+        "builds": "package code (sdist builds) runs as a command of the env: its unit, limits, "
+                  "isolation and network",
+    }
+    if network is None:
+        out["network"] = f"{NOT_HELD}network_access=True"
+    elif network.enforced:
+        out["network"] = network.mechanism
+    else:
+        out["network"] = NOT_HELD + network.mechanism
+    if not boxed:
+        for threat in ("privileges", "secrets", "host_writes", "processes", "units",
+                       "other_envs", "ipc_uts", "kernel"):
+            out[threat] = f"{NOT_HELD}process isolation: commands run as {who}, on the host"
+        if caps.user:
+            out["privileges"] = "commands run as the creator's unprivileged uid"
+        return _ordered(out)
+    if own_uid:
+        out["privileges"] = ("an unprivileged uid of the env's own (setpriv), empty capability "
+                             "bounding set, NoNewPrivileges=yes, RestrictSUIDSGID=yes")
+        out["secrets"] = ("ProtectHome=tmpfs (/root, /home hidden); root-only files such as "
+                          "/etc/shadow are unreadable to the env's uid; world-readable files "
+                          "stay readable")
+    else:
+        out["privileges"] = ("the creator's unprivileged uid in a user namespace "
+                             "(PrivateUsers=yes), no capability, NoNewPrivileges=yes")
+        out["secrets"] = ("ProtectHome=tmpfs (the creator's home and /run/user hidden); files "
+                          "readable by the creator elsewhere stay readable")
+    out["host_writes"] = ("ProtectSystem=strict, /run read-only, private /tmp, /dev/shm and "
+                          "/dev: only the env's dir is writable; no capability to remount")
+    if caps.version >= 257:
+        out["processes"] = "PrivatePIDs=yes: a PID namespace of its own"
+    elif own_uid:
+        out["processes"] = ("ProtectProc=invisible and a uid of its own: other processes are "
+                            "neither visible nor signalable (no PID namespace before systemd 257)")
+    else:
+        out["processes"] = (f"{NOT_HELD}the creator's other processes stay visible and "
+                            f"signalable (PrivatePIDs= needs systemd 257, this is {caps.version})")
+    out["units"] = ("the system bus socket is inaccessible and /run/user (the user bus) hidden"
+                    + ("; the env's uid has no right to manage units" if own_uid else ""))
+    out["other_envs"] = ("gestvenv's dirs hidden (TemporaryFileSystem=), the env's own dir "
+                         "bound back" + ("; a uid per env" if own_uid else ""))
+    out["ipc_uts"] = "PrivateIPC=yes, ProtectHostname=yes"
+    out["kernel"] = ("ProtectKernelTunables=, ProtectKernelModules=, ProtectKernelLogs=, "
+                     "ProtectClock=, ProtectControlGroups=, RestrictNamespaces=yes")
+    if applied is IsolationLevel.CONTAINER:
+        out["kernel"] += ", SystemCallFilter=@system-service"
+    return _ordered(out)
+
+
+def _ordered(held: dict[str, str]) -> dict[str, str]:
+    return {threat: held[threat] for threat in THREATS if threat in held}
 
 
 def _isolation_applied(isolation: IsolationLevel,
@@ -233,31 +323,92 @@ def _isolation_applied(isolation: IsolationLevel,
     return applied, notes
 
 
-def sandbox_properties(level: IsolationLevel, network: bool, env_path: str,
-                       caps: Capabilities) -> list[Property]:
-    """Namespacing for every unit of the env that runs processes (the holder and commands)."""
+# Capability bits (linux/capability.h) the unit keeps only for setpriv, which drops them all
+# (and the bounding set) before the command runs: CAP_SETGID, CAP_SETUID, CAP_SETPCAP.
+_SETPRIV_CAPS = (1 << 6) | (1 << 7) | (1 << 8)
+SETPRIV = "/usr/bin/setpriv"
+# World-writable host mounts that ProtectSystem=strict leaves writable (API file systems), or
+# that systemd 252 makes writable again under ProtectProc=invisible (/run, /run/lock, and the
+# read-only tmpfs of ProtectHome=: seen in tests/harness/systemd_host).
+_READ_ONLY = ("/run", "-/home", "-/root", "-/dev/mqueue", "-/dev/hugepages")
+_SYSTEM_BUS = "-/run/dbus/system_bus_socket"
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What one env's sandbox is made of, decided by the runtime (which looks at the host)."""
+
+    level: IsolationLevel   # applied
+    network: bool
+    env_path: str
+    hide: tuple[str, ...] = ()     # gestvenv's own dirs (cache, snapshots, roots, state): tmpfs
+    expose: tuple[str, ...] = ()   # paths under a hidden tree the command needs: read-only binds
+    uid: int | None = None         # the command's own uid (root creators), set by setpriv
+
+
+def sandbox_properties(spec: SandboxSpec, caps: Capabilities) -> list[Property]:
+    """Namespacing for every unit of the env that runs processes (the holder and commands).
+
+    At namespace isolation and above the command keeps no capability, sees only its own
+    processes, its own /tmp, /dev/shm, IPC and hostname, no home directory, none of gestvenv's
+    dirs but its env's, a read-only host, and cannot reach the system bus; a root creator's
+    command also runs under an unprivileged uid of its own (``spec.uid``, see setpriv_argv).
+    """
     props: list[Property] = []
     if caps.user and not caps.user_namespaces:
         # A user manager cannot create namespaces without them (the plan says so); asking
         # would only make every unit of the env fail to start.
         return props
-    needs_userns = caps.user and (level.rank > IsolationLevel.PROCESS.rank or not network)
+    level, env_path = spec.level, spec.env_path
+    needs_userns = caps.user and (level.rank > IsolationLevel.PROCESS.rank or not spec.network)
     if needs_userns:
         props.append(prop("PrivateUsers", True))
-    if not network:
+    if not spec.network:
         props.append(prop("PrivateNetwork", True))
-    if level.rank >= IsolationLevel.NAMESPACE.rank:
-        # The env's dir may sit under /tmp or /dev/shm, which the namespaces replace.
-        props += [prop("BindPaths", [[env_path, env_path, False, 0]]),
-                  prop("PrivateTmp", True), prop("PrivateDevices", True),
-                  prop("ProtectSystem", "full"), prop("ProtectKernelTunables", True),
-                  prop("ProtectKernelModules", True), prop("ProtectControlGroups", True),
-                  prop("NoNewPrivileges", True), prop("RestrictSUIDSGID", True)]
+    if level.rank < IsolationLevel.NAMESPACE.rank:
+        return props
+    hide = [h for h in dict.fromkeys(spec.hide) if not is_hidden(h)]  # (ProtectHome, PrivateTmp)
+    props += [
+        prop("PrivateTmp", True), prop("PrivateDevices", True), prop("PrivateIPC", True),
+        prop("ProtectSystem", "strict"), prop("ProtectHome", "tmpfs"),
+        prop("ReadOnlyPaths", list(_READ_ONLY)),
+        prop("InaccessiblePaths", [_SYSTEM_BUS]),
+        # A private /dev/shm (multiprocessing needs one), then gestvenv's dirs hidden.
+        prop("TemporaryFileSystem", [["/dev/shm", "mode=1777"]] + [[h, "mode=0755"] for h in hide]),
+        # The env's dir, at its own path (its scripts and pyvenv.cfg name it), over all that.
+        prop("BindPaths", [[env_path, env_path, False, 0]]),
+        prop("ReadWritePaths", [env_path]),
+        prop("ProtectProc", "invisible"),
+        prop("ProtectKernelTunables", True), prop("ProtectKernelModules", True),
+        prop("ProtectKernelLogs", True), prop("ProtectControlGroups", True),
+        prop("ProtectClock", True), prop("ProtectHostname", True),
+        prop("NoNewPrivileges", True), prop("RestrictSUIDSGID", True),
+        prop("RestrictNamespaces", 0), prop("LockPersonality", True),
+        prop("RestrictRealtime", True),
+        prop("CapabilityBoundingSet", _SETPRIV_CAPS if spec.uid is not None else 0),
+        prop("AmbientCapabilities", 0),
+    ]
+    if spec.expose:
+        props.append(prop("BindReadOnlyPaths",
+                          [[p, p, True, 0] for p in dict.fromkeys(spec.expose)]))
+    if caps.version >= 257:
+        props.append(prop("PrivatePIDs", True))
     if level.rank >= IsolationLevel.CONTAINER.rank:
-        props = [p for p in props if p[0] != "ProtectSystem"]
-        props += [prop("ProtectSystem", "strict"), prop("ProtectHome", "read-only"),
-                  prop("ReadWritePaths", [env_path])]
+        # The system calls of an ordinary service only (no mount, swap, reboot, modules, raw
+        # I/O, clock, kexec...): what a container runtime's default seccomp profile also does.
+        # A call outside it fails with EPERM, as a container runtime's profile does: the
+        # command sees an ordinary error, not a SIGSYS death.
+        props += [prop("SystemCallFilter", [True, ["@system-service"]]),
+                  prop("SystemCallErrorNumber", 1),
+                  prop("SystemCallArchitectures", ["native"])]
     return props
+
+
+def setpriv_argv(uid: int) -> list[str]:
+    """The prefix that runs a command as ``uid`` (and gid ``uid``), with no supplementary group,
+    no capability (effective, inheritable, ambient or bounding) and no way to regain one."""
+    return [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+            "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"]
 
 
 def slice_properties(names: UnitNames, env_name: str, limits: ResourceLimits,

@@ -104,7 +104,8 @@ class SystemdRuntime(Runtime):
                 user=self.user, controllers=controllers, cgroup_v2=cgroups.is_v2(),
                 bpf_firewall=not self.user,
                 user_namespaces=await asyncio.to_thread(cgroups.user_namespaces_allowed),
-                swap_uncapped=not cgroups.is_v2() and await asyncio.to_thread(cgroups.swap_active))
+                swap_uncapped=not cgroups.is_v2() and await asyncio.to_thread(cgroups.swap_active),
+                version=plan.systemd_version(str(await bus.manager_property("Version"))))
 
     @property
     def capabilities(self) -> Capabilities:
@@ -115,11 +116,8 @@ class SystemdRuntime(Runtime):
     def plan(self, limits: ResourceLimits, isolation: IsolationLevel) -> Enforcement:
         return plan.enforcement(limits, isolation, self.capabilities)
 
-    def _sandbox(self, record: EnvRecord) -> list[Property]:
-        enforcement = Enforcement.from_dict(record.enforcement)
-        limits = ResourceLimits.from_dict(record.limits)
-        return plan.sandbox_properties(enforcement.isolation_applied, limits.network_access,
-                                       record.path, self.capabilities)
+    def _sandbox(self, record: EnvRecord, expose: Sequence[str] = ()) -> list[Property]:
+        return plan.sandbox_properties(sandbox_spec(record, expose), self.capabilities)
 
     # -- the environment ----------------------------------------------------------------------
 
@@ -303,8 +301,15 @@ class SystemdRuntime(Runtime):
         try:
             # systemd wants an absolute program path; the program still sees argv[0] as given.
             program = os.path.join(cwd, command.argv[0])
-            props = plan.command_properties(names, record.name, command.argv, command.environ,
-                                            cwd, command.timeout, self._sandbox(record),
+            argv = list(command.argv)
+            if record.sandbox_uid is not None:
+                # Dropped to the env's own uid by setpriv, after systemd has set up the
+                # namespaces (which needs root): argv[0] becomes the program's path.
+                argv = [*plan.setpriv_argv(record.sandbox_uid), program, *argv[1:]]
+                program = plan.SETPRIV
+            props = plan.command_properties(names, record.name, argv, command.environ,
+                                            cwd, command.timeout,
+                                            self._sandbox(record, command.expose),
                                             pipes.indexes, program=program)
             return await self._run_unit(bus, record, unit, props, pipes, command)
         finally:
@@ -410,7 +415,8 @@ class SystemdRuntime(Runtime):
         return ExecResult(argv=command.argv, returncode=returncode,
                           stdout=b"".join(chunks["stdout"]).decode(errors="replace"),
                           stderr=b"".join(chunks["stderr"]).decode(errors="replace"),
-                          duration=duration, killed_by=killed_by)
+                          duration=duration, killed_by=killed_by,
+                          oom_killed=svc_result == "oom-kill" or (oom_fired and not overlapped))
 
 
 async def _all_of(*steps: Awaitable[None] | None) -> None:
@@ -426,6 +432,16 @@ async def _all_of(*steps: Awaitable[None] | None) -> None:
             first = first or exc
     if first is not None:
         raise first
+
+
+def sandbox_spec(record: EnvRecord, expose: Sequence[str] = ()) -> plan.SandboxSpec:
+    """The env's sandbox as its record decided it at creation (``expose``: a command's own
+    read-only paths)."""
+    return plan.SandboxSpec(
+        level=Enforcement.from_dict(record.enforcement).isolation_applied,
+        network=ResourceLimits.from_dict(record.limits).network_access,
+        env_path=record.path, hide=tuple(record.sandbox_hide),
+        expose=(*record.sandbox_expose, *expose), uid=record.sandbox_uid)
 
 
 def _check_utf8(argv: Sequence[str], cwd: str) -> None:

@@ -1,0 +1,169 @@
+"""Package code runs inside the environment: a hostile sdist's build backend is held.
+
+The sdist is made here, offline: an in-tree PEP 517 backend (no build requirements) whose
+``build_wheel`` writes a marker to ``/``, reads a private file of the creator's home, connects to
+a listener of the test on the host's loopback, reports all that on stderr, then allocates past
+the env's ``max_memory``. Installed with container isolation, no network and 256 MB, every
+attempt must fail inside the build, and the build must die of the memory limit, said plainly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tarfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import gestvenv
+from gestvenv import BuildError, IsolationLevel, ResourceLimits
+
+BACKEND = textwrap.dedent('''
+    import base64, hashlib, json, os, socket, sys, zipfile
+    TAG, SECRET, PORT, ALLOC_MB = {tag!r}, {secret!r}, {port!r}, {alloc_mb!r}
+
+    def _wheel(directory):
+        name = "gvevil-1.0-py3-none-any.whl"
+        files = {{"gvevil/__init__.py": "BUILT = True\\n",
+                  "gvevil-1.0.dist-info/METADATA":
+                      "Metadata-Version: 2.1\\nName: gvevil\\nVersion: 1.0\\n",
+                  "gvevil-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\\nGenerator: t\\n"
+                      "Root-Is-Purelib: true\\nTag: py3-none-any\\n"}}
+        record = []
+        with zipfile.ZipFile(os.path.join(directory, name), "w") as zf:
+            for arc, text in files.items():
+                zf.writestr(arc, text)
+                digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest())
+                record.append(f"{{arc}},sha256={{digest.rstrip(b'=').decode()}},{{len(text)}}")
+            record.append("gvevil-1.0.dist-info/RECORD,,")
+            zf.writestr("gvevil-1.0.dist-info/RECORD", "\\n".join(record) + "\\n")
+        return name
+
+    def _try(report, key, func):
+        try:
+            report[key] = "ESCAPED " + str(func())
+        except Exception as exc:
+            report[key] = "held " + type(exc).__name__ + ": " + str(exc)
+
+    def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+        report = {{"uid": os.getuid()}}
+        def marker():
+            with open("/" + TAG, "w") as f:
+                f.write("escaped")
+            return "wrote /" + TAG
+        _try(report, "root_marker", marker)
+        _try(report, "read_home", lambda: open(SECRET).read())
+        _try(report, "network", lambda: socket.create_connection(("127.0.0.1", PORT), 2))
+        print("GVEVIL-REPORT " + json.dumps(report), file=sys.stderr, flush=True)
+        if ALLOC_MB:
+            blob = bytearray(ALLOC_MB << 20)
+            for i in range(0, len(blob), 4096):
+                blob[i] = 1
+        return _wheel(wheel_directory)
+''')
+
+PYPROJECT = textwrap.dedent('''
+    [build-system]
+    requires = []
+    build-backend = "gvevilbackend"
+    backend-path = ["."]
+
+    [project]
+    name = "gvevil"
+    version = "1.0"
+''')
+
+
+def make_sdist(directory: Path, *, tag: str, secret: str, port: int, alloc_mb: int) -> Path:
+    src = directory / "gvevil-1.0"
+    src.mkdir(parents=True)
+    (src / "pyproject.toml").write_text(PYPROJECT)
+    (src / "gvevilbackend.py").write_text(
+        BACKEND.format(tag=tag, secret=secret, port=port, alloc_mb=alloc_mb))
+    (src / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: gvevil\nVersion: 1.0\n")
+    sdist = directory / "gvevil-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(src, arcname="gvevil-1.0")
+    return sdist
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Iterator[tuple[Path, str, str, socket.socket]]:
+    tag = f"gvevil-{secrets.token_hex(4)}"
+    secret = Path(os.path.expanduser("~")) / f"{tag}-secret"
+    secret.write_text("private key\n")
+    secret.chmod(0o600)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    sdist = make_sdist(tmp_path / "src", tag=tag, secret=str(secret),
+                       port=listener.getsockname()[1], alloc_mb=600)
+    yield sdist, tag, str(secret), listener
+    listener.close()
+    secret.unlink()
+    Path("/" + tag).unlink(missing_ok=True)
+
+
+def report_of(text: str) -> dict[str, str]:
+    line = next(line for line in text.splitlines() if "GVEVIL-REPORT " in line)
+    return dict(json.loads(line.split("GVEVIL-REPORT ", 1)[1]))
+
+
+def assert_held(report: dict[str, str], tag: str, listener: socket.socket) -> None:
+    assert report["uid"] != 0
+    for key in ("root_marker", "read_home", "network"):
+        assert report[key].startswith("held "), (key, report[key])
+    assert not os.path.exists("/" + tag)
+    with pytest.raises(BlockingIOError):
+        listener.accept()  # nothing reached the host's loopback
+
+
+def test_a_hostile_build_is_held_and_killed_by_the_memory_limit(
+        hostile: tuple[Path, str, str, socket.socket], tmp_path: Path) -> None:
+    sdist, tag, _, listener = hostile
+    done = subprocess.run(
+        [sys.executable, "-m", "gestvenv", "ephemeral", "create", "evil", "-p", str(sdist),
+         "--isolation", "container", "--no-network", "--memory", "256", "--runtime", "systemd"],
+        capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    print(done.stdout, done.stderr)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    first = done.stderr.splitlines()[0]
+    assert "killed by the environment's memory limit" in first and "256" in first, first
+    assert_held(report_of(done.stderr), tag, listener)
+    assert gestvenv.list_environments() == []
+
+
+async def test_a_build_inside_succeeds_and_is_installed(tmp_path: Path) -> None:
+    sdist = make_sdist(tmp_path / "src", tag="gvevil-ok", secret="/nonexistent", port=9,
+                       alloc_mb=0)
+    limits = ResourceLimits(network_access=False, max_memory=256)
+    async with gestvenv.ephemeral("builds", runtime="systemd", resource_limits=limits,
+                                  isolation_level=IsolationLevel.CONTAINER) as env:
+        await env.install([str(sdist)])
+        out = await env.execute(["python", "-c", "import gvevil; print(gvevil.BUILT)"])
+        assert out.stdout == "True\n", out.stderr
+        # Built by the env's own uid, in its own cache: nothing of it in the shared cache.
+        files = [p for p in env.path.rglob("gvevil/__init__.py")]
+        assert files and all(p.stat().st_uid == env.info()["sandbox_uid"] for p in files)
+
+
+async def test_env_install_of_a_hostile_sdist_says_what_killed_it(
+        hostile: tuple[Path, str, str, socket.socket]) -> None:
+    sdist, tag, _, listener = hostile
+    limits = ResourceLimits(network_access=False, max_memory=256)
+    async with gestvenv.ephemeral("evil-install", runtime="systemd", resource_limits=limits,
+                                  isolation_level=IsolationLevel.NAMESPACE) as env:
+        with pytest.raises(BuildError, match="memory limit") as caught:
+            await env.install([str(sdist)])
+        assert_held(report_of(str(caught.value)), tag, listener)
+        ok = await env.execute(["python", "-c", "print('still usable')"])
+        assert ok.stdout == "still usable\n"
