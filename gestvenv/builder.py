@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .config import Config
 from .exceptions import BuildError, ValidationError
-from .inside import InsideInstaller, stage_inputs
+from .inside import InsideInstaller, stage_inputs, unstage
 from .models import ExecResult
 from .runtime.processes import ENV_MARKER
 from .shield import in_thread
@@ -237,6 +237,9 @@ class UvBuilder(Builder):
         what = "uv pip install " + " ".join(packages)
         if self.inside is None:
             await self._run(argv, what, env)
+        elif self.inside.everything:
+            await self._install_inside(env_path, packages, requirements, env)
+            return  # (its uv wrote the env's own python into the scripts)
         else:
             try:
                 # Wheels only, here: resolving, downloading and unpacking run no package code.
@@ -244,32 +247,34 @@ class UvBuilder(Builder):
             except BuildError as exc:
                 if not _NEEDS_BUILD.search(exc.output):
                     raise
-                await self._install_inside(env_path, interpreter, packages, requirements, env)
+                await self._install_inside(env_path, packages, requirements, env)
+                return
         await in_thread(_fix_shebangs, env_path, interpreter, before)
 
-    async def _install_inside(self, env_path: Path, interpreter: Interpreter,
-                              packages: Sequence[str], requirements: Sequence[Path],
-                              env: dict[str, str]) -> None:
-        """The install again as a command of the env, which builds what must be built: under
-        its limits, isolation and network, with a uv cache of its own."""
+    async def _install_inside(self, env_path: Path, packages: Sequence[str],
+                              requirements: Sequence[Path], env: dict[str, str]) -> None:
+        """The install as a command of the env, which builds what must be built: under its
+        limits, isolation, uid and network, with a uv cache of its own that it removes itself.
+        It names the env's own python, so that scripts need no rewriting afterwards: after
+        package code has run in the env, nothing writes there by path but the env's uid."""
         assert self.inside is not None
-        argv = [self.uv, "pip", "install", "--quiet", "--python", interpreter.path,
-                "--prefix", str(env_path), "--cache-dir", str(shim_cache_dir(env_path)),
-                "--link-mode", "copy"]
+        cache = str(shim_cache_dir(env_path))
+        argv = ["/bin/sh", "-c", 'cache=$1; shift; "$@"; rc=$?; rm -rf "$cache"; exit $rc',
+                "gestvenv-install", cache,
+                self.uv, "pip", "install", "--quiet", "--python", str(env_path / "bin" / "python"),
+                "--cache-dir", cache, "--link-mode", "copy"]
         if self.config.compile_bytecode:
             argv.append("--compile-bytecode")
         if self.config.offline or not self.inside.network:
             argv.append("--offline")  # downloads only from what is local (find-links, paths)
         self.built_inside = True
-        staged = env_path / PRIVATE_DIR / "inputs"
+        args, stage = await in_thread(stage_inputs, self._install_args(packages, requirements),
+                                      str(env_path))
         try:
-            argv += await in_thread(stage_inputs, self._install_args(packages, requirements),
-                                    staged)
             result = await self.inside.run(
-                argv, {k: v for k, v in env.items() if k.startswith(("UV_", "LANG", "LC_"))})
+                argv + args, {k: v for k, v in env.items() if k.startswith(("UV_", "LANG", "LC_"))})
         finally:
-            for scratch in (staged, shim_cache_dir(env_path)):
-                await in_thread(remove_tree_quietly, scratch)
+            await in_thread(unstage, str(env_path), stage)
         _raise_for(result, "uv pip install " + " ".join(packages), self.inside)
 
     def _install_args(self, packages: Sequence[str], requirements: Sequence[Path]) -> list[str]:
@@ -305,11 +310,6 @@ def _raise_for(result: ExecResult, what: str, inside: InsideInstaller) -> None:
         raise BuildError(f"{what} in environment {name!r}: {result.describe()}", output)
     raise BuildError(f"{what} failed inside environment {name!r} (exit {result.returncode})",
                      output)
-
-
-def remove_tree_quietly(path: Path) -> None:
-    """The inside install's own uv cache (the env's, under its sandbox uid): not kept."""
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _scripts(env_path: Path) -> dict[str, int]:
@@ -381,14 +381,13 @@ class VenvPipBuilder(Builder):
         if not self.inside.network and "--no-index" not in argv:
             argv.insert(argv.index("install") + 1, "--no-index")
         self.built_inside = True
-        staged = env_path / PRIVATE_DIR / "inputs"
         head = argv.index("install") + 1
+        argv[head:], stage = await in_thread(stage_inputs, argv[head:], str(env_path))
         try:
-            argv[head:] = await in_thread(stage_inputs, argv[head:], staged)
             result = await self.inside.run(argv, {k: v for k, v in os.environ.items()
                                                   if k.startswith(("PIP_", "LANG", "LC_"))})
         finally:
-            await in_thread(remove_tree_quietly, staged)
+            await in_thread(unstage, str(env_path), stage)
         _raise_for(result, what, self.inside)
 
 

@@ -148,7 +148,8 @@ class Environment:
         # marker (destroying the env mid-install kills them).
         await asyncio.to_thread(registry.touch, record.name, record.id)
         try:
-            inside = InsideInstaller(record, runtime_named(record.runtime))
+            inside = InsideInstaller(record, runtime_named(record.runtime),
+                                     everything=record.sandbox_uid is not None)
             await make_builder(self._config, record.id, inside).install(
                 self.path, interpreter, specs, reqs)
             await asyncio.to_thread(sandbox.hand_over_env, record.path, record.sandbox_uid)

@@ -51,7 +51,21 @@ HIDDEN_TREES = ("/home", "/root", "/run/user", "/tmp", "/var/tmp", "/dev/shm")
 
 def is_hidden(path: str) -> bool:
     """Whether a sandbox at namespace isolation or above hides ``path`` (see HIDDEN_TREES)."""
-    return any(path == tree or path.startswith(tree + "/") for tree in HIDDEN_TREES)
+    return any(_under(path, tree) for tree in HIDDEN_TREES)
+
+
+def _under(path: str, tree: str) -> bool:
+    return path == tree or path.startswith(tree.rstrip("/") + "/")
+
+
+def visible(path: str, env_path: str, hide: Iterable[str] = (),
+            expose: Iterable[str] = ()) -> bool:
+    """Whether ``path`` is the same file inside a namespace sandbox as outside: the env's dir
+    and what is exposed are; the hidden trees and gestvenv's hidden dirs are not."""
+    path = os.path.normpath(path)
+    if _under(path, env_path) or any(_under(path, e) for e in expose):
+        return True
+    return not any(_under(path, tree) for tree in (*HIDDEN_TREES, *hide))
 
 
 def sandbox_paths(interpreter: str, tools: Iterable[str],
@@ -74,14 +88,22 @@ def sandbox_paths(interpreter: str, tools: Iterable[str],
 def hand_over(path: Path, uid: int, keep: Collection[str] = ()) -> None:
     """Give the env's files to its sandbox uid (after an install by its root creator), but the
     top-level names in ``keep`` (gestvenv's claim): its commands can then change their own
-    env, and only it."""
-    os.lchown(path, uid, uid)
-    for dirpath, dirnames, filenames in os.walk(path):
-        top = dirpath == str(path)
-        for name in (*dirnames, *filenames):
-            if top and name in keep:
-                continue
-            os.lchown(os.path.join(dirpath, name), uid, uid)
+    env, and only it.
+
+    Its commands may have run already (a build inside, an earlier command) and planted
+    symlinks, or may run now: the walk goes by directory descriptors (``os.fwalk``) and never
+    follows a link, so root changes owners inside the env's dir and nowhere else.
+    """
+    top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.chown(top, uid, uid)
+        for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=top):
+            for name in (*dirnames, *filenames):
+                if dirpath == "." and name in keep:
+                    continue
+                os.chown(name, uid, uid, dir_fd=dirfd, follow_symlinks=False)
+    finally:
+        os.close(top)
 
 
 def hand_over_env(path: str, uid: int | None) -> None:

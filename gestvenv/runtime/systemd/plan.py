@@ -328,9 +328,11 @@ def _isolation_applied(isolation: IsolationLevel,
 _SETPRIV_CAPS = (1 << 6) | (1 << 7) | (1 << 8)
 SETPRIV = "/usr/bin/setpriv"
 # World-writable host mounts that ProtectSystem=strict leaves writable (API file systems), or
-# that systemd 252 makes writable again under ProtectProc=invisible (/run, /run/lock, and the
-# read-only tmpfs of ProtectHome=: seen in tests/harness/systemd_host).
-_READ_ONLY = ("/run", "-/home", "-/root", "-/dev/mqueue", "-/dev/hugepages")
+# that systemd 252 makes writable again under ProtectProc=invisible (/run, and so the
+# world-writable /run/lock: seen in tests/harness/systemd_host). (It also makes ProtectHome's
+# empty tmpfs writable, which is private to the unit and harmless; ReadOnlyPaths=/home would
+# undo ProtectHome altogether: the hostile probe read the home through it.)
+_READ_ONLY = ("/run", "-/dev/mqueue", "-/dev/hugepages")
 _SYSTEM_BUS = "-/run/dbus/system_bus_socket"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -18,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ... import sandbox
 from ...exceptions import (
     CommandNotExecutableError,
     CommandNotFoundError,
@@ -301,6 +303,7 @@ class SystemdRuntime(Runtime):
         try:
             # systemd wants an absolute program path; the program still sees argv[0] as given.
             program = os.path.join(cwd, command.argv[0])
+            _check_visible(record, sandbox_spec(record, command.expose), cwd, program)
             argv = list(command.argv)
             if record.sandbox_uid is not None:
                 # Dropped to the env's own uid by setpriv, after systemd has set up the
@@ -442,6 +445,24 @@ def sandbox_spec(record: EnvRecord, expose: Sequence[str] = ()) -> plan.SandboxS
         network=ResourceLimits.from_dict(record.limits).network_access,
         env_path=record.path, hide=tuple(record.sandbox_hide),
         expose=(*record.sandbox_expose, *expose), uid=record.sandbox_uid)
+
+
+def _check_visible(record: EnvRecord, spec: plan.SandboxSpec, cwd: str, program: str) -> None:
+    """A cwd or a program the env's sandbox hides: said plainly, before systemd would fail
+    with a bare "cannot change directory" or the command with "no such file"."""
+    if spec.level.rank < IsolationLevel.NAMESPACE.rank:
+        return
+    seen = functools.partial(sandbox.visible, env_path=spec.env_path, hide=spec.hide,
+                             expose=spec.expose)
+    hidden = ("(namespace isolation hides homes, /tmp, /var/tmp, /dev/shm and gestvenv's dirs "
+              f"but the env's own dir {record.path})")
+    if not seen(cwd):
+        raise ValidationError(
+            f"working directory {cwd} is hidden inside environment {record.name!r} {hidden}: "
+            "pass a cwd that is visible inside, such as the env's dir")
+    if not seen(os.path.normpath(program)):
+        raise CommandNotFoundError(
+            f"cannot run {program}: it is hidden inside environment {record.name!r} {hidden}")
 
 
 def _check_utf8(argv: Sequence[str], cwd: str) -> None:

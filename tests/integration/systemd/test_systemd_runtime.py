@@ -327,9 +327,16 @@ async def test_isolation_levels_are_applied_by_systemd(tmp_path: Path) -> None:
         assert ("mine" in again.stdout.split()) is (os.geteuid() == 0)
     assert not await asyncio.to_thread(os.path.exists, "/tmp/mine")
     async with gestvenv.ephemeral("sd-ct", runtime=SD, isolation_level="container") as env:
-        writes = await env.execute(["sh", "-c", 'touch "$HOME/gv-x" 2>/dev/null || echo home-ro; '
+        # The home is an empty tmpfs of the unit's own (ProtectHome=tmpfs): what a command
+        # writes there stays there (checked below), the host's home is not even visible.
+        writes = await env.execute(["sh", "-c", 'ls -A "$HOME"; echo listed; '
                                     'touch "$VIRTUAL_ENV/y" && echo env-writable'])
-        assert writes.stdout.split() == ["home-ro", "env-writable"]
+        home = os.path.expanduser("~")
+        exposed = {Path(p).relative_to(home).parts[0] for p in env.info()["sandbox_expose"]
+                   if p.startswith(home + "/")}  # the interpreter, under root's pyenv here
+        listed = writes.stdout.split()
+        assert listed[-2:] == ["listed", "env-writable"]
+        assert set(listed[:-2]) <= exposed
     assert not await asyncio.to_thread(lambda: Path("~/gv-x").expanduser().exists())
     async with gestvenv.ephemeral("sd-chroot", runtime=SD, isolation_level="chroot") as env:
         assert env.isolation.value == "container"  # honest fallback, and said
