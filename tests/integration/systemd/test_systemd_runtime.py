@@ -331,7 +331,7 @@ async def test_isolation_levels_are_applied_by_systemd(tmp_path: Path) -> None:
         # writes there stays there (checked below), the host's home is not even visible.
         writes = await env.execute(["sh", "-c", 'ls -A "$HOME"; echo listed; '
                                     'touch "$VIRTUAL_ENV/y" && echo env-writable'])
-        home = os.path.expanduser("~")
+        home = str(Path.home())
         exposed = {Path(p).relative_to(home).parts[0] for p in env.info()["sandbox_expose"]
                    if p.startswith(home + "/")}  # the interpreter, under root's pyenv here
         listed = writes.stdout.split()
