@@ -120,6 +120,11 @@ THREATS: dict[str, str] = {
 NOT_HELD = "not held: "
 
 
+def in_threat_order(held: dict[str, str]) -> dict[str, str]:
+    """``held`` (threat -> mechanism) in the order of THREATS (state files sort their keys)."""
+    return {threat: held[threat] for threat in THREATS if threat in held}
+
+
 @dataclass(frozen=True, slots=True)
 class LimitStatus:
     """Whether one requested limit is really enforced, and by what."""
@@ -167,7 +172,7 @@ class Enforcement:
             isolation_applied=IsolationLevel(data["isolation_applied"]),
             limits={k: LimitStatus(**v) for k, v in data.get("limits", {}).items()},
             notes=tuple(data.get("notes", ())),
-            protections=dict(data.get("protections", {})),
+            protections=in_threat_order(dict(data.get("protections", {}))),
         )
 
 

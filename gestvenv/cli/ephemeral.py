@@ -15,7 +15,7 @@ from ..config import RUNTIMES, load_config
 from ..context import attach, create_environment, environments
 from ..exceptions import GestvenvError
 from ..lifecycle import destroy_many
-from ..models import NOT_HELD, IsolationLevel, ResourceLimits, StorageBackend
+from ..models import NOT_HELD, IsolationLevel, ResourceLimits, StorageBackend, in_threat_order
 from ..registry import EnvRecord
 from ..runtime.systemd import systemd_booted
 from ..sync import run_sync
@@ -195,7 +195,7 @@ def show(name: str, as_json: bool) -> None:
     for key, status in enforcement["limits"].items():
         flag = "enforced" if status["enforced"] else "NOT enforced"
         click.echo(f"  {key} = {status['requested']}: {flag} ({status['mechanism']})")
-    protections = enforcement.get("protections") or {}
+    protections = in_threat_order(enforcement.get("protections") or {})
     if protections:
         who = f" (commands run as uid {info['sandbox_uid']})" if info.get("sandbox_uid") else ""
         click.echo(f"isolation holds{who}:")

@@ -31,12 +31,12 @@ from ..exceptions import (
 )
 from ..models import (
     NOT_HELD,
-    THREATS,
     Enforcement,
     ExecResult,
     IsolationLevel,
     LimitStatus,
     ResourceLimits,
+    in_threat_order,
 )
 from ..registry import EnvRecord, lock_path, state_path
 from ..shield import shielded
@@ -95,7 +95,8 @@ def protections(applied: IsolationLevel, *, root: bool, own_uid: bool,
         "shared_files": "installed files are copies or reflinks, never hardlinks, of the cache "
                         "and snapshots" + ("; gestvenv's dirs but the env's are hidden"
                                            if boxed else ""),
-        "builds": f"{NOT_HELD}package builds run in the creator's process",
+        "builds": "package code (sdist builds) runs as a command of the env: its limits, "
+                  "isolation and network" + (" (bubblewrap)" if boxed else ""),
     }
     if network is None:
         out["network"] = f"{NOT_HELD}network_access=True"
@@ -109,7 +110,7 @@ def protections(applied: IsolationLevel, *, root: bool, own_uid: bool,
         if not root:
             out["privileges"] = (f"{NOT_HELD}commands run as the creator's unprivileged uid, "
                                  "which setuid programs (sudo, su) can still raise")
-        return _ordered(out)
+        return in_threat_order(out)
     as_root = root and not own_uid
     if as_root:
         out["privileges"] = (f"{NOT_HELD}commands run as root (uid 0) in a user namespace, "
@@ -142,11 +143,7 @@ def protections(applied: IsolationLevel, *, root: bool, own_uid: bool,
     out["kernel"] = ("no capability (bwrap --cap-drop ALL), /proc/sys and /sys read-only; "
                      "no system call filter: the kernel's own checks (kernel logs stay readable "
                      "where kernel.dmesg_restrict is 0)")
-    return _ordered(out)
-
-
-def _ordered(held: dict[str, str]) -> dict[str, str]:
-    return {threat: held[threat] for threat in THREATS if threat in held}
+    return in_threat_order(out)
 
 
 class LocalRuntime(Runtime):

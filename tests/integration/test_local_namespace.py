@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -31,6 +32,8 @@ import gestvenv
 from gestvenv import IsolationLevel, ResourceLimits, ValidationError, registry
 from gestvenv.runtime import bwrap
 from gestvenv.runtime.processes import ENV_MARKER, marked_pids
+
+from .hostile_sdist import make_sdist, report_of
 
 pytestmark = pytest.mark.local_runtime
 
@@ -119,7 +122,7 @@ async def test_namespace_is_applied_and_reported() -> None:
         assert set(held) == set(gestvenv.models.THREATS)
         for threat in ("processes", "host_writes", "other_envs", "ipc_uts", "units"):
             assert not held[threat].startswith(gestvenv.models.NOT_HELD), (threat, held)
-        assert held["builds"].startswith(gestvenv.models.NOT_HELD)
+        assert "command of the env" in held["builds"]
         assert held["network"].startswith(gestvenv.models.NOT_HELD)  # network allowed
         info = env.info()
         assert info["enforcement"]["isolation_applied"] == "namespace"
@@ -359,3 +362,37 @@ def test_probe_is_cached() -> None:
     assert bwrap.probe_for(os.geteuid(), namespaces=True) == first
     assert time.monotonic() - started < 0.01
     assert sys.modules["gestvenv.runtime.bwrap"] is bwrap
+
+
+@needs_bwrap
+async def test_a_hostile_build_is_held_by_the_local_sandbox(tmp_path: Path) -> None:
+    """The sdist's backend runs inside bubblewrap, as the env's uid for a root creator: no
+    marker on /, no home, no host loopback; under RLIMIT_AS its allocation fails."""
+    tag = f"gvevil-{secrets.token_hex(4)}"
+    secret = Path.home() / f"{tag}-secret"
+    secret.write_text("private key\n")
+    secret.chmod(0o600)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    try:
+        sdist = make_sdist(tmp_path / "src", tag=tag, secret=str(secret),
+                           port=listener.getsockname()[1], alloc_mb=600)
+        limits = ResourceLimits(network_access=False, max_memory=256)
+        async with gestvenv.ephemeral("lbuild", isolation_level="namespace",
+                                      resource_limits=limits) as env:
+            with pytest.raises(gestvenv.BuildError, match="failed inside environment") as caught:
+                await env.install([str(sdist)])
+            report = report_of(str(caught.value))
+            assert (report["uid"] != 0) is (os.geteuid() == 0)
+            for key in ("root_marker", "read_home", "network"):
+                assert report[key].startswith("held "), (key, report[key])
+            assert "MemoryError" in str(caught.value)  # RLIMIT_AS: the allocation failed
+            assert not os.path.lexists("/" + tag)  # noqa: ASYNC240 - one stat
+            with pytest.raises(BlockingIOError):
+                listener.accept()
+            assert (await env.execute(["python", "-c", "print('usable')"])).stdout == "usable\n"
+    finally:
+        listener.close()
+        secret.unlink()

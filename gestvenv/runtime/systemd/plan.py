@@ -26,7 +26,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...models import NOT_HELD, THREATS, Enforcement, IsolationLevel, LimitStatus, ResourceLimits
+from ...models import (
+    NOT_HELD,
+    Enforcement,
+    IsolationLevel,
+    LimitStatus,
+    ResourceLimits,
+    in_threat_order,
+)
 from ...names import RESERVED_NAMES
 from ...sandbox import is_hidden
 
@@ -268,7 +275,7 @@ def protections(applied: IsolationLevel, caps: Capabilities,
             out[threat] = f"{NOT_HELD}process isolation: commands run as {who}, on the host"
         if caps.user:
             out["privileges"] = "commands run as the creator's unprivileged uid"
-        return _ordered(out)
+        return in_threat_order(out)
     if own_uid:
         out["privileges"] = ("an unprivileged uid of the env's own (setpriv), empty capability "
                              "bounding set, NoNewPrivileges=yes, RestrictSUIDSGID=yes")
@@ -299,11 +306,7 @@ def protections(applied: IsolationLevel, caps: Capabilities,
                      "ProtectClock=, ProtectControlGroups=, RestrictNamespaces=yes")
     if applied is IsolationLevel.CONTAINER:
         out["kernel"] += ", SystemCallFilter=@system-service"
-    return _ordered(out)
-
-
-def _ordered(held: dict[str, str]) -> dict[str, str]:
-    return {threat: held[threat] for threat in THREATS if threat in held}
+    return in_threat_order(out)
 
 
 def _isolation_applied(isolation: IsolationLevel,
