@@ -5,9 +5,13 @@ allocates ``alloc_mb`` MB before it builds a small wheel (``gvevil``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import secrets
+import socket
 import tarfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 BACKEND = textwrap.dedent('''
@@ -82,3 +86,24 @@ def make_sdist(directory: Path, *, tag: str, secret: str, port: int, alloc_mb: i
 def report_of(text: str) -> dict[str, str]:
     line = next(line for line in text.splitlines() if "GVEVIL-REPORT " in line)
     return dict(json.loads(line.split("GVEVIL-REPORT ", 1)[1]))
+
+
+@contextlib.contextmanager
+def hostile_sdist(directory: Path, alloc_mb: int) -> Iterator[tuple[Path, str, socket.socket]]:
+    """(the sdist, its marker's name, the listener it tries to reach); the secret it tries
+    to read is a 0600 file in the creator's home. All removed afterwards."""
+    tag = f"gvevil-{secrets.token_hex(4)}"
+    secret = Path.home() / f"{tag}-secret"
+    secret.write_text("private key\n")
+    secret.chmod(0o600)
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        yield (make_sdist(directory, tag=tag, secret=str(secret),
+                          port=listener.getsockname()[1], alloc_mb=alloc_mb), tag, listener)
+    finally:
+        listener.close()
+        secret.unlink()
+        Path("/" + tag).unlink(missing_ok=True)

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pytest
 
 import gestvenv
 from gestvenv import storage
 from gestvenv.runtime.processes import ENV_MARKER, marked_pids
 from tests.harness.wheels import PACKAGES
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+# The checkout's venv (absent in the v2 VM, which collects the test host's tests but runs none of
+# those that need gvtest).
+SITE = next((CHECKOUT / ".venv" / "lib").glob("python3*/site-packages"), CHECKOUT / ".venv")
 
 
 def systemctl_show(output: str) -> dict[str, str]:
@@ -214,3 +222,28 @@ def leftover_summary(left: dict[str, list[str]]) -> str:
     """``0 (units 0, dirs 0, state files 0, processes 0, mounts 0)``"""
     parts = ", ".join(f"{kind} {len(left[kind])}" for kind in LEFTOVER_KINDS)
     return f"{leftover_count(left)} ({parts})"
+
+
+# --- the test host's user gvtest (a user manager) ---
+
+def gvtest() -> pwd.struct_passwd:
+    try:
+        user = pwd.getpwnam("gvtest")
+    except KeyError:
+        pytest.skip("no gvtest user (created by the test host harness)")
+    if not os.path.exists(f"/run/user/{user.pw_uid}/bus"):
+        pytest.skip("gvtest's user manager is not running")
+    return user
+
+
+def run_as_gvtest(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """A command as gvtest, in a login-like environment. The checkout's .venv python lives
+    under root's 0700 home, so gvtest runs the system python3 with the checkout and the
+    venv's site-packages on PYTHONPATH (which install carries into the unit)."""
+    user = pwd.getpwnam("gvtest")
+    runtime = f"/run/user/{user.pw_uid}"
+    return subprocess.run(
+        ["runuser", "-u", "gvtest", "--", "/usr/bin/env", "-i", f"HOME={user.pw_dir}",
+         "PATH=/usr/bin:/bin", f"XDG_RUNTIME_DIR={runtime}",
+         f"DBUS_SESSION_BUS_ADDRESS=unix:path={runtime}/bus", f"PYTHONPATH={CHECKOUT}:{SITE}",
+         *argv], capture_output=True, text=True, timeout=timeout, cwd="/")

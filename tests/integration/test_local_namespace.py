@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -33,7 +32,7 @@ from gestvenv import IsolationLevel, ResourceLimits, ValidationError, registry
 from gestvenv.runtime import bwrap
 from gestvenv.runtime.processes import ENV_MARKER, marked_pids
 
-from .hostile_sdist import make_sdist, report_of
+from .hostile_sdist import hostile_sdist, report_of
 
 pytestmark = pytest.mark.local_runtime
 
@@ -368,24 +367,14 @@ def test_probe_is_cached() -> None:
 async def test_a_hostile_build_is_held_by_the_local_sandbox(tmp_path: Path) -> None:
     """The sdist's backend runs inside bubblewrap, as the env's uid for a root creator: no
     marker on /, no home, no host loopback; under RLIMIT_AS its allocation fails."""
-    tag = f"gvevil-{secrets.token_hex(4)}"
-    secret = Path.home() / f"{tag}-secret"
-    secret.write_text("private key\n")
-    secret.chmod(0o600)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.setblocking(False)
-    try:
-        sdist = make_sdist(tmp_path / "src", tag=tag, secret=str(secret),
-                           port=listener.getsockname()[1], alloc_mb=600)
+    with hostile_sdist(tmp_path / "src", alloc_mb=600) as (sdist, tag, listener):
         limits = ResourceLimits(network_access=False, max_memory=256)
         async with gestvenv.ephemeral("lbuild", isolation_level="namespace",
                                       resource_limits=limits) as env:
             with pytest.raises(gestvenv.BuildError, match="failed inside environment") as caught:
                 await env.install([str(sdist)])
             report = report_of(str(caught.value))
-            assert (report["uid"] != 0) is (os.geteuid() == 0)
+            assert report["uid"] != 0  # a root creator's build runs as the env's own uid
             for key in ("root_marker", "read_home", "network"):
                 assert report[key].startswith("held "), (key, report[key])
             assert "MemoryError" in str(caught.value)  # RLIMIT_AS: the allocation failed
@@ -393,6 +382,3 @@ async def test_a_hostile_build_is_held_by_the_local_sandbox(tmp_path: Path) -> N
             with pytest.raises(BlockingIOError):
                 listener.accept()
             assert (await env.execute(["python", "-c", "print('usable')"])).stdout == "usable\n"
-    finally:
-        listener.close()
-        secret.unlink()

@@ -10,7 +10,6 @@ attempt must fail inside the build, and the build must die of the memory limit, 
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -22,25 +21,13 @@ import pytest
 import gestvenv
 from gestvenv import BuildError, IsolationLevel, ResourceLimits
 
-from ..hostile_sdist import make_sdist, report_of
+from ..hostile_sdist import hostile_sdist, make_sdist, report_of
 
 
 @pytest.fixture
-def hostile(tmp_path: Path) -> Iterator[tuple[Path, str, str, socket.socket]]:
-    tag = f"gvevil-{secrets.token_hex(4)}"
-    secret = Path(os.path.expanduser("~")) / f"{tag}-secret"
-    secret.write_text("private key\n")
-    secret.chmod(0o600)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.setblocking(False)
-    sdist = make_sdist(tmp_path / "src", tag=tag, secret=str(secret),
-                       port=listener.getsockname()[1], alloc_mb=600)
-    yield sdist, tag, str(secret), listener
-    listener.close()
-    secret.unlink()
-    Path("/" + tag).unlink(missing_ok=True)
+def hostile(tmp_path: Path) -> Iterator[tuple[Path, str, socket.socket]]:
+    with hostile_sdist(tmp_path / "src", alloc_mb=600) as made:
+        yield made
 
 
 def assert_held(report: dict[str, str], tag: str, listener: socket.socket) -> None:
@@ -53,8 +40,8 @@ def assert_held(report: dict[str, str], tag: str, listener: socket.socket) -> No
 
 
 def test_a_hostile_build_is_held_and_killed_by_the_memory_limit(
-        hostile: tuple[Path, str, str, socket.socket], tmp_path: Path) -> None:
-    sdist, tag, _, listener = hostile
+        hostile: tuple[Path, str, socket.socket], tmp_path: Path) -> None:
+    sdist, tag, listener = hostile
     done = subprocess.run(
         [sys.executable, "-m", "gestvenv", "ephemeral", "create", "evil", "-p", str(sdist),
          "--isolation", "container", "--no-network", "--memory", "256", "--runtime", "systemd"],
@@ -83,8 +70,8 @@ async def test_a_build_inside_succeeds_and_is_installed(tmp_path: Path) -> None:
 
 
 async def test_env_install_of_a_hostile_sdist_says_what_killed_it(
-        hostile: tuple[Path, str, str, socket.socket]) -> None:
-    sdist, tag, _, listener = hostile
+        hostile: tuple[Path, str, socket.socket]) -> None:
+    sdist, tag, listener = hostile
     limits = ResourceLimits(network_access=False, max_memory=256)
     async with gestvenv.ephemeral("evil-install", runtime="systemd", resource_limits=limits,
                                   isolation_level=IsolationLevel.NAMESPACE) as env:

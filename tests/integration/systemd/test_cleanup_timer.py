@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import pwd
 import secrets
 import shutil
 import subprocess
@@ -29,11 +28,8 @@ import pytest
 from gestvenv import StorageBackend, storage, timer
 from gestvenv.config import Config
 
-from ..support import systemctl_show
+from ..support import CHECKOUT, SITE, gvtest, run_as_gvtest, systemctl_show
 
-CHECKOUT = Path(__file__).resolve().parents[3]
-# The checkout's venv (absent in the v2 VM, which collects this file but runs none of it).
-SITE = next((CHECKOUT / ".venv" / "lib").glob("python3*/site-packages"), CHECKOUT / ".venv")
 UNITS = (timer.SERVICE_UNIT, timer.TIMER_UNIT)
 SLACK = 4.0  # seconds past the schedule: AccuracySec=1s, python's start-up, the sweep itself
 
@@ -229,29 +225,6 @@ def test_over_packaged_units_only_a_drop_in_is_written(packaged: Path) -> None:
 
 
 # --- a user manager (gvtest's environments) ----------------------------------------------------
-
-def gvtest() -> pwd.struct_passwd:
-    try:
-        user = pwd.getpwnam("gvtest")
-    except KeyError:
-        pytest.skip("no gvtest user (created by the test host harness)")
-    if not os.path.exists(f"/run/user/{user.pw_uid}/bus"):
-        pytest.skip("gvtest's user manager is not running")
-    return user
-
-
-def run_as_gvtest(*argv: str) -> subprocess.CompletedProcess[str]:
-    """A command as gvtest, in a login-like environment. The checkout's .venv python lives
-    under root's 0700 home, so gvtest runs the system python3 with the checkout and the
-    venv's site-packages on PYTHONPATH (which install carries into the unit)."""
-    user = pwd.getpwnam("gvtest")
-    runtime = f"/run/user/{user.pw_uid}"
-    return subprocess.run(
-        ["runuser", "-u", "gvtest", "--", "/usr/bin/env", "-i", f"HOME={user.pw_dir}",
-         "PATH=/usr/bin:/bin", f"XDG_RUNTIME_DIR={runtime}",
-         f"DBUS_SESSION_BUS_ADDRESS=unix:path={runtime}/bus", f"PYTHONPATH={CHECKOUT}:{SITE}",
-         *argv], capture_output=True, text=True, timeout=60, cwd="/")
-
 
 def as_gvtest(*argv: str, check: bool = True) -> str:
     done = run_as_gvtest(*argv)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pwd
 import secrets
 import shutil
 import socket
@@ -29,8 +28,9 @@ from gestvenv import IsolationLevel, ResourceLimits, storage
 from gestvenv.config import load_config
 from gestvenv.models import NOT_HELD, THREATS
 
+from ..support import gvtest, run_as_gvtest
+
 PROBE = Path(__file__).resolve().parents[1] / "hostile_probe.py"
-CHECKOUT = Path(__file__).resolve().parents[3]
 
 # Which threat (gestvenv.models.THREATS) each attempt of the probe tests.
 THREAT_OF = {
@@ -225,20 +225,8 @@ finally:
 
 
 def test_a_hostile_command_of_a_user_manager_env_gets_out_only_where_the_report_says() -> None:
-    try:
-        user = pwd.getpwnam("gvtest")
-    except KeyError:
-        pytest.skip("no gvtest user (created by the test host harness)")
-    runtime = f"/run/user/{user.pw_uid}"
-    if not os.path.exists(f"{runtime}/bus"):
-        pytest.skip("gvtest's user manager is not running")
-    site = next((CHECKOUT / ".venv" / "lib").glob("python3*/site-packages"))
-    done = subprocess.run(
-        ["runuser", "-u", "gvtest", "--", "/usr/bin/env", "-i", f"HOME={user.pw_dir}",
-         "PATH=/usr/bin:/bin", f"XDG_RUNTIME_DIR={runtime}",
-         f"DBUS_SESSION_BUS_ADDRESS=unix:path={runtime}/bus", f"PYTHONPATH={CHECKOUT}:{site}",
-         "/usr/bin/python3", "-c", USER_SCRIPT, str(PROBE)],
-        capture_output=True, text=True, timeout=120, cwd="/")
+    gvtest()
+    done = run_as_gvtest("/usr/bin/python3", "-c", USER_SCRIPT, str(PROBE), timeout=120)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     print(json.dumps(out, indent=1))

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from ..support import run_as_gvtest
 from ..test_write_isolation import write_isolation_problems
-from .test_cleanup_timer import run_as_gvtest
 
 BACKENDS = ("disk", "tmpfs", "memory")
 
