@@ -67,7 +67,7 @@ async def sweep(config: Config, *, expired: bool = True, idle: bool = True,
     report.errors.update(await destroy_many([r for r, _ in doomed], config))
     report.removed.update((r.name, why) for r, why in doomed if r.name not in report.errors)
     if orphans:
-        kept = {r.path for r in records if r.name not in report.removed}
+        kept = {r.path: r.id for r in records if r.name not in report.removed}
         await asyncio.to_thread(_sweep_orphans, config, report, kept)
         if units:
             await _stop_unit_only(units, report)
@@ -88,9 +88,10 @@ async def _stop_unit_only(units: dict[str, UnitView], report: SweepReport) -> No
             report.errors[name] = str(exc)
 
 
-def _sweep_orphans(config: Config, report: SweepReport, kept: set[str]) -> None:
+def _sweep_orphans(config: Config, report: SweepReport, kept: dict[str, str]) -> None:
     """Storage dirs that no state file claims, and state files nobody can read. ``kept``: the
-    paths of the environments that remain."""
+    paths (and ids) of the environments that remain: their dirs are never orphans, whatever
+    their claim says (an env's commands may have rewritten it), nor are their processes."""
     for path in registry.unreadable_state_files():
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -109,6 +110,8 @@ def _sweep_orphans(config: Config, report: SweepReport, kept: set[str]) -> None:
             if not _ENV_DIR_RE.fullmatch(entry.name):
                 continue  # only names gestvenv gives its dirs: "<name>-<8 hex>"
             try:
+                if str(root / entry.name) in kept and not entry.is_symlink():
+                    continue  # a live env's own dir
                 if entry.is_symlink():
                     if str(root / entry.name) in kept:
                         continue  # its env's own cleanup refuses it, and says so to its user
@@ -131,7 +134,7 @@ def _sweep_orphans(config: Config, report: SweepReport, kept: set[str]) -> None:
                     # Its state file is gone, maybe not its processes (a command still running
                     # in an env whose state was deleted): they go first, as the reaper does.
                     env_id, _ = storage.claim_of(root / entry.name) or ("", "")
-                    if env_id:
+                    if env_id and env_id not in kept.values():
                         processes.kill_marked(processes.ENV_MARKER, env_id)
                 storage.remove_tree(root / entry.name, roots)
                 report.orphan_paths.append(str(root / entry.name))

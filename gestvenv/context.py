@@ -148,8 +148,11 @@ class Environment:
         # marker (destroying the env mid-install kills them).
         await asyncio.to_thread(registry.touch, record.name, record.id)
         try:
-            inside = InsideInstaller(record, runtime_named(record.runtime),
-                                     everything=record.sandbox_uid is not None)
+            # After creation a sandboxed env's commands may have planted links in its dir:
+            # the whole install runs inside, as the env's own uid (gestvenv.inside).
+            boxed = record.enforcement_record.isolation_applied.rank >= \
+                IsolationLevel.NAMESPACE.rank
+            inside = InsideInstaller(record, runtime_named(record.runtime), everything=boxed)
             await make_builder(self._config, record.id, inside).install(
                 self.path, interpreter, specs, reqs)
             await asyncio.to_thread(sandbox.hand_over_env, record.path, record.sandbox_uid)

@@ -32,9 +32,10 @@ class InsideInstaller:
 
     record: EnvRecord
     runtime: Runtime
-    # The whole install runs inside, not only what must be built: after creation, an env whose
-    # commands run under a uid of their own is that uid's, and root writes nothing in it by path
-    # (its commands may have planted links there).
+    # The whole install runs inside, not only what must be built: after creation the commands
+    # of a sandboxed env (namespace isolation and above) may have planted links in its dir, and
+    # the creator, who sees the host the sandbox hides, must write nothing there by path
+    # (its uv and its script rewriting would follow them: a hostile review did just that).
     everything: bool = False
 
     @property

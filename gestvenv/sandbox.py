@@ -13,8 +13,9 @@ A non-root creator cannot switch uids: its commands keep its uid, inside a user 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from .models import IsolationLevel
@@ -68,6 +69,16 @@ def visible(path: str, env_path: str, hide: Iterable[str] = (),
     return not any(_under(path, tree) for tree in (*HIDDEN_TREES, *hide))
 
 
+def command_cwd(requested: str | None, current: str, env_path: str,
+                seen: Callable[[str], bool]) -> str:
+    """Where a sandboxed command starts: where the caller asked; without a request, the
+    caller's own working directory where the sandbox shows it, else the env's dir (a home, a
+    private /tmp). An explicit cwd the sandbox hides is the caller's error, said by the runtime."""
+    if requested is not None:
+        return os.path.abspath(requested)
+    return current if seen(current) else env_path
+
+
 def sandbox_paths(interpreter: str, tools: Iterable[str],
                   gestvenv_dirs: Iterable[str]) -> tuple[list[str], list[str]]:
     """(dirs to hide, paths to expose read-only) for an env's sandbox.
@@ -85,18 +96,34 @@ def sandbox_paths(interpreter: str, tools: Iterable[str],
     return hide, list(dict.fromkeys(expose))
 
 
-def hand_over(path: Path, uid: int, keep: Collection[str] = ()) -> None:
-    """Give the env's files to its sandbox uid (after an install by its root creator), but the
-    top-level names in ``keep`` (gestvenv's claim): its commands can then change their own
-    env, and only it.
+# Top-level dirs of a venv that installs write into besides bin/ and lib/ (headers, data files
+# such as share/jupyter and etc/jupyter, the env's pip cache): made before the hand-over, since
+# the env's top dir itself stays its creator's.
+PREFIX_DIRS = ("include", "share", "etc", ".gestvenv")
+# What uv creates at the top of a venv it installs into, as the env's uid: its lock file.
+PREFIX_FILES = (".lock",)
 
-    Its commands may have run already (a build inside, an earlier command) and planted
-    symlinks, or may run now: the walk goes by directory descriptors (``os.fwalk``) and never
-    follows a link, so root changes owners inside the env's dir and nowhere else.
+
+def hand_over(path: Path, uid: int, keep: Collection[str] = ()) -> None:
+    """Give the env's files to its sandbox uid (after an install by its root creator): its
+    commands can then change their own env, and only it.
+
+    The env's top dir stays root's: its commands can neither replace nor remove what is there
+    (gestvenv's claim in ``keep``, bin/, lib/) nor plant a link at the top; the dirs they may
+    need there are made first (PREFIX_DIRS, PREFIX_FILES). Below, its commands may have run
+    already (a build inside) and planted symlinks, or may run now: the walk goes by directory
+    descriptors (``os.fwalk``) and never follows a link, so root changes owners inside the
+    env's dir and nowhere else.
     """
     top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        os.chown(top, uid, uid)
+        for name in PREFIX_DIRS:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=top)
+        for name in PREFIX_FILES:
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                                 0o644, dir_fd=top))
         for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=top):
             for name in (*dirnames, *filenames):
                 if dirpath == "." and name in keep:

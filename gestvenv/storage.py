@@ -190,25 +190,59 @@ def claim_dir(path: Path, state_file: Path, env_id: str) -> None:
     (path / CLAIM).write_text(json.dumps({"id": env_id, "state_file": str(state_file)}))
 
 
-def claim_of(path: Path) -> tuple[str, str] | None:
-    """The (env id, state file) an env dir's claim names; None without a readable claim."""
+# A claim or a state file is a few hundred bytes; what is bigger is not one.
+_SMALL = 1 << 16
+
+
+def _read_small(name: str | Path, dir_fd: int | None = None, *, owner: int | None = None) -> bytes:
+    """A small regular file, read without following a link nor blocking (a FIFO planted in its
+    place would hang the sweep), and only if ``owner`` owns it. OSError otherwise."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        claim = json.loads((path / CLAIM).read_text())
-        return str(claim["id"]), str(claim["state_file"])
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _SMALL:
+            raise OSError(f"{name}: not a small regular file")
+        if owner is not None and st.st_uid != owner:
+            raise OSError(f"{name}: owned by uid {st.st_uid}, not {owner}")
+        return os.read(fd, _SMALL + 1)
+    finally:
+        os.close(fd)
+
+
+def claim_of(path: Path) -> tuple[str, str] | None:
+    """The (env id, state file) an env dir's claim names; None without a claim to trust.
+
+    Trusted: a small regular file of the sweeping user's own (an env whose commands run under
+    a uid of their own can replace its claim, never forge one of its creator's), naming an id
+    that the dir's own name ends with (``<name>-<id[:8]>``): a claim cannot speak for another
+    environment's processes or state.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        claim = json.loads(_read_small(CLAIM, fd, owner=os.geteuid()))
+        env_id, state_file = str(claim["id"]), str(claim["state_file"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    finally:
+        os.close(fd)
+    if not Path(path).name.endswith(f"-{env_id[:8]}") or len(env_id) < 8:
+        return None
+    return env_id, state_file
 
 
 def is_claimed(path: Path) -> bool | None:
     """True if the state file named in ``path``'s claim exists and holds the same id; None if
-    the dir has no readable claim (too young to have written one, or not an env dir)."""
+    the dir has no claim to trust (too young to have written one, not an env dir, or one its
+    commands replaced)."""
     claim = claim_of(path)
     if claim is None:
         return None
     env_id, state_file = claim
     try:
-        with open(state_file) as f:
-            return bool(json.load(f).get("id") == env_id)
+        return bool(json.loads(_read_small(state_file)).get("id") == env_id)
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -221,21 +255,10 @@ def check_env_dir(path: Path, name: str, env_id: str) -> None:
         raise UnsafePathError(
             f"refusing to delete {path}: environment {name!r} lives in a dir named "
             f"{name}-{env_id[:8]}; its state file was changed")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError:
-        return  # gone, or a link (remove_tree removes the link and says so)
-    try:
-        claim_fd = os.open(CLAIM, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
-        with os.fdopen(claim_fd) as f:
-            claimed = json.load(f).get("id")
-    except (OSError, ValueError, AttributeError):
-        return  # no claim yet: a creator killed between mkdir and the claim
-    finally:
-        os.close(fd)
-    if claimed != env_id:
+    claim = claim_of(path)  # (none, or not one to trust: a creator killed before writing it)
+    if claim is not None and claim[0] != env_id:
         raise UnsafePathError(
-            f"refusing to delete {path}: it belongs to environment {claimed!r}, not {env_id!r}")
+            f"refusing to delete {path}: it belongs to environment {claim[0]!r}, not {env_id!r}")
 
 
 def env_roots(path: Path, config: Config) -> list[Path]:

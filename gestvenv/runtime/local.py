@@ -414,7 +414,7 @@ def sandbox_of(record: EnvRecord, command: CommandSpec | None = None) -> bwrap.S
 
 def _sandboxed_argv(record: EnvRecord, box: bwrap.Sandbox, command: CommandSpec,
                     status_fd: int) -> list[str]:
-    cwd = os.path.abspath(command.cwd if command.cwd is not None else os.getcwd())
+    cwd = sandbox_ids.command_cwd(command.cwd, os.getcwd(), record.path, box.visible)
     if not box.visible(cwd):
         raise ValidationError(
             f"working directory {cwd} is hidden inside environment {record.name!r} (namespace "

@@ -306,13 +306,28 @@ NON_ROOT = textwrap.dedent("""
                         "print(json.dumps(r))\\n") % port
                 done = await env.execute(["python", "-c", code], cwd=env.path)
                 out["inside"] = json.loads(done.stdout) if done.ok else done.stderr
+                # A link planted where the creator used to write after an install (a hostile
+                # review found it: the creator sees its home, the sandbox does not).
+                victim = os.path.join(os.environ["HOME"], "victim")
+                with open(victim, "w") as f:
+                    f.write("untouched\\n")
+                plant = f"import os; os.symlink({victim!r}, 'bin/.gvtool.gestvenv')"
+                await env.execute(["python", "-c", plant], cwd=env.path)
+                try:
+                    await env.install(["gvtool"])
+                    out["install"] = (await env.execute(["gvtool"])).stdout
+                except gestvenv.GestvenvError as exc:
+                    out["install"] = str(exc)
+                with open(victim) as f:
+                    out["victim"] = f.read()
         print(json.dumps(out))
     asyncio.run(main())
 """)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switches to nobody: needs root")
-def test_non_root_user_gets_pid_namespace_and_no_network(listener: int) -> None:
+def test_non_root_user_gets_pid_namespace_and_no_network(listener: int,
+                                                         wheelhouse: Path) -> None:
     if not (os.access("/usr/bin/python3", os.X_OK) and shutil.which("setpriv")):
         pytest.skip("needs /usr/bin/python3 and setpriv")
     reason = subprocess.run(
@@ -326,7 +341,9 @@ def test_non_root_user_gets_pid_namespace_and_no_network(listener: int) -> None:
     # Not under /tmp/pytest-of-root (0700): a dir of nobody's own.
     base = Path(tempfile.mkdtemp(prefix="gv-nobody-"))
     try:
-        os.chown(base, NOBODY, NOBODY)
+        shutil.copytree(wheelhouse, base / "wheels")
+        for path in (base, *base.rglob("*")):
+            os.chown(path, NOBODY, NOBODY)
         env = {
             "HOME": str(base), "PATH": f"{CHECKOUT / '.venv' / 'bin'}:/usr/bin:/bin",
             "PYTHONPATH": f"{CHECKOUT}:{SITE}",
@@ -336,6 +353,7 @@ def test_non_root_user_gets_pid_namespace_and_no_network(listener: int) -> None:
             "GESTVENV_EPHEMERAL_STORAGE_ROOT": str(base / "envs"),
             "GESTVENV_EPHEMERAL_CACHE_DIR": str(base / "cache"),
             "GESTVENV_EPHEMERAL_OFFLINE": "1",
+            "GESTVENV_EPHEMERAL_FIND_LINKS": str(base / "wheels"),
             "GESTVENV_EPHEMERAL_RUNTIME": "local",
         }
         done = subprocess.run(
@@ -353,6 +371,8 @@ def test_non_root_user_gets_pid_namespace_and_no_network(listener: int) -> None:
     assert inside["pid"] < 10
     assert inside["init"] != host_init()
     assert inside["connect"] in ("ConnectionRefusedError", "OSError"), inside
+    assert out["victim"] == "untouched\n"
+    assert out["install"] == "gvtool ran\n", out["install"]
 
 
 def test_probe_is_cached() -> None:

@@ -146,12 +146,12 @@ def test_prop_uses_the_declared_signature_and_refuses_unknown_names() -> None:
 # signature changed by mistake in SIGNATURES would pass the matrix above but fail on the bus.
 SYSTEMD_TYPES = {
     "s": ["Description", "Slice", "Type", "WorkingDirectory", "StandardInput", "CollectMode",
-          "KillMode", "ProtectSystem", "ProtectHome", "ProtectProc"],
+          "KillMode", "ProtectSystem", "ProtectHome", "ProtectProc", "PrivatePIDs"],
     "b": ["AddRef", "StopWhenUnneeded", "SendSIGKILL", "MemoryAccounting", "CPUAccounting",
           "TasksAccounting", "IPAccounting", "PrivateNetwork", "PrivateUsers", "PrivateTmp",
           "PrivateDevices", "ProtectKernelTunables", "ProtectKernelModules",
           "ProtectControlGroups", "NoNewPrivileges", "RestrictSUIDSGID", "PrivateIPC",
-          "PrivatePIDs", "ProtectHostname", "ProtectKernelLogs", "ProtectClock",
+          "ProtectHostname", "ProtectKernelLogs", "ProtectClock",
           "LockPersonality", "RestrictRealtime"],
     "t": ["RuntimeMaxUSec", "TimeoutStopUSec", "MemoryMax", "MemorySwapMax",
           "CPUQuotaPerSecUSec", "TasksMax", "StartLimitIntervalUSec", "CapabilityBoundingSet",
@@ -407,7 +407,7 @@ def test_a_root_creators_sandbox_keeps_only_what_setpriv_needs() -> None:
 def test_systemd_257_gives_a_pid_namespace() -> None:
     caps = Capabilities(user=True, controllers=ALL_CONTROLLERS, cgroup_v2=True, version=257)
     props = as_dict(sandbox(IsolationLevel.NAMESPACE, caps))
-    assert props["PrivatePIDs"] is True
+    assert props["PrivatePIDs"] == "yes"  # a string on 257's bus (seen in the v2 VM)
     held = plan.protections(IsolationLevel.NAMESPACE, caps, None)
     assert held["processes"].startswith("PrivatePIDs=yes")
     old = plan.protections(IsolationLevel.NAMESPACE, USER_FULL, None)

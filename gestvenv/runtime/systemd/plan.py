@@ -110,7 +110,7 @@ SIGNATURES: Mapping[str, str] = {
     "AmbientCapabilities": "t",
     "ProtectProc": "s",
     "PrivateIPC": "b",
-    "PrivatePIDs": "b",
+    "PrivatePIDs": "s",  # (257: "yes" | "no")
     "ProtectHostname": "b",
     "ProtectKernelLogs": "b",
     "ProtectClock": "b",
@@ -397,7 +397,7 @@ def sandbox_properties(spec: SandboxSpec, caps: Capabilities) -> list[Property]:
         props.append(prop("BindReadOnlyPaths",
                           [[p, p, True, 0] for p in dict.fromkeys(spec.expose)]))
     if caps.version >= 257:
-        props.append(prop("PrivatePIDs", True))
+        props.append(prop("PrivatePIDs", "yes"))
     if level.rank >= IsolationLevel.CONTAINER.rank:
         # The system calls of an ordinary service only (no mount, swap, reboot, modules, raw
         # I/O, clock, kexec...): what a container runtime's default seccomp profile also does.

@@ -284,9 +284,13 @@ class SystemdRuntime(Runtime):
         await self.prepare()
         names = UnitNames.of(record.name)
         unit = names.command(uuid.uuid4().hex[:12])
-        cwd = command.cwd or os.getcwd()
-        if not cwd.startswith("/"):  # systemd wants it absolute
-            cwd = f"{os.getcwd()}/{cwd}"
+        spec = sandbox_spec(record, command.expose)
+        cwd = os.getcwd()
+        if spec.level.rank >= IsolationLevel.NAMESPACE.rank:
+            cwd = sandbox.command_cwd(command.cwd, cwd, record.path, functools.partial(
+                sandbox.visible, env_path=spec.env_path, hide=spec.hide, expose=spec.expose))
+        elif command.cwd:
+            cwd = os.path.join(cwd, command.cwd)  # systemd wants it absolute
         _check_utf8(command.argv, cwd)
         await asyncio.to_thread(_check_interpreter, command.argv[0], cwd)
         # The name may have passed to another env since this handle was made (ours ended,
@@ -303,7 +307,7 @@ class SystemdRuntime(Runtime):
         try:
             # systemd wants an absolute program path; the program still sees argv[0] as given.
             program = os.path.join(cwd, command.argv[0])
-            _check_visible(record, sandbox_spec(record, command.expose), cwd, program)
+            _check_visible(record, spec, cwd, program)
             argv = list(command.argv)
             if record.sandbox_uid is not None:
                 # Dropped to the env's own uid by setpriv, after systemd has set up the
