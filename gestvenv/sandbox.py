@@ -13,7 +13,6 @@ A non-root creator cannot switch uids: its commands keep its uid, inside a user 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
@@ -96,34 +95,20 @@ def sandbox_paths(interpreter: str, tools: Iterable[str],
     return hide, list(dict.fromkeys(expose))
 
 
-# Top-level dirs of a venv that installs write into besides bin/ and lib/ (headers, data files
-# such as share/jupyter and etc/jupyter, the env's pip cache): made before the hand-over, since
-# the env's top dir itself stays its creator's.
-PREFIX_DIRS = ("include", "share", "etc", ".gestvenv")
-# What uv creates at the top of a venv it installs into, as the env's uid: its lock file.
-PREFIX_FILES = (".lock",)
-
-
 def hand_over(path: Path, uid: int, keep: Collection[str] = ()) -> None:
     """Give the env's files to its sandbox uid (after an install by its root creator): its
     commands can then change their own env, and only it.
 
-    The env's top dir stays root's: its commands can neither replace nor remove what is there
-    (gestvenv's claim in ``keep``, bin/, lib/) nor plant a link at the top; the dirs they may
-    need there are made first (PREFIX_DIRS, PREFIX_FILES). Below, its commands may have run
-    already (a build inside) and planted symlinks, or may run now: the walk goes by directory
-    descriptors (``os.fwalk``) and never follows a link, so root changes owners inside the
-    env's dir and nowhere else.
+    The env's top dir stays root's, world-writable and sticky (1777, as /tmp; nobody else
+    can reach it: the storage root is root's 0700 and hidden from other envs): the env's
+    commands can create there, but neither replace nor remove what is root's (gestvenv's claim,
+    in ``keep``). Below, its commands may have run already (a build inside) and planted
+    symlinks, or may run now: the walk goes by directory descriptors (``os.fwalk``) and never
+    follows a link, so root changes owners inside the env's dir and nowhere else.
     """
     top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        for name in PREFIX_DIRS:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o755, dir_fd=top)
-        for name in PREFIX_FILES:
-            with contextlib.suppress(FileExistsError):
-                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                                 0o644, dir_fd=top))
+        os.fchmod(top, 0o1777)
         for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=top):
             for name in (*dirnames, *filenames):
                 if dirpath == "." and name in keep:

@@ -107,7 +107,7 @@ async def test_the_watchdog_sweeps_orphan_dirs_every_cleanup_interval(
     monkeypatch.setenv("GESTVENV_EPHEMERAL_CLEANUP_INTERVAL", "1")
     root = storage.storage_root(gestvenv.StorageBackend.DISK, load_config()).path
     orphan = root / "rebooted-0123abcd"  # as after a reboot: its state file is gone
-    storage.claim_dir(orphan, gv_home / "run" / "envs" / "rebooted.json", "0" * 32)
+    storage.claim_dir(orphan, gv_home / "run" / "envs" / "rebooted.json", "0123abcd" + "0" * 24)
     (orphan / "pyvenv.cfg").write_text("home = /usr/bin\n")
     old = time.time() - 60
     os.utime(orphan, (old, old))

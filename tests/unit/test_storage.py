@@ -17,9 +17,14 @@ import pytest
 
 from gestvenv import Config, StorageBackend, UnsafePathError
 from gestvenv.storage import (
+    CLAIM,
     all_roots,
+    check_env_dir,
     check_inside_roots,
+    claim_dir,
+    claim_of,
     disk_usage,
+    is_claimed,
     is_tmpfs,
     remove_tree,
     storage_root,
@@ -421,3 +426,56 @@ def test_a_non_empty_foreign_dir_is_not_adopted_as_a_storage_root(tmp_path: Path
     fresh = tmp_path / "fresh"
     assert storage_root(StorageBackend.DISK, config.replace(storage_root=str(fresh))).path == fresh
     assert (fresh / ROOT_MARK).is_file()
+
+
+# --- claims: trusted only when gestvenv's own (a hostile review planted the others) ---
+
+def _claimed_dir(tmp_path: Path, env_id: str = "0123abcd" + "0" * 24) -> Path:
+    path = tmp_path / f"env-{env_id[:8]}"
+    state = tmp_path / "state.json"
+    state.write_text(f'{{"id": "{env_id}"}}')
+    claim_dir(path, state, env_id)
+    return path
+
+
+def test_a_claim_of_gestvenvs_own_is_trusted(tmp_path: Path) -> None:
+    path = _claimed_dir(tmp_path)
+    assert claim_of(path) == ("0123abcd" + "0" * 24, str(tmp_path / "state.json"))
+    assert is_claimed(path) is True
+
+
+def test_a_claim_for_another_envs_id_is_not_trusted(tmp_path: Path) -> None:
+    path = _claimed_dir(tmp_path)
+    (path / CLAIM).write_text('{"id": "ffffffff' + "0" * 24 + '", "state_file": "/x"}')
+    assert claim_of(path) is None  # the dir's name ends with another id
+    assert is_claimed(path) is None
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "foreign owner", "huge"])
+def test_a_planted_claim_is_not_read_nor_waited_for(tmp_path: Path, kind: str) -> None:
+    path = _claimed_dir(tmp_path)
+    claim = path / CLAIM
+    text = claim.read_text()
+    claim.unlink()
+    if kind == "fifo":
+        os.mkfifo(claim)  # a blocking open would hang the sweep
+    elif kind == "symlink":
+        (tmp_path / "elsewhere").write_text(text)
+        claim.symlink_to(tmp_path / "elsewhere")
+    elif kind == "foreign owner":
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give the file away")
+        claim.write_text(text)
+        os.chown(claim, 65534, 65534)  # as an env's own uid would have written it
+    else:
+        claim.write_text(text + " " * (1 << 17))
+    assert claim_of(path) is None
+    assert is_claimed(path) is None
+    check_env_dir(path, "env", "0123abcd" + "0" * 24)  # its own dir, whatever the claim
+
+
+def test_a_fifo_as_the_state_file_is_not_waited_for(tmp_path: Path) -> None:
+    path = _claimed_dir(tmp_path)
+    (tmp_path / "state.json").unlink()
+    os.mkfifo(tmp_path / "state.json")
+    assert is_claimed(path) is False

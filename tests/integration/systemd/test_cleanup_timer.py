@@ -94,8 +94,9 @@ def journal(*matches: str) -> str:
 
 def make_orphan(root: Path, state_dir: str) -> Path:
     """An env dir whose claim names a state file that does not exist: what a crash leaves."""
-    path = root / f"tmr-orphan-{secrets.token_hex(4)}"
-    storage.claim_dir(path, Path(state_dir) / "tmr-orphan.json", secrets.token_hex(16))
+    env_id = secrets.token_hex(16)  # (a claim names the id its dir's name ends with)
+    path = root / f"tmr-orphan-{env_id[:8]}"
+    storage.claim_dir(path, Path(state_dir) / "tmr-orphan.json", env_id)
     (path / "lib").mkdir()
     (path / "lib" / "mod.py").write_text("x = 1\n")
     return path
@@ -243,9 +244,10 @@ MAKE_ORPHAN = textwrap.dedent("""
     from pathlib import Path
     from gestvenv import Config, StorageBackend, storage
     root = storage.storage_root(StorageBackend.DISK, Config()).path
-    path = root / f"tmr-orphan-{secrets.token_hex(4)}"
+    env_id = secrets.token_hex(16)
+    path = root / f"tmr-orphan-{env_id[:8]}"
     state = storage.runtime_dir() / "envs" / "tmr-orphan.json"
-    storage.claim_dir(path, state, secrets.token_hex(16))
+    storage.claim_dir(path, state, env_id)
     (path / "lib").mkdir()
     (path / "lib" / "mod.py").write_text("x = 1\\n")
     print(path)
