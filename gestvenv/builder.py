@@ -125,6 +125,9 @@ class Builder:
         # creator's process (only for callers that build no env of gestvenv's).
         self.inside = inside
         self.built_inside = False  # an install had to build inside: its files are the build's
+        # The env's commands run under a uid of their own and cannot write root's read-only
+        # files: installed files may be hardlinks of the cache's and the snapshots' (link_mode).
+        self.share_read_only = False
 
     async def create(self, env_path: Path, interpreter: Interpreter) -> None:
         raise NotImplementedError
@@ -204,7 +207,8 @@ class UvBuilder(Builder):
         baseline = await in_thread(snapshot_baseline, env_path)
         if template is not None:
             try:
-                await in_thread(self.templates.clone, template, env_path)
+                await in_thread(functools.partial(self.templates.clone, template, env_path,
+                                                  share_read_only=self.share_read_only))
                 return
             except OSError as exc:  # a pruned or damaged snapshot: install for real
                 log.debug("snapshot %s unusable (%s); installing", template, exc)
@@ -284,10 +288,21 @@ class UvBuilder(Builder):
         return args + list(packages)
 
     def link_mode(self, env_path: Path) -> str:
-        """Always "copy", whatever ``link_mode`` says: a hardlink would share the cache's inode
-        (an in-place edit of an installed file would reach the cache and every later env), and
+        """"copy", whatever ``link_mode`` says: a hardlink would share the cache's inode (an
+        in-place edit of an installed file would reach the cache and every later env), and
         uv's "clone" falls back to hardlinks where reflinks fail (uv PR 18104). uv copies with
-        copy_file_range, which the kernel turns into a reflink on btrfs and XFS."""
+        copy_file_range, which the kernel turns into a reflink on btrfs and XFS.
+
+        But "hardlink" for an env whose commands run under a uid of their own (a root
+        creator's, namespace isolation and above: ``share_read_only``): there the cache's files
+        are root's and read-only to them, and the hand-over keeps them so (sandbox.hand_over),
+        so a link holds as a copy does, at the cost of a link."""
+        if self.share_read_only:
+            try:
+                if os.stat(self.cache).st_dev == os.stat(env_path).st_dev:
+                    return "hardlink"
+            except OSError:
+                pass
         return "copy"
 
 

@@ -80,6 +80,7 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
     if enforcement.isolation_applied.rank >= IsolationLevel.NAMESPACE.rank:
         record = await asyncio.to_thread(_with_sandbox, record, config)
     builder.inside = InsideInstaller(record, runtime)  # package code runs in the env
+    builder.share_read_only = record.sandbox_uid is not None
     async with AsyncExitStack() as undo:
         # The undo is armed before the reservation: a cancellation may land while the reserving
         # thread has already written the state file. destroy() only ever removes this record

@@ -14,6 +14,7 @@ A non-root creator cannot switch uids: its commands keep its uid, inside a user 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
@@ -95,6 +96,22 @@ def sandbox_paths(interpreter: str, tools: Iterable[str],
     return hide, list(dict.fromkeys(expose))
 
 
+# What holds the shared files of such an env (Enforcement.protections["shared_files"]).
+SHARED_FILES_OWN_UID = (
+    "installed files are hardlinks of the cache and snapshots that are root's and read-only to "
+    "the env's uid (an edit in place fails: EACCES; a file replaced is the env's own), or "
+    "copies; the cache and snapshots are hidden")
+
+
+def shared_safe(st: os.stat_result) -> bool:
+    """Whether a file may stay shared (a hardlink of the cache's or a snapshot's) in an env whose
+    commands run under a uid of their own: root's, writable by root alone, no setuid/setgid
+    bit. Such a file cannot be changed in place by the env (EACCES); the env may still replace
+    it with a file of its own, which reaches nothing shared."""
+    return (stat.S_ISREG(st.st_mode) and st.st_uid == 0
+            and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH | stat.S_ISUID | stat.S_ISGID))
+
+
 def hand_over(path: Path, uid: int, keep: Collection[str] = ()) -> None:
     """Give the env's files to its sandbox uid (after an install by its root creator): its
     commands can then change their own env, and only it.
@@ -102,9 +119,11 @@ def hand_over(path: Path, uid: int, keep: Collection[str] = ()) -> None:
     The env's top dir stays root's, world-writable and sticky (1777, as /tmp; nobody else
     can reach it: the storage root is root's 0700 and hidden from other envs): the env's
     commands can create there, but neither replace nor remove what is root's (gestvenv's claim,
-    in ``keep``). Below, its commands may have run already (a build inside) and planted
-    symlinks, or may run now: the walk goes by directory descriptors (``os.fwalk``) and never
-    follows a link, so root changes owners inside the env's dir and nowhere else.
+    in ``keep``). Files shared with the cache or a snapshot (hardlinks) stay root's where that
+    holds (:func:`shared_safe`); any other is first made a file of the env's own. Below the top,
+    its commands may have run already (a build inside) and planted symlinks, or may run now:
+    the walk goes by directory descriptors (``os.fwalk``) and never follows a link, so root
+    changes owners inside the env's dir and nowhere else.
     """
     top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
@@ -113,9 +132,32 @@ def hand_over(path: Path, uid: int, keep: Collection[str] = ()) -> None:
             for name in (*dirnames, *filenames):
                 if dirpath == "." and name in keep:
                     continue
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    if shared_safe(st):
+                        continue
+                    _unshare(name, dirfd, st)
                 os.chown(name, uid, uid, dir_fd=dirfd, follow_symlinks=False)
     finally:
         os.close(top)
+
+
+def _unshare(name: str, dirfd: int, st: os.stat_result) -> None:
+    """Replace a shared file by a copy of its own, by descriptor (never through a link)."""
+    tmp = f".{name}.gestvenv-own"
+    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dirfd)
+    try:
+        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                      dir_fd=dirfd)
+        try:
+            while os.sendfile(dst, src, None, 1 << 20):
+                pass
+            os.fchmod(dst, stat.S_IMODE(st.st_mode) & 0o777)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    os.replace(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
 
 
 def hand_over_env(path: str, uid: int | None) -> None:

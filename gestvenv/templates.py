@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .exceptions import GestvenvError
+from .sandbox import shared_safe
 from .storage import remove_tree
 
 # Stands for the environment's interpreter in the scripts of a snapshot.
@@ -153,15 +154,27 @@ class Copier:
     only (a byte copy). Mode bits and times are kept (times: so that the .pyc files copied
     alongside stay valid). What fails once is not tried again for the rest of the transfer."""
 
-    def __init__(self, *, reflink: bool) -> None:
+    def __init__(self, *, reflink: bool, share_read_only: bool = False) -> None:
         self.reflink = reflink
         self.range = reflink
-        self.reflinked = self.copied = 0
+        # Hardlink what the env's commands cannot write (sandbox.shared_safe), for an env whose
+        # commands run under a uid of their own: then a link holds as a copy does.
+        self.share = share_read_only
+        self.reflinked = self.copied = self.linked = 0
 
     def copy(self, src: str, dst: str) -> None:
         fsrc = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             st = os.fstat(fsrc)
+            if self.share and shared_safe(st):
+                try:
+                    os.link(src, dst, follow_symlinks=False)
+                    self.linked += 1
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    self.share = False  # another filesystem: copies from now on
             fdst = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                            | os.O_NOFOLLOW, 0o600)
             try:
@@ -207,12 +220,13 @@ class Copier:
 
 
 def _transfer(src_root: Path, dst_root: Path, *, skip: set[str], replace: tuple[bytes, bytes],
-              reflink: bool) -> None:
+              reflink: bool, share_read_only: bool = False) -> None:
     """Recreate ``src_root``'s tree under ``dst_root``, minus the relative paths in ``skip``
     and the environment's private dir: directories made, symlinks recreated, scripts in bin/
     rewritten (``replace``: the interpreter's path for the placeholder or back), other files
-    copied (reflinked when ``reflink`` and the filesystem allow): never hardlinked."""
-    copier = Copier(reflink=reflink)
+    copied (reflinked when ``reflink`` and the filesystem allow); hardlinked only with
+    ``share_read_only``, where the target's commands cannot write them (see Copier)."""
+    copier = Copier(reflink=reflink, share_read_only=share_read_only)
     old, new = replace
     for relname, src, is_dir in walk(src_root, prune={PRIVATE_DIR}):
         dst = os.path.join(dst_root, relname)
@@ -263,10 +277,10 @@ class TemplateCache:
             return None
         return path if time.time() - made < self.max_age else None
 
-    def clone(self, template: Path, env_path: Path) -> None:
+    def clone(self, template: Path, env_path: Path, *, share_read_only: bool = False) -> None:
         python = str(env_path / "bin" / "python").encode()
         _transfer(template, env_path, skip={_COMPLETE}, replace=(PLACEHOLDER, python),
-                  reflink=self.reflink)
+                  reflink=self.reflink, share_read_only=share_read_only)
 
     def store(self, key: str, env_path: Path, baseline: set[str]) -> None:
         """Snapshot what an install added to ``env_path``; a concurrent twin may win, fine."""

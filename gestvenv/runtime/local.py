@@ -92,7 +92,8 @@ def protections(applied: IsolationLevel, *, root: bool, own_uid: bool,
     commands run as the env's own unprivileged uid (``EnvRecord.sandbox_uid``)."""
     boxed = applied.rank >= IsolationLevel.NAMESPACE.rank
     out = {
-        "shared_files": "installed files are copies or reflinks, never hardlinks, of the cache "
+        "shared_files": sandbox_ids.SHARED_FILES_OWN_UID if boxed and own_uid else
+                        "installed files are copies or reflinks, never hardlinks, of the cache "
                         "and snapshots" + ("; gestvenv's dirs but the env's are hidden"
                                            if boxed else ""),
         "builds": "package code (sdist builds) runs as a command of the env: its limits, "

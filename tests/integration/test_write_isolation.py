@@ -161,3 +161,38 @@ def test_a_snapshot_leaves_the_envs_private_dir_out(tmp_path: Path) -> None:
     assert stat.S_IMODE(copy.stat().st_mode) == 0o640
     assert copy.stat().st_mtime_ns == (lib / "mod.py").stat().st_mtime_ns
     assert json.loads((snapshot / ".gestvenv-template").read_text())["created"] > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root creator's env (its commands' own uid)")
+@pytest.mark.parametrize("backend", ["disk", "memory"])
+async def test_a_root_creators_sandboxed_env_shares_only_what_it_cannot_write(
+        backend: str, shared_cache: Path) -> None:
+    """Namespace isolation as root: the commands run under the env's own uid, so the cache's
+    and the snapshot's files may stay shared (hardlinks: no copy) where they are root's and
+    read-only to it. An edit in place is refused (EACCES); a replacement is the env's own."""
+    marker = f"GESTVENV_POISON_{secrets.token_hex(4)}"
+    edit = ("import errno, os, six\n"
+            "path = six.__file__\n"
+            "try:\n"
+            f"    open(path, 'a').write('{marker} = 1')\n"
+            "    print('edited')\n"
+            "except OSError as e:\n"
+            "    print(errno.errorcode[e.errno])\n"
+            "os.unlink(path)\n"  # the env's dir is its uid's: a file of its own replaces it
+            f"open(path, 'w').write('{marker} = 2')\n"
+            "print('replaced')\n")
+    for round_ in ROUNDS:
+        async with gestvenv.ephemeral("shared", packages=["six"], storage_backend=backend,
+                                      isolation_level="namespace") as env:
+            installed = next(env.path.glob("lib/python*/site-packages/six/__init__.py"))
+            st = installed.stat()
+            same_fs = os.stat(shared_cache).st_dev == os.stat(env.path).st_dev
+            if same_fs:  # (the memory backend is another filesystem: copies)
+                assert (st.st_nlink > 1, st.st_uid, stat.S_IMODE(st.st_mode) & 0o022) == \
+                    (True, 0, 0), round_
+            done = await env.execute(["python", "-c", edit], cwd=str(env.path))
+            assert done.returncode == 0, done.stderr
+            expected = "EACCES" if st.st_uid == 0 else "edited"
+            assert done.stdout.split() == [expected, "replaced"], round_
+        assert holding(shared_cache, marker.encode()) == [], round_
+        assert holding(snapshots_dir(), marker.encode()) == [], round_

@@ -35,7 +35,7 @@ from ...models import (
     in_threat_order,
 )
 from ...names import RESERVED_NAMES
-from ...sandbox import is_hidden
+from ...sandbox import SHARED_FILES_OWN_UID, is_hidden
 
 PARENT_SLICE = "gestvenv.slice"
 # In the env unit's environment: which env it is, and where its state file is (a name is reused
@@ -257,7 +257,8 @@ def protections(applied: IsolationLevel, caps: Capabilities,
     own_uid = boxed and not caps.user  # root's envs: see gestvenv.sandbox
     who = "the creator's uid, unprivileged" if caps.user else "root, as the creator"
     out = {
-        "shared_files": "installed files are copies or reflinks of the cache and snapshots, "
+        "shared_files": SHARED_FILES_OWN_UID if own_uid else
+                        "installed files are copies or reflinks of the cache and snapshots, "
                         "never hardlinks" + ("; the cache and snapshots are hidden" if boxed
                                              else ""),
         "builds": "package code (sdist builds) runs as a command of the env: its unit, limits, "
