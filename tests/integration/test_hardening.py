@@ -49,9 +49,9 @@ async def test_cancellation_during_a_snapshot_clone_is_a_clean_cancellation(
         pass  # the snapshot of ["six"] now exists
     real = TemplateCache.clone
 
-    def slow_clone(self: TemplateCache, template: Path, env_path: Path) -> None:
+    def slow_clone(self: TemplateCache, template: Path, env_path: Path, **how: bool) -> None:
         time.sleep(0.4)  # a big package set: the thread is still writing when cancelled
-        real(self, template, env_path)
+        real(self, template, env_path, **how)
 
     monkeypatch.setattr(TemplateCache, "clone", slow_clone)
     task = asyncio.ensure_future(gestvenv.ephemeral("cc", packages=["six"]).__aenter__())
