@@ -45,6 +45,14 @@ def held(why: str) -> None:
     raise PermissionError(why)
 
 
+def libc(call: str, *args: object) -> None:
+    """A libc call the standard library does not wrap; its errno raised as OSError."""
+    lib = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if getattr(lib, call)(*args) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 def main(args: dict[str, Any]) -> None:
     @attempt("capabilities")
     def _caps() -> str:
@@ -106,10 +114,7 @@ def main(args: dict[str, Any]) -> None:
 
     @attempt("mount(2) a tmpfs over /etc")
     def _mount() -> str:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        if libc.mount(b"none", b"/etc", b"tmpfs", 0, None) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
+        libc("mount", b"none", b"/etc", b"tmpfs", 0, None)
         return "mounted"
 
     @attempt("see the host's init as PID 1")
@@ -168,11 +173,7 @@ def main(args: dict[str, Any]) -> None:
 
     @attempt("set the hostname")
     def _hostname() -> str:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        name = b"gv-escaped"
-        if libc.sethostname(name, len(name)) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
+        libc("sethostname", b"gv-escaped", len(b"gv-escaped"))
         return "hostname set"
 
     @attempt("write a sysctl")
@@ -214,10 +215,7 @@ def main(args: dict[str, Any]) -> None:
     if args.get("ptrace_pid"):
         @attempt("ptrace a host process")
         def _ptrace() -> str:
-            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-            if libc.ptrace(16, int(args["ptrace_pid"]), None, None) != 0:  # PTRACE_ATTACH
-                code = ctypes.get_errno()
-                raise OSError(code, os.strerror(code))
+            libc("ptrace", 16, int(args["ptrace_pid"]), None, None)  # PTRACE_ATTACH
             return "attached"
 
     print(json.dumps({"mark": MARK, "uid": os.getuid(), "results": results}))
