@@ -123,7 +123,8 @@ def test_rpm_requires_come_from_the_metadata_and_uv_is_recommended(
         present = re.search(rf"^python3(\.\d+)?dist\({re.escape(name)}\)", requires, re.M)
         assert bool(present) == (name != "uv"), (name, requires)
     assert re.search(r"^python\(abi\) = 3\.\d+$", requires, re.M), requires
-    assert rpm_query(built_rpm[1], "--recommends").split() == ["uv"]
+    # uv (the fast builder) and bubblewrap (namespace isolation without systemd): both optional.
+    assert rpm_query(built_rpm[1], "--recommends").split() == ["bubblewrap", "uv"]
 
 
 def scriptlets(rpm: Path) -> dict[str, str]:
