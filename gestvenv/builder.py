@@ -141,6 +141,15 @@ class Builder:
         """The first install, at creation (a builder may take it from a snapshot)."""
         await self.install(env_path, interpreter, packages, requirements)
 
+    def _stage(self, args: Sequence[str], env_path: Path) -> tuple[list[str], str | None]:
+        """The local inputs of an install inside, copied into the env (gestvenv.inside)."""
+        assert self.inside is not None
+        try:
+            return stage_inputs(args, str(env_path), self.inside.record.sandbox_uid)
+        except OSError as exc:
+            raise BuildError(f"cannot copy the install's local inputs into environment "
+                             f"{self.inside.record.name!r}: {exc}") from None
+
     async def _run(self, argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -272,8 +281,8 @@ class UvBuilder(Builder):
         if self.config.offline or not self.inside.network:
             argv.append("--offline")  # downloads only from what is local (find-links, paths)
         self.built_inside = True
-        args, stage = await in_thread(stage_inputs, self._install_args(packages, requirements),
-                                      str(env_path))
+        args, stage = await in_thread(self._stage, self._install_args(packages, requirements),
+                                      env_path)
         try:
             result = await self.inside.run(
                 argv + args, {k: v for k, v in env.items() if k.startswith(("UV_", "LANG", "LC_"))})
@@ -397,7 +406,7 @@ class VenvPipBuilder(Builder):
             argv.insert(argv.index("install") + 1, "--no-index")
         self.built_inside = True
         head = argv.index("install") + 1
-        argv[head:], stage = await in_thread(stage_inputs, argv[head:], str(env_path))
+        argv[head:], stage = await in_thread(self._stage, argv[head:], env_path)
         try:
             result = await self.inside.run(argv, {k: v for k, v in os.environ.items()
                                                   if k.startswith(("PIP_", "LANG", "LC_"))})

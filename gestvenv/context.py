@@ -12,7 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import registry, sandbox, storage
+from . import registry, storage
 from .builder import Interpreter, make_builder
 from .config import Config, load_config
 from .exceptions import (
@@ -155,7 +155,6 @@ class Environment:
             inside = InsideInstaller(record, runtime_named(record.runtime), everything=boxed)
             await make_builder(self._config, record.id, inside).install(
                 self.path, interpreter, specs, reqs)
-            await asyncio.to_thread(sandbox.hand_over_env, record.path, record.sandbox_uid)
         finally:
             await asyncio.to_thread(registry.touch, record.name, record.id)
         await asyncio.to_thread(_record_packages, record, specs)
@@ -242,7 +241,8 @@ def _record_packages(record: EnvRecord, specs: Sequence[str]) -> None:
         except EnvironmentNotFoundError:
             return
         if current.id == record.id:
-            registry.save(current.evolve(packages=[*current.packages, *specs]))
+            added = [s for s in dict.fromkeys(specs) if s not in current.packages]
+            registry.save(current.evolve(packages=[*current.packages, *added]))
 
 
 def build_command(record: EnvRecord, cmd: Command, *, shell: bool = False,

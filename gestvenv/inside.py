@@ -17,26 +17,48 @@ import os
 import secrets
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from . import sandbox
+from .exceptions import BuildError
 from .models import ExecResult
 from .registry import EnvRecord
 from .runtime.base import CommandSpec, Runtime
 from .runtime.processes import ENV_MARKER
 
 
-@dataclass(frozen=True)
 class InsideInstaller:
-    """Runs an installer command as a command of ``record``'s environment."""
+    """Runs an installer command as a command of ``record``'s environment.
 
-    record: EnvRecord
-    runtime: Runtime
-    # The whole install runs inside, not only what must be built: after creation the commands
-    # of a sandboxed env (namespace isolation and above) may have planted links in its dir, and
-    # the creator, who sees the host the sandbox hides, must write nothing there by path
-    # (its uv and its script rewriting would follow them: a hostile review did just that).
-    everything: bool = False
+    ``everything``: the whole install runs inside, not only what must be built. After
+    creation the commands of a sandboxed env (namespace isolation and above) may have planted
+    links in its dir, and the creator, who sees the host the sandbox hides, must write nothing
+    there by path (its uv and its script rewriting would follow them: a hostile review did
+    just that).
+
+    ``hand_over_first``: at creation, what the creator wrote so far goes to the env's own uid
+    (:func:`sandbox.hand_over_env`) before the first command of the env runs, and only then:
+    once any of the env's code has run, a hand-over by root would race it (a second review
+    turned a cache file into the env's through one). After creation nothing is handed over:
+    installs run as the env's uid and what they write is its own already.
+    """
+
+    def __init__(self, record: EnvRecord, runtime: Runtime, *, everything: bool = False,
+                 hand_over_first: bool = False) -> None:
+        self.record = record
+        self.runtime = runtime
+        self.everything = everything
+        self.pending_hand_over = hand_over_first
+
+    async def hand_over(self) -> None:
+        """The creation's one hand-over, if it has not happened (no command of the env yet)."""
+        if self.pending_hand_over:
+            self.pending_hand_over = False
+            try:
+                await asyncio.to_thread(sandbox.hand_over_env, self.record.path,
+                                        self.record.sandbox_uid)
+            except OSError as exc:
+                raise BuildError(f"cannot give environment {self.record.name!r} its files: "
+                                 f"{exc}") from None
 
     @property
     def network(self) -> bool:
@@ -48,9 +70,7 @@ class InsideInstaller:
         return int(value) if value else None
 
     async def run(self, argv: Sequence[str], environ: Mapping[str, str]) -> ExecResult:
-        # Its commands write the env as its sandbox uid: what the creator wrote so far is
-        # handed over first (the cache the build writes lives in the env).
-        await asyncio.to_thread(sandbox.hand_over_env, self.record.path, self.record.sandbox_uid)
+        await self.hand_over()  # (the env's commands write it as its own uid from now on)
         bin_dir = os.path.join(self.record.path, "bin")
         env = {**environ, "VIRTUAL_ENV": self.record.path, ENV_MARKER: self.record.id,
                "GESTVENV_ENV_NAME": self.record.name,
@@ -61,7 +81,8 @@ class InsideInstaller:
         return await self.runtime.run(self.record, spec)
 
 
-def stage_inputs(args: Sequence[str], env_path: str) -> tuple[list[str], str | None]:
+def stage_inputs(args: Sequence[str], env_path: str,
+                 uid: int | None = None) -> tuple[list[str], str | None]:
     """``args`` with every host path (an sdist, a project dir, a requirements file, a find-links
     dir) replaced by a copy in a fresh dir of the env's (returned, for :func:`unstage`): the
     sandbox hides most of the host, and a root creator's files may be unreadable to the env's
@@ -69,7 +90,8 @@ def stage_inputs(args: Sequence[str], env_path: str) -> tuple[list[str], str | N
 
     The env's dir may be its uid's, and its commands may have planted links in it: the copy is
     made through directory descriptors, into a dir created here, never through a path in the
-    env, and the files are root's (readable, not writable, by the env).
+    env; with ``uid`` (the env's own), each entry is given to it through the descriptor that
+    made it (a build may write into its source tree), never by name.
     """
     out: list[str] = []
     stage: str | None = None
@@ -84,13 +106,15 @@ def stage_inputs(args: Sequence[str], env_path: str) -> tuple[list[str], str | N
                 continue
             if stage_fd is None:
                 stage = f"{STAGE_PREFIX}{secrets.token_hex(8)}"
-                os.mkdir(stage, 0o755, dir_fd=env_fd)
+                os.mkdir(stage, 0o700, dir_fd=env_fd)
                 stage_fd = os.open(stage, _DIR_FLAGS, dir_fd=env_fd)
+                _give(stage_fd, uid)
             os.mkdir(str(n), 0o755, dir_fd=stage_fd)
             slot = os.open(str(n), _DIR_FLAGS, dir_fd=stage_fd)
             try:
+                _give(slot, uid)
                 name = os.path.basename(os.path.abspath(path))
-                _copy_into(os.path.abspath(path), name, slot)
+                _copy_into(os.path.abspath(path), name, slot, uid)
             finally:
                 os.close(slot)
             out.append(os.path.join(env_path, stage or "", str(n), name))
@@ -105,18 +129,24 @@ STAGE_PREFIX = ".gestvenv-inputs-"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 
-def _copy_into(src: str, name: str, dir_fd: int) -> None:
+def _give(fd: int, uid: int | None) -> None:
+    if uid is not None:
+        os.fchown(fd, uid, uid)
+
+
+def _copy_into(src: str, name: str, dir_fd: int, uid: int | None) -> None:
     """Copy ``src`` (a file or a tree; links inside it are not followed) as ``name`` into
-    ``dir_fd``, creating every entry exclusively."""
+    ``dir_fd``, creating every entry exclusively (and giving it to ``uid``)."""
     if os.path.isdir(src) and not os.path.islink(src):
         os.mkdir(name, 0o755, dir_fd=dir_fd)
         sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
         try:
+            _give(sub, uid)
             with os.scandir(src) as entries:
                 for entry in entries:
                     if entry.is_symlink():
                         continue
-                    _copy_into(entry.path, entry.name, sub)
+                    _copy_into(entry.path, entry.name, sub, uid)
         finally:
             os.close(sub)
         return
@@ -125,6 +155,7 @@ def _copy_into(src: str, name: str, dir_fd: int) -> None:
     dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
                   dir_fd=dir_fd)
     with os.fdopen(dst, "wb") as out, open(src, "rb") as f:
+        _give(out.fileno(), uid)
         shutil.copyfileobj(f, out)
 
 

@@ -79,7 +79,8 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
     )
     if enforcement.isolation_applied.rank >= IsolationLevel.NAMESPACE.rank:
         record = await asyncio.to_thread(_with_sandbox, record, config)
-    builder.inside = InsideInstaller(record, runtime)  # package code runs in the env
+    # Package code runs in the env; before its first command, the env's files go to its uid.
+    builder.inside = InsideInstaller(record, runtime, hand_over_first=True)
     builder.share_read_only = record.sandbox_uid is not None
     async with AsyncExitStack() as undo:
         # The undo is armed before the reservation: a cancellation may land while the reserving
@@ -103,7 +104,7 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
                         record.id)
         await builder.create(Path(record.path), interpreter)
         await builder.populate(Path(record.path), interpreter, spec.packages, spec.requirements)
-        await in_thread(sandbox.hand_over_env, record.path, record.sandbox_uid)
+        await builder.inside.hand_over()  # (done already if a build ran inside)
         record = record.evolve(status="ready", last_activity=time.time())
         if not spec.owned:
             record = record.evolve(owner_pid=None, owner_started=None)

@@ -14,6 +14,7 @@ A non-root creator cannot switch uids: its commands keep its uid, inside a user 
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
@@ -113,8 +114,10 @@ def shared_safe(st: os.stat_result) -> bool:
 
 
 def hand_over(path: Path, uid: int, keep: Collection[str] = ()) -> None:
-    """Give the env's files to its sandbox uid (after an install by its root creator): its
-    commands can then change their own env, and only it.
+    """Give the env's files to its sandbox uid (after its root creator wrote them): its
+    commands can then change their own env, and only it. Called once, at creation, before any
+    of the env's code has run (``InsideInstaller.hand_over``): done while its code runs, each
+    decision here (by name, in dirs the env writes) could be raced.
 
     The env's top dir stays root's, world-writable and sticky (1777, as /tmp; nobody else
     can reach it: the storage root is root's 0700 and hidden from other envs): the env's
@@ -144,7 +147,7 @@ def hand_over(path: Path, uid: int, keep: Collection[str] = ()) -> None:
 
 def _unshare(name: str, dirfd: int, st: os.stat_result) -> None:
     """Replace a shared file by a copy of its own, by descriptor (never through a link)."""
-    tmp = f".{name}.gestvenv-own"
+    tmp = f".gestvenv-own-{secrets.token_hex(8)}"
     src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dirfd)
     try:
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,

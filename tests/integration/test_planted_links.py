@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -107,3 +108,34 @@ async def test_a_fifo_for_a_claim_does_not_hang_the_sweep() -> None:
         assert swept.returncode == 0, swept.stderr
         assert env.path.is_dir()  # a live env's dir, whatever its claim
     await wait_until(lambda: not env.path.exists(), 5, "the env's dir removed at its end")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root creator's env (its commands' own uid)")
+async def test_after_creation_root_hands_nothing_over(shared_cache: Path) -> None:
+    """A second hostile review won a cache file through root's hand-over after an install (a
+    rename into the copy's temp name, a stat-then-chown race), filled the disk through a
+    sparse file with two links, and broke installs with planted temp names. After creation
+    nothing is handed over: installs run as the env's uid."""
+    async with gestvenv.ephemeral("racer", packages=["six"],
+                                  isolation_level=IsolationLevel.NAMESPACE) as env:
+        site = next(env.path.glob("lib/python*/site-packages"))
+        shared = site / "six" / "__init__.py"
+        before = os.stat(shared)
+        await run_in(env, "import os\n"
+                          f"os.rename({str(shared)!r}, 'lib/planted')\n"  # a root-owned inode
+                          "open('lib/sparse', 'w').truncate(1 << 30)\n"  # 1 GB, two links
+                          "os.link('lib/sparse', 'lib/sparse2')\n"
+                          "for n in ('sparse', 'sparse2', 'planted'):\n"
+                          "    open(f'lib/.{n}.gestvenv-own', 'w').close()\n")
+        await env.install(["gvtool"])
+        ran = await env.execute(["gvtool"])
+        assert ran.stdout == "gvtool ran\n", ran.stderr
+        planted = os.stat(env.path / "lib" / "planted")
+        assert (planted.st_ino, planted.st_uid, stat.S_IMODE(planted.st_mode)) == \
+            (before.st_ino, 0, stat.S_IMODE(before.st_mode))  # still root's, read-only
+        assert gestvenv.storage.disk_usage(env.path) < 64 << 20  # the holes stayed holes
+    uid = env.info()["sandbox_uid"]
+    owned = (await asyncio.to_thread(
+        subprocess.run, ["find", str(shared_cache), "-uid", str(uid)], capture_output=True,
+        text=True, check=True)).stdout.split()
+    assert owned == []
