@@ -25,7 +25,7 @@ import subprocess
 import sys
 import sysconfig
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,14 +141,24 @@ class Builder:
         """The first install, at creation (a builder may take it from a snapshot)."""
         await self.install(env_path, interpreter, packages, requirements)
 
-    def _stage(self, args: Sequence[str], env_path: Path) -> tuple[list[str], str | None]:
-        """The local inputs of an install inside, copied into the env (gestvenv.inside)."""
+    async def _run_inside(self, env_path: Path, argv: Sequence[str], args: Sequence[str],
+                          environ: Mapping[str, str], what: str) -> None:
+        """``argv + args`` as a command of the env (gestvenv.inside), the host paths among
+        ``args`` (sdists, requirements, find-links) copied into the env for it and removed
+        after; a failure said plainly (:func:`_raise_for`)."""
         assert self.inside is not None
+        self.built_inside = True
         try:
-            return stage_inputs(args, str(env_path), self.inside.record.sandbox_uid)
+            staged, stage = await in_thread(stage_inputs, args, str(env_path),
+                                            self.inside.record.sandbox_uid)
         except OSError as exc:
             raise BuildError(f"cannot copy the install's local inputs into environment "
                              f"{self.inside.record.name!r}: {exc}") from None
+        try:
+            result = await self.inside.run([*argv, *staged], environ)
+        finally:
+            await in_thread(unstage, str(env_path), stage)
+        _raise_for(result, what, self.inside)
 
     async def _run(self, argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
         proc = await asyncio.create_subprocess_exec(
@@ -280,15 +290,9 @@ class UvBuilder(Builder):
             argv.append("--compile-bytecode")
         if self.config.offline or not self.inside.network:
             argv.append("--offline")  # downloads only from what is local (find-links, paths)
-        self.built_inside = True
-        args, stage = await in_thread(self._stage, self._install_args(packages, requirements),
-                                      env_path)
-        try:
-            result = await self.inside.run(
-                argv + args, {k: v for k, v in env.items() if k.startswith(("UV_", "LANG", "LC_"))})
-        finally:
-            await in_thread(unstage, str(env_path), stage)
-        _raise_for(result, "uv pip install " + " ".join(packages), self.inside)
+        uv_env = {k: v for k, v in env.items() if k.startswith(("UV_", "LANG", "LC_"))}
+        await self._run_inside(env_path, argv, self._install_args(packages, requirements),
+                               uv_env, "uv pip install " + " ".join(packages))
 
     def _install_args(self, packages: Sequence[str], requirements: Sequence[Path]) -> list[str]:
         args = _index_args(self.config)
@@ -404,15 +408,10 @@ class VenvPipBuilder(Builder):
         # pip runs package code (builds) as it installs: all of it inside the env.
         if not self.inside.network and "--no-index" not in argv:
             argv.insert(argv.index("install") + 1, "--no-index")
-        self.built_inside = True
         head = argv.index("install") + 1
-        argv[head:], stage = await in_thread(self._stage, argv[head:], env_path)
-        try:
-            result = await self.inside.run(argv, {k: v for k, v in os.environ.items()
-                                                  if k.startswith(("PIP_", "LANG", "LC_"))})
-        finally:
-            await in_thread(unstage, str(env_path), stage)
-        _raise_for(result, what, self.inside)
+        await self._run_inside(env_path, argv[:head], argv[head:],
+                               {k: v for k, v in os.environ.items()
+                                if k.startswith(("PIP_", "LANG", "LC_"))}, what)
 
 
 def make_builder(config: Config, env_id: str | None = None,

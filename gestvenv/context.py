@@ -150,8 +150,7 @@ class Environment:
         try:
             # After creation a sandboxed env's commands may have planted links in its dir:
             # the whole install runs inside, as the env's own uid (gestvenv.inside).
-            boxed = record.enforcement_record.isolation_applied.rank >= \
-                IsolationLevel.NAMESPACE.rank
+            boxed = record.enforcement_record.isolation_applied.sandboxed
             inside = InsideInstaller(record, runtime_named(record.runtime), everything=boxed)
             await make_builder(self._config, record.id, inside).install(
                 self.path, interpreter, specs, reqs)

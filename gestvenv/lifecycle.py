@@ -77,7 +77,7 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
         builder=builder.name, packages=list(spec.packages),
         notes=[n for n in (root.note, *enforcement.notes) if n], environ=dict(spec.environ),
     )
-    if enforcement.isolation_applied.rank >= IsolationLevel.NAMESPACE.rank:
+    if enforcement.isolation_applied.sandboxed:
         record = await asyncio.to_thread(_with_sandbox, record, config)
     # Package code runs in the env; before its first command, the env's files go to its uid.
     builder.inside = InsideInstaller(record, runtime, hand_over_first=True)
@@ -117,7 +117,7 @@ def _with_sandbox(record: EnvRecord, config: Config) -> EnvRecord:
     """The env's sandbox: its own uid (a root creator's), what its commands must not see
     (gestvenv's dirs) and what they need from hidden trees (the interpreter, uv)."""
     uid = None
-    if sandbox.needs_own_uid(os.geteuid(), IsolationLevel(record.enforcement["isolation_applied"])):
+    if sandbox.needs_own_uid(os.geteuid(), record.enforcement_record.isolation_applied):
         taken = {r.sandbox_uid for r in registry.list_records() if r.sandbox_uid is not None}
         uid = sandbox.uid_for(record.id, taken)
     dirs = [str(storage.runtime_dir_path()), str(storage.uv_cache_dir(config)),

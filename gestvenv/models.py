@@ -26,6 +26,12 @@ class IsolationLevel(enum.StrEnum):
     def rank(self) -> int:
         return list(IsolationLevel).index(self)
 
+    @property
+    def sandboxed(self) -> bool:
+        """Namespace isolation or above: commands run in a sandbox of namespaces, which hides
+        most of the host (what each runtime builds of it: docs/isolation.md)."""
+        return self.rank >= IsolationLevel.NAMESPACE.rank
+
     @classmethod
     def parse(cls, value: str | IsolationLevel) -> IsolationLevel:
         return _parse_enum(cls, value, "isolation level")
@@ -118,6 +124,13 @@ THREATS: dict[str, str] = {
     "builds": "run package build code outside the environment's limits and isolation",
 }
 NOT_HELD = "not held: "
+
+
+def network_held(status: LimitStatus | None) -> str:
+    """The "network" threat from the network_access limit's status (None: not cut off)."""
+    if status is None:
+        return f"{NOT_HELD}network_access=True"
+    return status.mechanism if status.enforced else NOT_HELD + status.mechanism
 
 
 def in_threat_order(held: dict[str, str]) -> dict[str, str]:

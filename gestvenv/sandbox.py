@@ -1,14 +1,16 @@
-"""Who an environment's commands run as: the sandbox identity, decided without I/O.
+"""Who an environment's commands run as, and what their sandbox hides and shows.
 
 A root creator's commands at namespace isolation or above never run as root: each environment
 gets an unprivileged uid (and a gid of the same number) of its own, from a range no distribution
 or systemd allocates (systemd's container range ends at 1879048191, its foreign range starts at
-2147352576). The uid needs no passwd entry: systemd takes a numeric ``User=``, setpriv too. One
-uid per environment, so that two environments cannot signal each other's processes or read each
-other's files even where both are visible. The env's files are handed to it after each install
-(:func:`hand_over_paths`), and gestvenv's reaper (root) deletes them as any other.
+2147352576). The uid needs no passwd entry: ``setpriv`` switches to it (systemd 252 refuses a
+numeric ``User=`` without one). One uid per environment, so that two environments cannot signal
+each other's processes or read each other's files even where both are visible. What the creator
+wrote at creation is handed to that uid once, before any of the env's code runs
+(:func:`hand_over`); gestvenv's reaper (root) deletes it as any other file.
 
 A non-root creator cannot switch uids: its commands keep its uid, inside a user namespace.
+The decisions here are pure functions; :func:`hand_over` is the one that writes.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ UID_COUNT = 1 << 24     # up to 1895825407
 
 def needs_own_uid(creator_uid: int, isolation_applied: IsolationLevel) -> bool:
     """Whether the env's commands get a uid of their own (root creators, namespace and above)."""
-    return creator_uid == 0 and isolation_applied.rank >= IsolationLevel.NAMESPACE.rank
+    return creator_uid == 0 and isolation_applied.sandboxed
 
 
 def uid_for(env_id: str, taken: Collection[int] = ()) -> int:
@@ -40,10 +42,6 @@ def uid_for(env_id: str, taken: Collection[int] = ()) -> int:
         if uid not in taken:
             return uid
     raise RuntimeError("no sandbox uid left")  # 16M live environments
-
-
-def is_sandbox_uid(uid: int) -> bool:
-    return UID_BASE <= uid < UID_BASE + UID_COUNT
 
 
 # Trees a sandbox hides wholesale (homes, private /tmp and /dev/shm): what a command needs from
@@ -80,6 +78,14 @@ def command_cwd(requested: str | None, current: str, env_path: str,
     return current if seen(current) else env_path
 
 
+def interpreter_prefix(interpreter: str) -> str:
+    """The installation an interpreter belongs to: /root/.pyenv/versions/3.11.7 for its
+    bin/python3.11 (its lib/ is needed too), the interpreter's own dir otherwise."""
+    real = os.path.realpath(interpreter)
+    bin_dir = os.path.dirname(real)
+    return os.path.dirname(bin_dir) if os.path.basename(bin_dir) == "bin" else bin_dir
+
+
 def sandbox_paths(interpreter: str, tools: Iterable[str],
                   gestvenv_dirs: Iterable[str]) -> tuple[list[str], list[str]]:
     """(dirs to hide, paths to expose read-only) for an env's sandbox.
@@ -87,14 +93,14 @@ def sandbox_paths(interpreter: str, tools: Iterable[str],
     Hidden: gestvenv's own dirs (the shared cache, the snapshots, the storage roots and the
     state files) unless a hidden tree covers them already; the env's own dir is bound back over
     them by the runtime. Exposed: the interpreter's prefix (its ``bin/python`` links to it) and
-    gestvenv's tools (uv, for the env's pip) where a hidden tree would take them away.
+    gestvenv's tools (uv, for the env's pip, by its path and by its target) where a hidden tree
+    would take them away.
     """
     hide = [d for d in dict.fromkeys(gestvenv_dirs) if not is_hidden(d)]
-    expose = []
-    if is_hidden(interpreter):
-        expose.append(str(Path(interpreter).parent.parent))
-    expose += [t for t in tools if is_hidden(t)]
-    return hide, list(dict.fromkeys(expose))
+    wanted = [interpreter_prefix(interpreter)]
+    for tool in tools:
+        wanted += [os.path.abspath(tool), os.path.realpath(tool)]
+    return hide, [p for p in dict.fromkeys(wanted) if is_hidden(p)]
 
 
 # What holds the shared files of such an env (Enforcement.protections["shared_files"]).
@@ -123,10 +129,9 @@ def hand_over(path: Path, uid: int, keep: Collection[str] = ()) -> None:
     can reach it: the storage root is root's 0700 and hidden from other envs): the env's
     commands can create there, but neither replace nor remove what is root's (gestvenv's claim,
     in ``keep``). Files shared with the cache or a snapshot (hardlinks) stay root's where that
-    holds (:func:`shared_safe`); any other is first made a file of the env's own. Below the top,
-    its commands may have run already (a build inside) and planted symlinks, or may run now:
-    the walk goes by directory descriptors (``os.fwalk``) and never follows a link, so root
-    changes owners inside the env's dir and nowhere else.
+    holds (:func:`shared_safe`); any other is first made a file of the env's own. The walk goes
+    by directory descriptors (``os.fwalk``) and never follows a link, so root changes owners
+    inside the env's dir and nowhere else.
     """
     top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
@@ -164,6 +169,6 @@ def _unshare(name: str, dirfd: int, st: os.stat_result) -> None:
 
 
 def hand_over_env(path: str, uid: int | None) -> None:
-    """After an install by a root creator: the env's files (but its claim) to its sandbox uid."""
+    """At creation, by a root creator: the env's files (but its claim) to its sandbox uid."""
     if uid is not None:
         hand_over(Path(path), uid, keep=(CLAIM,))

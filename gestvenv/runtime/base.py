@@ -31,9 +31,6 @@ class CommandSpec:
     timeout: float | None
     capture: bool = True
     stream: StreamCallback | None = None
-    # Host paths this command alone may read (a local sdist, a find-links dir): bound read-only
-    # into a sandbox that would hide them.
-    expose: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ class Sandbox:
 
     @property
     def namespaced(self) -> bool:
-        return self.level.rank >= IsolationLevel.NAMESPACE.rank
+        return self.level.sandboxed
 
     @property
     def wrapped(self) -> bool:
@@ -186,14 +186,6 @@ def setpriv_prefix(uid: int) -> list[str]:
     """Run as ``uid`` (and gid ``uid``), no supplementary group, no capability of any kind."""
     return [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
             "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
-
-
-def interpreter_prefix(interpreter: str) -> str:
-    """The installation an interpreter belongs to: /root/.pyenv/versions/3.11.7 for its
-    bin/python3.11 (its lib/ is needed too), the interpreter's own dir otherwise."""
-    real = os.path.realpath(interpreter)
-    bin_dir = os.path.dirname(real)
-    return os.path.dirname(bin_dir) if os.path.basename(bin_dir) == "bin" else bin_dir
 
 
 def find_bwrap() -> str | None:

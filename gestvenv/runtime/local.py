@@ -37,6 +37,7 @@ from ..models import (
     LimitStatus,
     ResourceLimits,
     in_threat_order,
+    network_held,
 )
 from ..registry import EnvRecord, lock_path, state_path
 from ..shield import shielded
@@ -90,7 +91,7 @@ def protections(applied: IsolationLevel, *, root: bool, own_uid: bool,
     """What the local runtime holds against each threat (``models.THREATS``) at the applied
     isolation, and by what; what it does not hold says so. ``own_uid``: a root creator's
     commands run as the env's own unprivileged uid (``EnvRecord.sandbox_uid``)."""
-    boxed = applied.rank >= IsolationLevel.NAMESPACE.rank
+    boxed = applied.sandboxed
     out = {
         "shared_files": sandbox_ids.SHARED_FILES_OWN_UID if boxed and own_uid else
                         "installed files are copies or reflinks, never hardlinks, of the cache "
@@ -99,10 +100,7 @@ def protections(applied: IsolationLevel, *, root: bool, own_uid: bool,
         "builds": "package code (sdist builds) runs as a command of the env: its limits, "
                   "isolation and network" + (" (bubblewrap)" if boxed else ""),
     }
-    if network is None:
-        out["network"] = f"{NOT_HELD}network_access=True"
-    else:
-        out["network"] = network.mechanism if network.enforced else NOT_HELD + network.mechanism
+    out["network"] = network_held(network)
     if not boxed:
         who = "root, as the creator" if root else "the creator's uid"
         for threat in ("privileges", "secrets", "host_writes", "processes", "units",
@@ -264,7 +262,7 @@ class LocalRuntime(Runtime):
         else:
             stdin = subprocess.DEVNULL if command.capture else None
         out = subprocess.PIPE if command.capture else None
-        box = sandbox_of(record, command)
+        box = sandbox_of(record)
         argv: Sequence[str] = command.argv
         cwd, preexec, status_r, status_w = command.cwd, _rlimits(record), -1, -1
         if box is not None:
@@ -386,29 +384,21 @@ def _rlimits(record: EnvRecord) -> Callable[[], None] | None:
     return apply
 
 
-def sandbox_of(record: EnvRecord, command: CommandSpec | None = None) -> bwrap.Sandbox | None:
+def sandbox_of(record: EnvRecord) -> bwrap.Sandbox | None:
     """The bubblewrap sandbox the env's commands run in, or None (process isolation with the
     host's network), from what its plan applied."""
     enforcement = record.enforcement_record
-    namespaced = enforcement.isolation_applied.rank >= IsolationLevel.NAMESPACE.rank
+    namespaced = enforcement.isolation_applied.sandboxed
     net = enforcement.limits.get("network_access")
     private_net = net is not None and net.enforced
     if not namespaced and not private_net:
         return None
     env_path = os.path.realpath(record.path)
-    expose = [bwrap.interpreter_prefix(record.interpreter),
-              os.path.dirname(os.path.dirname(os.path.abspath(record.interpreter))),
-              *getattr(record, "sandbox_expose", ()), *getattr(command, "expose", ())]
-    from ..builder import find_uv  # (builder imports the runtime package)
-
-    uv = find_uv()
-    if uv is not None:
-        expose += [os.path.abspath(uv), os.path.realpath(uv)]
     return bwrap.Sandbox(
         level=IsolationLevel.NAMESPACE if namespaced else IsolationLevel.PROCESS,
         network=not private_net, env_path=env_path,
-        hide=(os.path.dirname(env_path), *getattr(record, "sandbox_hide", ())),
-        expose=tuple(expose),
+        hide=(os.path.dirname(env_path), *record.sandbox_hide),
+        expose=tuple(record.sandbox_expose),  # (the interpreter, uv: gestvenv.sandbox)
         uid=record.sandbox_uid if namespaced and record.uid == 0 else None,
         root=record.uid == 0)
 

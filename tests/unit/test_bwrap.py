@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from gestvenv.models import IsolationLevel
-from gestvenv.runtime.bwrap import INIT, Sandbox, bwrap_argv, interpreter_prefix
+from gestvenv.runtime.bwrap import INIT, Sandbox, bwrap_argv
+from gestvenv.sandbox import interpreter_prefix
 
 NS = IsolationLevel.NAMESPACE
 ENV = "/var/cache/gestvenv/envs/demo-1234abcd"

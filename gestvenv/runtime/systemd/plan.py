@@ -33,6 +33,7 @@ from ...models import (
     LimitStatus,
     ResourceLimits,
     in_threat_order,
+    network_held,
 )
 from ...names import RESERVED_NAMES
 from ...sandbox import SHARED_FILES_OWN_UID, is_hidden
@@ -253,7 +254,7 @@ def protections(applied: IsolationLevel, caps: Capabilities,
                 network: LimitStatus | None) -> dict[str, str]:
     """What the applied isolation holds against each threat (``models.THREATS``), and by what
     unit setting; what it does not hold says so."""
-    boxed = applied.rank >= IsolationLevel.NAMESPACE.rank
+    boxed = applied.sandboxed
     own_uid = boxed and not caps.user  # root's envs: see gestvenv.sandbox
     who = "the creator's uid, unprivileged" if caps.user else "root, as the creator"
     out = {
@@ -264,12 +265,7 @@ def protections(applied: IsolationLevel, caps: Capabilities,
         "builds": "package code (sdist builds) runs as a command of the env: its unit, limits, "
                   "isolation and network",
     }
-    if network is None:
-        out["network"] = f"{NOT_HELD}network_access=True"
-    elif network.enforced:
-        out["network"] = network.mechanism
-    else:
-        out["network"] = NOT_HELD + network.mechanism
+    out["network"] = network_held(network)
     if not boxed:
         for threat in ("privileges", "secrets", "host_writes", "processes", "units",
                        "other_envs", "ipc_uts", "kernel"):
@@ -371,7 +367,7 @@ def sandbox_properties(spec: SandboxSpec, caps: Capabilities) -> list[Property]:
         props.append(prop("PrivateUsers", True))
     if not spec.network:
         props.append(prop("PrivateNetwork", True))
-    if level.rank < IsolationLevel.NAMESPACE.rank:
+    if not level.sandboxed:
         return props
     hide = [h for h in dict.fromkeys(spec.hide) if not is_hidden(h)]  # (ProtectHome, PrivateTmp)
     props += [

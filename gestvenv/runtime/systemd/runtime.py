@@ -118,8 +118,8 @@ class SystemdRuntime(Runtime):
     def plan(self, limits: ResourceLimits, isolation: IsolationLevel) -> Enforcement:
         return plan.enforcement(limits, isolation, self.capabilities)
 
-    def _sandbox(self, record: EnvRecord, expose: Sequence[str] = ()) -> list[Property]:
-        return plan.sandbox_properties(sandbox_spec(record, expose), self.capabilities)
+    def _sandbox(self, record: EnvRecord) -> list[Property]:
+        return plan.sandbox_properties(sandbox_spec(record), self.capabilities)
 
     # -- the environment ----------------------------------------------------------------------
 
@@ -284,11 +284,13 @@ class SystemdRuntime(Runtime):
         await self.prepare()
         names = UnitNames.of(record.name)
         unit = names.command(uuid.uuid4().hex[:12])
-        spec = sandbox_spec(record, command.expose)
+        spec = sandbox_spec(record)
+        # What the command sees of the host (None: all of it, below namespace isolation).
+        seen = functools.partial(sandbox.visible, env_path=spec.env_path, hide=spec.hide,
+                                 expose=spec.expose) if spec.level.sandboxed else None
         cwd = os.getcwd()
-        if spec.level.rank >= IsolationLevel.NAMESPACE.rank:
-            cwd = sandbox.command_cwd(command.cwd, cwd, record.path, functools.partial(
-                sandbox.visible, env_path=spec.env_path, hide=spec.hide, expose=spec.expose))
+        if seen is not None:
+            cwd = sandbox.command_cwd(command.cwd, cwd, record.path, seen)
         elif command.cwd:
             cwd = os.path.join(cwd, command.cwd)  # systemd wants it absolute
         _check_utf8(command.argv, cwd)
@@ -307,7 +309,8 @@ class SystemdRuntime(Runtime):
         try:
             # systemd wants an absolute program path; the program still sees argv[0] as given.
             program = os.path.join(cwd, command.argv[0])
-            _check_visible(record, spec, cwd, program)
+            if seen is not None:
+                _check_visible(record, seen, cwd, program)
             argv = list(command.argv)
             if record.sandbox_uid is not None:
                 # Dropped to the env's own uid by setpriv, after systemd has set up the
@@ -316,7 +319,7 @@ class SystemdRuntime(Runtime):
                 program = plan.SETPRIV
             props = plan.command_properties(names, record.name, argv, command.environ,
                                             cwd, command.timeout,
-                                            self._sandbox(record, command.expose),
+                                            plan.sandbox_properties(spec, self.capabilities),
                                             pipes.indexes, program=program)
             return await self._run_unit(bus, record, unit, props, pipes, command)
         finally:
@@ -441,23 +444,19 @@ async def _all_of(*steps: Awaitable[None] | None) -> None:
         raise first
 
 
-def sandbox_spec(record: EnvRecord, expose: Sequence[str] = ()) -> plan.SandboxSpec:
-    """The env's sandbox as its record decided it at creation (``expose``: a command's own
-    read-only paths)."""
+def sandbox_spec(record: EnvRecord) -> plan.SandboxSpec:
+    """The env's sandbox as its record decided it at creation."""
     return plan.SandboxSpec(
-        level=Enforcement.from_dict(record.enforcement).isolation_applied,
-        network=ResourceLimits.from_dict(record.limits).network_access,
-        env_path=record.path, hide=tuple(record.sandbox_hide),
-        expose=(*record.sandbox_expose, *expose), uid=record.sandbox_uid)
+        level=record.enforcement_record.isolation_applied,
+        network=record.resource_limits.network_access, env_path=record.path,
+        hide=tuple(record.sandbox_hide), expose=tuple(record.sandbox_expose),
+        uid=record.sandbox_uid)
 
 
-def _check_visible(record: EnvRecord, spec: plan.SandboxSpec, cwd: str, program: str) -> None:
+def _check_visible(record: EnvRecord, seen: Callable[[str], bool], cwd: str,
+                   program: str) -> None:
     """A cwd or a program the env's sandbox hides: said plainly, before systemd would fail
     with a bare "cannot change directory" or the command with "no such file"."""
-    if spec.level.rank < IsolationLevel.NAMESPACE.rank:
-        return
-    seen = functools.partial(sandbox.visible, env_path=spec.env_path, hide=spec.hide,
-                             expose=spec.expose)
     hidden = ("(namespace isolation hides homes, /tmp, /var/tmp, /dev/shm and gestvenv's dirs "
               f"but the env's own dir {record.path})")
     if not seen(cwd):
