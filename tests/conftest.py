@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.gv_env import gestvenv_environ
 from tests.harness.wheels import build_wheelhouse
 
 
@@ -29,15 +30,7 @@ def gv_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wheelhouse: Path,
             shared_cache: Path, request: pytest.FixtureRequest) -> Path:
     home = tmp_path / "gv"
     (home / "config").mkdir(parents=True)
-    env = {
-        "GESTVENV_RUNTIME_DIR": str(home / "run"),
-        "GESTVENV_SYSTEM_CONFIG": str(home / "etc-config.toml"),
-        "XDG_CONFIG_HOME": str(home / "config"),
-        "GESTVENV_EPHEMERAL_STORAGE_ROOT": str(home / "envs"),
-        "GESTVENV_EPHEMERAL_CACHE_DIR": str(shared_cache),
-        "GESTVENV_EPHEMERAL_FIND_LINKS": str(wheelhouse),
-        "GESTVENV_EPHEMERAL_OFFLINE": "1",
-    }
+    env = gestvenv_environ(home, cache=shared_cache, wheelhouse=wheelhouse)
     for key in list(os.environ):
         if key.startswith("GESTVENV_") or key.startswith("UV_"):
             monkeypatch.delenv(key)

@@ -31,6 +31,7 @@ import gestvenv
 from gestvenv import IsolationLevel, ResourceLimits, ValidationError, registry
 from gestvenv.runtime import bwrap
 from gestvenv.runtime.processes import ENV_MARKER, marked_pids
+from tests.harness.gv_env import gestvenv_environ
 
 from .hostile_sdist import hostile_sdist, report_of
 
@@ -347,13 +348,7 @@ def test_non_root_user_gets_pid_namespace_and_no_network(listener: int,
         env = {
             "HOME": str(base), "PATH": f"{CHECKOUT / '.venv' / 'bin'}:/usr/bin:/bin",
             "PYTHONPATH": f"{CHECKOUT}:{SITE}",
-            "GESTVENV_RUNTIME_DIR": str(base / "run"),
-            "GESTVENV_SYSTEM_CONFIG": str(base / "etc-config.toml"),
-            "XDG_CONFIG_HOME": str(base / "config"),
-            "GESTVENV_EPHEMERAL_STORAGE_ROOT": str(base / "envs"),
-            "GESTVENV_EPHEMERAL_CACHE_DIR": str(base / "cache"),
-            "GESTVENV_EPHEMERAL_OFFLINE": "1",
-            "GESTVENV_EPHEMERAL_FIND_LINKS": str(base / "wheels"),
+            **gestvenv_environ(base, cache=base / "cache", wheelhouse=base / "wheels"),
             "GESTVENV_EPHEMERAL_RUNTIME": "local",
         }
         done = subprocess.run(

@@ -34,16 +34,9 @@ SCRIPT = textwrap.dedent("""
     cache = base / "cache" / "uv"
     for key in [k for k in os.environ if k.startswith(("GESTVENV_", "UV_"))]:
         del os.environ[key]
-    os.environ.update({
-        "GESTVENV_RUNTIME_DIR": str(base / "run"),
-        "GESTVENV_SYSTEM_CONFIG": str(base / "etc-config.toml"),
-        "XDG_CONFIG_HOME": str(base / "config"),
-        "GESTVENV_EPHEMERAL_STORAGE_ROOT": str(base / "envs"),
-        "GESTVENV_EPHEMERAL_CACHE_DIR": str(cache),
-        "GESTVENV_EPHEMERAL_FIND_LINKS": str(wheelhouse),
-        "GESTVENV_EPHEMERAL_OFFLINE": "1",
-        "GESTVENV_EPHEMERAL_RUNTIME": runtime,
-    })
+    from tests.harness.gv_env import gestvenv_environ
+    os.environ.update(gestvenv_environ(base, cache=cache, wheelhouse=wheelhouse),
+                      GESTVENV_EPHEMERAL_RUNTIME=runtime)
     from tests.integration.test_write_isolation import write_isolation_problems
 
     async def main():
