@@ -14,6 +14,7 @@
     ├── RuntimeUnavailableError       the requested runtime cannot run on this host
     ├── SystemdError                  systemd's manager refused or failed a request
     ├── BuildError                    uv (or venv + pip) failed to build or install
+    ├── DiskFullError                 an env's max_disk, or a filesystem gestvenv writes to, is full
     ├── CommandError                  ``execute(..., check=True)`` and the command failed
     └── UnsafePathError               cleanup refused a path outside gestvenv's storage roots
 """
@@ -98,6 +99,12 @@ class BuildError(GestvenvError):
         base = super().__str__()
         tail = self.output.strip()
         return f"{base}\n{tail}" if tail else base
+
+
+class DiskFullError(GestvenvError):
+    """Creating or installing met a full filesystem (ENOSPC, EDQUOT): the environment's own
+    ``max_disk`` or one of gestvenv's (the storage root, the cache, the state dir); the message
+    names which. What the creation had made is removed."""
 
 
 class CommandError(GestvenvError):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import psutil
 
-from . import registry, sandbox, storage
+from . import diskcap, registry, sandbox, storage
 from .builder import find_interpreter, find_uv, make_builder
 from .config import Config
-from .exceptions import UnenforceableLimitError, UnsafePathError
+from .exceptions import BuildError, DiskFullError, UnenforceableLimitError, UnsafePathError
 from .inside import InsideInstaller
 from .models import Enforcement, IsolationLevel, ResourceLimits, StorageBackend
 from .registry import EnvRecord
@@ -57,7 +57,12 @@ def check_enforcement(enforcement: Enforcement, allow_unenforced: bool) -> None:
 async def create(spec: EnvSpec, config: Config) -> EnvRecord:
     """Reserve the name, build the venv, start the runtime's group, install: or undo it all."""
     runtime = await select_runtime(config, spec.runtime)
-    enforcement = runtime.plan(spec.limits, spec.isolation)
+    # max_disk is the storage's to hold (a filesystem of the env's own), whatever the runtime.
+    disk = None
+    if spec.limits.max_disk is not None:
+        disk = diskcap.status(spec.limits.max_disk, spec.backend,
+                              await asyncio.to_thread(diskcap.probe), config.preallocate)
+    enforcement = diskcap.with_status(runtime.plan(spec.limits, spec.isolation), disk)
     check_enforcement(enforcement, spec.allow_unenforced)
     interpreter = await asyncio.to_thread(find_interpreter, spec.python)
     root = await asyncio.to_thread(storage.storage_root, spec.backend, config)
@@ -82,35 +87,64 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
     # Package code runs in the env; before its first command, the env's files go to its uid.
     builder.inside = InsideInstaller(record, runtime, hand_over_first=True)
     builder.share_read_only = record.sandbox_uid is not None
+    stage = "reserving its name"
     async with AsyncExitStack() as undo:
         # The undo is armed before the reservation: a cancellation may land while the reserving
         # thread has already written the state file. destroy() only ever removes this record
         # (matched by id), so a failed reservation (name taken) undoes nothing of another's.
         undo.push_async_callback(lambda: shielded(destroy(record, config)))
-        # Threads are waited for when cancelled (in_thread), so that the undo runs after the
-        # state file or the dir exists, never before it.
-        if runtime.needs_watchdog:
-            # Running before the state file exists: a creator killed right after reserving is
-            # noticed too. (And again after: a watchdog about to exit may not have seen it.)
-            await in_thread(ensure_reaper)
-        await in_thread(registry.reserve, record, max_concurrent=config.max_concurrent,
-                        max_total_memory_mb=config.max_total_memory_mb)
-        if runtime.needs_watchdog:
-            await in_thread(ensure_reaper)  # from now on a dead creator is noticed
-        # Started right after the reservation, before the dir and the build: from here on the
-        # env's end (its files' too) is systemd's to guarantee, whatever becomes of us.
-        await runtime.start(record)
-        await in_thread(storage.claim_dir, Path(record.path), registry.state_path(record.name),
-                        record.id)
-        await builder.create(Path(record.path), interpreter)
-        await builder.populate(Path(record.path), interpreter, spec.packages, spec.requirements)
-        await builder.inside.hand_over()  # (done already if a build ran inside)
-        record = record.evolve(status="ready", last_activity=time.time())
-        if not spec.owned:
-            record = record.evolve(owner_pid=None, owner_started=None)
-        await in_thread(registry.commit, record)
+        try:
+            # Threads are waited for when cancelled (in_thread), so that the undo runs after
+            # the state file or the dir exists, never before it.
+            if runtime.needs_watchdog:
+                # Running before the state file exists: a creator killed right after reserving
+                # is noticed too. (And again after: a watchdog about to exit may not have seen
+                # it.)
+                await in_thread(ensure_reaper)
+            await in_thread(registry.reserve, record, max_concurrent=config.max_concurrent,
+                            max_total_memory_mb=config.max_total_memory_mb)
+            if runtime.needs_watchdog:
+                await in_thread(ensure_reaper)  # from now on a dead creator is noticed
+            # Started right after the reservation, before the dir and the build: from here on
+            # the env's end (its files' too) is systemd's to guarantee, whatever becomes of us.
+            stage = "starting its units"
+            await runtime.start(record)
+            stage = "making its directory"
+            path, state_file = Path(record.path), registry.state_path(record.name)
+            await in_thread(storage.claim_dir, path, state_file, record.id)
+            if disk is not None and disk.enforced and spec.limits.max_disk is not None:
+                stage = f"making its {spec.limits.max_disk} MB filesystem"
+                await in_thread(diskcap.make, path, spec.backend, spec.limits.max_disk,
+                                config.preallocate)
+                await in_thread(storage.write_claim, path, state_file, record.id)
+            stage = "creating its virtualenv"
+            await builder.create(path, interpreter)
+            stage = "installing its packages"
+            await builder.populate(path, interpreter, spec.packages, spec.requirements)
+            await builder.inside.hand_over()  # (done already if a build ran inside)
+            record = record.evolve(status="ready", last_activity=time.time())
+            if not spec.owned:
+                record = record.evolve(owner_pid=None, owner_started=None)
+            stage = "writing its state"
+            await in_thread(registry.commit, record)
+        except (OSError, BuildError) as exc:
+            # Judged before the undo, while the filesystems still hold what filled them.
+            if not diskcap.is_full(exc):
+                raise
+            raise await in_thread(full_error, record, config, stage) from exc
         undo.pop_all()
     return record
+
+
+def full_error(record: EnvRecord, config: Config, stage: str) -> DiskFullError:
+    """The one-line error for a full filesystem met while ``stage`` (creating, installing)."""
+    backend = StorageBackend(record.backend)
+    others = {f"the {backend.value} storage root": Path(record.path).parent,
+              "the package cache": storage.uv_cache_dir(config),
+              "gestvenv's state dir": storage.runtime_dir_path()}
+    max_disk = record.resource_limits.max_disk
+    return diskcap.explain_full(record.name, stage,
+                                diskcap.spaces(Path(record.path), max_disk, others))
 
 
 def _with_sandbox(record: EnvRecord, config: Config) -> EnvRecord:

@@ -21,6 +21,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import diskcap
 from .config import Config
 from .exceptions import ConfigError, GestvenvError, UnsafePathError
 from .models import StorageBackend
@@ -187,6 +188,11 @@ def all_roots(config: Config) -> list[Path]:
 def claim_dir(path: Path, state_file: Path, env_id: str) -> None:
     """Create an environment's dir with a note of its owner, so any sweep can tell an orphan."""
     path.mkdir(mode=0o755)
+    write_claim(path, state_file, env_id)
+
+
+def write_claim(path: Path, state_file: Path, env_id: str) -> None:
+    """The claim in ``path`` (again on top of a filesystem of the env's own, once mounted)."""
     (path / CLAIM).write_text(json.dumps({"id": env_id, "state_file": str(state_file)}))
 
 
@@ -272,7 +278,11 @@ def env_roots(path: Path, config: Config) -> list[Path]:
 
 
 def disk_usage(path: Path) -> int:
-    """Bytes allocated under ``path`` (hardlinked files counted once, links not followed)."""
+    """Bytes allocated under ``path`` (hardlinked files counted once, links not followed); an
+    env with a filesystem of its own (max_disk) is read from statvfs, at no cost."""
+    if diskcap.own_filesystem(path):
+        with contextlib.suppress(OSError):
+            return diskcap.used_bytes(path)
     seen: set[tuple[int, int]] = set()
     total = 0
     for dirpath, dirnames, filenames in os.walk(path, followlinks=False):

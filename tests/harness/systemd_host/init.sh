@@ -121,6 +121,16 @@ for n in null zero full random urandom tty; do
     touch "$R/dev/$n"; mount --bind "/dev/$n" "$R/dev/$n"
 done
 if [ -e /dev/fuse ]; then touch "$R/dev/fuse"; mount --bind /dev/fuse "$R/dev/fuse"; fi
+# Loop devices (max_disk on the disk backend is a loop-mounted image of the env's own): the
+# control node, and nodes for the first 64 devices.  A real host's devtmpfs makes each node as
+# the kernel adds the device; on this plain tmpfs they are made ahead (block major 7, one
+# minor per device: loop's max_part is 0).  Devices are the host kernel's: the images' mounts
+# live in this container's mount namespace, and autoclear frees a device with its mount.
+if [ -e /dev/loop-control ]; then
+    touch "$R/dev/loop-control"; mount --bind /dev/loop-control "$R/dev/loop-control"
+    for i in $(seq 0 63); do mknod -m 0660 "$R/dev/loop$i" b 7 "$i"; done
+    chgrp disk "$R"/dev/loop[0-9]* 2>/dev/null || true
+fi
 touch "$R/dev/console"
 if tty -s; then
     mount --bind "$(tty)" "$R/dev/console"
