@@ -136,12 +136,17 @@ def _make_image(path: Path, max_disk: int, preallocate: bool, uid: int, gid: int
     image = path / IMAGE
     fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
+        os.ftruncate(fd, max_disk * _MB)
+        _mkfs(mkfs, path, image, uid, gid)
         if preallocate:
+            # After mkfs, which zeroes ranges by punching holes where the filesystem under the
+            # image cannot zero in place (tmpfs): every block is reserved, mkfs's kept.
             os.posix_fallocate(fd, 0, max_disk * _MB)
-        else:
-            os.ftruncate(fd, max_disk * _MB)
     finally:
         os.close(fd)
+
+
+def _mkfs(mkfs: str, path: Path, image: Path, uid: int, gid: int) -> None:
     # The claim is in the new filesystem from the start: an env whose creator dies right after
     # the mount is still recognisably gestvenv's (sweeps go by claims).
     seed = path / _SEED
@@ -149,8 +154,8 @@ def _make_image(path: Path, max_disk: int, preallocate: bool, uid: int, gid: int
     (seed / CLAIM).write_bytes((path / CLAIM).read_bytes())
     os.chown(seed / CLAIM, uid, gid)
     # No journal (an env does not outlive a crash), no reserved blocks (the cap is the env's),
-    # inodes for small files (a venv is thousands), no discard (it would punch the
-    # pre-allocation back out of the image).
+    # inodes for small files (a venv is thousands), no discard (nothing to give back in a
+    # new image).
     result = subprocess.run(
         [mkfs, "-q", "-F", "-b", "4096", "-i", "8192", "-m", "0", "-L", "gestvenv",
          "-O", "^has_journal,^resize_inode",

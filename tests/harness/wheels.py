@@ -49,7 +49,11 @@ PACKAGES: list[tuple[str, str, list[str], str]] = [
     ("gvdep", "2.0", [], ""),
     ("gvtool", "1.0", [], "def main():\n    print('gvtool ran')\n"),
     ("pytest", "8.0.0", [], _MINI_PYTEST),
+    ("gvbig", "1.0", [], ""),  # + 4 MB of data (DATA): bigger than a small max_disk
 ]
+# Data files: package -> (path in the wheel, size). Zeros: the wheel stays small, the install
+# does not.
+DATA = {"gvbig": ("gvbig/blob.bin", 4 << 20)}
 
 # Console scripts: package -> (script name, "module:function").
 SCRIPTS = {"gvtool": ("gvtool", "gvtool:main"), "pytest": ("pytest", "pytest:main")}
@@ -69,6 +73,9 @@ def build_wheel(directory: Path, name: str, version: str, requires: list[str], b
         f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: gestvenv-tests\nRoot-Is-Purelib: true\n"
                          "Tag: py3-none-any\n",
     }
+    if name in DATA:
+        arcname, size = DATA[name]
+        files[arcname] = "\0" * size
     if name in SCRIPTS:
         script, target = SCRIPTS[name]
         files[f"{dist}/entry_points.txt"] = f"[console_scripts]\n{script} = {target}\n"

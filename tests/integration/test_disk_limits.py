@@ -1,0 +1,197 @@
+"""max_disk for real: a filesystem of the env's own on every backend (a tmpfs, or a
+loop-mounted ext4 image), writing past it fails inside with ENOSPC, a full disk met while
+creating or installing is one clear line, and nothing (mount, loop device, image) outlives it.
+
+Run by the host tier (local runtime) and, inside the test host, by the systemd tier: the cap is
+the storage's, the same under both runtimes. Mounting needs root: as another user the cap is
+refused, which tests/integration/test_local_env.py checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gestvenv
+from gestvenv import ResourceLimits, StorageBackend
+from gestvenv.exceptions import DiskFullError
+
+from .support import leftover_summary, leftovers
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a filesystem needs root")
+
+BACKENDS = [b.value for b in StorageBackend]
+MB = 1 << 20
+
+# Writes up to 100 MB, 1 MB at a time, into the env's dir; prints how many MB got in.
+FILL = """
+import errno, os, sys
+n = 0
+try:
+    with open(os.path.join(sys.argv[1], "fill"), "wb") as f:
+        for _ in range(100):
+            f.write(b"x" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+            n += 1
+except OSError as exc:
+    print(n, errno.errorcode[exc.errno])
+else:
+    print(n, "no error")
+"""
+
+
+def mounts_at_or_under(path: str) -> list[str]:
+    prefix = path.rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p == path or p.startswith(prefix)]
+
+
+def loops_backed_under(path: str) -> list[str]:
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if backing.read_text().startswith(path.rstrip("/") + "/"):
+                found.append(backing.parent.parent.name)
+        except OSError:
+            continue
+    return found
+
+
+def gv(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gestvenv", *args], capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def nothing_of(path: str) -> None:
+    assert not os.path.lexists(path), f"{path} is left"
+    assert mounts_at_or_under(path) == [], mounts_at_or_under(path)
+    assert loops_backed_under(path) == [], loops_backed_under(path)
+
+
+@pytest.mark.parametrize("isolation", ["process", "namespace"])
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_writing_past_max_disk_fails_with_enospc_at_the_cap(backend: str,
+                                                                  isolation: str) -> None:
+    async with gestvenv.ephemeral("capped", storage_backend=backend, isolation_level=isolation,
+                                  resource_limits=ResourceLimits(max_disk=50)) as env:
+        path = str(env.path)
+        status = env.enforcement.limits["max_disk"]
+        assert status.enforced, status
+        assert ("ext4 image" if backend == "disk" else "tmpfs") in status.mechanism
+        assert mounts_at_or_under(path) == [path]
+        result = await env.execute(["python", "-c", FILL, path], check=True)
+        written, error = result.stdout.split()
+        # About 50 MB: the cap minus what the venv and the filesystem's own metadata take.
+        assert error == "ENOSPC" and 40 <= int(written) <= 50, result.stdout
+        # The env's bookkeeping still works with its disk full: a command, its own state.
+        assert (await env.execute(["python", "-c", "print('still here')"])).stdout == \
+            "still here\n"
+        assert (await env.usage()).disk_bytes >= 40 * MB
+    nothing_of(path)
+
+
+def test_show_says_what_holds_the_cap() -> None:
+    created = gv("ephemeral", "create", "shown", "--disk", "20", "--storage", "disk")
+    assert created.returncode == 0, created.stderr
+    try:
+        shown = gv("ephemeral", "show", "shown")
+        assert "max_disk = 20: enforced (an ext4 image of its own (20 MB, pre-allocated) " \
+            "loop-mounted on its dir" in shown.stdout, shown.stdout
+        info = json.loads(gv("ephemeral", "show", "shown", "--json").stdout)
+        assert info["enforcement"]["limits"]["max_disk"]["enforced"] is True
+        path = info["path"]
+    finally:
+        assert gv("ephemeral", "cleanup", "shown").returncode == 0
+    nothing_of(path)
+
+
+def image_blocks(env_path: str) -> int:
+    """Bytes the env's image occupies on the host disk. The image is under the env's own
+    mount, out of everyone's sight: looked at from a mount namespace of our own, where the
+    env's filesystem is unmounted (private propagation: the real one stays)."""
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'umount -l "$1" && stat -c "%b %B" "$1/.gestvenv-disk.img"', "sh", env_path],
+        capture_output=True, text=True, check=True).stdout.split()
+    return int(out[0]) * int(out[1])
+
+
+@pytest.mark.parametrize("preallocate", [True, False])
+async def test_the_disk_image_is_preallocated_unless_configured_not_to_be(
+        preallocate: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GESTVENV_EPHEMERAL_PREALLOCATE", str(preallocate).lower())
+    async with gestvenv.ephemeral("prealloc", storage_backend="disk",
+                                  resource_limits=ResourceLimits(max_disk=64)) as env:
+        occupied = image_blocks(str(env.path))
+        if preallocate:
+            assert occupied >= 64 * MB, occupied  # before its first write
+        else:
+            assert occupied < 8 * MB, occupied    # what mkfs and the venv wrote
+            # ... and a sparse image still caps the size.
+            result = await env.execute(["python", "-c", FILL, str(env.path)], check=True)
+            assert result.stdout.split()[1] == "ENOSPC" and 50 <= int(result.stdout.split()[0]) \
+                <= 64, result.stdout
+        assert ("pre-allocated" if preallocate else "sparse") in \
+            env.enforcement.limits["max_disk"].mechanism
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_package_set_bigger_than_the_cap_is_one_line_and_leaves_nothing(backend: str) -> None:
+    # gvbig installs 4 MB (tests/harness/wheels.py): the stand-in for a real package set.
+    before = leftovers()
+    result = gv("ephemeral", "create", "big", "-p", "gvbig", "--disk", "2", "--storage", backend)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stderr.splitlines() == [
+        "gestvenv: error: environment 'big' ran out of disk space while installing its "
+        "packages: its max_disk of 2 MB is used up"], result.stderr
+    assert leftovers() == before, leftover_summary(leftovers())
+    assert gestvenv.list_environments() == []
+
+
+@pytest.fixture
+def tiny_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> object:
+    """A storage root on a 1 MB filesystem: full after the first few files."""
+    root = tmp_path / "tiny"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tiny", str(root)], check=True)
+    monkeypatch.setenv("GESTVENV_EPHEMERAL_STORAGE_ROOT", str(root))
+    yield root
+    subprocess.run(["umount", str(root)], check=True)
+
+
+@pytest.mark.parametrize("disk", [None, 5])
+def test_a_create_into_a_full_storage_root_is_one_line_and_leaves_nothing(
+        tiny_root: Path, disk: int | None) -> None:
+    args = ["ephemeral", "create", "full", "-p", "gvbig", "--storage", "disk"]
+    result = gv(*args, *(["--disk", str(disk)] if disk else []))
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    [line] = result.stderr.splitlines()
+    stage = "making its 5 MB filesystem" if disk else "installing its packages"
+    assert line.startswith(f"gestvenv: error: environment 'full': no space left on device "
+                           f"while {stage}: the disk storage root ({tiny_root}) is full ("), line
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tiny_root.iterdir()) == [".gestvenv-root"]
+    assert mounts_at_or_under(str(tiny_root)) == [str(tiny_root)]
+    assert loops_backed_under(str(tiny_root)) == []
+    assert gestvenv.list_environments() == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_an_install_past_the_cap_is_a_disk_full_error_and_the_env_stays(
+        backend: str) -> None:
+    async with gestvenv.ephemeral("grow", storage_backend=backend,
+                                  resource_limits=ResourceLimits(max_disk=3)) as env:
+        with pytest.raises(DiskFullError) as info:
+            await env.install(["gvbig"])
+        assert str(info.value) == ("environment 'grow' ran out of disk space while installing "
+                                   "gvbig: its max_disk of 3 MB is used up")
+        # What fitted before still works; the failed install's files are gone.
+        assert (await env.execute(["python", "-c", "print(1)"])).ok
+        assert (await env.usage()).disk_bytes < 2 * MB
