@@ -21,9 +21,9 @@ import gestvenv
 from gestvenv import ResourceLimits, StorageBackend
 from gestvenv.exceptions import DiskFullError
 
-from .support import leftover_summary, leftovers
+from .support import gvtest, leftover_summary, leftovers, run_as_gvtest
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a filesystem needs root")
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a filesystem needs root")
 
 BACKENDS = [b.value for b in StorageBackend]
 MB = 1 << 20
@@ -75,6 +75,7 @@ def nothing_of(path: str) -> None:
     assert loops_backed_under(path) == [], loops_backed_under(path)
 
 
+@root_only
 @pytest.mark.parametrize("isolation", ["process", "namespace"])
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_writing_past_max_disk_fails_with_enospc_at_the_cap(backend: str,
@@ -97,6 +98,7 @@ async def test_writing_past_max_disk_fails_with_enospc_at_the_cap(backend: str,
     nothing_of(path)
 
 
+@root_only
 def test_show_says_what_holds_the_cap() -> None:
     created = gv("ephemeral", "create", "shown", "--disk", "20", "--storage", "disk")
     assert created.returncode == 0, created.stderr
@@ -123,6 +125,7 @@ def image_blocks(env_path: str) -> int:
     return int(out[0]) * int(out[1])
 
 
+@root_only
 @pytest.mark.parametrize("preallocate", [True, False])
 async def test_the_disk_image_is_preallocated_unless_configured_not_to_be(
         preallocate: bool, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -142,6 +145,7 @@ async def test_the_disk_image_is_preallocated_unless_configured_not_to_be(
             env.enforcement.limits["max_disk"].mechanism
 
 
+@root_only
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_package_set_bigger_than_the_cap_is_one_line_and_leaves_nothing(backend: str) -> None:
     # gvbig installs 4 MB (tests/harness/wheels.py): the stand-in for a real package set.
@@ -166,6 +170,7 @@ def tiny_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> object:
     subprocess.run(["umount", str(root)], check=True)
 
 
+@root_only
 @pytest.mark.parametrize("disk", [None, 5])
 def test_a_create_into_a_full_storage_root_is_one_line_and_leaves_nothing(
         tiny_root: Path, disk: int | None) -> None:
@@ -183,6 +188,7 @@ def test_a_create_into_a_full_storage_root_is_one_line_and_leaves_nothing(
     assert gestvenv.list_environments() == []
 
 
+@root_only
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_an_install_past_the_cap_is_a_disk_full_error_and_the_env_stays(
         backend: str) -> None:
@@ -195,3 +201,25 @@ async def test_an_install_past_the_cap_is_a_disk_full_error_and_the_env_stays(
         # What fitted before still works; the failed install's files are gone.
         assert (await env.execute(["python", "-c", "print(1)"])).ok
         assert (await env.usage()).disk_bytes < 2 * MB
+
+
+def test_a_user_who_cannot_mount_is_refused_the_cap_and_told_why() -> None:
+    user = gvtest()  # (the test host's unprivileged user, with a user manager)
+    refused = run_as_gvtest("python3", "-m", "gestvenv", "ephemeral", "create", "nocap",
+                            "--disk", "10")
+    assert refused.returncode == 1, (refused.stdout, refused.stderr)
+    [line] = refused.stderr.splitlines()
+    assert "max_disk=10: needs a filesystem of the env's own, and mounting one needs root " \
+        f"(uid {user.pw_uid} cannot mount" in line, line
+    assert "allow_unenforced" in line
+    allowed = run_as_gvtest("python3", "-m", "gestvenv", "ephemeral", "create", "nocap",
+                            "--disk", "10", "--allow-unenforced")
+    try:
+        assert allowed.returncode == 0, allowed.stderr
+        shown = run_as_gvtest("python3", "-m", "gestvenv", "ephemeral", "show", "nocap",
+                              "--json")
+        status = json.loads(shown.stdout)["enforcement"]["limits"]["max_disk"]
+        assert status["enforced"] is False and "needs root" in status["mechanism"]
+    finally:
+        assert run_as_gvtest("python3", "-m", "gestvenv", "ephemeral", "cleanup",
+                             "nocap").returncode == 0
