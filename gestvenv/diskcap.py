@@ -71,18 +71,45 @@ def probe() -> Host:
                 mkfs=shutil.which("mkfs.ext4", path=os.pathsep.join(_MKFS_DIRS)))
 
 
-def mechanism(backend: StorageBackend, max_disk: int, preallocate: bool) -> str:
-    """What holds ``max_disk`` on ``backend``, as ``show`` says it."""
+def mechanism(backend: StorageBackend, max_disk: int, preallocate: bool,
+              sandboxed: bool) -> str:
+    """What holds ``max_disk`` on ``backend``, as ``show`` says it, and what it covers."""
     if backend is StorageBackend.DISK:
         how = "pre-allocated" if preallocate else "sparse, not pre-allocated"
-        return (f"an ext4 image of its own ({max_disk} MB, {how}) loop-mounted on its dir: "
-                "writing past it fails with ENOSPC")
-    return (f"a tmpfs of its own (size={max_disk}M) mounted on its dir: writing past it fails "
-            "with ENOSPC; its pages also count against max_memory")
+        what = f"an ext4 image of its own ({max_disk} MB, {how}) loop-mounted on its dir"
+    else:
+        what = (f"a tmpfs of its own (size={max_disk}M) mounted on its dir (its pages also "
+                "count against max_memory)")
+    if sandboxed:
+        covers = ("its /tmp and /var/tmp are in it too, the rest of the host is read-only: "
+                  "writing past it fails with ENOSPC")
+    else:
+        covers = ("writing past it in its dir fails with ENOSPC; at process isolation its "
+                  "commands can still write elsewhere (/tmp, their home), uncapped; TMPDIR "
+                  "points into it")
+    return f"{what}; {covers}"
 
 
-def status(max_disk: int | None, backend: StorageBackend, host: Host,
-           preallocate: bool) -> LimitStatus | None:
+def temp_dirs(env_path: str) -> dict[str, str]:
+    """Where a capped env's /tmp and /var/tmp are: in its own filesystem (bound there by its
+    sandbox; TMPDIR at process isolation), so that they count against its cap."""
+    from .templates import PRIVATE_DIR  # (templates imports storage, which imports us)
+
+    return {tree: f"{env_path}/{PRIVATE_DIR}/{name}" for tree, name in _TEMP_NAMES.items()}
+
+
+_TEMP_NAMES = {"/tmp": "tmp", "/var/tmp": "var-tmp"}
+
+
+def capped_temp_dirs(enforcement: Enforcement, env_path: str) -> dict[str, str]:
+    """The env's temp dirs to use instead of private empty ones: those of :func:`temp_dirs`
+    when its cap is a filesystem of its own (max_disk enforced), else none."""
+    status = enforcement.limits.get("max_disk")
+    return temp_dirs(env_path) if status is not None and status.enforced else {}
+
+
+def status(max_disk: int | None, backend: StorageBackend, host: Host, preallocate: bool,
+           sandboxed: bool) -> LimitStatus | None:
     """Whether ``max_disk`` can be held for an env on ``backend`` here, and by what."""
     if max_disk is None:
         return None
@@ -98,7 +125,7 @@ def status(max_disk: int | None, backend: StorageBackend, host: Host,
                                f"the disk backend's cap is a loop-mounted ext4 image and this "
                                f"host has no {' nor '.join(missing)}; the tmpfs and memory "
                                "backends can hold it")
-    return LimitStatus(max_disk, True, mechanism(backend, max_disk, preallocate))
+    return LimitStatus(max_disk, True, mechanism(backend, max_disk, preallocate, sandboxed))
 
 
 def with_status(enforcement: Enforcement, disk: LimitStatus | None) -> Enforcement:
@@ -127,6 +154,9 @@ def make(path: Path, backend: StorageBackend, max_disk: int, preallocate: bool) 
         _mount("tmpfs", path, "tmpfs",
                f"size={max_disk}m,mode={st.st_mode & 0o7777:o},uid={st.st_uid},gid={st.st_gid}")
     os.chmod(path, st.st_mode & 0o7777)
+    for tmp in temp_dirs(str(path)).values():
+        os.makedirs(tmp, mode=0o755, exist_ok=True)
+        os.chmod(tmp, 0o1777)  # (as /tmp: anyone may create, nobody may remove another's)
 
 
 def _make_image(path: Path, max_disk: int, preallocate: bool, uid: int, gid: int) -> None:

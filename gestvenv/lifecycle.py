@@ -58,11 +58,13 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
     """Reserve the name, build the venv, start the runtime's group, install: or undo it all."""
     runtime = await select_runtime(config, spec.runtime)
     # max_disk is the storage's to hold (a filesystem of the env's own), whatever the runtime.
+    enforcement = runtime.plan(spec.limits, spec.isolation)
     disk = None
     if spec.limits.max_disk is not None:
         disk = diskcap.status(spec.limits.max_disk, spec.backend,
-                              await asyncio.to_thread(diskcap.probe), config.preallocate)
-    enforcement = diskcap.with_status(runtime.plan(spec.limits, spec.isolation), disk)
+                              await asyncio.to_thread(diskcap.probe), config.preallocate,
+                              enforcement.isolation_applied.sandboxed)
+    enforcement = diskcap.with_status(enforcement, disk)
     check_enforcement(enforcement, spec.allow_unenforced)
     interpreter = await asyncio.to_thread(find_interpreter, spec.python)
     root = await asyncio.to_thread(storage.storage_root, spec.backend, config)

@@ -77,6 +77,9 @@ class Sandbox:
     expose: tuple[str, ...] = ()     # paths under hidden trees the command needs: read-only
     uid: int | None = None           # run as this uid/gid (setpriv), for root creators
     root: bool = False               # the creator is root: bwrap runs as root, no user namespace
+    # /tmp, /var/tmp -> a dir of the env's own filesystem to bind there instead of an empty
+    # tmpfs (an env with max_disk: what it writes there counts against its cap).
+    temp: tuple[tuple[str, str], ...] = ()
 
     @property
     def namespaced(self) -> bool:
@@ -150,8 +153,12 @@ def bwrap_argv(sandbox: Sandbox, *, bwrap: str, python: str, status_fd: int,
         out += ["--ro-bind", "/", "/", "--proc", "/proc", "--dev", DEV,
                 "--perms", "1777", "--tmpfs", "/dev/shm"]
         trees = sandbox.hidden_trees()
+        temp = dict(sandbox.temp)
         for tree in trees:
             if tree == DEV or not exists(tree):
+                continue
+            if tree in temp:
+                out += ["--bind", temp[tree], tree]
                 continue
             if tree in PRIVATE_TMP:
                 out += ["--perms", "1777"]

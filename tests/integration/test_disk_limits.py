@@ -223,3 +223,47 @@ def test_a_user_who_cannot_mount_is_refused_the_cap_and_told_why() -> None:
     finally:
         assert run_as_gvtest("python3", "-m", "gestvenv", "ephemeral", "cleanup",
                              "nocap").returncode == 0
+
+
+# Tries every place a command might write to, 1 MB at a time up to 40 MB each; prints, per
+# place, how many MB got in and the error that stopped it.
+EVERYWHERE = """
+import errno, os, sys
+for place in sys.argv[1:]:
+    n, err = 0, "none"
+    try:
+        with open(os.path.join(place, f"fill-{os.getpid()}"), "wb") as f:
+            for _ in range(40):
+                f.write(b"x" * (1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+                n += 1
+    except OSError as exc:
+        err = errno.errorcode.get(exc.errno, str(exc.errno))
+    print(place, n, err)
+"""
+
+
+@root_only
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_sandboxed_env_cannot_write_past_its_cap_anywhere(backend: str) -> None:
+    """Hostile: code in a capped env at namespace isolation fills every place it might write
+    to: its dir, /tmp, /var/tmp, its home, gestvenv's dirs. Together they hold no more than
+    the cap (its temp dirs are in its own filesystem; the rest is read-only or hidden)."""
+    async with gestvenv.ephemeral("hostile-disk", storage_backend=backend,
+                                  isolation_level="namespace",
+                                  resource_limits=ResourceLimits(max_disk=20)) as env:
+        assert env.isolation.sandboxed
+        places = [str(env.path), "/tmp", "/var/tmp", str(Path.home()), "/var/cache",
+                  str(env.path.parent)]
+        result = await env.execute(["python", "-c", EVERYWHERE, *places], check=True,
+                                   cwd=str(env.path))
+        written = {line.split()[0]: (int(line.split()[1]), line.split()[2])
+                   for line in result.stdout.splitlines()}
+        total = sum(n for n, _ in written.values())
+        assert total <= 20, written
+        # The first place took what the cap allows, the temp dirs then found it full.
+        assert written[str(env.path)][1] == "ENOSPC" and written[str(env.path)][0] >= 15, written
+        assert written["/tmp"] == (0, "ENOSPC") and written["/var/tmp"] == (0, "ENOSPC"), written
+        for place in places[3:]:
+            assert written[place][0] == 0 and written[place][1] != "none", written

@@ -91,3 +91,13 @@ def test_process_level_without_network_is_only_a_network_namespace() -> None:
 def test_interpreter_prefix(tmp_path: object) -> None:
     assert interpreter_prefix("/usr/bin/python3.11") == "/usr"
     assert interpreter_prefix("/opt/py/python") == "/opt/py"
+
+
+def test_a_capped_envs_temp_dirs_are_bound_from_its_own_filesystem() -> None:
+    temp = (("/tmp", f"{ENV}/.gestvenv/tmp"), ("/var/tmp", f"{ENV}/.gestvenv/var-tmp"))
+    head = build(Sandbox(NS, network=True, env_path=ENV, root=True, temp=temp))
+    head = head[:head.index("--")]
+    assert "/tmp" not in pairs(head, "--tmpfs") and "/var/tmp" not in pairs(head, "--tmpfs")
+    binds = [head[i + 1:i + 3] for i, a in enumerate(head) if a == "--bind"]
+    assert [f"{ENV}/.gestvenv/tmp", "/tmp"] in binds
+    assert [f"{ENV}/.gestvenv/var-tmp", "/var/tmp"] in binds

@@ -18,29 +18,42 @@ MB = 1 << 20
 
 
 def test_no_cap_requested_nothing_reported() -> None:
-    assert diskcap.status(None, StorageBackend.DISK, ROOT, True) is None
+    assert diskcap.status(None, StorageBackend.DISK, ROOT, True, False) is None
 
 
 @pytest.mark.parametrize("backend", list(StorageBackend))
 def test_root_holds_the_cap_on_every_backend(backend: StorageBackend) -> None:
-    status = diskcap.status(50, backend, ROOT, True)
+    status = diskcap.status(50, backend, ROOT, True, True)
     assert status is not None and status.enforced and status.requested == 50
     assert ("ext4 image" if backend is StorageBackend.DISK else "tmpfs") in status.mechanism
     assert "ENOSPC" in status.mechanism
 
 
 def test_the_mechanism_says_whether_the_image_is_preallocated() -> None:
-    assert "pre-allocated" in diskcap.mechanism(StorageBackend.DISK, 50, True)
-    assert "sparse" in diskcap.mechanism(StorageBackend.DISK, 50, False)
+    assert "pre-allocated" in diskcap.mechanism(StorageBackend.DISK, 50, True, True)
+    assert "sparse" in diskcap.mechanism(StorageBackend.DISK, 50, False, True)
 
 
 def test_tmpfs_caps_say_they_count_against_memory() -> None:
-    assert "max_memory" in diskcap.mechanism(StorageBackend.TMPFS, 5, True)
+    assert "max_memory" in diskcap.mechanism(StorageBackend.TMPFS, 5, True, True)
+
+
+def test_the_mechanism_says_what_the_cap_covers_at_each_isolation() -> None:
+    assert "its /tmp and /var/tmp are in it too" in \
+        diskcap.mechanism(StorageBackend.DISK, 5, True, sandboxed=True)
+    # At process isolation the host is writable: said, not pretended.
+    assert "can still write elsewhere (/tmp, their home), uncapped" in \
+        diskcap.mechanism(StorageBackend.DISK, 5, True, sandboxed=False)
+
+
+def test_a_capped_envs_temp_dirs_are_in_its_own_dir() -> None:
+    assert diskcap.temp_dirs("/envs/x-1") == {"/tmp": "/envs/x-1/.gestvenv/tmp",
+                                              "/var/tmp": "/envs/x-1/.gestvenv/var-tmp"}
 
 
 @pytest.mark.parametrize("backend", list(StorageBackend))
 def test_a_user_who_cannot_mount_is_told_why(backend: StorageBackend) -> None:
-    status = diskcap.status(50, backend, Host(root=False, loop=True, mkfs="mkfs"), True)
+    status = diskcap.status(50, backend, Host(root=False, loop=True, mkfs="mkfs"), True, True)
     assert status is not None and not status.enforced
     assert "needs root" in status.mechanism
 
@@ -50,11 +63,11 @@ def test_a_user_who_cannot_mount_is_told_why(backend: StorageBackend) -> None:
     (Host(root=True, loop=True, mkfs=None), "mkfs.ext4"),
 ])
 def test_disk_without_loop_devices_or_mkfs_is_not_held(host: Host, missing: str) -> None:
-    status = diskcap.status(50, StorageBackend.DISK, host, True)
+    status = diskcap.status(50, StorageBackend.DISK, host, True, True)
     assert status is not None and not status.enforced
     assert missing in status.mechanism
     # ... but a tmpfs needs neither
-    tmpfs = diskcap.status(50, StorageBackend.TMPFS, host, True)
+    tmpfs = diskcap.status(50, StorageBackend.TMPFS, host, True, True)
     assert tmpfs is not None and tmpfs.enforced
 
 
@@ -102,3 +115,12 @@ def test_a_full_shared_filesystem_is_named_even_with_a_cap() -> None:
 
 def test_without_any_figure_the_error_still_names_the_env() -> None:
     assert "environment 'x'" in str(diskcap.explain_full("x", "writing its state", []))
+
+
+def test_only_an_enforced_cap_moves_the_temp_dirs() -> None:
+    def enforcement(enforced: bool | None) -> Enforcement:
+        limits = {} if enforced is None else {"max_disk": LimitStatus(5, enforced, "x")}
+        return Enforcement("local", IsolationLevel.NAMESPACE, IsolationLevel.NAMESPACE, limits)
+    assert diskcap.capped_temp_dirs(enforcement(True), "/e") == diskcap.temp_dirs("/e")
+    assert diskcap.capped_temp_dirs(enforcement(False), "/e") == {}
+    assert diskcap.capped_temp_dirs(enforcement(None), "/e") == {}
