@@ -100,6 +100,15 @@ def _steps(base: Path, rounds: int) -> dict[str, float]:
     return {k: _median_ms(v) for k, v in out.items() if v}
 
 
+def _left_behind(tmp: str) -> tuple[list[str], list[str]]:
+    """Mounts under ``tmp``, and loop devices backed by a file there."""
+    with open("/proc/self/mountinfo") as f:
+        left = [line.split()[4] for line in f if tmp in line]
+    loops = [p.parent.parent.name for p in Path("/sys/block").glob("loop*/loop/backing_file")
+             if p.read_text().startswith(tmp)]
+    return left, loops
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=10)
@@ -145,10 +154,7 @@ async def main() -> int:
         print("\nthe disk cap's steps alone:")
         for label, ms in _steps(base, args.rounds).items():
             print(f"  {label:32} {ms:8.1f}")
-        with open("/proc/self/mountinfo") as f:
-            left = [line.split()[4] for line in f if tmp in line]
-        loops = [p.parent.parent.name for p in Path("/sys/block").glob("loop*/loop/backing_file")
-                 if p.read_text().startswith(tmp)]
+        left, loops = _left_behind(tmp)
         assert not left and not loops, (left, loops)
     print("\nleft behind: no mount, no loop device")
     return 0

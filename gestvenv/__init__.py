@@ -40,6 +40,7 @@ from .models import (
     ResourceLimits,
     StorageBackend,
 )
+from .monitor import EnvUsage, Stats, global_stats
 from .runtime import Usage
 from .sync import SyncEnvironment, ephemeral_sync
 
@@ -52,6 +53,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Enforcement",
+    "EnvUsage",
     "Environment",
     "EnvironmentClosedError",
     "EnvironmentExistsError",
@@ -65,6 +67,7 @@ __all__ = [
     "QuotaExceededError",
     "ResourceLimits",
     "RuntimeUnavailableError",
+    "Stats",
     "StorageBackend",
     "SyncEnvironment",
     "UnenforceableLimitError",
@@ -77,6 +80,7 @@ __all__ = [
     "destroy_environment",
     "ephemeral",
     "ephemeral_sync",
+    "global_stats",
     "list_environments",
     "load_config",
 ]

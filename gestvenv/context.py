@@ -7,12 +7,12 @@ import os
 import shlex
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import registry, storage
+from . import registry
 from .builder import Interpreter, make_builder
 from .config import Config, load_config
 from .exceptions import (
@@ -32,12 +32,12 @@ from .models import (
     ResourceLimits,
     StorageBackend,
 )
+from .monitor import EnvUsage, Sampler
 from .names import generate_name, validate_name, validate_packages
 from .registry import EnvRecord
 from .runtime import (
     CommandSpec,
     StreamCallback,
-    Usage,
     runtime_named,
 )
 from .runtime.processes import ENV_MARKER, EXEC_MARKER
@@ -59,6 +59,7 @@ class Environment:
         self._config = config
         self._owned = owned
         self._closing: asyncio.Future[None] | None = None
+        self._sampler = Sampler()  # one per handle: its runtime object, the peak seen
 
     # --- what it is ---
     @property
@@ -187,11 +188,24 @@ class Environment:
             raise CommandError(result)
         return result
 
-    async def usage(self) -> Usage:
-        record = self._live_record()
-        used = await runtime_named(record.runtime).usage(record)
-        disk = await asyncio.to_thread(storage.disk_usage, self.path)
-        return Usage(used.processes, used.memory_bytes, used.cpu_seconds, disk)
+    async def usage(self) -> EnvUsage:
+        """What the environment uses now, against its limits. CPU % is since this handle's
+        previous sample (None for its first; :meth:`watch` samples at a steady interval).
+        The attributes of the former ``Usage`` (processes, memory_bytes, cpu_seconds,
+        disk_bytes) are still there."""
+        return await self._sampler.sample_one(self._live_record())
+
+    async def watch(self, interval: float = 1.0) -> AsyncIterator[EnvUsage]:
+        """A sample every ``interval`` seconds until the caller stops iterating (or the
+        environment ends: :class:`EnvironmentClosedError`). The first comes at once, without
+        CPU %; each later one has the CPU % since the one before."""
+        if interval <= 0:
+            raise ValidationError(f"interval must be positive, not {interval!r}")
+        sampler = Sampler()
+        while True:
+            started = time.monotonic()
+            yield await sampler.sample_one(self._live_record())
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     # --- ending it ---
     async def aclose(self) -> None:

@@ -200,6 +200,11 @@ class ExecResult:
     reports it, Python with MemoryError) or ``None``. ``oom_killed`` is True when the kernel
     OOM-killed a process of the command's, even one whose death the command survived (a build
     tool whose compiler was killed).
+
+    ``peak_memory_bytes`` and ``cpu_seconds`` are the command's own (its whole process tree's)
+    highest memory use and CPU time, where the runtime can measure them: under systemd, from
+    the kernel's counters of the command's cgroup; ``None`` elsewhere (the local runtime cannot
+    tell one command's processes from a concurrent one's in the kernel's figures).
     """
 
     argv: tuple[str, ...]
@@ -209,6 +214,8 @@ class ExecResult:
     duration: float
     killed_by: str | None = None
     oom_killed: bool = False
+    peak_memory_bytes: int | None = None
+    cpu_seconds: float | None = None
 
     @property
     def ok(self) -> bool:

@@ -5,14 +5,15 @@ Under the systemd runtime an environment's own unit runs it as its stop action
 /tmp), so an environment's files go whenever its unit stops, whoever stops it (its TTL, its
 holder for a dead creator or idleness, ``systemctl stop``, a cleanup, a shutdown)::
 
-    python -I -S -B reaper.py PATH ENV_ID STATE_FILE REGISTRY_LOCK
+    python -I -S -B reaper.py PATH ENV_ID STATE_FILE REGISTRY_LOCK [SLICE_CGROUP]
 
 It kills what is left of the environment outside its units (a builder or installer whose
-creator died: they carry its marker), deletes ``PATH`` and forgets the environment (its state
-file, if it still names this environment). ``PATH`` comes from the unit's command line, written
-when the unit was made, never from the state file: a tampered state file cannot point it
-elsewhere. It deletes only a dir named ``<name>-<id[:8]>`` directly inside a storage root that
-carries gestvenv's mark, never follows a symlink, never descends into a mount.
+creator died: they carry its marker), says what the environment used (its peak memory and CPU
+time, from its slice's cgroup, and its disk), deletes ``PATH`` and forgets the environment (its
+state file, if it still names this environment). ``PATH`` comes from the unit's command
+line, written when the unit was made, never from the state file: a tampered state file cannot
+point it elsewhere. It deletes only a dir named ``<name>-<id[:8]>`` directly inside a storage
+root that carries gestvenv's mark, never follows a symlink, never descends into a mount.
 
 Standard library only: the unit runs this file with the base interpreter in isolated mode,
 where gestvenv's dependencies are not importable; :mod:`gestvenv.storage` and
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -239,6 +241,123 @@ def _umount(mnt: str) -> bool:
     return ctypes.get_errno() == errno.EINVAL and mnt not in mounts_under(mnt)
 
 
+# --- what the environment used, said at its end ---
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+_UNIT_NAME_MAX = 255
+
+
+def env_slice_name(env_name: str) -> str:
+    """The env's slice unit, as ``gestvenv.runtime.systemd.plan.UnitNames`` names it (a unit
+    test holds the two together): ``-`` escaped, hashed when too long."""
+    escaped = "".join(c if c.isascii() and (c.isalnum() or c in "_.:") else f"\\x{ord(c):02x}"
+                      for c in env_name)
+    name = f"gestvenv-{escaped}.slice"
+    if len(name) > _UNIT_NAME_MAX:
+        name = f"gestvenv-h{hashlib.sha256(env_name.encode()).hexdigest()[:16]}.slice"
+    return name
+
+
+def own_cgroup() -> str:
+    """This process's cgroup (the unified hierarchy's, else systemd's named v1 one)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return ""
+    for prefix in ("0::", "1:name=systemd:"):
+        for line in lines:
+            if line.startswith(prefix):
+                return line[len(prefix):]
+    return ""
+
+
+def slice_cgroup(env_name: str, cgroup: str) -> str | None:
+    """The env's slice cgroup when ``cgroup`` (ours) is its env unit's, which sits beside it
+    in gestvenv.slice (the holder, and the unit's stop action): None elsewhere (the local
+    runtime's watchdog)."""
+    parent, _, unit = cgroup.rstrip("/").rpartition("/")
+    if unit != f"gestvenv-{env_name}.service":
+        return None
+    return f"{parent}/{env_slice_name(env_name)}"
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def cgroup_figures(cgroup: str) -> tuple[int | None, float | None]:
+    """Peak memory (bytes) and CPU time (s) of everything that ran in ``cgroup``: the
+    kernel's own counters, kept for its whole life (memory.peak or, on a hybrid host's v1,
+    memory.max_usage_in_bytes; cpu.stat or cpuacct.usage)."""
+    rel = cgroup.lstrip("/")
+    v2 = (CGROUP_ROOT / "cgroup.controllers").exists()
+    peak = _read_int(CGROUP_ROOT / rel / "memory.peak") if v2 else \
+        _read_int(CGROUP_ROOT / "memory" / rel / "memory.max_usage_in_bytes")
+    cpu = None
+    unified = CGROUP_ROOT if v2 else CGROUP_ROOT / "unified"
+    try:
+        for line in (unified / rel / "cpu.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "usage_usec":
+                cpu = int(value) / 1e6
+    except (OSError, ValueError):
+        usage = _read_int(CGROUP_ROOT / "cpuacct" / rel / "cpuacct.usage")
+        cpu = None if usage is None else usage / 1e9
+    return peak, cpu
+
+
+def disk_used(path: Path) -> int | None:
+    """Bytes the env's dir holds: its own filesystem's use when it has one (O(1)), else the
+    blocks of its files (each inode once, links not followed)."""
+    try:
+        if os.path.ismount(path):
+            st = os.statvfs(path)
+            return (st.f_blocks - st.f_bfree) * st.f_frsize
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in (*dirnames, *filenames):
+                try:
+                    info = os.lstat(os.path.join(dirpath, name))
+                except OSError:
+                    continue
+                if (info.st_dev, info.st_ino) not in seen:
+                    seen.add((info.st_dev, info.st_ino))
+                    total += info.st_blocks * 512
+        return total if seen or path.is_dir() else None
+    except OSError:
+        return None
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def end_report(path: Path, env_id: str, cgroup: str | None = None) -> str | None:
+    """One phrase for the journal: what the env used over its life, as far as it can be read
+    (``cgroup``: the env's slice, default: found beside this process's own cgroup)."""
+    name = path.name.removesuffix(f"-{env_id[:8]}")
+    if cgroup is None:
+        cgroup = slice_cgroup(name, own_cgroup())
+    parts = []
+    if cgroup is not None:
+        peak, cpu = cgroup_figures(cgroup)
+        parts.append(f"peak memory {_bytes(peak) if peak is not None else 'not measured'}")
+        parts.append(f"CPU time {f'{cpu:.2f} s' if cpu is not None else 'not measured'}")
+    disk = disk_used(path) if path.is_dir() and not path.is_symlink() else None
+    if disk is not None:
+        parts.append(f"disk {_bytes(disk)}")
+    return f"used {', '.join(parts)}" if parts else None
+
+
 # --- the unit's stop action ---
 
 def forget(state_file: Path, env_id: str, lock: Path) -> bool:
@@ -265,10 +384,16 @@ def forget(state_file: Path, env_id: str, lock: Path) -> bool:
         os.close(fd)
 
 
-def reap(path: Path, env_id: str, state_file: Path, lock: Path) -> list[str]:
+def reap(path: Path, env_id: str, state_file: Path, lock: Path,
+         cgroup: str | None = None) -> list[str]:
     """Everything of one environment outside systemd's units: processes, files, state.
-    Returns what it did; raises :class:`UnsafePathError` for what it refused."""
+    Returns what it did, starting with what the env used (:func:`end_report`); raises
+    :class:`UnsafePathError` for what it refused."""
     done = []
+    with contextlib.suppress(Exception):  # a figure that cannot be read never stops a reap
+        report = end_report(path, env_id, cgroup)
+        if report:
+            done.append(report)
     killed = kill_marked(ENV_MARKER, env_id)
     if killed:
         done.append(f"killed {killed} leftover process(es) of the environment")
@@ -289,13 +414,17 @@ def reap(path: Path, env_id: str, state_file: Path, lock: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 4:
-        print("usage: reaper.py PATH ENV_ID STATE_FILE REGISTRY_LOCK", file=sys.stderr)
+    # (A fifth argument, the env's slice cgroup, is optional: units made before it was added
+    # carry four, and without it the slice is found beside our own cgroup.)
+    if len(argv) not in (4, 5):
+        print("usage: reaper.py PATH ENV_ID STATE_FILE REGISTRY_LOCK [SLICE_CGROUP]",
+              file=sys.stderr)
         return 2
-    path, env_id, state_file, lock = argv
+    path, env_id, state_file, lock = argv[:4]
+    cgroup = argv[4] if len(argv) == 5 and argv[4] else None
     started = time.monotonic()
     try:
-        done = reap(Path(path), env_id, Path(state_file), Path(lock))
+        done = reap(Path(path), env_id, Path(state_file), Path(lock), cgroup)
     except (UnsafePathError, OSError) as exc:
         print(f"gestvenv reaper: {exc}", file=sys.stderr, flush=True)
         return 1

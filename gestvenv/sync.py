@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 from .context import Command, Environment, EphemeralContext, ephemeral
 from .models import ExecResult, IsolationLevel, ResourceLimits, StorageBackend
-from .runtime import StreamCallback, Usage
+from .monitor import EnvUsage
+from .runtime import StreamCallback
 
 T = TypeVar("T")
 SIGNAL_POLL = 0.1  # seconds
@@ -143,7 +144,7 @@ class SyncEnvironment:
                                               input=input, check=check, shell=shell,
                                               capture=capture, stream=stream))
 
-    def usage(self) -> Usage:
+    def usage(self) -> EnvUsage:
         return _portal.call(self._env.usage())
 
     def close(self) -> None:

@@ -1,21 +1,23 @@
-"""``gestvenv ephemeral``: create, list, show, exec, cleanup, stats."""
+"""``gestvenv ephemeral``: create, list, show, top, exec, cleanup, stats."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import click
 
-from .. import registry, storage
+from .. import registry
 from ..cleanup import sweep
 from ..config import RUNTIMES, load_config
 from ..context import attach, create_environment, environments
 from ..exceptions import GestvenvError
 from ..lifecycle import destroy_many
 from ..models import NOT_HELD, IsolationLevel, ResourceLimits, StorageBackend, in_threat_order
+from ..monitor import EnvUsage, Sampler, global_stats, live_records, sample_twice
 from ..registry import EnvRecord
 from ..runtime.systemd import systemd_booted
 from ..sync import run_sync
@@ -25,6 +27,7 @@ from ._common import (
     echo_json,
     handle_errors,
     human_bytes,
+    human_seconds,
     remaining,
     run_foreground,
     table,
@@ -167,13 +170,23 @@ def list_(as_json: bool) -> None:
 @ephemeral_group.command("show")
 @click.argument("name", shell_complete=complete_env_name)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("-w", "--watch", is_flag=True,
+              help="Show its usage against its limits, refreshed every --interval, until "
+                   "Ctrl-C (as `top` does for every environment).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
 @handle_errors
-def show(name: str, as_json: bool) -> None:
+def show(name: str, as_json: bool, watch: bool, interval: float) -> None:
     """Everything about environment NAME: limits really applied, usage, guarantees."""
     env = attach(name)
+    if watch:
+        _watch([env.name], interval, once=False, as_json=as_json)
+        return
     info = next((i for i in run_sync(environments()) if i["id"] == env.id), env.info())
     use = run_sync(env.usage())
     info["usage"] = {"processes": use.processes, "memory_bytes": use.memory_bytes,
+                     "memory_peak_bytes": use.memory_peak_bytes,
+                     "memory_peak_source": use.memory_peak_source,
                      "cpu_seconds": round(use.cpu_seconds, 3), "disk_bytes": use.disk_bytes}
     if as_json:
         echo_json(info)
@@ -212,9 +225,89 @@ def show(name: str, as_json: bool) -> None:
                    f"-u '{unit['name'].removesuffix('.service')}@*'")
     u = info["usage"]
     click.echo(f"usage:       {u['processes']} processes, {human_bytes(u['memory_bytes'])} "
-               f"memory, {u['cpu_seconds']} s cpu, {human_bytes(u['disk_bytes'])} disk")
+               f"memory (peak {human_bytes(u['memory_peak_bytes'])}), {u['cpu_seconds']} s "
+               f"cpu, {human_bytes(u['disk_bytes'])} disk")
     for line in (*info["notes"], *info["guarantees"]):
         click.echo(f"note:        {line}")
+
+
+@ephemeral_group.command("top")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between refreshes (and between the two readings CPU % needs).")
+@click.option("--once", is_flag=True, help="One table (after two readings), then exit.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One machine-readable sample of every environment (implies --once).")
+@handle_errors
+def top(interval: float, once: bool, as_json: bool) -> None:
+    """Live usage of every environment against its limits: CPU % over the last interval,
+    memory (now and peak), disk, processes, TTL left and idle time; refreshed until Ctrl-C."""
+    _watch(None, interval, once=once or as_json, as_json=as_json)
+
+
+TOP_HEADERS = ("NAME", "RUNTIME", "CPU%", "MEMORY", "PEAK", "DISK", "PROCS", "TTL LEFT",
+               "IDLE")
+
+
+def _of(value: str, limit: str | None) -> str:
+    return f"{value}/{limit}" if limit is not None else value
+
+
+def usage_row(u: EnvUsage) -> tuple[str, ...]:
+    """One line of ``top``: each figure against its limit, where there is one."""
+    cpu = "-" if u.cpu_percent is None else f"{u.cpu_percent:.0f}"
+    max_cpu = None if u.max_cpu_percent is None else f"{u.max_cpu_percent:g}"
+    limit_mem = None if u.max_memory is None else human_bytes(u.max_memory)
+    limit_disk = None if u.max_disk is None else human_bytes(u.max_disk)
+    procs = None if u.max_processes is None else str(u.max_processes)
+    idle = human_seconds(u.idle_seconds)
+    if u.idle_timeout:
+        idle += f"/{human_seconds(u.idle_timeout)}"
+    return (u.name, u.runtime, _of(cpu, max_cpu), _of(human_bytes(u.memory_bytes), limit_mem),
+            human_bytes(u.memory_peak_bytes), _of(human_bytes(u.disk_bytes), limit_disk),
+            _of(str(u.processes), procs), human_seconds(u.ttl_left), idle)
+
+
+def _watch(names: list[str] | None, interval: float, *, once: bool, as_json: bool) -> None:
+    """``top`` and ``show --watch``: two readings ``interval`` apart, then one table per
+    interval until Ctrl-C (one, with ``once``)."""
+    sampler = Sampler()
+
+    def records() -> list[EnvRecord]:
+        found = live_records()
+        return found if names is None else [r for r in found if r.name in names]
+
+    try:
+        if once:
+            samples = run_sync(sample_twice(records(), interval, sampler))
+            if as_json:
+                echo_json([s.to_dict() for s in samples])
+            else:
+                _print_usage(samples, clear=False)
+            return
+        run_sync(sampler.sample(records()))  # the first reading, for CPU %
+        last = time.monotonic()
+        clear = sys.stdout.isatty()
+        while True:
+            time.sleep(max(0.0, interval - (time.monotonic() - last)))
+            last = time.monotonic()
+            samples = run_sync(sampler.sample(records()))
+            if as_json:  # one JSON document per line, per refresh
+                click.echo(json.dumps([s.to_dict() for s in samples], sort_keys=True))
+            else:
+                _print_usage(samples, clear=clear)
+            if names is not None and not samples:
+                raise UserError(f"environment {names[0]!r} has ended")
+    except KeyboardInterrupt:
+        return  # Ctrl-C is how one leaves it
+
+
+def _print_usage(samples: list[EnvUsage], *, clear: bool) -> None:
+    if clear:
+        click.echo("\033[H\033[2J", nl=False)
+    if not samples:
+        click.echo("no environments")
+        return
+    table([usage_row(u) for u in samples], TOP_HEADERS)
 
 
 @ephemeral_group.command("exec", context_settings={"ignore_unknown_options": True,
@@ -283,40 +376,24 @@ def cleanup(names: tuple[str, ...], all_: bool, expired: bool, idle: bool, orpha
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def stats(as_json: bool) -> None:
-    """Totals for this user: environments by state and storage, disk and memory used."""
-    config = load_config()
-    records = registry.list_records()
-    now = time.time()
-    by_state: dict[str, int] = {}
-    by_backend: dict[str, int] = {}
-    disk = 0
-    for record in records:
-        by_state[record.state(now)] = by_state.get(record.state(now), 0) + 1
-        by_backend[record.backend] = by_backend.get(record.backend, 0) + 1
-        disk += storage.disk_usage(Path(record.path))
-    memory = processes = 0
-    for record in records:
-        use = run_sync(attach(record.name, config=config).usage()) if record.status == "ready" \
-            else None
-        if use is not None:
-            memory += use.memory_bytes
-            processes += use.processes
-    cache = storage.uv_cache_dir(config)
-    cache_bytes = storage.disk_usage(cache) if cache.exists() else 0
-    data = {
-        "environments": len(records), "by_state": by_state, "by_storage": by_backend,
-        "disk_bytes": disk, "memory_bytes": memory, "processes": processes,
-        "max_concurrent": config.max_concurrent, "cache_dir": str(cache),
-        "cache_bytes": cache_bytes,
-    }
+    """Totals for this user against the configured caps: environments (of max_concurrent),
+    memory reserved by their max_memory (of max_total_memory_mb) and used now, processes, disk
+    and the shared cache."""
+    data = run_sync(global_stats(load_config()))
     if as_json:
-        echo_json(data)
+        echo_json(data.to_dict())
         return
-    click.echo(f"environments: {len(records)} of max {config.max_concurrent}"
-               + (f" ({', '.join(f'{n} {s}' for s, n in sorted(by_state.items()))})"
-                  if by_state else ""))
-    backends = ", ".join(f"{n} {b}" for b, n in sorted(by_backend.items())) or "-"
+    states = ", ".join(f"{n} {s}" for s, n in sorted(data.by_state.items()))
+    click.echo(f"environments: {data.environments} of max {data.max_concurrent}"
+               + (f" ({states})" if states else ""))
+    click.echo(f"reserved:     {data.reserving} of max_concurrent {data.max_concurrent}; "
+               f"memory {human_bytes(data.reserved_memory_bytes)} (max_memory) of "
+               f"max_total_memory_mb {human_bytes(data.max_total_memory_bytes)}"
+               + (f" ({data.unlimited_memory} without max_memory)"
+                  if data.unlimited_memory else ""))
+    click.echo(f"used now:     {data.processes} processes, {human_bytes(data.memory_bytes)} "
+               f"memory")
+    backends = ", ".join(f"{n} {b}" for b, n in sorted(data.by_storage.items())) or "-"
     click.echo(f"storage:      {backends}")
-    click.echo(f"disk:         {human_bytes(disk)} in environments")
-    click.echo(f"processes:    {processes} running, {human_bytes(memory)} resident")
-    click.echo(f"cache:        {human_bytes(cache_bytes)} in {cache}")
+    click.echo(f"disk:         {human_bytes(data.disk_bytes)} in environments")
+    click.echo(f"cache:        {human_bytes(data.cache_bytes)} in {data.cache_dir}")

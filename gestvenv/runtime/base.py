@@ -9,6 +9,7 @@ not by the process that created it.
 from __future__ import annotations
 
 import abc
+import asyncio
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,12 +36,17 @@ class CommandSpec:
 
 @dataclass(frozen=True)
 class Usage:
-    """What an environment uses right now."""
+    """What an environment uses right now, as its runtime measures it (the richer, public
+    figures are :class:`gestvenv.monitor.EnvUsage`)."""
 
     processes: int
     memory_bytes: int
     cpu_seconds: float
     disk_bytes: int
+    # The highest memory use the runtime can vouch for, and what it is: None where it cannot
+    # be measured (a user manager without the memory controller).
+    memory_peak_bytes: int | None = None
+    memory_peak_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,12 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def usage(self, record: EnvRecord) -> Usage:
-        """Processes, memory and CPU of the environment (disk is measured by the caller)."""
+        """Processes, memory (now and peak) and CPU of the environment (disk is measured by
+        the caller)."""
+
+    async def usage_many(self, records: Sequence[EnvRecord]) -> list[Usage]:
+        """:meth:`usage` of several environments, read at once (``top``)."""
+        return list(await asyncio.gather(*(self.usage(r) for r in records)))
 
     @abc.abstractmethod
     def guarantees(self) -> Sequence[str]:

@@ -162,9 +162,7 @@ class LocalRuntime(Runtime):
         if limits.max_cpu_percent is not None:
             status["max_cpu_percent"] = LimitStatus(
                 limits.max_cpu_percent, False, "needs a cpu cgroup (systemd runtime)")
-        if limits.max_disk is not None:
-            status["max_disk"] = LimitStatus(
-                limits.max_disk, False, "needs a size-capped storage (systemd runtime)")
+        # (max_disk: the storage's own filesystem holds it, whatever the runtime; diskcap.)
         notes = [self.note] if self.note else []
         applied = IsolationLevel.PROCESS
         if isolation is not IsolationLevel.PROCESS:
@@ -239,19 +237,14 @@ class LocalRuntime(Runtime):
         )
 
     async def usage(self, record: EnvRecord) -> Usage:
-        pids = await asyncio.to_thread(processes.marked_pids, processes.ENV_MARKER, record.id)
-        memory, cpu, count = 0, 0.0, 0
-        for pid in pids:
-            try:
-                proc = psutil.Process(pid)
-                with proc.oneshot():
-                    memory += proc.memory_info().rss
-                    times = proc.cpu_times()
-                    cpu += times.user + times.system
-                count += 1
-            except psutil.Error:
-                continue
-        return Usage(processes=count, memory_bytes=memory, cpu_seconds=cpu, disk_bytes=0)
+        return (await self.usage_many([record]))[0]
+
+    async def usage_many(self, records: Sequence[EnvRecord]) -> list[Usage]:
+        # One walk of /proc for every env (a refresh of ``top`` samples them all).
+        def read() -> list[Usage]:
+            found = _pids_by_env({r.id for r in records})
+            return [_usage_of(found.get(r.id, [])) for r in records]
+        return await asyncio.to_thread(read)
 
     async def run(self, record: EnvRecord, command: CommandSpec) -> ExecResult:
         exec_id = uuid.uuid4().hex
@@ -340,6 +333,61 @@ class LocalRuntime(Runtime):
                           stdout=stdout.decode(errors="replace"),
                           stderr=stderr.decode(errors="replace"),
                           duration=duration, killed_by=killed_by)
+
+
+def _pids_by_env(env_ids: set[str]) -> dict[str, list[int]]:
+    """The processes carrying the marker of each of ``env_ids`` (processes.marked_pids, for
+    many envs in one walk of /proc)."""
+    prefix = f"{processes.ENV_MARKER}=".encode()
+    me = os.getpid()
+    found: dict[str, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        for var in data.split(b"\0"):
+            if var.startswith(prefix):
+                env_id = var[len(prefix):].decode(errors="replace")
+                if env_id in env_ids:
+                    found.setdefault(env_id, []).append(int(entry.name))
+                break
+    return found
+
+
+def _usage_of(pids: Sequence[int]) -> Usage:
+    """Resident memory, peak and CPU time of an env's processes. The peak is the sum of each
+    one's own peak (VmHWM): what exited is not in it, and peaks that did not coincide are
+    added up, so it is an estimate, said as such (``memory_peak_source``)."""
+    memory, peak, cpu, count = 0, 0, 0.0, 0
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                memory += proc.memory_info().rss
+                times = proc.cpu_times()
+                cpu += times.user + times.system
+            peak += _vm_hwm(pid)
+            count += 1
+        except psutil.Error:
+            continue
+    return Usage(processes=count, memory_bytes=memory, cpu_seconds=cpu, disk_bytes=0,
+                 memory_peak_bytes=peak if count else None,
+                 memory_peak_source="VmHWM" if count else None)
+
+
+def _vm_hwm(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _deadline(record: EnvRecord, timeout: float | None) -> tuple[str, float | None]:

@@ -283,26 +283,26 @@ def test_a_missing_controller_is_reported_unenforced_by_name(key: str, controlle
     assert "user manager" in status.mechanism
     assert status.requested == getattr(ALL_LIMITS, key)
     others = set(plan.enforcement(ALL_LIMITS, IsolationLevel.PROCESS, caps).unenforced)
-    assert others == {key, "max_disk"}
+    assert others == {key}
 
 
 @pytest.mark.parametrize("caps", [SYSTEM, USER_FULL], ids=["system", "user"])
 def test_all_limits_enforced_with_every_controller(caps: Capabilities) -> None:
     result = plan.enforcement(ALL_LIMITS, IsolationLevel.PROCESS, caps)
     assert result.runtime == "systemd"
-    assert set(result.limits) == {"max_memory", "max_cpu_percent", "max_processes", "max_disk",
+    assert set(result.limits) == {"max_memory", "max_cpu_percent", "max_processes",
                                   "network_access"}
-    assert set(result.unenforced) == {"max_disk"}
+    assert set(result.unenforced) == set()
     assert "MemoryMax=64M" in result.limits["max_memory"].mechanism
     assert "CPUQuota=20%" in result.limits["max_cpu_percent"].mechanism
     assert "TasksMax=5" in result.limits["max_processes"].mechanism
 
 
 @pytest.mark.parametrize("caps", list(CAPS.values()), ids=list(CAPS))
-def test_disk_limit_is_never_enforced(caps: Capabilities) -> None:
+def test_the_disk_limit_is_not_a_unit_property(caps: Capabilities) -> None:
+    # The storage's own filesystem holds it (gestvenv.diskcap), whatever the runtime.
     status = plan.enforcement(ResourceLimits(max_disk=100), IsolationLevel.PROCESS, caps)
-    assert status.limits["max_disk"].enforced is False
-    assert status.limits["max_disk"].requested == 100
+    assert "max_disk" not in status.limits
 
 
 def test_nothing_requested_nothing_reported() -> None:

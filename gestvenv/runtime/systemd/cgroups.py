@@ -4,6 +4,8 @@ systemd reports MemoryCurrent and TasksCurrent everywhere, but on a hybrid (v1 +
 CPUUsageNSec stays unset (cpu and cpuacct are separate hierarchies) and an OOM kill inside a
 slice is reported as a plain SIGKILL (Result=signal). So: CPU time from cpu.stat / cpuacct.usage,
 and OOM kills from the slice's memory.events (v2) or an eventfd on memory.oom_control (v1).
+Peak memory too: systemd 252 has no MemoryPeak property, so it is the kernel's high-water mark,
+memory.peak (v2) or memory.max_usage_in_bytes (v1).
 """
 
 from __future__ import annotations
@@ -90,6 +92,27 @@ def cpu_seconds(cgroup: str) -> float | None:
         return None
 
 
+def _memory_file(cgroup: str, v2_name: str, v1_name: str) -> int | None:
+    # (On a hybrid host the unified hierarchy has no memory controller: only v1 counts.)
+    path = _dir(CGROUP_ROOT, cgroup) / v2_name if is_v2() else \
+        _dir(CGROUP_ROOT / "memory", cgroup) / v1_name
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def memory_current(cgroup: str) -> int | None:
+    """Memory charged to ``cgroup`` and below now (None: no memory controller there)."""
+    return _memory_file(cgroup, "memory.current", "memory.usage_in_bytes")
+
+
+def memory_peak(cgroup: str) -> int | None:
+    """The highest memory charged to ``cgroup`` and below since it was made (None: no memory
+    controller there, or a kernel before 5.19 on v2)."""
+    return _memory_file(cgroup, "memory.peak", "memory.max_usage_in_bytes")
+
+
 def pids(cgroup: str) -> list[int]:
     """Every process in ``cgroup`` and below."""
     root = unified_root() or CGROUP_ROOT / "systemd"
@@ -165,3 +188,62 @@ class OomWatch:
         if self._eventfd is not None:
             os.close(self._eventfd)
             self._eventfd = None
+
+
+class Meter:
+    """Peak memory and CPU time in a cgroup from now to :meth:`end`: one command's figures
+    where systemd forgets a finished service's (before 256), read from its env's slice.
+
+    CPU: the slice's counter, before and after. Peak: the kernel's high-water mark, reset
+    now: on v2 through a descriptor of our own on memory.peak (Linux 6.12: a write resets the
+    peak seen through that descriptor only, nobody else's), on v1 by writing 0 to
+    memory.max_usage_in_bytes (which resets the slice's own: on a v1 host the env's peak is
+    then "since its last command began"). Either counts all the slice holds while the command
+    runs (its tmpfs files, page cache): the runtime reports nothing when another command of
+    the env overlapped. Without the files (no memory controller, an older v2 kernel): None.
+    """
+
+    def __init__(self, cgroup: str) -> None:
+        self._cgroup = cgroup
+        self._cpu = cpu_seconds(cgroup)
+        self._fd: int | None = None
+        self._v1: Path | None = None
+        if is_v2():
+            try:
+                fd = os.open(_dir(CGROUP_ROOT, cgroup) / "memory.peak", os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                return
+            try:
+                os.write(fd, b"reset\n")
+            except OSError:  # a kernel before 6.12: the peak cannot be reset per reader
+                os.close(fd)
+                return
+            self._fd = fd
+            return
+        path = _dir(CGROUP_ROOT / "memory", cgroup) / "memory.max_usage_in_bytes"
+        try:
+            path.write_text("0\n")
+        except OSError:
+            return
+        self._v1 = path
+
+    def end(self) -> tuple[int | None, float | None]:
+        """(peak memory bytes, CPU seconds) since this was made; closes it."""
+        peak: int | None = None
+        try:
+            if self._fd is not None:
+                peak = int(os.pread(self._fd, 64, 0))
+            elif self._v1 is not None:
+                peak = int(self._v1.read_text())
+        except (OSError, ValueError):
+            peak = None
+        finally:
+            self.close()
+        cpu = cpu_seconds(self._cgroup)
+        used = cpu - self._cpu if cpu is not None and self._cpu is not None else None
+        return peak, used
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

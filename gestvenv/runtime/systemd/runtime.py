@@ -269,13 +269,22 @@ class SystemdRuntime(Runtime):
             return Usage(processes=0, memory_bytes=0, cpu_seconds=0.0, disk_bytes=0)
         cgroup = str(slice_props.get("ControlGroup") or "")
         memory = _counter(slice_props.get("MemoryCurrent"))
-        cpu_ns = _counter(slice_props.get("CPUUsageNSec"))
-        cpu = cpu_ns / 1e9
-        if not cpu and cgroup:  # unset on a hybrid host: read the kernel's own counter
-            measured: float | None = await asyncio.to_thread(cgroups.cpu_seconds, cgroup)
-            cpu = measured or 0.0
-        procs = len(await asyncio.to_thread(cgroups.pids, cgroup)) if cgroup else 0
-        return Usage(processes=procs, memory_bytes=memory, cpu_seconds=cpu, disk_bytes=0)
+        cpu = _counter(slice_props.get("CPUUsageNSec")) / 1e9
+        # MemoryPeak exists from systemd 256; on 252 (and a hybrid host) it is the kernel's
+        # high-water mark of the slice's cgroup.
+        peak = _counter(slice_props.get("MemoryPeak")) or None
+
+        def from_files() -> tuple[float | None, int | None, int]:
+            return (None if cpu else cgroups.cpu_seconds(cgroup),
+                    peak or cgroups.memory_peak(cgroup), len(cgroups.pids(cgroup)))
+
+        procs = 0
+        if cgroup:
+            measured, peak, procs = await asyncio.to_thread(from_files)
+            cpu = cpu or measured or 0.0  # CPUUsageNSec is unset on a hybrid host
+        return Usage(processes=procs, memory_bytes=memory, cpu_seconds=cpu, disk_bytes=0,
+                     memory_peak_bytes=peak,
+                     memory_peak_source="cgroup" if peak is not None else None)
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -337,6 +346,9 @@ class SystemdRuntime(Runtime):
                         command: CommandSpec) -> ExecResult:
         changed = asyncio.Event()
         slice_cgroup = f"{self._root_cgroup}/{plan.PARENT_SLICE}/{UnitNames.of(record.name).slice}"
+        keeps_figures = plan.unit_keeps_figures(self.capabilities)
+        meter: cgroups.Meter | None = None
+        figures: tuple[int | None, float | None] = (None, None)
         unwatch: Callable[[], Awaitable[None]] | None = None
         oom: cgroups.OomWatch | None = None
         oom_fired = False
@@ -354,7 +366,8 @@ class SystemdRuntime(Runtime):
             # Watched before it starts, so that no change is missed; the OOM watch is opened
             # before too, so that an OOM kill in the first instant is seen.
             unwatch = await bus.watch(unit, lambda _: changed.set())
-            oom = await in_thread(cgroups.OomWatch, slice_cgroup)
+            # (systemd < 256: its figures are measured on the env's slice around it.)
+            oom, meter = await in_thread(_watch_slice, slice_cgroup, not keeps_figures)
             try:
                 result = await bus.start_transient_unit(unit, props, unix_fds=pipes.passed)
                 if result in ("dependency", "canceled"):  # its env unit could not start
@@ -382,7 +395,13 @@ class SystemdRuntime(Runtime):
                 changed.clear()
                 with contextlib.suppress(TimeoutError):  # a missed signal costs a second
                     await asyncio.wait_for(changed.wait(), 1.0)
-            service = await _exit_props(bus, unit)
+            service = await _exit_props(bus, unit, figures=keeps_figures)
+            if meter is not None:
+                figures = await asyncio.to_thread(meter.end)
+            elif "MemoryPeak" in service:
+                cpu_ns = _counter(service.get("CPUUsageNSec"))
+                figures = (_counter(service.get("MemoryPeak")) or None,
+                           cpu_ns / 1e9 if cpu_ns else None)
             if pumps:
                 # Output ends when the last holder of the pipes exits; a process that escaped
                 # the unit is not waited for.
@@ -405,6 +424,8 @@ class SystemdRuntime(Runtime):
             if oom is not None:
                 oom_fired = oom.fired()
                 oom.close()
+            if meter is not None:
+                meter.close()
             # Each step even if one before was cancelled again (a second Ctrl-C).
             await _all_of(bus.unref(unit), unwatch() if unwatch is not None else None)
         duration = time.monotonic() - started
@@ -426,10 +447,19 @@ class SystemdRuntime(Runtime):
                           stdout=b"".join(chunks["stdout"]).decode(errors="replace"),
                           stderr=b"".join(chunks["stderr"]).decode(errors="replace"),
                           duration=duration, killed_by=killed_by,
-                          oom_killed=svc_result == "oom-kill" or (oom_fired and not overlapped))
+                          oom_killed=svc_result == "oom-kill" or (oom_fired and not overlapped),
+                          # (Measured on the env's slice: another command of it running
+                          # meanwhile would be counted in. Not said rather than wrong.)
+                          peak_memory_bytes=None if overlapped and meter else figures[0],
+                          cpu_seconds=None if overlapped and meter else figures[1])
 
 
-async def _all_of(*steps: Awaitable[None] | None) -> None:
+def _watch_slice(cgroup: str, meter: bool) -> tuple[cgroups.OomWatch, cgroups.Meter | None]:
+    """The env slice's OOM watch, and a meter of what comes next in it (one thread hop)."""
+    return cgroups.OomWatch(cgroup), cgroups.Meter(cgroup) if meter else None
+
+
+async def _all_of(*steps: Awaitable[Any] | None) -> None:
     """Await every step to its end, shielded, even when one is interrupted; then re-raise the
     first interruption or error."""
     first: BaseException | None = None
@@ -519,16 +549,19 @@ async def _service_props(bus: SystemdBus, unit: str) -> dict[str, Any]:
 
 
 _EXIT_PROPS = ("Result", "ExecMainCode", "ExecMainStatus")
+_FIGURE_PROPS = ("MemoryPeak", "CPUUsageNSec")  # kept after the end from systemd 256
 
 
-async def _exit_props(bus: SystemdBus, unit: str) -> dict[str, Any]:
-    """How a command's unit ended: three small reads at once, not a GetAll of ~200 values."""
+async def _exit_props(bus: SystemdBus, unit: str, *, figures: bool = False) -> dict[str, Any]:
+    """How a command's unit ended (and, with ``figures``, its peak memory and CPU time):
+    a few small reads at once, not a GetAll of ~200 values."""
     path = unit_path(unit)
+    names = _EXIT_PROPS + (_FIGURE_PROPS if figures else ())
     try:
-        values = await asyncio.gather(*(bus.get(path, SERVICE, p) for p in _EXIT_PROPS))
+        values = await asyncio.gather(*(bus.get(path, SERVICE, p) for p in names))
     except NoSuchUnit:
         return {}
-    return dict(zip(_EXIT_PROPS, values, strict=True))
+    return dict(zip(names, values, strict=True))
 
 
 def _counter(value: Any) -> int:
