@@ -12,10 +12,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import registry
+from . import diskcap, registry
 from .builder import Interpreter, make_builder
 from .config import Config, load_config
 from .exceptions import (
+    BuildError,
     CommandError,
     CommandNotFoundError,
     EnvironmentClosedError,
@@ -24,7 +25,7 @@ from .exceptions import (
     ValidationError,
 )
 from .inside import InsideInstaller
-from .lifecycle import EnvSpec, create, destroy
+from .lifecycle import EnvSpec, create, destroy, full_error
 from .models import (
     Enforcement,
     ExecResult,
@@ -153,8 +154,15 @@ class Environment:
             # the whole install runs inside, as the env's own uid (gestvenv.inside).
             boxed = record.enforcement_record.isolation_applied.sandboxed
             inside = InsideInstaller(record, runtime_named(record.runtime), everything=boxed)
-            await make_builder(self._config, record.id, inside).install(
-                self.path, interpreter, specs, reqs)
+            try:
+                await make_builder(self._config, record.id, inside).install(
+                    self.path, interpreter, specs, reqs)
+            except (OSError, BuildError) as exc:
+                if not diskcap.is_full(exc):
+                    raise
+                what = ", ".join([*specs, *(f"-r {r}" for r in reqs)]) or "packages"
+                raise await asyncio.to_thread(full_error, record, self._config,
+                                              f"installing {what}") from exc
         finally:
             await asyncio.to_thread(registry.touch, record.name, record.id)
         await asyncio.to_thread(_record_packages, record, specs)
@@ -276,6 +284,10 @@ def build_command(record: EnvRecord, cmd: Command, *, shell: bool = False,
         raise ValidationError("empty command")
     environ = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
     environ.update(record_env(record))
+    temp = diskcap.capped_temp_dirs(record.enforcement_record, record.path)
+    if temp and not record.enforcement_record.isolation_applied.sandboxed:
+        # (Sandboxed, its /tmp is there already.) What honours TMPDIR writes within the cap.
+        environ["TMPDIR"] = temp["/tmp"]
     if env:
         environ.update(env)
     environ["VIRTUAL_ENV"] = record.path

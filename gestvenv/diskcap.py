@@ -90,15 +90,17 @@ def mechanism(backend: StorageBackend, max_disk: int, preallocate: bool,
     return f"{what}; {covers}"
 
 
+# A capped env's /tmp and /var/tmp: dirs at the top of its own filesystem, made by its creator
+# before any of its code runs. Its sandbox binds them over /tmp and /var/tmp, following
+# links, so the env must never be able to replace them: they stay its creator's (the
+# hand-over keeps them), in the env's sticky top dir (sandbox.hand_over), mode 1777.
+TEMP_NAMES = {"/tmp": ".gestvenv-tmp", "/var/tmp": ".gestvenv-var-tmp"}
+
+
 def temp_dirs(env_path: str) -> dict[str, str]:
     """Where a capped env's /tmp and /var/tmp are: in its own filesystem (bound there by its
     sandbox; TMPDIR at process isolation), so that they count against its cap."""
-    from .templates import PRIVATE_DIR  # (templates imports storage, which imports us)
-
-    return {tree: f"{env_path}/{PRIVATE_DIR}/{name}" for tree, name in _TEMP_NAMES.items()}
-
-
-_TEMP_NAMES = {"/tmp": "tmp", "/var/tmp": "var-tmp"}
+    return {tree: f"{env_path}/{name}" for tree, name in TEMP_NAMES.items()}
 
 
 def capped_temp_dirs(enforcement: Enforcement, env_path: str) -> dict[str, str]:
@@ -155,7 +157,7 @@ def make(path: Path, backend: StorageBackend, max_disk: int, preallocate: bool) 
                f"size={max_disk}m,mode={st.st_mode & 0o7777:o},uid={st.st_uid},gid={st.st_gid}")
     os.chmod(path, st.st_mode & 0o7777)
     for tmp in temp_dirs(str(path)).values():
-        os.makedirs(tmp, mode=0o755, exist_ok=True)
+        os.mkdir(tmp, 0o700)
         os.chmod(tmp, 0o1777)  # (as /tmp: anyone may create, nobody may remove another's)
 
 

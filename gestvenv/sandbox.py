@@ -21,6 +21,7 @@ import stat
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
+from . import diskcap
 from .models import IsolationLevel
 from .reaper import CLAIM
 
@@ -171,4 +172,5 @@ def _unshare(name: str, dirfd: int, st: os.stat_result) -> None:
 def hand_over_env(path: str, uid: int | None) -> None:
     """At creation, by a root creator: the env's files (but its claim) to its sandbox uid."""
     if uid is not None:
-        hand_over(Path(path), uid, keep=(CLAIM,))
+        # (Its temp dirs, if it has a cap, stay its creator's: they are bound over /tmp.)
+        hand_over(Path(path), uid, keep=(CLAIM, *diskcap.TEMP_NAMES.values()))

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from .diskcap import TEMP_NAMES
 from .exceptions import GestvenvError
 from .sandbox import shared_safe
 from .storage import remove_tree
@@ -228,7 +229,7 @@ def _transfer(src_root: Path, dst_root: Path, *, skip: set[str], replace: tuple[
     ``share_read_only``, where the target's commands cannot write them (see Copier)."""
     copier = Copier(reflink=reflink, share_read_only=share_read_only)
     old, new = replace
-    for relname, src, is_dir in walk(src_root, prune={PRIVATE_DIR}):
+    for relname, src, is_dir in walk(src_root, prune={PRIVATE_DIR, *TEMP_NAMES.values()}):
         dst = os.path.join(dst_root, relname)
         if is_dir:
             os.makedirs(dst, exist_ok=True)  # also a skipped dir: it may hold new files

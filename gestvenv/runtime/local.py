@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 
+from .. import diskcap
 from .. import sandbox as sandbox_ids
 from ..exceptions import (
     CommandNotExecutableError,
@@ -448,7 +449,8 @@ def sandbox_of(record: EnvRecord) -> bwrap.Sandbox | None:
         hide=(os.path.dirname(env_path), *record.sandbox_hide),
         expose=tuple(record.sandbox_expose),  # (the interpreter, uv: gestvenv.sandbox)
         uid=record.sandbox_uid if namespaced and record.uid == 0 else None,
-        root=record.uid == 0)
+        root=record.uid == 0,
+        temp=tuple(diskcap.capped_temp_dirs(enforcement, record.path).items()))
 
 
 def _sandboxed_argv(record: EnvRecord, box: bwrap.Sandbox, command: CommandSpec,

@@ -47,8 +47,8 @@ def test_the_mechanism_says_what_the_cap_covers_at_each_isolation() -> None:
 
 
 def test_a_capped_envs_temp_dirs_are_in_its_own_dir() -> None:
-    assert diskcap.temp_dirs("/envs/x-1") == {"/tmp": "/envs/x-1/.gestvenv/tmp",
-                                              "/var/tmp": "/envs/x-1/.gestvenv/var-tmp"}
+    assert diskcap.temp_dirs("/envs/x-1") == {"/tmp": "/envs/x-1/.gestvenv-tmp",
+                                              "/var/tmp": "/envs/x-1/.gestvenv-var-tmp"}
 
 
 @pytest.mark.parametrize("backend", list(StorageBackend))

@@ -404,6 +404,21 @@ def test_a_root_creators_sandbox_keeps_only_what_setpriv_needs() -> None:
         assert option in argv
 
 
+def test_a_capped_envs_temp_dirs_replace_private_tmp() -> None:
+    temp = (("/tmp", f"{ENV_PATH}/.gestvenv-tmp"), ("/var/tmp", f"{ENV_PATH}/.gestvenv-var-tmp"))
+    spec = plan.SandboxSpec(IsolationLevel.NAMESPACE, True, ENV_PATH, uid=1879048200, temp=temp)
+    props = as_dict(plan.sandbox_properties(spec, SYSTEM))
+    # Not PrivateTmp, which would put them on the host's /tmp disk, out of the cap.
+    assert "PrivateTmp" not in props
+    assert props["BindPaths"] == [[ENV_PATH, ENV_PATH, False, 0],
+                                  [f"{ENV_PATH}/.gestvenv-tmp", "/tmp", False, 0],
+                                  [f"{ENV_PATH}/.gestvenv-var-tmp", "/var/tmp", False, 0]]
+    assert props["ReadWritePaths"] == [ENV_PATH, "/tmp", "/var/tmp"]
+    uncapped = as_dict(plan.sandbox_properties(plan.SandboxSpec(
+        IsolationLevel.NAMESPACE, True, ENV_PATH, uid=1879048200), SYSTEM))
+    assert uncapped["PrivateTmp"] is True and len(uncapped["BindPaths"]) == 1
+
+
 def test_systemd_257_gives_a_pid_namespace() -> None:
     caps = Capabilities(user=True, controllers=ALL_CONTROLLERS, cgroup_v2=True, version=257)
     props = as_dict(sandbox(IsolationLevel.NAMESPACE, caps))

@@ -344,6 +344,9 @@ class SandboxSpec:
     hide: tuple[str, ...] = ()     # gestvenv's own dirs (cache, snapshots, roots, state): tmpfs
     expose: tuple[str, ...] = ()   # paths under a hidden tree the command needs: read-only binds
     uid: int | None = None         # the command's own uid (root creators), set by setpriv
+    # /tmp, /var/tmp -> dirs of the env's own filesystem bound there instead of PrivateTmp
+    # (an env with max_disk: what it writes there counts against its cap; diskcap.temp_dirs)
+    temp: tuple[tuple[str, str], ...] = ()
 
 
 def sandbox_properties(spec: SandboxSpec, caps: Capabilities) -> list[Property]:
@@ -368,16 +371,19 @@ def sandbox_properties(spec: SandboxSpec, caps: Capabilities) -> list[Property]:
     if not level.sandboxed:
         return props
     hide = [h for h in dict.fromkeys(spec.hide) if not is_hidden(h)]  # (ProtectHome, PrivateTmp)
+    temp = dict(spec.temp)
     props += [
-        prop("PrivateTmp", True), prop("PrivateDevices", True), prop("PrivateIPC", True),
+        *([] if temp else [prop("PrivateTmp", True)]),
+        prop("PrivateDevices", True), prop("PrivateIPC", True),
         prop("ProtectSystem", "strict"), prop("ProtectHome", "tmpfs"),
         prop("ReadOnlyPaths", list(_READ_ONLY)),
         prop("InaccessiblePaths", [_SYSTEM_BUS]),
         # A private /dev/shm (multiprocessing needs one), then gestvenv's dirs hidden.
         prop("TemporaryFileSystem", [["/dev/shm", "mode=1777"]] + [[h, "mode=0755"] for h in hide]),
         # The env's dir, at its own path (its scripts and pyvenv.cfg name it), over all that.
-        prop("BindPaths", [[env_path, env_path, False, 0]]),
-        prop("ReadWritePaths", [env_path]),
+        prop("BindPaths", [[env_path, env_path, False, 0],
+                           *([src, tree, False, 0] for tree, src in temp.items())]),
+        prop("ReadWritePaths", [env_path, *temp]),
         prop("ProtectProc", "invisible"),
         prop("ProtectKernelTunables", True), prop("ProtectKernelModules", True),
         prop("ProtectKernelLogs", True), prop("ProtectControlGroups", True),

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ... import sandbox
+from ... import diskcap, sandbox
 from ...exceptions import (
     CommandNotExecutableError,
     CommandNotFoundError,
@@ -480,7 +480,8 @@ def sandbox_spec(record: EnvRecord) -> plan.SandboxSpec:
         level=record.enforcement_record.isolation_applied,
         network=record.resource_limits.network_access, env_path=record.path,
         hide=tuple(record.sandbox_hide), expose=tuple(record.sandbox_expose),
-        uid=record.sandbox_uid)
+        uid=record.sandbox_uid,
+        temp=tuple(diskcap.capped_temp_dirs(record.enforcement_record, record.path).items()))
 
 
 def _check_visible(record: EnvRecord, seen: Callable[[str], bool], cwd: str,
