@@ -271,3 +271,33 @@ async def test_a_sandboxed_env_cannot_write_past_its_cap_anywhere(backend: str) 
         assert written["/tmp"] == (0, "ENOSPC") and written["/var/tmp"] == (0, "ENOSPC"), written
         for place in (home, "/var/cache", root):
             assert fills_in(place) == [], (place, written[place])
+
+
+SWAP_TEMP = """
+import errno, os, sys
+env = sys.argv[1]
+for name in (".gestvenv-tmp", ".gestvenv-var-tmp"):
+    path = os.path.join(env, name)
+    for attempt in (lambda: os.rename(path, path + ".moved"), lambda: os.rmdir(path),
+                    lambda: os.symlink("/etc", path)):
+        try:
+            attempt()
+            print(name, "changed")
+        except OSError as exc:
+            print(name, errno.errorcode[exc.errno])
+"""
+
+
+@root_only
+async def test_a_sandboxed_env_cannot_swap_its_temp_dirs_for_a_link() -> None:
+    """Hostile: the dirs its sandbox binds over /tmp are followed as links; the env must not
+    be able to move, remove or replace them (they stay its creator's, in its sticky top)."""
+    async with gestvenv.ephemeral("swap-temp", isolation_level="namespace",
+                                  resource_limits=ResourceLimits(max_disk=20)) as env:
+        result = await env.execute(["python", "-c", SWAP_TEMP, str(env.path)], check=True)
+        assert "changed" not in result.stdout, result.stdout
+        assert set(result.stdout.split()) <= {".gestvenv-tmp", ".gestvenv-var-tmp", "EPERM",
+                                               "EACCES", "EEXIST", "EBUSY"}, result.stdout
+        # ... and its /tmp still is its own.
+        probe = await env.execute(["sh", "-c", "touch /tmp/mine && ls /tmp"], check=True)
+        assert "mine" in probe.stdout.split()
