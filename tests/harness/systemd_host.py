@@ -563,11 +563,72 @@ class SystemdHost:
             os.close(fd)
         self._ns_pins.clear()
 
+    def loop_devices(self) -> dict[str, tuple[str, int, int]]:
+        """The loop devices backed by files of this running host (an env's disk image):
+        device -> (the file, as named inside; its st_dev, st_ino). Compare two of these to
+        know whether a device is still bound to the same file (by st_dev and st_ino: the
+        name changes once the host's mount namespace is gone)."""
+        self._require_running()
+        return self._loops(self._devices())
+
+    def _devices(self) -> set[int]:
+        """The st_dev of the filesystems only this host has (while it runs): those mounted in
+        its mount namespace and not in ours (its overlay, /run, /tmp, /dev/shm...), plus its
+        overlay's upper layer, which regular files opened through the overlay report, and
+        which no mountinfo of the container lists (the persistent disk is ours but its)."""
+        if self.pid is None or not _alive(self.pid, self._pid_start):
+            return set()
+        ours = set()
+        with open("/proc/self/mountinfo") as mountinfo:
+            for line in mountinfo:
+                if not _is_disk_mount(line, self.name, self.persist_dir):
+                    ours.add(_mountinfo_dev(line))
+        devices = set()
+        with contextlib.suppress(OSError), open(f"/proc/{self.pid}/mountinfo") as mountinfo:
+            devices = {_mountinfo_dev(line) for line in mountinfo}
+        for copied_up in ("etc/passwd", "etc/machine-id"):  # written by every boot (init.sh)
+            with contextlib.suppress(OSError):
+                devices.add(os.stat(f"/proc/{self.pid}/root/{copied_up}").st_dev)
+        return devices - ours
+
+    def _loops(self, devices: set[int]) -> dict[str, tuple[str, int, int]]:
+        """The kernel's loop devices (global: a container gets no loop devices of its own)
+        backed by a file of this host: on one of ``devices`` (see :meth:`_devices`), or below
+        its state dir on our side. Device -> (backing file as the kernel names it, st_dev,
+        st_ino). An env's disk image inside the host shows under the host's own path (e.g.
+        /var/cache/gestvenv/envs/...), which names nothing here: hence the device."""
+        found = {}
+        for device, backing, dev, ino in bound_loops():
+            path = backing.removesuffix(" (deleted)")
+            if dev in devices or path.startswith(f"{self.state_dir}/"):
+                found[device] = (backing, dev, ino)
+        return found
+
+    def _loops_left(self, before: dict[str, tuple[str, int, int]]) -> list[str]:
+        """Which of ``before`` (this host's loop devices when its teardown began) are still
+        bound to the same file (same st_dev and st_ino), once the host is gone. Autoclear
+        frees a device when its mount's last reference goes, the mount namespace's end
+        included, but the final release may come a moment after the last process (deferred
+        fput, the loop's rundown work): a short wait for those devices only."""
+        deadline = time.monotonic() + 3.0
+        while True:
+            # The same file by (st_dev, st_ino), not by name: the kernel names it from the
+            # mount it is on, which changes as the host's mount namespace goes.
+            now = {device: (dev, ino) for device, _, dev, ino in bound_loops()}
+            left = sorted(d for d, what in before.items() if now.get(d) == what[1:])
+            if not left or time.monotonic() > deadline:
+                return [f"loop device {d} (backed by {before[d][0]} of the host, "
+                        f"dev {os.major(before[d][1])}:{os.minor(before[d][1])})" for d in left]
+            time.sleep(0.05)
+
     def _teardown(self, *, kill: bool, purge: bool = False) -> None:
         """stop.sh, then an independent check; raises HostLeftovers. The persistent disk is
         kept (and is no leftover) unless ``purge``."""
         recorded = [r for r in (_read_pid(self.state_dir / f)
                                 for f in ("pid", "unshare.pid", "script.pid")) if r]
+        # Loop devices are the host kernel's, not the container's: one still bound after the
+        # host is gone (an env's disk image) would outlive it, and hold its files.
+        loops = self._loops(self._devices())
         t0 = time.monotonic()
         try:
             proc = subprocess.run(
@@ -585,6 +646,9 @@ class SystemdHost:
         if self._ns_pins:
             members = _ns_members(list(self._ns_pins))
             left += [f"process {pid} in its namespaces" for pid in members]
+        # Our pins are the last references to its namespaces now: drop them, or its mount
+        # namespace (and every mount in it, an env's loop-mounted image too) lives on.
+        self._unpin_namespaces()
         left += [f"cgroup {mp}/gv-{self.name}" for mp in cgroup_mounts()
                  if (mp / f"gv-{self.name}").exists()]
         with open("/proc/self/mountinfo") as mountinfo:
@@ -596,6 +660,7 @@ class SystemdHost:
         left += [f"mount {line.split()[4]}" for line in mounts]
         if purge and self.persist_dir.exists():
             left.append(f"directory {self.persist_dir}")
+        left += self._loops_left({**loops, **self._loops(set())})
         if proc.returncode != 0 or left:
             raise HostLeftovers(f"stop of {self.name} left: {', '.join(left) or '?'}\n"
                                 f"{proc.stdout}{proc.stderr}".rstrip())
@@ -656,6 +721,42 @@ def _is_disk_mount(line: str, name: str, persist_dir: Path) -> bool:
     sep = fields.index("-", 6)
     return fields[4] == str(persist_dir) and fields[sep + 1:sep + 3] == [
         "tmpfs", f"gvh-persist.{name}"]
+
+
+def _mountinfo_dev(line: str) -> int:
+    """The st_dev of a mountinfo line's filesystem (its third field, MAJOR:MINOR)."""
+    major, minor = line.split()[2].split(":")
+    return os.makedev(int(major), int(minor))
+
+
+_LOOP_GET_STATUS64 = 0x4C05
+_LOOP_INFO64 = "=QQQQQIIII64s64s32sQQ"  # struct loop_info64 (<linux/loop.h>)
+
+
+def bound_loops() -> list[tuple[str, str, int, int]]:
+    """(device, backing file, its st_dev, its st_ino) of every bound loop device. The file is
+    named by sysfs (from our root: a file of another mount namespace shows under that
+    namespace's path), identified by LOOP_GET_STATUS64 (lo_device, lo_inode)."""
+    import struct
+
+    found = []
+    for backing_file in Path("/sys/block").glob("loop*/loop/backing_file"):
+        device = f"/dev/{backing_file.parent.parent.name}"
+        try:
+            backing = backing_file.read_text().rstrip("\n")
+            fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # unbound (or removed) in between
+        try:
+            info = bytearray(struct.calcsize(_LOOP_INFO64))
+            fcntl.ioctl(fd, _LOOP_GET_STATUS64, info)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        dev, ino = struct.unpack_from("=QQ", info)
+        found.append((device, backing, dev, ino))
+    return found
 
 
 def _children(pid: int) -> set[int]:

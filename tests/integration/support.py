@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import psutil
@@ -122,11 +123,18 @@ def processes_of(runtime_dir: Path, *, marked_only: bool, cmd: str = "") -> list
 
 # --- leftovers: everything of gestvenv still present for the test (test_guaranteed_cleanup) ---
 
-LEFTOVER_KINDS = ("units", "dirs", "state files", "processes", "mounts")
+LEFTOVER_KINDS = ("units", "dirs", "state files", "processes", "mounts", "loops")
 # gestvenv's own infrastructure, not an environment's: the parent slice, the cleanup timer.
 _SHARED_UNITS = ("gestvenv.slice", "gestvenv-cleanup.service", "gestvenv-cleanup.timer")
 # The env unit's environment names its state file: its holder and reaper carry it.
 _UNIT_STATE_FILE = "GESTVENV_UNIT_STATE_FILE"
+# The kernel's name for the file behind a loop device, with this suffix once it was unlinked
+# (an env dir deleted while its image was still attached somewhere).
+_DELETED = " (deleted)"
+# A mount in a shared root whose claim cannot be read (an env's empty tmpfs hides the claim
+# under it until its creator writes it again on top, a few ms): looked at again this much later
+# before it is counted, so that another run's creator in that window is not taken for ours.
+_UNCLAIMED_GRACE = 0.05
 
 
 def loaded_units(pattern: str = "gestvenv-*") -> list[tuple[str, str, str]]:
@@ -149,15 +157,43 @@ def loaded_units(pattern: str = "gestvenv-*") -> list[tuple[str, str, str]]:
     return units
 
 
-def _claimed_by(path: Path, state_dir: Path) -> bool:
-    """The env dir's claim names a state file of ``state_dir`` (this test's registry)."""
+def _claim_of(path: Path) -> Path | None:
+    """The state file an env dir's claim names (None: no readable claim)."""
     import json
 
     try:
         claim = json.loads((path / storage.CLAIM).read_text())
-        return Path(str(claim["state_file"])).parent == state_dir
+        return Path(str(claim["state_file"]))
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        return None
+
+
+def _claimed_by(path: Path, state_dir: Path) -> bool:
+    """The env dir's claim names a state file of ``state_dir`` (this test's registry)."""
+    claim = _claim_of(path)
+    return claim is not None and claim.parent == state_dir
+
+
+def mount_points() -> list[str]:
+    """Every mount point of this mount namespace (real paths, unescaped)."""
+    from gestvenv.reaper import unescape_mountinfo
+
+    with open("/proc/self/mountinfo") as f:
+        return [unescape_mountinfo(line.split()[4]) for line in f]
+
+
+def loop_devices() -> dict[str, str]:
+    """Bound loop devices of the kernel (global: a test host's too) -> the file behind each,
+    as the kernel names it (seen from this process's root; ``(deleted)`` once unlinked)."""
+    found = {}
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):  # unbound (or gone) in between
+            found[f"/dev/{backing.parent.parent.name}"] = backing.read_text().rstrip("\n")
+    return found
+
+
+def _at_or_under(path: str, scopes: Iterable[str]) -> bool:
+    return any(path == scope or path.startswith(f"{scope}/") for scope in scopes)
 
 
 def leftovers() -> dict[str, list[str]]:
@@ -170,23 +206,29 @@ def leftovers() -> dict[str, list[str]]:
     - state files: every entry of the test's state dir (temporary files included);
     - processes: processes carrying the env marker and the test's runtime dir, and those of an
       env unit of this registry (holder, reaper);
-    - mounts: mount points below those storage dirs.
+    - mounts: mount points at or below the test's own storage roots, and at or below the env
+      dirs of shared roots that are this test's (claimed by its registry) or show no claim at
+      all (an env's filesystem mounted, its claim not yet written on top: nobody's but a
+      creator's for a few ms, so looked at twice);
+    - loops: loop devices (max_disk on the disk backend) whose image is (or was: deleted) in
+      those places.
     """
-    from gestvenv.reaper import unescape_mountinfo
-
     runtime = storage.runtime_dir()
     state = storage.state_dir()
     left: dict[str, list[str]] = {kind: [] for kind in LEFTOVER_KINDS}
     left["units"] = [f"{u} ({a}/{s})" for u, a, s in loaded_units()]
-    mount_scopes: list[Path] = []
+    scopes: list[str] = []       # mounts and images at or below these are the test's
+    unclaimed: list[Path] = []   # env dirs of a shared root without a readable claim
     for root in storage.all_roots(gestvenv.load_config()):
         shared = root.is_relative_to("/dev/shm")
         if not shared:
-            mount_scopes.append(root)
+            scopes.append(os.path.realpath(root))
         for entry in env_dirs(root):
             if not shared or _claimed_by(entry, state):
                 left["dirs"].append(str(entry))
-                mount_scopes.append(entry)
+                scopes.append(os.path.realpath(entry))
+            elif shared and _claim_of(entry) is None:
+                unclaimed.append(entry)
     if state.is_dir():
         left["state files"] = sorted(str(p) for p in state.iterdir())
     me = os.getpid()
@@ -206,11 +248,20 @@ def leftovers() -> dict[str, list[str]]:
                 f"{proc.pid} {' '.join(proc.cmdline())[:160]} [env {env_name}]")
         except psutil.Error:
             continue
-    with open("/proc/self/mountinfo") as f:
-        points = [unescape_mountinfo(line.split()[4]) for line in f]
-    for point in points:
-        if any(point.startswith(f"{os.path.realpath(scope)}/") for scope in mount_scopes):
-            left["mounts"].append(point)
+    points = mount_points()
+    if unclaimed:
+        mounted = [e for e in unclaimed
+                   if any(_at_or_under(p, [os.path.realpath(e)]) for p in points)]
+        if mounted:
+            time.sleep(_UNCLAIMED_GRACE)
+            points = mount_points()
+            for entry in mounted:
+                if entry.is_dir() and _claim_of(entry) is None:
+                    left["dirs"].append(f"{entry} (unclaimed)")
+                    scopes.append(os.path.realpath(entry))
+    left["mounts"] = [p for p in points if _at_or_under(p, scopes)]
+    left["loops"] = [f"{device} -> {backing}" for device, backing in loop_devices().items()
+                     if _at_or_under(backing.removesuffix(_DELETED), scopes)]
     return left
 
 
@@ -219,7 +270,7 @@ def leftover_count(left: dict[str, list[str]]) -> int:
 
 
 def leftover_summary(left: dict[str, list[str]]) -> str:
-    """``0 (units 0, dirs 0, state files 0, processes 0, mounts 0)``"""
+    """``0 (units 0, dirs 0, state files 0, processes 0, mounts 0, loops 0)``"""
     parts = ", ".join(f"{kind} {len(left[kind])}" for kind in LEFTOVER_KINDS)
     return f"{leftover_count(left)} ({parts})"
 

@@ -4,13 +4,16 @@ The same tests run on both tiers: on this host "auto" is the local runtime (its 
 systemd test host the systemd runtime (the env's units, its holder and reaper). Each test ends
 something in a real way (SIGKILL, SIGTERM, Ctrl-C, twice, a state file deleted, ``systemctl
 stop``) and then looks from outside gestvenv, with :func:`support.leftovers`: units, env dirs,
-state files, processes and mounts of the test's registry.
+state files, processes, mounts and loop devices of the test's registry. Environments with
+``max_disk`` (a filesystem of their own mounted on their dir: a tmpfs, or a loop-mounted ext4
+image for the disk backend) are ended in the same ways, by root (only root can mount).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from gestvenv import registry
+from gestvenv import diskcap, registry
 from gestvenv.runtime.systemd import systemd_booted
 
 from .support import (
@@ -46,6 +49,25 @@ CLEANUP_INTERVAL = 2  # seconds: the local watchdog's orphan sweep
 SIGNAL_DEADLINE = 2.0  # seconds to exit, and to leave nothing, after a SIGTERM or Ctrl-C
 
 Spawn = Callable[..., subprocess.Popen[str]]
+
+# max_disk: what each backend mounts on the env's dir (diskcap), and whether this run can.
+DISK_BACKENDS = ["tmpfs", "memory", "disk"]
+DISK_MB = 24  # room for a venv with six; an ext4 image this small still formats in ms
+_DISK_HOST = diskcap.probe()
+
+
+def disk_cap_missing(backend: str) -> str | None:
+    """Why this run cannot give an env on ``backend`` a max_disk (None: it can)."""
+    if not _DISK_HOST.root:
+        return "max_disk needs root (mounting an env's own filesystem)"
+    if backend == "disk" and not (_DISK_HOST.loop and _DISK_HOST.mkfs):
+        return "the disk backend's cap needs loop devices and mkfs.ext4"
+    return None
+
+
+def with_disk_cap(backend: str) -> pytest.MarkDecorator:
+    reason = disk_cap_missing(backend)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
 
 
 @pytest.fixture(autouse=True)
@@ -306,6 +328,99 @@ async def test_sigkill_of_a_creator_right_after_each_step_of_creation_leaves_not
     await _nothing_left_after_a_kill(name, killed, CLI_TTL)
 
 
+# --- environments with a filesystem of their own (max_disk) ---
+
+DISK_CREATOR = """
+    import asyncio, os, signal, sys, gestvenv
+    from gestvenv import diskcap
+
+    name, backend, mb, ttl, when = sys.argv[1:6]
+    if when == "mounted":
+        # The instant its filesystem is mounted on its dir: before its claim is written on top
+        # (a tmpfs hides the first one), before any venv or package is in it.
+        real_make = diskcap.make
+
+        def make(*args, **kwargs):
+            real_make(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+        diskcap.make = make
+
+    async def main():
+        limits = gestvenv.ResourceLimits(max_disk=int(mb))
+        async with gestvenv.ephemeral(name, ttl=int(ttl), packages=["six"],
+                                      storage_backend=backend, resource_limits=limits) as env:
+            print(env.id, flush=True)
+            await env.execute(["sleep", "300"])
+
+    asyncio.run(main())
+"""
+
+
+def _disk_params(*extra: list[str]) -> list[object]:
+    """(backend, *extra) for each backend, skipped where this run cannot cap the disk."""
+    return [pytest.param(backend, *rest, marks=with_disk_cap(backend))
+            for backend, *rest in itertools.product(DISK_BACKENDS, *extra)]
+
+
+def _its_filesystem(left: dict[str, list[str]], backend: str) -> None:
+    """An env with max_disk is present with its own filesystem: a mount on its dir and, on the
+    disk backend, one loop device backed by its image (what must be gone afterwards)."""
+    assert left["mounts"], left
+    assert len(left["loops"]) == (backend == "disk"), left
+    if backend == "disk":
+        assert left["loops"][0].endswith(f"/{diskcap.IMAGE}"), left
+
+
+@pytest.mark.parametrize(("backend", "when"), _disk_params(["mounted", "running"]))
+async def test_sigkill_of_a_creator_of_an_env_with_max_disk_leaves_nothing(
+        spawn: Spawn, backend: str, when: str) -> None:
+    """The creator of an env with a filesystem of its own is SIGKILLed the instant that
+    filesystem is mounted (its claim not yet on top, nothing in it), or while a command runs
+    in it: no mount, no loop device, no image, no dir, no state, no unit is left."""
+    name = f"gc-disk-{backend}-{when}"
+    ttl = 10 if when == "running" else CLI_TTL
+    creator = spawn(DISK_CREATOR, name, backend, str(DISK_MB), str(ttl), when)
+    if when == "running":
+        env_id = await read_line(creator)
+        await wait_until(lambda: env_pids(env_id), 10, "the command runs")
+        before = leftovers()
+        _its_filesystem(before, backend)
+        print(f"{RUNTIME}: {backend} env with max_disk {DISK_MB} MB: {before['mounts']} "
+              f"{before['loops']}")
+        creator.kill()
+    status = await asyncio.to_thread(creator.wait, 60)
+    killed = time.monotonic()
+    assert status == -signal.SIGKILL, creator.communicate()[1]
+    print(f"{RUNTIME}: {backend}: creator killed when {when}; present then: "
+          f"{leftover_summary(leftovers())}")
+    if when == "running":
+        took = await gone_within(ttl + CLEANUP_INTERVAL, killed,
+                                 f"everything of a {backend} env with max_disk whose creator "
+                                 "was SIGKILLed")
+        print(f"{RUNTIME}: nothing left {took:.2f}s after the creator's SIGKILL")
+        assert took < ttl  # ended because its creator died, not at its TTL
+    else:
+        await _nothing_left_after_a_kill(name, killed, ttl)
+
+
+@pytest.mark.parametrize("backend", _disk_params())
+async def test_an_env_with_max_disk_leaves_nothing_at_its_ttl(backend: str) -> None:
+    """An env with a filesystem of its own, on its own (`ephemeral create`, no owner), ends at
+    its TTL with its mount, loop device and image."""
+    name = f"gc-disk-ttl-{backend}"
+    started = time.monotonic()
+    created = await gv_async("ephemeral", "create", name, "--ttl", str(CLI_TTL), "-p", "six",
+                             "--storage", backend, "--disk", str(DISK_MB))
+    assert created.returncode == 0, created.stderr
+    present = leftovers()
+    _its_filesystem(present, backend)
+    assert len(present["state files"]) == 1 and len(present["dirs"]) == 1, present
+    took = await gone_within(CLI_TTL + CLEANUP_INTERVAL + SLACK, started,
+                             f"a {backend} env with max_disk at its TTL ({CLI_TTL}s)")
+    print(f"{RUNTIME}: {backend} env with max_disk {DISK_MB} MB: nothing left {took:.2f}s "
+          f"after `create` began (ttl {CLI_TTL}s)")
+
+
 # --- SIGTERM and Ctrl-C ---
 
 SLEEP_LOOP = "import os, time\nprint(os.getpid(), flush=True)\nwhile True:\n    time.sleep(0.05)\n"
@@ -496,23 +611,29 @@ async def test_a_second_ctrl_c_waits_for_the_teardown_a_third_does_not(spawn: Sp
 CREATOR = """
     import asyncio, signal, sys, gestvenv
 
-    async def one(name):
+    async def one(spec):
+        # NAME, or NAME:BACKEND:MB for an env with a filesystem of its own (max_disk MB).
+        name, *disk = spec.split(":")
+        caps = {}
+        if disk:
+            caps = {"storage_backend": disk[0],
+                    "resource_limits": gestvenv.ResourceLimits(max_disk=int(disk[1]))}
         try:
-            async with gestvenv.ephemeral(name, ttl=60, packages=["six"]) as env:
+            async with gestvenv.ephemeral(name, ttl=60, packages=["six"], **caps) as env:
                 print("created", name, env.id, flush=True)
                 # The block (so the env) ends when its command ends: killed, stopped, destroyed.
                 await env.execute(["sleep", "300"])
         finally:
             print("closed", name, flush=True)
 
-    async def main(graceful, names):
+    async def main(graceful, specs):
         if graceful:  # a well-behaved service: SIGTERM cancels it, and its envs are closed
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM,
                                                           asyncio.current_task().cancel)
-        results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
-        for name, result in zip(names, results):
+        results = await asyncio.gather(*(one(s) for s in specs), return_exceptions=True)
+        for spec, result in zip(specs, results):
             if isinstance(result, BaseException):
-                print("error", name, repr(result), flush=True)
+                print("error", spec.split(":")[0], repr(result), flush=True)
 
     asyncio.run(main(sys.argv[1] == "graceful", sys.argv[2:]))
 """
@@ -520,6 +641,7 @@ CREATOR = """
 ENVS_EACH = 5  # per creator; ten creators (CREATOR_FATES)
 CREATOR_FATES = ["SIGKILL during creation"] * 2 + ["SIGKILL after creation", "SIGTERM",
                                                    "SIGTERM, handled"] + ["env fates"] * 5
+DISK_SHARE = 3  # one env in three gets a max_disk (on a random backend), when root can
 ENV_FATES = ["SIGKILL of its command", "state file deleted",
              *(["systemctl stop"] if SYSTEMD else []), "destroyed", "left alone"]
 
@@ -607,13 +729,27 @@ async def test_fifty_environments_ended_in_every_way_leave_nothing_after_one_swe
     seed = int(os.environ.get("GVTEST_SEED") or random.randrange(1 << 32))
     print(f"\nseed {seed} (GVTEST_SEED={seed} to replay)")
     rng = random.Random(seed)
+    # The disk caps are drawn from a generator of their own: a seed replays the same fates
+    # as before they were added.
+    disk_rng = random.Random(f"{seed}-max_disk")
     fates = rng.sample(CREATOR_FATES, len(CREATOR_FATES))
     started = time.monotonic()
     creators = []
+    disks: dict[str, str] = {}  # env name -> backend of its own filesystem
+    no_caps = disk_cap_missing("disk")
     for index, fate in enumerate(fates):
         names = [f"gc{index}-{n}" for n in range(ENVS_EACH)]
-        proc = spawn(CREATOR, "graceful" if fate == "SIGTERM, handled" else "plain", *names)
+        for name in names:
+            if no_caps is None and disk_rng.randrange(DISK_SHARE) == 0:
+                disks[name] = disk_rng.choice(DISK_BACKENDS)
+        specs = [f"{n}:{disks[n]}:{DISK_MB}" if n in disks else n for n in names]
+        proc = spawn(CREATOR, "graceful" if fate == "SIGTERM, handled" else "plain", *specs)
         creators.append(Creator(index, fate, proc, names, rng.uniform(0.0, 0.6)))
+    if no_caps is None:
+        print(f"max_disk {DISK_MB} MB on {len(disks)} envs: " + ", ".join(
+            f"{b} {sum(v == b for v in disks.values())}" for b in DISK_BACKENDS))
+    else:
+        print(f"no env gets a max_disk in this run: {no_caps}")
     during = {c.index: asyncio.ensure_future(_end_creator(c)) for c in creators
               if c.fate == "SIGKILL during creation"}
     later = [c for c in creators if c.index not in during]
@@ -638,9 +774,19 @@ async def test_fifty_environments_ended_in_every_way_leave_nothing_after_one_swe
     before = leftovers()
     print(f"{RUNTIME}: {sum(len(c.ids) for c in creators)} envs created in {created:.1f}s; "
           f"present: {leftover_summary(before)}")
+    # Every env of the creators not killed early has its own filesystem if it was given one:
+    # a mount per such env, a loop device per disk-backed one (so the zero below means they
+    # went, not that they were never there).
+    running = {n for c in later for n in c.names}
+    assert len(before["mounts"]) >= len(running & set(disks)), before["mounts"]
+    assert len(before["loops"]) >= sum(disks[n] == "disk" for n in running & set(disks)), \
+        before["loops"]
     for creator in creators:
-        print(f"  creator {creator.index}: {creator.fate}"
-              + "".join(f"\n    {n}: {env_fates[n]}" for n in creator.names if n in env_fates))
+        print(f"  creator {creator.index}: {creator.fate}")
+        for n in creator.names:
+            cap = f" (max_disk on {disks[n]})" if n in disks else ""
+            if n in env_fates or cap:
+                print(f"    {n}{cap}: {env_fates.get(n, 'as its creator')}")
     # Everything at once, in a random order.
     actions = [_end_creator(c) for c in later if c.fate != "env fates"]
     actions += [_end_env(env_fates[n], n, c.ids[n]) for c in survivors for n in c.names]

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from gestvenv.runtime.systemd import systemd_booted
-from tests.harness.systemd_host import SystemdHost
+from tests.harness.systemd_host import SystemdHost, bound_loops
 from tests.harness.wheels import build_wheelhouse
 from tests.integration.support import systemctl_show
 
@@ -327,14 +327,36 @@ def test_a_reinstall_keeps_a_living_environment(host: SystemdHost, deb: str) -> 
 @pytest.mark.usefixtures("configured")
 def test_purge_leaves_nothing_behind(host: SystemdHost, installed: list[str],
                                      before: dict[str, object]) -> None:
-    # Environments alive at removal: root's (kept from the reinstall test, and a new one)
-    # and a user's.
+    # Environments alive at removal: root's (kept from the reinstall test, and a new one),
+    # root's with a filesystem of their own (max_disk: a tmpfs, or a loop-mounted image on the
+    # disk backend) on each backend, and a user's.
     run(host, "gestvenv", "ephemeral", "create", "alive", "-p", "six", "--ttl", "600")
+    for backend in CAPPED_BACKENDS:
+        # (64 MB: the package builds with python -m venv, whose pip alone takes ~25 MB.)
+        run(host, "gestvenv", "ephemeral", "create", f"alive-{backend}", "--storage", backend,
+            "--disk", "64", "--ttl", "600")
     run(host, "gestvenv", "ephemeral", "create", "alive-user", "--storage", "disk",
         "--ttl", "600", user=USER)
+    assert len(root_mounts(host)) == len(CAPPED_BACKENDS), root_mounts(host)
+    loops = host.loop_devices()
+    assert len(loops) == 1, loops  # alive-disk's image
+    # And a mount in gestvenv's cache that no environment owns, so no cleanup ends it: the
+    # purge detaches it and never descends into it (its files are the canary's).
+    run(host, "mkdir", "-p", CANARY, "/var/cache/gestvenv/mounted-by-someone")
+    run(host, "touch", f"{CANARY}/keep")
+    run(host, "mount", "--bind", CANARY, "/var/cache/gestvenv/mounted-by-someone")
     done = run(host, "apt-get", "purge", "-y", "-q", PKG)
     print(done.stdout[-1500:], done.stderr[-1500:])
     assert run(host, "dpkg", "-s", PKG, ok=False).returncode != 0
+    assert run(host, "test", "-e", f"{CANARY}/keep", ok=False).returncode == 0, \
+        "the purge deleted inside a mount"
+    run(host, "rm", "-rf", CANARY)
+    # No mount in gestvenv's dirs, no loop device of the host (the kernel's are global: none of
+    # before is still bound to the same file, seen from this machine).
+    assert root_mounts(host) == []
+    assert host.loop_devices() == {}
+    now = {device: (dev, ino) for device, _, dev, ino in bound_loops()}
+    assert [d for d, (_, dev, ino) in loops.items() if now.get(d) == (dev, ino)] == []
 
     # Every file the package had is gone.
     left = [f for f in installed if run(host, "test", "-e", f, ok=False).returncode == 0
@@ -368,6 +390,18 @@ def test_purge_leaves_nothing_behind(host: SystemdHost, installed: list[str],
     changed = sorted(p for p in new.keys() ^ old.keys() | {
         p for p in new.keys() & old.keys() if new[p] != old[p]} if left_behind(p, new.get(p)))
     assert changed == [], f"the purge left these on the root filesystem: {changed}"
+
+
+CAPPED_BACKENDS = ("tmpfs", "memory", "disk")
+ROOT_DIRS = ("/run/gestvenv", "/dev/shm/gestvenv", "/var/cache/gestvenv")  # what purge removes
+CANARY = "/root/gestvenv-purge-canary"
+
+
+def root_mounts(host: SystemdHost) -> list[str]:
+    """Mount points at or below root's gestvenv dirs in the host."""
+    points = [line.split()[4] for line in
+              run(host, "cat", "/proc/self/mountinfo").stdout.splitlines()]
+    return [p for p in points if any(p == d or p.startswith(f"{d}/") for d in ROOT_DIRS)]
 
 
 def left_behind(path: str, kind: str | None) -> bool:
