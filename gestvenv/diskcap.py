@@ -290,6 +290,15 @@ def is_full(exc: BaseException) -> bool:
     return False
 
 
+def used_up(path: Path) -> bool:
+    """``path`` is a filesystem of its own with (nearly) no room left: what a tool that
+    swallowed its ENOSPC (``python -m venv`` running ensurepip) failed on."""
+    if not own_filesystem(path):
+        return False
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize < _MB or st.f_bavail < st.f_blocks // 50
+
+
 @dataclass(frozen=True)
 class Space:
     """A filesystem gestvenv wrote to, as seen when something was full."""

@@ -89,7 +89,7 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
     # Package code runs in the env; before its first command, the env's files go to its uid.
     builder.inside = InsideInstaller(record, runtime, hand_over_first=True)
     builder.share_read_only = record.sandbox_uid is not None
-    stage = "reserving its name"
+    stage, path = "reserving its name", Path(record.path)
     async with AsyncExitStack() as undo:
         # The undo is armed before the reservation: a cancellation may land while the reserving
         # thread has already written the state file. destroy() only ever removes this record
@@ -112,7 +112,7 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
             stage = "starting its units"
             await runtime.start(record)
             stage = "making its directory"
-            path, state_file = Path(record.path), registry.state_path(record.name)
+            state_file = registry.state_path(record.name)
             await in_thread(storage.claim_dir, path, state_file, record.id)
             if disk is not None and disk.enforced and spec.limits.max_disk is not None:
                 stage = f"making its {spec.limits.max_disk} MB filesystem"
@@ -131,7 +131,7 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
             await in_thread(registry.commit, record)
         except (OSError, BuildError) as exc:
             # Judged before the undo, while the filesystems still hold what filled them.
-            if not diskcap.is_full(exc):
+            if not diskcap.is_full(exc) and not await in_thread(diskcap.used_up, path):
                 raise
             raise await in_thread(full_error, record, config, stage) from exc
         undo.pop_all()

@@ -301,3 +301,18 @@ async def test_a_sandboxed_env_cannot_swap_its_temp_dirs_for_a_link() -> None:
         # ... and its /tmp still is its own.
         probe = await env.execute(["sh", "-c", "touch /tmp/mine && ls /tmp"], check=True)
         assert "mine" in probe.stdout.split()
+
+
+@root_only
+def test_a_full_cap_is_said_even_when_the_tool_swallows_its_enospc(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # python -m venv runs ensurepip and reports only "returned non-zero exit status 1": the
+    # env's own filesystem, found used up, says what happened.
+    monkeypatch.setenv("GESTVENV_EPHEMERAL_BUILDER", "venv")
+    before = leftovers()
+    result = gv("ephemeral", "create", "vt", "--storage", "disk", "--disk", "16")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stderr.splitlines() == [
+        "gestvenv: error: environment 'vt' ran out of disk space while creating its "
+        "virtualenv: its max_disk of 16 MB is used up"], result.stderr
+    assert leftovers() == before, leftover_summary(leftovers())
