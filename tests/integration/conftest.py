@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import faulthandler
 import inspect
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 
 from gestvenv import storage
 
-from .support import environ_of, processes_of
+from .support import environ_of, loop_devices, mount_points, processes_of
 
 # The file that marks a dir as a storage root (part of the root, not of an environment).
 ROOT_MARK = getattr(storage, "ROOT_MARK", ".gestvenv-root")
@@ -60,6 +61,11 @@ def leftovers(home: Path) -> list[str]:
             problems += [f"{kind} dir {p}" for p in root.iterdir() if p.name != ROOT_MARK]
     problems += [f"process {p.pid} {p.cmdline()}"
                  for p in processes_of(home / "run", marked_only=True)]
+    # An env's own filesystem (max_disk) and its image's loop device, in the test's roots.
+    scope = os.path.realpath(home)
+    problems += [f"mount {m}" for m in mount_points() if m.startswith(f"{scope}/")]
+    problems += [f"loop device {dev} ({backing})" for dev, backing in loop_devices().items()
+                 if backing.startswith(f"{scope}/")]
     return problems
 
 
