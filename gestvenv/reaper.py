@@ -54,9 +54,15 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 def marked_pids(key: str, value: str) -> list[int]:
     """PIDs whose initial environment has ``key=value`` (only processes we may read)."""
-    needle = f"{key}={value}".encode()
+    return marked_pids_of(key, {value}).get(value, [])
+
+
+def marked_pids_of(key: str, values: set[str]) -> dict[str, list[int]]:
+    """For each of ``values``, the PIDs whose initial environment has ``key=value``: one walk
+    of /proc for many environments (only processes we may read)."""
+    prefix = f"{key}=".encode()
     me = os.getpid()
-    found = []
+    found: dict[str, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
@@ -65,8 +71,12 @@ def marked_pids(key: str, value: str) -> list[int]:
                 data = f.read()
         except OSError:
             continue
-        if needle in data.split(b"\0"):
-            found.append(int(entry.name))
+        for var in data.split(b"\0"):
+            if var.startswith(prefix):
+                value = var[len(prefix):].decode(errors="replace")
+                if value in values:
+                    found.setdefault(value, []).append(int(entry.name))
+                break  # (the first definition is the one getenv() sees)
     return found
 
 
@@ -332,7 +342,8 @@ def disk_used(path: Path) -> int | None:
         return None
 
 
-def _bytes(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """``n`` bytes for people (also the CLI's)."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":
@@ -350,11 +361,11 @@ def end_report(path: Path, env_id: str, cgroup: str | None = None) -> str | None
     parts = []
     if cgroup is not None:
         peak, cpu = cgroup_figures(cgroup)
-        parts.append(f"peak memory {_bytes(peak) if peak is not None else 'not measured'}")
+        parts.append(f"peak memory {human_bytes(peak) if peak is not None else 'not measured'}")
         parts.append(f"CPU time {f'{cpu:.2f} s' if cpu is not None else 'not measured'}")
     disk = disk_used(path) if path.is_dir() and not path.is_symlink() else None
     if disk is not None:
-        parts.append(f"disk {_bytes(disk)}")
+        parts.append(f"disk {human_bytes(disk)}")
     return f"used {', '.join(parts)}" if parts else None
 
 

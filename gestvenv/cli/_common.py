@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
+from .. import reaper
 from ..context import Environment
 from ..exceptions import CommandNotExecutableError, CommandNotFoundError, GestvenvError
 from ..models import ExecResult
@@ -60,14 +61,7 @@ def echo_json(data: Any) -> None:
 
 
 def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
+    return "-" if n is None else reaper.human_bytes(n)
 
 
 def human_seconds(seconds: float | None) -> str:

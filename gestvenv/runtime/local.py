@@ -243,7 +243,7 @@ class LocalRuntime(Runtime):
     async def usage_many(self, records: Sequence[EnvRecord]) -> list[Usage]:
         # One walk of /proc for every env (a refresh of ``top`` samples them all).
         def read() -> list[Usage]:
-            found = _pids_by_env({r.id for r in records})
+            found = processes.marked_pids_of(processes.ENV_MARKER, {r.id for r in records})
             return [_usage_of(found.get(r.id, [])) for r in records]
         return await asyncio.to_thread(read)
 
@@ -334,29 +334,6 @@ class LocalRuntime(Runtime):
                           stdout=stdout.decode(errors="replace"),
                           stderr=stderr.decode(errors="replace"),
                           duration=duration, killed_by=killed_by)
-
-
-def _pids_by_env(env_ids: set[str]) -> dict[str, list[int]]:
-    """The processes carrying the marker of each of ``env_ids`` (processes.marked_pids, for
-    many envs in one walk of /proc)."""
-    prefix = f"{processes.ENV_MARKER}=".encode()
-    me = os.getpid()
-    found: dict[str, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        for var in data.split(b"\0"):
-            if var.startswith(prefix):
-                env_id = var[len(prefix):].decode(errors="replace")
-                if env_id in env_ids:
-                    found.setdefault(env_id, []).append(int(entry.name))
-                break
-    return found
 
 
 def _usage_of(pids: Sequence[int]) -> Usage:

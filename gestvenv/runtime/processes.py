@@ -17,9 +17,11 @@ from ..reaper import (  # shared with the env unit's stop action (stdlib only)
     is_zombie,
     kill_marked,
     marked_pids,
+    marked_pids_of,
 )
 
-__all__ = ["ENV_MARKER", "EXEC_MARKER", "is_zombie", "kill_marked", "marked_pids"]
+__all__ = ["ENV_MARKER", "EXEC_MARKER", "is_zombie", "kill_marked", "marked_pids",
+           "marked_pids_of"]
 
 
 def pipe_ids(pid: int) -> set[str]:

@@ -27,22 +27,29 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a filesystem 
 BACKENDS = [b.value for b in StorageBackend]
 MB = 1 << 20
 
-# Writes up to 100 MB, 1 MB at a time, into the env's dir; prints how many MB got in.
+# Writes up to MB megabytes, 1 MB at a time, into each place given, and prints, per place,
+# how many MB got in and the error that stopped it ("none" if nothing did).
 FILL = """
 import errno, os, sys
-n = 0
-try:
-    with open(os.path.join(sys.argv[1], "fill"), "wb") as f:
-        for _ in range(100):
-            f.write(b"x" * (1 << 20))
-            f.flush()
-            os.fsync(f.fileno())
-            n += 1
-except OSError as exc:
-    print(n, errno.errorcode[exc.errno])
-else:
-    print(n, "no error")
+for place in sys.argv[2:]:
+    n, err = 0, "none"
+    try:
+        with open(os.path.join(place, f"fill-{os.getpid()}"), "wb") as f:
+            for _ in range(int(sys.argv[1])):
+                f.write(b"x" * (1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+                n += 1
+    except OSError as exc:
+        err = errno.errorcode.get(exc.errno, str(exc.errno))
+    print(place, n, err)
 """
+
+
+def filled(output: str) -> dict[str, tuple[int, str]]:
+    """FILL's output: place -> (MB written, what stopped it)."""
+    return {line.split()[0]: (int(line.split()[1]), line.split()[2])
+            for line in output.splitlines()}
 
 
 def mounts_at_or_under(path: str) -> list[str]:
@@ -91,10 +98,10 @@ async def test_writing_past_max_disk_fails_with_enospc_at_the_cap(backend: str,
         assert status.enforced, status
         assert ("ext4 image" if backend == "disk" else "tmpfs") in status.mechanism
         assert mounts_at_or_under(path) == [path]
-        result = await env.execute(["python", "-c", FILL, path], check=True)
-        written, error = result.stdout.split()
+        result = await env.execute(["python", "-c", FILL, "100", path], check=True)
+        written, error = filled(result.stdout)[path]
         # About 50 MB: the cap minus what the venv and the filesystem's own metadata take.
-        assert error == "ENOSPC" and 40 <= int(written) <= 50, result.stdout
+        assert error == "ENOSPC" and 45 <= written <= 50, result.stdout
         # The env's bookkeeping still works with its disk full: a command, its own state.
         assert (await env.execute(["python", "-c", "print('still here')"])).stdout == \
             "still here\n"
@@ -142,9 +149,10 @@ async def test_the_disk_image_is_preallocated_unless_configured_not_to_be(
         else:
             assert occupied < 8 * MB, occupied    # what mkfs and the venv wrote
             # ... and a sparse image still caps the size.
-            result = await env.execute(["python", "-c", FILL, str(env.path)], check=True)
-            assert result.stdout.split()[1] == "ENOSPC" and 50 <= int(result.stdout.split()[0]) \
-                <= 64, result.stdout
+            result = await env.execute(["python", "-c", FILL, "100", str(env.path)],
+                                       check=True)
+            written, error = filled(result.stdout)[str(env.path)]
+            assert error == "ENOSPC" and 55 <= written <= 64, result.stdout
         assert ("pre-allocated" if preallocate else "sparse") in \
             env.enforcement.limits["max_disk"].mechanism
 
@@ -229,25 +237,6 @@ def test_a_user_who_cannot_mount_is_refused_the_cap_and_told_why() -> None:
                              "nocap").returncode == 0
 
 
-# Tries every place a command might write to, 1 MB at a time up to 40 MB each; prints, per
-# place, how many MB got in and the error that stopped it.
-EVERYWHERE = """
-import errno, os, sys
-for place in sys.argv[1:]:
-    n, err = 0, "none"
-    try:
-        with open(os.path.join(place, f"fill-{os.getpid()}"), "wb") as f:
-            for _ in range(40):
-                f.write(b"x" * (1 << 20))
-                f.flush()
-                os.fsync(f.fileno())
-                n += 1
-    except OSError as exc:
-        err = errno.errorcode.get(exc.errno, str(exc.errno))
-    print(place, n, err)
-"""
-
-
 @root_only
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_sandboxed_env_cannot_write_past_its_cap_anywhere(backend: str) -> None:
@@ -262,10 +251,9 @@ async def test_a_sandboxed_env_cannot_write_past_its_cap_anywhere(backend: str) 
         assert env.isolation.sandboxed
         home, root = str(Path.home()), str(env.path.parent)
         places = [str(env.path), "/tmp", "/var/tmp", home, "/var/cache", root]
-        result = await env.execute(["python", "-c", EVERYWHERE, *places], check=True,
+        result = await env.execute(["python", "-c", FILL, "40", *places], check=True,
                                    cwd=str(env.path))
-        written = {line.split()[0]: (int(line.split()[1]), line.split()[2])
-                   for line in result.stdout.splitlines()}
+        written = filled(result.stdout)
         # The first place took what the cap allows, the temp dirs then found it full.
         assert written[str(env.path)][1] == "ENOSPC" and written[str(env.path)][0] >= 15, written
         assert written["/tmp"] == (0, "ENOSPC") and written["/var/tmp"] == (0, "ENOSPC"), written
