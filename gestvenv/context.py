@@ -158,8 +158,7 @@ class Environment:
                 await make_builder(self._config, record.id, inside).install(
                     self.path, interpreter, specs, reqs)
             except (OSError, BuildError) as exc:
-                if not diskcap.is_full(exc) and \
-                        not await asyncio.to_thread(diskcap.used_up, self.path):
+                if not diskcap.is_full(exc):
                     raise
                 what = ", ".join([*specs, *(f"-r {r}" for r in reqs)]) or "packages"
                 raise await asyncio.to_thread(full_error, record, self._config,

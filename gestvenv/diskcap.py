@@ -71,18 +71,30 @@ def probe() -> Host:
                 mkfs=shutil.which("mkfs.ext4", path=os.pathsep.join(_MKFS_DIRS)))
 
 
-def mechanism(backend: StorageBackend, max_disk: int, preallocate: bool,
-              sandboxed: bool) -> str:
+@dataclass(frozen=True)
+class Facts:
+    """What the rest of an env's plan says that the cap's description depends on."""
+
+    sandboxed: bool                   # namespace isolation or above
+    memory_cgroup: bool               # tmpfs pages count in its max_memory (systemd, enforced)
+    preallocate: bool = True          # (config) the disk backend's image reserved at creation
+
+
+def mechanism(backend: StorageBackend, max_disk: int, facts: Facts) -> str:
     """What holds ``max_disk`` on ``backend``, as ``show`` says it, and what it covers."""
     if backend is StorageBackend.DISK:
-        how = "pre-allocated" if preallocate else "sparse, not pre-allocated"
+        how = "pre-allocated" if facts.preallocate else (
+            "sparse: nothing reserved, a host disk that fills first makes its writes fail "
+            "with EIO")
         what = f"an ext4 image of its own ({max_disk} MB, {how}) loop-mounted on its dir"
     else:
-        what = (f"a tmpfs of its own (size={max_disk}M) mounted on its dir (its pages also "
-                "count against max_memory)")
-    if sandboxed:
-        covers = ("its /tmp and /var/tmp are in it too, the rest of the host is read-only: "
-                  "writing past it fails with ENOSPC")
+        ram = "its pages also count against max_memory" if facts.memory_cgroup else \
+            "RAM, not counted in max_memory here"
+        what = f"a tmpfs of its own (size={max_disk}M) mounted on its dir ({ram})"
+    if facts.sandboxed:
+        covers = ("its /tmp and /var/tmp are in it too, its private /dev/shm is capped at the "
+                  "same size (RAM), the rest of the host is read-only: writing past it fails "
+                  "with ENOSPC")
     else:
         covers = ("writing past it in its dir fails with ENOSPC; at process isolation its "
                   "commands can still write elsewhere (/tmp, their home), uncapped; TMPDIR "
@@ -103,15 +115,36 @@ def temp_dirs(env_path: str) -> dict[str, str]:
     return {tree: f"{env_path}/{name}" for tree, name in TEMP_NAMES.items()}
 
 
+def cap_of(enforcement: Enforcement) -> int | None:
+    """The env's max_disk in MB when a filesystem of its own holds it, else None."""
+    status = enforcement.limits.get("max_disk")
+    return int(status.requested) if status is not None and status.enforced else None
+
+
 def capped_temp_dirs(enforcement: Enforcement, env_path: str) -> dict[str, str]:
     """The env's temp dirs to use instead of private empty ones: those of :func:`temp_dirs`
     when its cap is a filesystem of its own (max_disk enforced), else none."""
-    status = enforcement.limits.get("max_disk")
-    return temp_dirs(env_path) if status is not None and status.enforced else {}
+    return temp_dirs(env_path) if cap_of(enforcement) is not None else {}
 
 
-def status(max_disk: int | None, backend: StorageBackend, host: Host, preallocate: bool,
-           sandboxed: bool) -> LimitStatus | None:
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on ``path``'s filesystem."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def too_big(max_disk: int | None, backend: StorageBackend, free: int, root: str) -> str | None:
+    """Why an image of ``max_disk`` MB cannot be made on the disk root with ``free`` bytes
+    left, or None. Checked before anything exists: pre-allocated, it would fill the host's
+    disk on its way to failing; sparse, the host's disk would fill before the cap."""
+    if max_disk is None or backend is not StorageBackend.DISK or max_disk * _MB <= free:
+        return None
+    return (f"max_disk={max_disk} MB is more than the {free / _MB:.1f} MB free on the disk storage "
+            f"root's filesystem ({root})")
+
+
+def status(max_disk: int | None, backend: StorageBackend, host: Host,
+           facts: Facts) -> LimitStatus | None:
     """Whether ``max_disk`` can be held for an env on ``backend`` here, and by what."""
     if max_disk is None:
         return None
@@ -127,7 +160,7 @@ def status(max_disk: int | None, backend: StorageBackend, host: Host, preallocat
                                f"the disk backend's cap is a loop-mounted ext4 image and this "
                                f"host has no {' nor '.join(missing)}; the tmpfs and memory "
                                "backends can hold it")
-    return LimitStatus(max_disk, True, mechanism(backend, max_disk, preallocate, sandboxed))
+    return LimitStatus(max_disk, True, mechanism(backend, max_disk, facts))
 
 
 def with_status(enforcement: Enforcement, disk: LimitStatus | None) -> Enforcement:
@@ -265,12 +298,6 @@ def _mount(source: str, target: Path, fstype: str, options: str) -> None:
 def own_filesystem(path: Path) -> bool:
     """``path`` is the mount point of a filesystem of its own (an env with max_disk)."""
     return os.path.ismount(path)
-
-
-def used_bytes(path: Path) -> int:
-    """Bytes used on an env's own filesystem (statvfs: O(1), whatever it holds)."""
-    st = os.statvfs(path)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
 # --- when it is full -------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from .runtime import runtime_named, select_runtime
 from .shield import in_thread, shielded
 from .watchdog import ensure_reaper
 
+CREATING_VENV = "creating its virtualenv"
+
 
 @dataclass(frozen=True)
 class EnvSpec:
@@ -61,13 +63,22 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
     enforcement = runtime.plan(spec.limits, spec.isolation)
     disk = None
     if spec.limits.max_disk is not None:
+        memory = enforcement.limits.get("max_memory")
+        facts = diskcap.Facts(
+            sandboxed=enforcement.isolation_applied.sandboxed,
+            memory_cgroup=runtime.name == "systemd" and memory is not None and memory.enforced,
+            preallocate=config.preallocate)
         disk = diskcap.status(spec.limits.max_disk, spec.backend,
-                              await asyncio.to_thread(diskcap.probe), config.preallocate,
-                              enforcement.isolation_applied.sandboxed)
+                              await asyncio.to_thread(diskcap.probe), facts)
     enforcement = diskcap.with_status(enforcement, disk)
     check_enforcement(enforcement, spec.allow_unenforced)
     interpreter = await asyncio.to_thread(find_interpreter, spec.python)
     root = await asyncio.to_thread(storage.storage_root, spec.backend, config)
+    if disk is not None and disk.enforced:
+        free = await asyncio.to_thread(diskcap.free_bytes, root.path)
+        if (why := diskcap.too_big(spec.limits.max_disk, spec.backend, free,
+                                   str(root.path))) is not None:
+            raise DiskFullError(f"cannot create environment {spec.name!r}: {why}")
     env_id = uuid.uuid4().hex
     builder = make_builder(config, env_id)
     me = psutil.Process(os.getpid())
@@ -119,7 +130,7 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
                 await in_thread(diskcap.make, path, spec.backend, spec.limits.max_disk,
                                 config.preallocate)
                 await in_thread(storage.write_claim, path, state_file, record.id)
-            stage = "creating its virtualenv"
+            stage = CREATING_VENV
             await builder.create(path, interpreter)
             stage = "installing its packages"
             await builder.populate(path, interpreter, spec.packages, spec.requirements)
@@ -131,7 +142,9 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
             await in_thread(registry.commit, record)
         except (OSError, BuildError) as exc:
             # Judged before the undo, while the filesystems still hold what filled them.
-            if not diskcap.is_full(exc) and not await in_thread(diskcap.used_up, path):
+            # (python -m venv swallows ensurepip's ENOSPC: there only, a used-up cap says it.)
+            swallowed = stage == CREATING_VENV and await in_thread(diskcap.used_up, path)
+            if not diskcap.is_full(exc) and not swallowed:
                 raise
             raise await in_thread(full_error, record, config, stage) from exc
         undo.pop_all()

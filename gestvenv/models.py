@@ -62,6 +62,9 @@ def _parse_enum(cls: type[E], value: str | E, what: str) -> E:
         raise ValidationError(f"unknown {what} {value!r}; allowed: {allowed}") from None
 
 
+_LIMIT_MAX = 1 << 40  # MB (1 EiB) or processes
+
+
 @dataclass(frozen=True, slots=True)
 class ResourceLimits:
     """Limits for everything that runs in one environment. ``None`` means no limit.
@@ -83,6 +86,8 @@ class ResourceLimits:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValidationError(f"{name} must be a positive integer or None, not {value!r}")
+            if value > _LIMIT_MAX:  # (beyond any machine; and what the kernel's calls take)
+                raise ValidationError(f"{name} must be at most {_LIMIT_MAX}, not {value}")
         cpu = self.max_cpu_percent
         if cpu is not None and (
             isinstance(cpu, bool) or not isinstance(cpu, int | float) or not 0 < cpu <= 100_000

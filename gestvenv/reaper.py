@@ -246,7 +246,15 @@ def _umount(mnt: str) -> bool:
     import ctypes  # only when a mount is met: it costs a few ms at every reaper's start
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.umount2(mnt.encode(), _MNT_DETACH) == 0:
+    # A plain unmount first: done, the filesystem (an env's cap, and its loop device) is gone
+    # at once. Busy (a process outside the env still has a file or its cwd there): detached
+    # all the same, so that nothing is ever deleted through it; the filesystem, and a cap's
+    # loop device and image blocks, then last until that process lets go (docs/storage.md).
+    if libc.umount2(mnt.encode(), 0) == 0:
+        return True
+    if ctypes.get_errno() == errno.EBUSY and libc.umount2(mnt.encode(), _MNT_DETACH) == 0:
+        print(f"gestvenv: {mnt} was still in use: detached; what is mounted there lasts until "
+              "the processes using it exit", file=sys.stderr, flush=True)
         return True
     return ctypes.get_errno() == errno.EINVAL and mnt not in mounts_under(mnt)
 
@@ -257,12 +265,16 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 _UNIT_NAME_MAX = 255
 
 
+def escape_slice_part(name: str) -> str:
+    """``-`` means nesting in a slice name, so it is escaped the way systemd-escape does."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "_.:") else f"\\x{ord(c):02x}"
+                   for c in name)
+
+
 def env_slice_name(env_name: str) -> str:
-    """The env's slice unit, as ``gestvenv.runtime.systemd.plan.UnitNames`` names it (a unit
-    test holds the two together): ``-`` escaped, hashed when too long."""
-    escaped = "".join(c if c.isascii() and (c.isalnum() or c in "_.:") else f"\\x{ord(c):02x}"
-                      for c in env_name)
-    name = f"gestvenv-{escaped}.slice"
+    """The env's slice unit (``plan.UnitNames`` takes it from here): ``-`` escaped, hashed
+    when too long (a name of many '-', each escaped to 4 chars)."""
+    name = f"gestvenv-{escape_slice_part(env_name)}.slice"
     if len(name) > _UNIT_NAME_MAX:
         name = f"gestvenv-h{hashlib.sha256(env_name.encode()).hexdigest()[:16]}.slice"
     return name
@@ -319,9 +331,10 @@ def cgroup_figures(cgroup: str) -> tuple[int | None, float | None]:
     return peak, cpu
 
 
-def disk_used(path: Path) -> int | None:
+def disk_used(path: Path, deadline: float | None = None) -> int | None:
     """Bytes the env's dir holds: its own filesystem's use when it has one (O(1)), else the
-    blocks of its files (each inode once, links not followed)."""
+    blocks of its files (each inode once, links not followed); None if it cannot be read, or
+    if the walk is still going at ``deadline`` (time.monotonic())."""
     try:
         if os.path.ismount(path):
             st = os.statvfs(path)
@@ -329,6 +342,8 @@ def disk_used(path: Path) -> int | None:
         seen: set[tuple[int, int]] = set()
         total = 0
         for dirpath, dirnames, filenames in os.walk(path):
+            if deadline is not None and time.monotonic() > deadline:
+                return None
             for name in (*dirnames, *filenames):
                 try:
                     info = os.lstat(os.path.join(dirpath, name))
@@ -340,6 +355,9 @@ def disk_used(path: Path) -> int | None:
         return total if seen or path.is_dir() else None
     except OSError:
         return None
+
+
+END_REPORT_WALK = 0.2  # seconds the end report may walk an uncapped env's files
 
 
 def human_bytes(n: int) -> str:
@@ -363,7 +381,9 @@ def end_report(path: Path, env_id: str, cgroup: str | None = None) -> str | None
         peak, cpu = cgroup_figures(cgroup)
         parts.append(f"peak memory {human_bytes(peak) if peak is not None else 'not measured'}")
         parts.append(f"CPU time {f'{cpu:.2f} s' if cpu is not None else 'not measured'}")
-    disk = disk_used(path) if path.is_dir() and not path.is_symlink() else None
+    # (A walk of a big tree is cut short: the stop action's time is the env's end's.)
+    disk = disk_used(path, time.monotonic() + END_REPORT_WALK) \
+        if path.is_dir() and not path.is_symlink() else None
     if disk is not None:
         parts.append(f"disk {human_bytes(disk)}")
     return f"used {', '.join(parts)}" if parts else None
@@ -401,11 +421,13 @@ def reap(path: Path, env_id: str, state_file: Path, lock: Path,
     Returns what it did, starting with what the env used (:func:`end_report`); raises
     :class:`UnsafePathError` for what it refused."""
     done = []
-    with contextlib.suppress(Exception):  # a figure that cannot be read never stops a reap
+    killed = kill_marked(ENV_MARKER, env_id)
+    # Measured once nothing of it runs any more (its figures no longer move), before its
+    # files go; a figure that cannot be read never stops a reap.
+    with contextlib.suppress(Exception):
         report = end_report(path, env_id, cgroup)
         if report:
             done.append(report)
-    killed = kill_marked(ENV_MARKER, env_id)
     if killed:
         done.append(f"killed {killed} leftover process(es) of the environment")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*-" + re.escape(env_id[:8]), path.name) \

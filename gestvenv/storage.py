@@ -21,7 +21,6 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import diskcap
 from .config import Config
 from .exceptions import ConfigError, GestvenvError, UnsafePathError
 from .models import StorageBackend
@@ -29,6 +28,7 @@ from .reaper import (  # the deletion code, shared with the env unit's stop acti
     CLAIM,
     ROOT_MARK,
     check_inside_roots,
+    disk_used,
     is_marked_root,
     remove_tree,
     unescape_mountinfo,
@@ -280,20 +280,4 @@ def env_roots(path: Path, config: Config) -> list[Path]:
 def disk_usage(path: Path) -> int:
     """Bytes allocated under ``path`` (hardlinked files counted once, links not followed); an
     env with a filesystem of its own (max_disk) is read from statvfs, at no cost."""
-    if diskcap.own_filesystem(path):
-        with contextlib.suppress(OSError):
-            return diskcap.used_bytes(path)
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
-        for name in (*dirnames, *filenames):
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
-                continue
-            seen.add(key)
-            total += st.st_blocks * 512
-    return total
+    return disk_used(path) or 0

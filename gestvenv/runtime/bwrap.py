@@ -80,6 +80,7 @@ class Sandbox:
     # /tmp, /var/tmp -> a dir of the env's own filesystem to bind there instead of an empty
     # tmpfs (an env with max_disk: what it writes there counts against its cap).
     temp: tuple[tuple[str, str], ...] = ()
+    shm_mb: int | None = None        # a size for its private /dev/shm (max_disk), else none
 
     @property
     def namespaced(self) -> bool:
@@ -150,8 +151,10 @@ def bwrap_argv(sandbox: Sandbox, *, bwrap: str, python: str, status_fd: int,
             out.append("--unshare-net")
         if sandbox.uid is None:
             out += ["--cap-drop", "ALL"]
-        out += ["--ro-bind", "/", "/", "--proc", "/proc", "--dev", DEV,
-                "--perms", "1777", "--tmpfs", "/dev/shm"]
+        out += ["--ro-bind", "/", "/", "--proc", "/proc", "--dev", DEV, "--perms", "1777"]
+        if sandbox.shm_mb is not None:
+            out += ["--size", str(sandbox.shm_mb << 20)]
+        out += ["--tmpfs", "/dev/shm"]
         trees = sandbox.hidden_trees()
         temp = dict(sandbox.temp)
         for tree in trees:

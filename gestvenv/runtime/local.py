@@ -232,9 +232,10 @@ class LocalRuntime(Runtime):
             "cleanup_interval); there is no timer at boot",
             "local runtime: at namespace isolation (bubblewrap) each command has namespaces of "
             "its own (PID, IPC, network without network access, /tmp): the env's commands "
-            "neither see each other's processes nor share a loopback network or /tmp; only the "
-            "env's dir is common to them. A working directory hidden by the sandbox (a home, "
-            "/tmp) is refused",
+            "neither see each other's processes nor share a loopback network or /tmp (with "
+            "max_disk, /tmp and /var/tmp are the env's own, in its cap, shared by its "
+            "commands); only the env's dir is common to them. A working directory hidden by "
+            "the sandbox (a home, /tmp) is refused",
         )
 
     async def usage(self, record: EnvRecord) -> Usage:
@@ -347,7 +348,10 @@ def _usage_of(pids: Sequence[int]) -> Usage:
             with proc.oneshot():
                 memory += proc.memory_info().rss
                 times = proc.cpu_times()
-                cpu += times.user + times.system
+                # (With its waited-for children's: a tree of short-lived processes keeps
+                # its CPU time when they exit, as long as their parent lives.)
+                cpu += times.user + times.system + times.children_user + \
+                    times.children_system
             peak += _vm_hwm(pid)
             count += 1
         except psutil.Error:
@@ -427,7 +431,8 @@ def sandbox_of(record: EnvRecord) -> bwrap.Sandbox | None:
         expose=tuple(record.sandbox_expose),  # (the interpreter, uv: gestvenv.sandbox)
         uid=record.sandbox_uid if namespaced and record.uid == 0 else None,
         root=record.uid == 0,
-        temp=tuple(diskcap.capped_temp_dirs(enforcement, record.path).items()))
+        temp=tuple(diskcap.capped_temp_dirs(enforcement, record.path).items()),
+        shm_mb=diskcap.cap_of(enforcement))
 
 
 def _sandboxed_argv(record: EnvRecord, box: bwrap.Sandbox, command: CommandSpec,

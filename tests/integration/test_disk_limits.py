@@ -190,9 +190,14 @@ def test_a_create_into_a_full_storage_root_is_one_line_and_leaves_nothing(
     result = gv(*args, *(["--disk", str(disk)] if disk else []))
     assert result.returncode == 1, (result.stdout, result.stderr)
     [line] = result.stderr.splitlines()
-    stage = "making its 5 MB filesystem" if disk else "installing its packages"
-    assert line.startswith(f"gestvenv: error: environment 'full': no space left on device "
-                           f"while {stage}: the disk storage root ({tiny_root}) is full ("), line
+    if disk:  # refused before anything exists: the image would not fit
+        assert line.startswith("gestvenv: error: cannot create environment 'full': "
+                               "max_disk=5 MB is more than the "), line
+        assert line.endswith(f" MB free on the disk storage root's filesystem ({tiny_root})")
+    else:
+        assert line.startswith(f"gestvenv: error: environment 'full': no space left on device "
+                               f"while installing its packages: the disk storage root "
+                               f"({tiny_root}) is full ("), line
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in tiny_root.iterdir()) == [".gestvenv-root"]
     assert mounts_at_or_under(str(tiny_root)) == [str(tiny_root)]
@@ -250,13 +255,15 @@ async def test_a_sandboxed_env_cannot_write_past_its_cap_anywhere(backend: str) 
                                   resource_limits=ResourceLimits(max_disk=20)) as env:
         assert env.isolation.sandboxed
         home, root = str(Path.home()), str(env.path.parent)
-        places = [str(env.path), "/tmp", "/var/tmp", home, "/var/cache", root]
+        places = [str(env.path), "/tmp", "/var/tmp", home, "/var/cache", root, "/dev/shm"]
         result = await env.execute(["python", "-c", FILL, "40", *places], check=True,
                                    cwd=str(env.path))
         written = filled(result.stdout)
         # The first place took what the cap allows, the temp dirs then found it full.
         assert written[str(env.path)][1] == "ENOSPC" and written[str(env.path)][0] >= 15, written
         assert written["/tmp"] == (0, "ENOSPC") and written["/var/tmp"] == (0, "ENOSPC"), written
+        # Its private /dev/shm (RAM) is capped at the same size.
+        assert written["/dev/shm"][1] == "ENOSPC" and written["/dev/shm"][0] <= 20, written
         for place in (home, "/var/cache", root):
             assert fills_in(place) == [], (place, written[place])
 

@@ -95,8 +95,11 @@ def test_interpreter_prefix(tmp_path: object) -> None:
 
 def test_a_capped_envs_temp_dirs_are_bound_from_its_own_filesystem() -> None:
     temp = (("/tmp", f"{ENV}/.gestvenv-tmp"), ("/var/tmp", f"{ENV}/.gestvenv-var-tmp"))
-    head = build(Sandbox(NS, network=True, env_path=ENV, root=True, temp=temp))
+    head = build(Sandbox(NS, network=True, env_path=ENV, root=True, temp=temp, shm_mb=20))
     head = head[:head.index("--")]
+    # Its private /dev/shm is capped too (RAM, the same size).
+    shm = head.index("/dev/shm") - 1
+    assert head[shm - 2:shm + 2] == ["--size", str(20 << 20), "--tmpfs", "/dev/shm"]
     assert "/tmp" not in pairs(head, "--tmpfs") and "/var/tmp" not in pairs(head, "--tmpfs")
     binds = [head[i + 1:i + 3] for i, a in enumerate(head) if a == "--bind"]
     assert [f"{ENV}/.gestvenv-tmp", "/tmp"] in binds

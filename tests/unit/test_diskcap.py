@@ -14,36 +14,56 @@ from gestvenv.exceptions import BuildError, DiskFullError
 from gestvenv.models import Enforcement, IsolationLevel, LimitStatus, StorageBackend
 
 ROOT = Host(root=True, loop=True, mkfs="/usr/sbin/mkfs.ext4")
+BOXED = diskcap.Facts(sandboxed=True, memory_cgroup=True)
 MB = 1 << 20
 
 
 def test_no_cap_requested_nothing_reported() -> None:
-    assert diskcap.status(None, StorageBackend.DISK, ROOT, True, False) is None
+    assert diskcap.status(None, StorageBackend.DISK, ROOT, BOXED) is None
 
 
 @pytest.mark.parametrize("backend", list(StorageBackend))
 def test_root_holds_the_cap_on_every_backend(backend: StorageBackend) -> None:
-    status = diskcap.status(50, backend, ROOT, True, True)
+    status = diskcap.status(50, backend, ROOT, BOXED)
     assert status is not None and status.enforced and status.requested == 50
     assert ("ext4 image" if backend is StorageBackend.DISK else "tmpfs") in status.mechanism
     assert "ENOSPC" in status.mechanism
 
 
 def test_the_mechanism_says_whether_the_image_is_preallocated() -> None:
-    assert "pre-allocated" in diskcap.mechanism(StorageBackend.DISK, 50, True, True)
-    assert "sparse" in diskcap.mechanism(StorageBackend.DISK, 50, False, True)
+    assert "pre-allocated" in diskcap.mechanism(StorageBackend.DISK, 50, BOXED)
+    sparse = diskcap.mechanism(StorageBackend.DISK, 50, diskcap.Facts(True, True, False))
+    assert "sparse: nothing reserved, a host disk that fills first makes its writes fail " \
+        "with EIO" in sparse
 
 
-def test_tmpfs_caps_say_they_count_against_memory() -> None:
-    assert "max_memory" in diskcap.mechanism(StorageBackend.TMPFS, 5, True, True)
+def test_tmpfs_caps_say_whether_they_count_against_memory() -> None:
+    assert "its pages also count against max_memory" in \
+        diskcap.mechanism(StorageBackend.TMPFS, 5, BOXED)
+    # Under RLIMIT_AS (the local runtime) files are not counted: said.
+    assert "RAM, not counted in max_memory here" in \
+        diskcap.mechanism(StorageBackend.TMPFS, 5, diskcap.Facts(True, memory_cgroup=False))
 
 
 def test_the_mechanism_says_what_the_cap_covers_at_each_isolation() -> None:
-    assert "its /tmp and /var/tmp are in it too" in \
-        diskcap.mechanism(StorageBackend.DISK, 5, True, sandboxed=True)
+    boxed = diskcap.mechanism(StorageBackend.DISK, 5, BOXED)
+    assert "its /tmp and /var/tmp are in it too, its private /dev/shm is capped" in boxed
     # At process isolation the host is writable: said, not pretended.
     assert "can still write elsewhere (/tmp, their home), uncapped" in \
-        diskcap.mechanism(StorageBackend.DISK, 5, True, sandboxed=False)
+        diskcap.mechanism(StorageBackend.DISK, 5, diskcap.Facts(False, True))
+
+
+@pytest.mark.parametrize(("backend", "free", "refused"), [
+    (StorageBackend.DISK, 100 * MB, False), (StorageBackend.DISK, 49 * MB, True),
+    (StorageBackend.TMPFS, 1 * MB, False), (StorageBackend.MEMORY, 0, False)])
+def test_an_image_bigger_than_the_free_disk_is_refused_before_anything_exists(
+        backend: StorageBackend, free: int, refused: bool) -> None:
+    why = diskcap.too_big(50, backend, free, "/envs")
+    assert (why is not None) is refused
+    if refused:
+        assert why == "max_disk=50 MB is more than the 49.0 MB free on the disk storage root's " \
+            "filesystem (/envs)"
+    assert diskcap.too_big(None, backend, 0, "/envs") is None
 
 
 def test_a_capped_envs_temp_dirs_are_in_its_own_dir() -> None:
@@ -53,7 +73,7 @@ def test_a_capped_envs_temp_dirs_are_in_its_own_dir() -> None:
 
 @pytest.mark.parametrize("backend", list(StorageBackend))
 def test_a_user_who_cannot_mount_is_told_why(backend: StorageBackend) -> None:
-    status = diskcap.status(50, backend, Host(root=False, loop=True, mkfs="mkfs"), True, True)
+    status = diskcap.status(50, backend, Host(root=False, loop=True, mkfs="mkfs"), BOXED)
     assert status is not None and not status.enforced
     assert "needs root" in status.mechanism
 
@@ -63,11 +83,11 @@ def test_a_user_who_cannot_mount_is_told_why(backend: StorageBackend) -> None:
     (Host(root=True, loop=True, mkfs=None), "mkfs.ext4"),
 ])
 def test_disk_without_loop_devices_or_mkfs_is_not_held(host: Host, missing: str) -> None:
-    status = diskcap.status(50, StorageBackend.DISK, host, True, True)
+    status = diskcap.status(50, StorageBackend.DISK, host, BOXED)
     assert status is not None and not status.enforced
     assert missing in status.mechanism
     # ... but a tmpfs needs neither
-    tmpfs = diskcap.status(50, StorageBackend.TMPFS, host, True, True)
+    tmpfs = diskcap.status(50, StorageBackend.TMPFS, host, BOXED)
     assert tmpfs is not None and tmpfs.enforced
 
 

@@ -177,3 +177,9 @@ def test_exec_result_to_dict_is_json_ready() -> None:
     assert data["argv"] == ["python", "-c", "pass"]
     assert data["returncode"] == 3
     assert data["killed_by"] is None
+
+
+@pytest.mark.parametrize("field", ["max_memory", "max_disk", "max_processes"])
+def test_absurd_limits_are_refused_with_a_clear_error(field: str) -> None:
+    with pytest.raises(ValidationError, match=f"{field} must be at most"):
+        ResourceLimits(**{field: 10**20})

@@ -406,8 +406,10 @@ def test_a_root_creators_sandbox_keeps_only_what_setpriv_needs() -> None:
 
 def test_a_capped_envs_temp_dirs_replace_private_tmp() -> None:
     temp = (("/tmp", f"{ENV_PATH}/.gestvenv-tmp"), ("/var/tmp", f"{ENV_PATH}/.gestvenv-var-tmp"))
-    spec = plan.SandboxSpec(IsolationLevel.NAMESPACE, True, ENV_PATH, uid=1879048200, temp=temp)
+    spec = plan.SandboxSpec(IsolationLevel.NAMESPACE, True, ENV_PATH, uid=1879048200, temp=temp,
+                            shm_mb=20)
     props = as_dict(plan.sandbox_properties(spec, SYSTEM))
+    assert props["TemporaryFileSystem"][0] == ["/dev/shm", "mode=1777,size=20M"]
     # Not PrivateTmp, which would put them on the host's /tmp disk, out of the cap.
     assert "PrivateTmp" not in props
     assert props["BindPaths"] == [[ENV_PATH, ENV_PATH, False, 0],

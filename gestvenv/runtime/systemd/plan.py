@@ -17,7 +17,6 @@ against it, so a typo or a wrong type fails there and not on a live bus.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -26,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ... import reaper
 from ...models import (
     NOT_HELD,
     Enforcement,
@@ -135,8 +135,7 @@ def prop(name: str, value: Any) -> Property:
 
 def escape_slice_part(name: str) -> str:
     """``-`` means nesting in a slice name, so it is escaped the way systemd-escape does."""
-    return "".join(c if c.isascii() and (c.isalnum() or c in "_.:") else f"\\x{ord(c):02x}"
-                   for c in name)
+    return reaper.escape_slice_part(name)
 
 
 @dataclass(frozen=True)
@@ -146,11 +145,8 @@ class UnitNames:
 
     @classmethod
     def of(cls, env_name: str) -> UnitNames:
-        slice_name = f"gestvenv-{escape_slice_part(env_name)}.slice"
-        if len(slice_name) > UNIT_NAME_MAX:  # a name of many '-' (each escaped to 4 chars)
-            digest = hashlib.sha256(env_name.encode()).hexdigest()[:16]
-            slice_name = f"gestvenv-h{digest}.slice"
-        return cls(env=f"gestvenv-{env_name}.service", slice=slice_name)
+        # (The rule is the reaper's, which finds the slice without this module.)
+        return cls(env=f"gestvenv-{env_name}.service", slice=reaper.env_slice_name(env_name))
 
     def command(self, exec_id: str) -> str:
         return self.env.removesuffix(".service") + f"@{exec_id}.service"
@@ -347,6 +343,7 @@ class SandboxSpec:
     # /tmp, /var/tmp -> dirs of the env's own filesystem bound there instead of PrivateTmp
     # (an env with max_disk: what it writes there counts against its cap; diskcap.temp_dirs)
     temp: tuple[tuple[str, str], ...] = ()
+    shm_mb: int | None = None      # a size for its private /dev/shm (max_disk), else none
 
 
 def sandbox_properties(spec: SandboxSpec, caps: Capabilities) -> list[Property]:
@@ -379,7 +376,9 @@ def sandbox_properties(spec: SandboxSpec, caps: Capabilities) -> list[Property]:
         prop("ReadOnlyPaths", list(_READ_ONLY)),
         prop("InaccessiblePaths", [_SYSTEM_BUS]),
         # A private /dev/shm (multiprocessing needs one), then gestvenv's dirs hidden.
-        prop("TemporaryFileSystem", [["/dev/shm", "mode=1777"]] + [[h, "mode=0755"] for h in hide]),
+        prop("TemporaryFileSystem", [["/dev/shm", "mode=1777" + (
+            f",size={spec.shm_mb}M" if spec.shm_mb is not None else "")]] +
+            [[h, "mode=0755"] for h in hide]),
         # The env's dir, at its own path (its scripts and pyvenv.cfg name it), over all that.
         prop("BindPaths", [[env_path, env_path, False, 0],
                            *([src, tree, False, 0] for tree, src in temp.items())]),

@@ -481,7 +481,8 @@ def sandbox_spec(record: EnvRecord) -> plan.SandboxSpec:
         network=record.resource_limits.network_access, env_path=record.path,
         hide=tuple(record.sandbox_hide), expose=tuple(record.sandbox_expose),
         uid=record.sandbox_uid,
-        temp=tuple(diskcap.capped_temp_dirs(record.enforcement_record, record.path).items()))
+        temp=tuple(diskcap.capped_temp_dirs(record.enforcement_record, record.path).items()),
+        shm_mb=diskcap.cap_of(record.enforcement_record))
 
 
 def _check_visible(record: EnvRecord, seen: Callable[[str], bool], cwd: str,
