@@ -218,9 +218,13 @@ class SystemdRuntime(Runtime):
             view = await self._view(bus, names.env)
             if view is None or view.env_id != env_id:
                 return
-            # Its commands stop first (After=), its slice once unneeded; nothing to reset:
-            # the units are collected when inactive or failed.
+            # Its commands stop first (After=); nothing to reset: the units are collected when
+            # inactive or failed. Its slice would stop once unneeded, but systemd 252 does not
+            # always notice at once (seen under load in CI): stopped here, once the env unit's
+            # stop action (which reads the slice's figures) is done, so that nothing of the env
+            # is left when destroy returns.
             await bus.stop_unit(names.env)
+            await bus.stop_unit(names.slice)
             return
         await self._stop_units(bus, names)
 
