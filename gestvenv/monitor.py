@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import registry, storage
+from . import diskcap, registry, storage
 from .config import Config
 from .models import ResourceLimits
 from .registry import EnvRecord
@@ -177,6 +177,9 @@ def totals(records: Sequence[EnvRecord], samples: Iterable[EnvUsage], config: Co
 
 # --- sampling ---
 
+DISK_WALK_EVERY = 5.0  # seconds between walks of an uncapped env's files
+
+
 class Sampler:
     """Samples environments, remembering the previous reading of each (CPU %, the peak seen).
 
@@ -188,6 +191,7 @@ class Sampler:
         self._runtimes: dict[str, Runtime] = dict(runtimes or {})
         self._previous: dict[str, tuple[float, float]] = {}  # env id -> (monotonic, cpu s)
         self._peaks: dict[str, int] = {}
+        self._disks: dict[str, tuple[float, int]] = {}  # env id -> (monotonic, bytes)
 
     def runtime(self, name: str) -> Runtime:
         if name not in self._runtimes:
@@ -214,9 +218,7 @@ class Sampler:
         if not records:
             return []
         readings, disks = await asyncio.gather(
-            self._readings(records),
-            asyncio.gather(*(asyncio.to_thread(storage.disk_usage, Path(r.path))
-                             for r in records)))
+            self._readings(records), asyncio.gather(*(self._disk(r) for r in records)))
         now, mono = time.time(), time.monotonic()
         samples = []
         for record, used, disk in zip(records, readings, disks, strict=True):
@@ -229,6 +231,19 @@ class Sampler:
                 self._peaks[record.id] = sample.memory_peak_bytes
             samples.append(sample)
         return samples
+
+    async def _disk(self, record: EnvRecord) -> int:
+        """The env's disk use: at every sample where its own filesystem tells it (max_disk:
+        statvfs), else a walk of its files at most every DISK_WALK_EVERY seconds (a big tree
+        costs tenths of a second, and the env decides how big)."""
+        mono = time.monotonic()
+        cached = self._disks.get(record.id)
+        if diskcap.cap_of(record.enforcement_record) is None and cached is not None \
+                and mono - cached[0] < DISK_WALK_EVERY:
+            return cached[1]
+        used = await asyncio.to_thread(storage.disk_usage, Path(record.path))
+        self._disks[record.id] = (mono, used)
+        return used
 
     async def sample_one(self, record: EnvRecord) -> EnvUsage:
         return (await self.sample([record]))[0]
