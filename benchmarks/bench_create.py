@@ -103,6 +103,20 @@ def tool_version(argv: list[str]) -> str:
     return out.strip().splitlines()[0] if out.strip() else "?"
 
 
+def wait_for_watchdogs(runtime_dir: Path, timeout: float = 6.0) -> list[int]:
+    """Let our watchdogs exit by themselves before our temp dir goes (they linger ~2 s once
+    no environment exists, and a sweep meanwhile makes the runtime dir again); SIGTERM those
+    still there after ``timeout``, and return their pids."""
+    deadline = time.monotonic() + timeout
+    while watchdog_pids(runtime_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stuck = watchdog_pids(runtime_dir)
+    for pid in stuck:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    return stuck
+
+
 def watchdog_pids(runtime_dir: Path) -> list[int]:
     """gestvenv watchdogs started for *our* runtime dir (by their environment), not others'."""
     needle = f"GESTVENV_RUNTIME_DIR={runtime_dir}".encode()
@@ -1048,14 +1062,8 @@ def _cleanup(root: Path, shm_before: set[str] | None, systemd: bool) -> list[str
         if units:
             leftovers.append(f"systemd units: {units}")
     runtime = root / "run"
-    # The watchdog lingers ~2 s once no environment exists, then exits by itself.
-    deadline = time.monotonic() + 6
-    while watchdog_pids(runtime) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in watchdog_pids(runtime):
-        leftovers.append(f"watchdog pid {pid} still running (sent SIGTERM)")
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+    leftovers += [f"watchdog pid {pid} still running (sent SIGTERM)"
+                  for pid in wait_for_watchdogs(runtime)]
     for sub in ("envs", "run/envs", "run/storage"):
         d = root / sub
         left = sorted(n for n in os.listdir(d) if n != ROOT_MARK) if d.is_dir() else []

@@ -35,6 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_create import wait_for_watchdogs  # noqa: E402
+
 
 def _median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
@@ -154,6 +156,7 @@ async def main() -> int:
         print("\nthe disk cap's steps alone:")
         for label, ms in _steps(base, args.rounds).items():
             print(f"  {label:32} {ms:8.1f}")
+        wait_for_watchdogs(home / "run")
         left, loops = _left_behind(tmp)
         assert not left and not loops, (left, loops)
     print("\nleft behind: no mount, no loop device")

@@ -31,6 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_create import wait_for_watchdogs
+
 
 async def gestvenv_cycle(level: str, packages: list[str], imports: str) -> float:
     import gestvenv
@@ -98,6 +100,7 @@ def main() -> None:
             print(f"gestvenv {level:25s}{first:24.0f}{clone:20.0f}{clone / peer:10.2f}x")
         print(f"{'uv run --isolated --with':34s}{'':24s}{peer:20.0f}{1:10.2f}x")
     finally:
+        wait_for_watchdogs(base / "run")
         shutil.rmtree(base, ignore_errors=True)
 
 

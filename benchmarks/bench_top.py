@@ -38,6 +38,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import gestvenv  # noqa: E402
+from benchmarks.bench_create import wait_for_watchdogs  # noqa: E402
 from gestvenv import monitor  # noqa: E402
 from gestvenv.runtime.systemd import systemd_booted  # noqa: E402
 
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         isolate(root, args.runtime, args.envs)
         asyncio.run(bench(args))
     finally:
+        wait_for_watchdogs(root / "run")
         os.environ.clear()
         os.environ.update(saved)
         shutil.rmtree(root, ignore_errors=True)
