@@ -40,7 +40,7 @@ from pathlib import Path
 
 from .exceptions import BuildError, DiskFullError, GestvenvError
 from .models import Enforcement, LimitStatus, StorageBackend
-from .reaper import CLAIM, unescape_mountinfo
+from .reaper import CLAIM, mount_of
 
 IMAGE = ".gestvenv-disk.img"  # DISK: the image, in the env's dir under its own mount
 _SEED = ".gestvenv-seed"      # DISK: what mkfs copies into the new filesystem (the claim)
@@ -61,13 +61,13 @@ _MS_NOSUID, _MS_NODEV = 2, 4
 class Host:
     """What this host offers for a filesystem of an env's own."""
 
-    root: bool            # may mount (uid 0)
+    uid: int              # the creator's: only root (0) may mount
     loop: bool            # /dev/loop-control exists (DISK's image)
     mkfs: str | None      # mkfs.ext4
 
 
 def probe() -> Host:
-    return Host(root=os.geteuid() == 0, loop=os.path.exists("/dev/loop-control"),
+    return Host(uid=os.geteuid(), loop=os.path.exists("/dev/loop-control"),
                 mkfs=shutil.which("mkfs.ext4", path=os.pathsep.join(_MKFS_DIRS)))
 
 
@@ -148,10 +148,10 @@ def status(max_disk: int | None, backend: StorageBackend, host: Host,
     """Whether ``max_disk`` can be held for an env on ``backend`` here, and by what."""
     if max_disk is None:
         return None
-    if not host.root:
+    if host.uid != 0:
         return LimitStatus(max_disk, False,
                            "needs a filesystem of the env's own, and mounting one needs root "
-                           f"(uid {os.geteuid()} cannot mount; neither can a user manager)")
+                           f"(uid {host.uid} cannot mount; neither can a user manager)")
     if backend is StorageBackend.DISK:
         missing = [what for what, ok in (("loop devices (/dev/loop-control)", host.loop),
                                          ("mkfs.ext4 (e2fsprogs)", host.mkfs)) if not ok]
@@ -323,7 +323,7 @@ def used_up(path: Path) -> bool:
     if not own_filesystem(path):
         return False
     st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize < _MB or st.f_bavail < st.f_blocks // 50
+    return free_bytes(path) < _MB or st.f_bavail < st.f_blocks // 50
 
 
 @dataclass(frozen=True)
@@ -359,30 +359,26 @@ def spaces(env_path: Path, max_disk: int | None, others: dict[str, Path]) -> lis
     out = []
     seen: set[int] = set()
     if max_disk is not None and own_filesystem(env_path):
-        st = os.statvfs(env_path)
         out.append(Space(f"its max_disk of {max_disk} MB", str(env_path),
-                         st.f_bavail * st.f_frsize, own=True))
+                         free_bytes(env_path), own=True))
         seen.add(os.stat(env_path).st_dev)
     for label, path in others.items():
         try:
             dev = os.stat(path).st_dev
-            st = os.statvfs(path)
+            free = free_bytes(path)
         except OSError:
             continue
         if dev in seen:
             continue
         seen.add(dev)
-        out.append(Space(label, _mount_point(str(path)), st.f_bavail * st.f_frsize))
+        out.append(Space(label, _mount_point(str(path)), free))
     return out
 
 
 def _mount_point(path: str) -> str:
     """The mount point a path is on (named in the error: "the filesystem of /x is full")."""
-    real, best = os.path.realpath(path), "/"
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
-        for line in f:
-            mnt = unescape_mountinfo(line.split()[4])
-            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
-                best = mnt
-    return best
+    try:
+        return mount_of(path)[0] or "/"
+    except OSError:
+        return "/"
 

@@ -72,12 +72,12 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
                               await asyncio.to_thread(diskcap.probe), facts)
     enforcement = diskcap.with_status(enforcement, disk)
     check_enforcement(enforcement, spec.allow_unenforced)
+    cap = diskcap.cap_of(enforcement)  # MB, when a filesystem of its own holds max_disk
     interpreter = await asyncio.to_thread(find_interpreter, spec.python)
     root = await asyncio.to_thread(storage.storage_root, spec.backend, config)
-    if disk is not None and disk.enforced:
+    if cap is not None:
         free = await asyncio.to_thread(diskcap.free_bytes, root.path)
-        if (why := diskcap.too_big(spec.limits.max_disk, spec.backend, free,
-                                   str(root.path))) is not None:
+        if (why := diskcap.too_big(cap, spec.backend, free, str(root.path))) is not None:
             raise DiskFullError(f"cannot create environment {spec.name!r}: {why}")
     env_id = uuid.uuid4().hex
     builder = make_builder(config, env_id)
@@ -125,10 +125,9 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
             stage = "making its directory"
             state_file = registry.state_path(record.name)
             await in_thread(storage.claim_dir, path, state_file, record.id)
-            if disk is not None and disk.enforced and spec.limits.max_disk is not None:
-                stage = f"making its {spec.limits.max_disk} MB filesystem"
-                await in_thread(diskcap.make, path, spec.backend, spec.limits.max_disk,
-                                config.preallocate)
+            if cap is not None:
+                stage = f"making its {cap} MB filesystem"
+                await in_thread(diskcap.make, path, spec.backend, cap, config.preallocate)
                 await in_thread(storage.write_claim, path, state_file, record.id)
             stage = CREATING_VENV
             await builder.create(path, interpreter)
@@ -157,9 +156,8 @@ def full_error(record: EnvRecord, config: Config, stage: str) -> DiskFullError:
     others = {f"the {backend.value} storage root": Path(record.path).parent,
               "the package cache": storage.uv_cache_dir(config),
               "gestvenv's state dir": storage.runtime_dir_path()}
-    max_disk = record.resource_limits.max_disk
-    return diskcap.explain_full(record.name, stage,
-                                diskcap.spaces(Path(record.path), max_disk, others))
+    return diskcap.explain_full(record.name, stage, diskcap.spaces(
+        Path(record.path), diskcap.cap_of(record.enforcement_record), others))
 
 
 def _with_sandbox(record: EnvRecord, config: Config) -> EnvRecord:

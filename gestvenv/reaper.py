@@ -161,6 +161,20 @@ def unescape_mountinfo(field: str) -> str:
     return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
+def mount_of(path: str) -> tuple[str, str]:
+    """(mount point, filesystem type) of the mount ``path`` is on: the longest mount point
+    that is ``path`` or one of its parents, after resolving links."""
+    real, best, fstype = os.path.realpath(path), "", ""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mnt = unescape_mountinfo(fields[4])
+            inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+            if inside and len(mnt) >= len(best):
+                best, fstype = mnt, fields[fields.index("-") + 1]
+    return best, fstype
+
+
 def mounts_under(path: str) -> list[str]:
     """Mount points at or below ``path`` (a real path), deepest first."""
     prefix = path.rstrip("/") + "/"
@@ -310,25 +324,41 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def cgroup_figures(cgroup: str) -> tuple[int | None, float | None]:
-    """Peak memory (bytes) and CPU time (s) of everything that ran in ``cgroup``: the
-    kernel's own counters, kept for its whole life (memory.peak or, on a hybrid host's v1,
-    memory.max_usage_in_bytes; cpu.stat or cpuacct.usage)."""
+def cgroup_cpu_seconds(cgroup: str, root: Path | None = None) -> float | None:
+    """CPU time used by everything in ``cgroup``: cpu.stat's usage_usec on the unified
+    hierarchy (``root`` on pure v2, its ``unified/`` on a hybrid host), else v1's cpuacct.usage
+    (None: neither). Also gestvenv.runtime.systemd.cgroups' reading."""
+    root = root or CGROUP_ROOT
     rel = cgroup.lstrip("/")
-    v2 = (CGROUP_ROOT / "cgroup.controllers").exists()
-    peak = _read_int(CGROUP_ROOT / rel / "memory.peak") if v2 else \
-        _read_int(CGROUP_ROOT / "memory" / rel / "memory.max_usage_in_bytes")
-    cpu = None
-    unified = CGROUP_ROOT if v2 else CGROUP_ROOT / "unified"
+    unified = root if (root / "cgroup.controllers").exists() else root / "unified"
     try:
         for line in (unified / rel / "cpu.stat").read_text().splitlines():
             key, _, value = line.partition(" ")
             if key == "usage_usec":
-                cpu = int(value) / 1e6
+                return int(value) / 1e6
     except (OSError, ValueError):
-        usage = _read_int(CGROUP_ROOT / "cpuacct" / rel / "cpuacct.usage")
-        cpu = None if usage is None else usage / 1e9
-    return peak, cpu
+        pass
+    usage = _read_int(root / "cpuacct" / rel / "cpuacct.usage")
+    return None if usage is None else usage / 1e9
+
+
+def cgroup_memory(cgroup: str, v2_name: str, v1_name: str,
+                  root: Path | None = None) -> int | None:
+    """A memory counter of ``cgroup``: ``v2_name`` on pure v2, else ``v1_name`` on the v1
+    memory hierarchy (a hybrid host's unified one has no memory controller)."""
+    root = root or CGROUP_ROOT
+    rel = cgroup.lstrip("/")
+    if (root / "cgroup.controllers").exists():
+        return _read_int(root / rel / v2_name)
+    return _read_int(root / "memory" / rel / v1_name)
+
+
+def cgroup_figures(cgroup: str) -> tuple[int | None, float | None]:
+    """Peak memory (bytes) and CPU time (s) of everything that ran in ``cgroup``: the
+    kernel's own counters, kept for its whole life (memory.peak or, on a hybrid host's v1,
+    memory.max_usage_in_bytes; cpu.stat or cpuacct.usage)."""
+    return (cgroup_memory(cgroup, "memory.peak", "memory.max_usage_in_bytes"),
+            cgroup_cpu_seconds(cgroup))
 
 
 def disk_used(path: Path, deadline: float | None = None) -> int | None:

@@ -30,13 +30,12 @@ from .reaper import (  # the deletion code, shared with the env unit's stop acti
     check_inside_roots,
     disk_used,
     is_marked_root,
+    mount_of,
     remove_tree,
-    unescape_mountinfo,
 )
 
 __all__ = ["CLAIM", "ROOT_MARK", "check_inside_roots", "is_marked_root", "remove_tree"]
 
-TMPFS_MAGIC = 0x01021994
 # Root's dirs (other users' are under their XDG dirs): also what the packaged tmpfiles.d file
 # creates at boot (gestvenv.distfiles).
 ROOT_RUNTIME_DIR = Path("/run/gestvenv")
@@ -101,25 +100,12 @@ def templates_dir(config: Config) -> Path:
 
 
 def is_tmpfs(path: Path) -> bool:
+    """Whether ``path`` is on a tmpfs (statfs(2).f_type, which os.statvfs does not expose,
+    read from /proc/self/mountinfo)."""
     try:
-        return _fs_magic(path) == TMPFS_MAGIC
+        return mount_of(str(path))[1] == "tmpfs"
     except (OSError, ValueError):
         return False
-
-
-def _fs_magic(path: Path) -> int:
-    """statfs(2).f_type, which os.statvfs does not expose; read from /proc/self/mountinfo."""
-    target = os.path.realpath(path)
-    best, fstype = "", ""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mnt = unescape_mountinfo(fields[4])
-            sep = fields.index("-")
-            inside = target == mnt or target.startswith(mnt.rstrip("/") + "/")
-            if inside and len(mnt) >= len(best):
-                best, fstype = mnt, fields[sep + 1]
-    return TMPFS_MAGIC if fstype == "tmpfs" else 0
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from gestvenv.diskcap import Host, Space
 from gestvenv.exceptions import BuildError, DiskFullError
 from gestvenv.models import Enforcement, IsolationLevel, LimitStatus, StorageBackend
 
-ROOT = Host(root=True, loop=True, mkfs="/usr/sbin/mkfs.ext4")
+ROOT = Host(uid=0, loop=True, mkfs="/usr/sbin/mkfs.ext4")
 BOXED = diskcap.Facts(sandboxed=True, memory_cgroup=True)
 MB = 1 << 20
 
@@ -73,14 +73,14 @@ def test_a_capped_envs_temp_dirs_are_in_its_own_dir() -> None:
 
 @pytest.mark.parametrize("backend", list(StorageBackend))
 def test_a_user_who_cannot_mount_is_told_why(backend: StorageBackend) -> None:
-    status = diskcap.status(50, backend, Host(root=False, loop=True, mkfs="mkfs"), BOXED)
+    status = diskcap.status(50, backend, Host(uid=4242, loop=True, mkfs="mkfs"), BOXED)
     assert status is not None and not status.enforced
     assert "needs root" in status.mechanism
 
 
 @pytest.mark.parametrize(("host", "missing"), [
-    (Host(root=True, loop=False, mkfs="mkfs"), "loop devices"),
-    (Host(root=True, loop=True, mkfs=None), "mkfs.ext4"),
+    (Host(uid=0, loop=False, mkfs="mkfs"), "loop devices"),
+    (Host(uid=0, loop=True, mkfs=None), "mkfs.ext4"),
 ])
 def test_disk_without_loop_devices_or_mkfs_is_not_held(host: Host, missing: str) -> None:
     status = diskcap.status(50, StorageBackend.DISK, host, BOXED)
