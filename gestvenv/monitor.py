@@ -23,9 +23,6 @@ from .registry import EnvRecord
 from .runtime import Runtime, Usage, runtime_named
 
 MB = 1 << 20
-# The states that hold a share of the quotas (max_concurrent, max_total_memory_mb): the rule of
-# registry.reserve, which refuses a new env over them.
-_RESERVING = ("creating", "ready", "destroying")
 
 
 @dataclass(frozen=True)
@@ -158,7 +155,7 @@ def totals(records: Sequence[EnvRecord], samples: Iterable[EnvUsage], config: Co
     """The ``stats`` figures from the records and the samples of the ready ones."""
     by_state: dict[str, int] = {}
     by_storage: dict[str, int] = {}
-    reserving = [r for r in records if r.state(now) in _RESERVING]
+    reserving = [r for r in records if r.holds_quota(now)]
     for record in records:
         state = record.state(now)
         by_state[state] = by_state.get(state, 0) + 1

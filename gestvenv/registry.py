@@ -101,6 +101,11 @@ class EnvRecord:
             return "orphaned"
         return self.status
 
+    def holds_quota(self, now: float | None = None) -> bool:
+        """Counted against max_concurrent and max_total_memory_mb: every env but those a
+        sweep removes (expired, orphaned)."""
+        return self.state(now) not in ("expired", "orphaned")
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
@@ -150,7 +155,7 @@ def _write_tmp(record: EnvRecord) -> Path:
 def reserve(record: EnvRecord, *, max_concurrent: int, max_total_memory_mb: int) -> None:
     """Register a new environment, or raise if the name is taken or a quota would be exceeded."""
     with locked():
-        live = [r for r in list_records() if r.state() not in ("expired", "orphaned")]
+        live = [r for r in list_records() if r.holds_quota()]
         if len(live) >= max_concurrent:
             raise QuotaExceededError(
                 f"{len(live)} environments exist; max_concurrent is {max_concurrent} "

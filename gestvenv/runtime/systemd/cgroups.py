@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ... import reaper
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -76,41 +78,21 @@ def user_namespaces_allowed() -> bool:
 
 
 def cpu_seconds(cgroup: str) -> float | None:
-    """CPU time used by everything in ``cgroup``."""
-    root = unified_root()
-    if root is not None:
-        try:
-            for line in (_dir(root, cgroup) / "cpu.stat").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "usage_usec":
-                    return int(value) / 1e6
-        except (OSError, ValueError):
-            pass
-    try:
-        return int((_dir(CGROUP_ROOT / "cpuacct", cgroup) / "cpuacct.usage").read_text()) / 1e9
-    except (OSError, ValueError):
-        return None
-
-
-def _memory_file(cgroup: str, v2_name: str, v1_name: str) -> int | None:
-    # (On a hybrid host the unified hierarchy has no memory controller: only v1 counts.)
-    path = _dir(CGROUP_ROOT, cgroup) / v2_name if is_v2() else \
-        _dir(CGROUP_ROOT / "memory", cgroup) / v1_name
-    try:
-        return int(path.read_text())
-    except (OSError, ValueError):
-        return None
+    """CPU time used by everything in ``cgroup`` (the reaper's reading: it says the env's at
+    its end, without this package)."""
+    return reaper.cgroup_cpu_seconds(cgroup, CGROUP_ROOT)
 
 
 def memory_current(cgroup: str) -> int | None:
     """Memory charged to ``cgroup`` and below now (None: no memory controller there)."""
-    return _memory_file(cgroup, "memory.current", "memory.usage_in_bytes")
+    return reaper.cgroup_memory(cgroup, "memory.current", "memory.usage_in_bytes", CGROUP_ROOT)
 
 
 def memory_peak(cgroup: str) -> int | None:
     """The highest memory charged to ``cgroup`` and below since it was made (None: no memory
     controller there, or a kernel before 5.19 on v2)."""
-    return _memory_file(cgroup, "memory.peak", "memory.max_usage_in_bytes")
+    return reaper.cgroup_memory(cgroup, "memory.peak", "memory.max_usage_in_bytes",
+                                CGROUP_ROOT)
 
 
 def pids(cgroup: str) -> list[int]:
