@@ -58,7 +58,7 @@ _DISK_HOST = diskcap.probe()
 
 def disk_cap_missing(backend: str) -> str | None:
     """Why this run cannot give an env on ``backend`` a max_disk (None: it can)."""
-    if not _DISK_HOST.root:
+    if _DISK_HOST.uid != 0:
         return "max_disk needs root (mounting an env's own filesystem)"
     if backend == "disk" and not (_DISK_HOST.loop and _DISK_HOST.mkfs):
         return "the disk backend's cap needs loop devices and mkfs.ext4"
