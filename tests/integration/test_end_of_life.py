@@ -202,7 +202,9 @@ async def test_each_local_env_has_a_watchdog_of_its_own(gv_home: Path) -> None:
     assert processes_of(gv_home / "run", marked_only=False, cmd="gestvenv.watchdog") == []
     assert backed.path.exists()  # nothing watched it
     gv("ephemeral", "list")  # any command restarts the per-user watchdog, which sweeps
-    await wait_until(lambda: not backed.path.exists(), 3, "backed swept")
+    # (A sweep deletes an env's dir, then its state file: the dir gone is not the end yet.)
+    await wait_until(lambda: not backed.path.exists() and not gestvenv.list_environments(), 3,
+                     "backed swept, its state file too")
     assert gestvenv.list_environments() == []
 
 
