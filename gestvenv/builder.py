@@ -128,6 +128,8 @@ class Builder:
         # The env's commands run under a uid of their own and cannot write root's read-only
         # files: installed files may be hardlinks of the cache's and the snapshots' (link_mode).
         self.share_read_only = False
+        # The package set's snapshot the env was populated from or stored to: (key, its dir).
+        self.template: tuple[str, Path] | None = None
 
     async def create(self, env_path: Path, interpreter: Interpreter) -> None:
         raise NotImplementedError
@@ -228,6 +230,7 @@ class UvBuilder(Builder):
             try:
                 await in_thread(functools.partial(self.templates.clone, template, env_path,
                                                   share_read_only=self.share_read_only))
+                self.template = (key, template)
                 return
             except OSError as exc:  # a pruned or damaged snapshot: install for real
                 log.debug("snapshot %s unusable (%s); installing", template, exc)
@@ -236,6 +239,8 @@ class UvBuilder(Builder):
         if not self.built_inside:
             # (What a build inside wrote is the env's code, not uv's: never snapshotted.)
             await in_thread(self.templates.store, key, env_path, baseline)
+            stored = await in_thread(self.templates.lookup, key)
+            self.template = (key, stored) if stored is not None else None
 
     async def install(self, env_path: Path, interpreter: Interpreter, packages: Sequence[str],
                       requirements: Sequence[Path] = ()) -> None:

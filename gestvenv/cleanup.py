@@ -14,7 +14,7 @@ from .config import Config
 from .exceptions import GestvenvError
 from .lifecycle import destroy_many
 from .registry import EnvRecord
-from .runtime import SystemdRuntime, UnitView, processes
+from .runtime import SystemdRuntime, UnitView, container, processes
 from .runtime.systemd import live_units
 from .runtime.systemd.plan import LIVE_UNIT_STATES
 from .templates import TemplateCache
@@ -142,3 +142,9 @@ def _sweep_orphans(config: Config, report: SweepReport, kept: dict[str, str]) ->
                 report.errors[str(root / entry.name)] = str(exc)
     templates = TemplateCache(storage.templates_dir(config), config.template_ttl)
     report.orphan_paths.extend(templates.prune())
+    # Containers of envs that are gone (a crash, a reboot, a reaper that was killed), and the
+    # images of package sets no longer snapshotted.
+    try:
+        report.orphan_paths.extend(container.sweep(config))
+    except Exception as exc:  # an engine that misbehaves must not stop the sweep
+        report.errors["containers"] = str(exc)

@@ -136,6 +136,8 @@ OPTIONS: dict[str, Option] = {
     "find_links": Option(_str_list, "extra local dirs or URLs to find packages in"),
     "index_url": Option(_opt_str, "package index URL (default: the installer's)"),
     "offline": Option(_bool, "never touch the network when installing"),
+    "container_engine": Option(_choice("auto", "podman", "docker"),
+                               "what runs container isolation: 'auto' is podman, else docker"),
     "preallocate": Option(_bool, "disk backend with max_disk: reserve the image's max_disk MB "
                                  "at creation (false: a sparse image, still capped)"),
 }
@@ -167,6 +169,7 @@ class Config:
     # Measured: fallocate of 1 GB costs <10 ms on ext4 (unwritten extents), and an env that
     # was promised max_disk MB gets them even if the host disk fills later.
     preallocate: bool = True
+    container_engine: str = "auto"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def replace(self, **changes: Any) -> Config:

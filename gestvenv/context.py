@@ -110,6 +110,12 @@ class Environment:
         return self._record.runtime
 
     @property
+    def container(self) -> dict[str, Any] | None:
+        """At container isolation: its engine, container name and id, its image and its
+        package set's image (``podman ps``, ``images save``); None below."""
+        return dict(self._record.container) or None
+
+    @property
     def expires_at(self) -> float | None:
         return self._record.expires_at
 
@@ -343,6 +349,7 @@ def describe(record: EnvRecord) -> dict[str, Any]:
         "enforcement": record.enforcement,
         "sandbox_uid": record.sandbox_uid,
         "sandbox_expose": record.sandbox_expose,
+        "container": record.container or None,
         "guarantees": _guarantees(record.runtime),
         "notes": record.notes,
     }

@@ -46,8 +46,14 @@ def _own_cgroup() -> str:
     return ""
 
 
+# A container env's container and its conmon are scopes in its slice, alive for as long as the
+# env: not a sign of use. (Its commands, exec'd into it, carry the env's marker.)
+_CONTAINER_SCOPES = ("libpod-", "docker-")
+
+
 def _slice_busy(slice_dir: Path) -> bool:
-    for dirpath, _dirs, files in os.walk(slice_dir):
+    for dirpath, dirs, files in os.walk(slice_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(_CONTAINER_SCOPES)]
         if "cgroup.procs" in files:
             try:
                 if Path(dirpath, "cgroup.procs").read_text().strip():

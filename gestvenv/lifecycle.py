@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -16,11 +16,13 @@ import psutil
 from . import diskcap, registry, sandbox, storage
 from .builder import find_interpreter, find_uv, make_builder
 from .config import Config
+from .container import plan as cplan
+from .container.engine import Engine
 from .exceptions import BuildError, DiskFullError, UnenforceableLimitError, UnsafePathError
 from .inside import InsideInstaller
 from .models import Enforcement, IsolationLevel, ResourceLimits, StorageBackend
 from .registry import EnvRecord
-from .runtime import runtime_named, select_runtime
+from .runtime import Runtime, container, runtime_named, select_runtime
 from .shield import in_thread, shielded
 from .watchdog import ensure_reaper
 
@@ -59,14 +61,16 @@ def check_enforcement(enforcement: Enforcement, allow_unenforced: bool) -> None:
 async def create(spec: EnvSpec, config: Config) -> EnvRecord:
     """Reserve the name, build the venv, start the runtime's group, install: or undo it all."""
     runtime = await select_runtime(config, spec.runtime)
+    enforcement, engine = await _isolation(runtime, spec, config)
     # max_disk is the storage's to hold (a filesystem of the env's own), whatever the runtime.
-    enforcement = runtime.plan(spec.limits, spec.isolation)
     disk = None
     if spec.limits.max_disk is not None:
         memory = enforcement.limits.get("max_memory")
         facts = diskcap.Facts(
             sandboxed=enforcement.isolation_applied.sandboxed,
-            memory_cgroup=runtime.name == "systemd" and memory is not None and memory.enforced,
+            # (A container's cgroup is one: the engine's --memory.)
+            memory_cgroup=(runtime.name == "systemd" or engine is not None) and memory is not None
+            and memory.enforced,
             preallocate=config.preallocate)
         disk = diskcap.status(spec.limits.max_disk, spec.backend,
                               await asyncio.to_thread(diskcap.probe), facts)
@@ -97,6 +101,8 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
     )
     if enforcement.isolation_applied.sandboxed:
         record = await asyncio.to_thread(_with_sandbox, record, config)
+    if engine is not None:
+        record = container.planned(record, engine)  # (its unit's reaper removes it)
     # Package code runs in the env; before its first command, the env's files go to its uid.
     builder.inside = InsideInstaller(record, runtime, hand_over_first=True)
     builder.share_read_only = record.sandbox_uid is not None
@@ -129,11 +135,19 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
                 stage = f"making its {cap} MB filesystem"
                 await in_thread(diskcap.make, path, spec.backend, cap, config.preallocate)
                 await in_thread(storage.write_claim, path, state_file, record.id)
+            if engine is not None:
+                stage = "starting its container"
+                record = await runtime.start_container(record)
+                builder.inside.record = record
             stage = CREATING_VENV
             await builder.create(path, interpreter)
             stage = "installing its packages"
             await builder.populate(path, interpreter, spec.packages, spec.requirements)
             await builder.inside.hand_over()  # (done already if a build ran inside)
+            if engine is not None and builder.template is not None:
+                stage = "making its package set's image"
+                record = await in_thread(container.with_packages_image, record, engine,
+                                         *builder.template)
             record = record.evolve(status="ready", last_activity=time.time())
             if not spec.owned:
                 record = record.evolve(owner_pid=None, owner_started=None)
@@ -148,6 +162,29 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
             raise await in_thread(full_error, record, config, stage) from exc
         undo.pop_all()
     return record
+
+
+async def _isolation(runtime: Runtime, spec: EnvSpec,
+                     config: Config) -> tuple[Enforcement, Engine | None]:
+    """What the runtime applies, and at container isolation the engine that runs it: none
+    found, the strongest sandbox without one (namespace), and the env says so."""
+    if spec.isolation.rank < IsolationLevel.CONTAINER.rank:
+        return runtime.plan(spec.limits, spec.isolation), None
+    engine, why = await container.choose(config.container_engine)
+    if engine is None:
+        fallback = runtime.plan(spec.limits, IsolationLevel.NAMESPACE)
+        note = (f"isolation {spec.isolation.value} requested; no container engine ({why}): "
+                f"{fallback.isolation_applied.value} isolation applied, the strongest sandbox "
+                f"of the {runtime.name} runtime without one")
+        return replace(fallback, isolation_requested=spec.isolation,
+                       notes=(note, *fallback.notes)), None
+    # The runtime holds the limits it holds at process level (under systemd, the env's
+    # slice, where the container goes); the container holds the isolation.
+    base = runtime.plan(spec.limits, IsolationLevel.PROCESS)
+    return cplan.enforcement(
+        base, spec.limits, engine=engine.name, rootless=engine.rootless,
+        own_uid=sandbox.needs_own_uid(os.geteuid(), IsolationLevel.CONTAINER),
+        slice_holds=runtime.name == "systemd", requested=spec.isolation), engine
 
 
 def full_error(record: EnvRecord, config: Config, stage: str) -> DiskFullError:

@@ -45,12 +45,38 @@ ROOT_MARK = ".gestvenv-root"
 CLAIM = ".gestvenv-env"  # in an env's dir: its id and state file (see gestvenv.storage)
 ENV_MARKER = "GESTVENV_ENV_ID"  # in the environment of every process gestvenv starts for an env
 EXEC_MARKER = "GESTVENV_EXEC_ID"
+# In the environment of a container env's reaper (its unit's, its holder's): the engine's CLI.
+CONTAINER_ENGINE = "GESTVENV_CONTAINER_ENGINE"
+CONTAINER_LABEL = "io.gestvenv.env-id"  # (gestvenv.container.engine.LABEL_ID)
 # Deleting never goes below a mount point: umount2(MNT_DETACH) first, or refuse.
 _MNT_DETACH = 2
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 
 # --- processes ---
+
+def remove_containers(env_id: str, engine: str | None = None) -> int:
+    """Kill and remove every container labelled with this env's id, through the engine's CLI
+    (``$GESTVENV_CONTAINER_ENGINE`` by default; nothing without one). A container that is not
+    labelled so is never touched."""
+    engine = engine or os.environ.get(CONTAINER_ENGINE)
+    if not engine or not env_id:
+        return 0
+    import subprocess
+    try:
+        found = subprocess.run(
+            [engine, "ps", "-a", "-q", "--no-trunc", "--filter",
+             f"label={CONTAINER_LABEL}={env_id}"], capture_output=True, text=True,
+            timeout=60, stdin=subprocess.DEVNULL, check=False).stdout.split()
+        if found:
+            force = ["--force", "--time", "0"] if os.path.basename(engine) == "podman" \
+                else ["--force"]
+            subprocess.run([engine, "rm", *force, *found], capture_output=True, timeout=120,
+                           stdin=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return len(found)
+
 
 def marked_pids(key: str, value: str) -> list[int]:
     """PIDs whose initial environment has ``key=value`` (only processes we may read)."""
@@ -451,6 +477,9 @@ def reap(path: Path, env_id: str, state_file: Path, lock: Path,
     Returns what it did, starting with what the env used (:func:`end_report`); raises
     :class:`UnsafePathError` for what it refused."""
     done = []
+    # Its container first: it holds the env's dir (and its cap's mount) bound inside.
+    if containers := remove_containers(env_id):
+        done.append(f"removed {containers} container(s) of the environment")
     killed = kill_marked(ENV_MARKER, env_id)
     # Measured once nothing of it runs any more (its figures no longer move), before its
     # files go; a figure that cannot be read never stops a reap.

@@ -64,6 +64,9 @@ class EnvRecord:
     # (hidden under an empty tmpfs), and paths under hidden trees they need (bound read-only).
     sandbox_hide: list[str] = field(default_factory=list)
     sandbox_expose: list[str] = field(default_factory=list)
+    # At container isolation: its engine, its container's name and id, its image
+    # (gestvenv.runtime.container); empty below.
+    container: dict[str, Any] = field(default_factory=dict)
     version: int = STATE_VERSION
 
     @property

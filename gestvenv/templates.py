@@ -32,7 +32,7 @@ from .storage import remove_tree
 
 # Stands for the environment's interpreter in the scripts of a snapshot.
 PLACEHOLDER = b"/@@gestvenv-env-python@@"
-_COMPLETE = ".gestvenv-template"
+COMPLETE_MARK = ".gestvenv-template"  # in a snapshot: it is whole
 _MARK = ".gestvenv-templates"
 _KEY_RE = re.compile(r"[0-9a-f]{32}|\.tmp-[0-9a-f]{32}-[0-9a-f]{8}")
 # The kernel reads at most this much of a "#!" line; longer paths need a /bin/sh preamble.
@@ -273,14 +273,14 @@ class TemplateCache:
             return None
         path = self.root / key
         try:
-            made = (path / _COMPLETE).stat().st_mtime
+            made = (path / COMPLETE_MARK).stat().st_mtime
         except OSError:
             return None
         return path if time.time() - made < self.max_age else None
 
     def clone(self, template: Path, env_path: Path, *, share_read_only: bool = False) -> None:
         python = str(env_path / "bin" / "python").encode()
-        _transfer(template, env_path, skip={_COMPLETE}, replace=(PLACEHOLDER, python),
+        _transfer(template, env_path, skip={COMPLETE_MARK}, replace=(PLACEHOLDER, python),
                   reflink=self.reflink, share_read_only=share_read_only)
 
     def store(self, key: str, env_path: Path, baseline: set[str]) -> None:
@@ -293,7 +293,7 @@ class TemplateCache:
         try:
             _transfer(env_path, tmp, skip=baseline, replace=(python, PLACEHOLDER),
                       reflink=self.reflink)
-            (tmp / _COMPLETE).write_text(json.dumps({"created": time.time()}))
+            (tmp / COMPLETE_MARK).write_text(json.dumps({"created": time.time()}))
             final = self.root / key
             if final.exists():  # stale (past max_age) or a twin's: replace it
                 self._remove(final)
@@ -304,6 +304,15 @@ class TemplateCache:
         finally:
             if tmp.exists():
                 self._remove(tmp)
+
+    def live_keys(self) -> set[str]:
+        """The keys of the snapshots still in use (within their age)."""
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return set()
+        return {n for n in names if not n.startswith(".") and _KEY_RE.fullmatch(n)
+                and self.lookup(n) is not None}
 
     def prune(self) -> list[str]:
         """Remove snapshots past their age and leftovers of interrupted stores."""

@@ -10,6 +10,7 @@ from ._common import handle_errors, run_foreground
 from ._complete import complete_env_name
 from .config import config_group
 from .ephemeral import ephemeral_group
+from .images import images_group
 from .timer import timer_group
 
 
@@ -42,6 +43,7 @@ def run_command(env_name: str, timeout: float | None, cwd: str | None,
 
 
 ephemeral_group.add_command(timer_group)  # gestvenv ephemeral timer install|uninstall|status
+ephemeral_group.add_command(images_group)  # gestvenv ephemeral images [prune|save|load]
 cli.add_command(ephemeral_group)
 cli.add_command(config_group)
 

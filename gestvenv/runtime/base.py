@@ -97,6 +97,11 @@ class Runtime(abc.ABC):
         """Make the environment's group live: limits and TTL held by the runtime from now on."""
 
     @abc.abstractmethod
+    async def start_container(self, record: EnvRecord) -> EnvRecord:
+        """Start the env's container (container isolation), once its dir exists; the record
+        with what it became (:mod:`.container`)."""
+
+    @abc.abstractmethod
     async def run(self, record: EnvRecord, command: CommandSpec) -> ExecResult:
         """Run one command inside the environment and wait for it."""
 

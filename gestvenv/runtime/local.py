@@ -8,14 +8,9 @@ environment unless unenforced limits are explicitly allowed.
 from __future__ import annotations
 
 import asyncio
-import codecs
-import contextlib
-import errno
 import os
 import resource
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +20,6 @@ import psutil
 from .. import diskcap
 from .. import sandbox as sandbox_ids
 from ..exceptions import (
-    CommandNotExecutableError,
     CommandNotFoundError,
     RuntimeUnavailableError,
     ValidationError,
@@ -41,13 +35,12 @@ from ..models import (
     network_held,
 )
 from ..registry import EnvRecord, lock_path, state_path
-from ..shield import shielded
-from . import bwrap, processes
+from . import bwrap, container, processes
 from .base import CommandSpec, Runtime, Usage
+from .spawn import StatusPipe, run_process
 
 MB = 1 << 20
 SANDBOX_TASKS = 2  # bwrap's init (PID 1) and ours, in the command's namespaces
-PIPE_GRACE = 1.0
 HOLDER = str(Path(__file__).resolve().parents[1] / "holder.py")
 HOLDER_MARKER = "GESTVENV_HOLDER_OF"  # in the environment of an env's own (local) holder
 
@@ -63,7 +56,7 @@ def _spawn_holder(record: EnvRecord) -> None:
         argv += ["--idle-timeout", str(record.idle_timeout)]
     if record.expires_at is not None:
         argv += ["--expires-at", repr(record.expires_at)]
-    processes.spawn_detached(argv, {HOLDER_MARKER: record.id})
+    processes.spawn_detached(argv, {HOLDER_MARKER: record.id, **container.reaper_environ(record)})
 
 
 def _user_task_count(uid: int) -> int:
@@ -212,9 +205,15 @@ class LocalRuntime(Runtime):
         watchdog (started when the env was registered) sweeps too, should this one be killed."""
         await asyncio.to_thread(_spawn_holder, record)
 
+    async def start_container(self, record: EnvRecord) -> EnvRecord:
+        """The env's container, with the engine's own limits (no slice holds them here)."""
+        return await container.start(record)
+
     async def stop(self, record: EnvRecord) -> None:
-        # Its holder is left to leave by itself (within 0.5 s of its state file going): no
-        # second scan of /proc on every destroy.
+        # Its container first (it holds the env's dir bound inside). Its holder is left to
+        # leave by itself (within 0.5 s of its state file going): no second scan of /proc on
+        # every destroy.
+        await container.stop(record)
         await asyncio.to_thread(processes.kill_marked, processes.ENV_MARKER, record.id)
 
     def guarantees(self) -> Sequence[str]:
@@ -249,92 +248,20 @@ class LocalRuntime(Runtime):
         return await asyncio.to_thread(read)
 
     async def run(self, record: EnvRecord, command: CommandSpec) -> ExecResult:
-        exec_id = uuid.uuid4().hex
-        environ = {**command.environ, processes.EXEC_MARKER: exec_id}
-        deadline_kind, timeout = _deadline(record, command.timeout)
-        if command.input is not None:
-            stdin: int | None = subprocess.PIPE
-        else:
-            stdin = subprocess.DEVNULL if command.capture else None
-        out = subprocess.PIPE if command.capture else None
+        if container.of(record) is not None:
+            return await container.run(record, command)
         box = sandbox_of(record)
         argv: Sequence[str] = command.argv
-        cwd, preexec, status_r, status_w = command.cwd, _rlimits(record), -1, -1
+        cwd, preexec, status = command.cwd, _rlimits(record), None
+        exec_id = uuid.uuid4().hex
         if box is not None:
             # bwrap is run from / and told where to go inside (a dir it would not find inside
             # is refused before); the rlimits are set by its init, just before the command.
-            status_r, status_w = os.pipe()
-            os.set_blocking(status_r, False)
-            argv = _sandboxed_argv(record, box, command, status_w)
+            status = StatusPipe()
+            argv = _sandboxed_argv(record, box, command, status.writer)
             cwd, preexec = "/", None
-        started = time.monotonic()
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=stdin, stdout=out, stderr=out, cwd=cwd,
-                env=environ,
-                # Captured commands get a session of their own (one group to kill); interactive
-                # ones stay in the terminal's foreground group so that Ctrl-C and job control
-                # reach them.
-                start_new_session=command.capture,
-                preexec_fn=preexec,
-                pass_fds=(status_w,) if status_w >= 0 else (),
-            )
-        except BaseException as exc:
-            if status_w >= 0:
-                os.close(status_r)
-            if isinstance(exc, FileNotFoundError):  # e.g. the interpreter of its "#!" line
-                raise CommandNotFoundError(
-                    f"cannot run {command.argv[0]}: {exc.strerror}") from None
-            if isinstance(exc, OSError):  # EACCES, ENOEXEC (a "#!" line too long or malformed)
-                raise CommandNotExecutableError(
-                    f"cannot run {command.argv[0]}: {exc.strerror}") from None
-            raise
-        finally:
-            if status_w >= 0:
-                os.close(status_w)
-        # The command's output pipes: whoever still holds them at a timeout is of its tree,
-        # even a process that scrubbed its environment (and so its marker).
-        pipes = processes.pipe_ids(proc.pid) if command.capture else set()
-        killed_by = None
-        chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-        collector = asyncio.ensure_future(_collect(proc, command, chunks))
-
-        def kill_tree() -> None:
-            processes.kill_marked(processes.EXEC_MARKER, exec_id)
-            processes.kill_pipe_holders(pipes)
-
-        try:
-            done, _ = await asyncio.wait({collector}, timeout=timeout)
-            if not done:
-                killed_by = deadline_kind
-                await asyncio.to_thread(kill_tree)
-                # Output read so far is kept: the pipes end once their holders are dead. If one
-                # escaped anyway, stop reading after a grace period rather than hang.
-                done, _ = await asyncio.wait({collector}, timeout=PIPE_GRACE)
-                if not done:
-                    collector.cancel()
-                    await proc.wait()
-            else:
-                await collector
-        except BaseException:
-            # Cancelled (Ctrl-C, a task group): the command does not outlive its caller.
-            collector.cancel()
-            if status_r >= 0:
-                os.close(status_r)
-            await shielded(asyncio.to_thread(kill_tree))
-            raise
-        stdout, stderr = b"".join(chunks["stdout"]), b"".join(chunks["stderr"])
-        duration = time.monotonic() - started
-        returncode = proc.returncode if proc.returncode is not None else await proc.wait()
-        if status_r >= 0:
-            returncode = _sandboxed_status(status_r, returncode, command.argv[0])
-        if killed_by is None and returncode == -9 and record.expires_at is not None \
-                and time.time() >= record.expires_at - 0.05:
-            killed_by = "ttl"  # the watchdog ended the environment while this ran
-        return ExecResult(argv=command.argv, returncode=returncode,
-                          stdout=stdout.decode(errors="replace"),
-                          stderr=stderr.decode(errors="replace"),
-                          duration=duration, killed_by=killed_by)
+        return await run_process(record, command, argv, exec_id=exec_id, cwd=cwd,
+                                 preexec=preexec, status=status)
 
 
 def _usage_of(pids: Sequence[int]) -> Usage:
@@ -370,16 +297,6 @@ def _vm_hwm(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
-
-
-def _deadline(record: EnvRecord, timeout: float | None) -> tuple[str, float | None]:
-    """The earlier of the command's timeout and the environment's TTL, and which one it is."""
-    if record.expires_at is None:
-        return "timeout", timeout
-    remaining = max(0.0, record.expires_at - time.time())
-    if timeout is not None and timeout <= remaining:
-        return "timeout", timeout
-    return "ttl", remaining
 
 
 def _limit_settings(record: EnvRecord, box: bwrap.Sandbox | None = None) -> list[tuple[int, int]]:
@@ -459,55 +376,3 @@ def _sandboxed_argv(record: EnvRecord, box: bwrap.Sandbox, command: CommandSpec,
         # Interactive commands stay in the terminal's session (Ctrl-C, job control); captured
         # ones have no terminal (they are in a session of their own already).
         new_session=command.capture)
-
-
-def _sandboxed_status(status_r: int, returncode: int, program: str) -> int:
-    """The command's own status, as the sandbox's init reported it (bwrap gives 128+N for a
-    death by signal N); bwrap's if there is no report (bwrap failed, or was killed)."""
-    try:
-        report = os.read(status_r, 64).decode(errors="replace")
-    except OSError:  # BlockingIOError: no report
-        report = ""
-    finally:
-        os.close(status_r)
-    if report.startswith("E"):  # then "S127" from the init
-        errno_ = int(report[1:].partition("S")[0] or errno.ENOEXEC)
-        text = os.strerror(errno_)
-        if errno_ == errno.ENOENT:
-            raise CommandNotFoundError(f"cannot run {program}: {text}")
-        raise CommandNotExecutableError(f"cannot run {program}: {text}")
-    if report.startswith("S"):
-        with contextlib.suppress(ValueError):
-            return int(report[1:])
-    return returncode
-
-
-async def _collect(proc: asyncio.subprocess.Process, command: CommandSpec,
-                   chunks: dict[str, list[bytes]]) -> None:
-    stream = command.stream
-
-    async def pump(name: str, reader: asyncio.StreamReader | None) -> None:
-        if reader is None:
-            return
-        # Incremental: a UTF-8 character split across two reads is shown whole.
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        while data := await reader.read(65536):
-            chunks[name].append(data)
-            if stream is not None:
-                stream(name, decoder.decode(data))
-        if stream is not None and (tail := decoder.decode(b"", final=True)):
-            stream(name, tail)
-
-    async def feed() -> None:
-        if proc.stdin is None:
-            return
-        try:
-            if command.input:
-                proc.stdin.write(command.input)
-                await proc.stdin.drain()
-            proc.stdin.close()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the command did not read all its input: not an error of ours
-
-    await asyncio.gather(feed(), pump("stdout", proc.stdout), pump("stderr", proc.stderr))
-    await proc.wait()

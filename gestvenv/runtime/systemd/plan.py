@@ -455,6 +455,7 @@ class HolderArgs:
     reaper: str = ""         # gestvenv/reaper.py
     env_path: str = ""       # the env's storage dir, as created: the reaper never reads it
     registry_lock: str = ""  # from the state file
+    environ: tuple[str, ...] = ()  # more of the unit's variables (the container engine's)
 
 
 def env_properties(names: UnitNames, env_name: str, description: str, ttl: int | None,
@@ -473,7 +474,7 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
     props = [
         prop("Description", f"gestvenv environment {env_name} ({description})"),
         prop("Environment", [f"{UNIT_ENV_ID}={holder.env_id}",
-                             f"{UNIT_STATE_FILE}={holder.state_file}"]),
+                             f"{UNIT_STATE_FILE}={holder.state_file}", *holder.environ]),
         prop("Slice", PARENT_SLICE),
         prop("BindsTo", [names.slice]),
         prop("ExecStart", exec_start(argv)),

@@ -16,10 +16,12 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ... import diskcap, sandbox
+from ...container import plan as cplan
 from ...exceptions import (
     CommandNotExecutableError,
     CommandNotFoundError,
@@ -33,6 +35,7 @@ from ...exceptions import (
 from ...models import Enforcement, ExecResult, IsolationLevel, ResourceLimits
 from ...registry import EnvRecord, lock_path, state_path
 from ...shield import in_thread, shielded
+from .. import container
 from ..base import CommandSpec, Runtime, UnitView, Usage
 from . import cgroups, plan
 from .bus import SERVICE, UNIT, NoSuchUnit, SystemdBus, connection, unit_path, variants
@@ -162,6 +165,9 @@ class SystemdRuntime(Runtime):
         caps = self.capabilities
         names = UnitNames.of(record.name)
         limits = ResourceLimits.from_dict(record.limits)
+        if container.of(record) is not None and limits.max_processes is not None:
+            # The container's conmon and init share the slice (container.plan.SLICE_TASKS).
+            limits = replace(limits, max_processes=limits.max_processes + cplan.SLICE_TASKS)
         await self._ensure_parent_slice(bus, self.max_total_memory_mb)
         sandbox = self._sandbox(record)
         holder = plan.HolderArgs(
@@ -169,7 +175,8 @@ class SystemdRuntime(Runtime):
             state_file=str(state_path(record.name)), env_id=record.id,
             owner_pid=record.owner_pid, owner_start=record.owner_started,
             idle_timeout=record.idle_timeout, reaper=_REAPER, env_path=record.path,
-            registry_lock=str(lock_path()))
+            registry_lock=str(lock_path()),
+            environ=tuple(f"{k}={v}" for k, v in container.reaper_environ(record).items()))
         description = f"python {record.python_version}, {record.backend} storage, {record.path}"
         env_props = plan.env_properties(names, record.name, description, record.ttl, holder,
                                         sandbox)
@@ -196,6 +203,13 @@ class SystemdRuntime(Runtime):
         if result != "done":
             raise SystemdError(f"systemd could not start {names.env} (job {result}); see "
                                f"`journalctl -u {names.env}`", "job-" + result)
+
+    async def start_container(self, record: EnvRecord) -> EnvRecord:
+        """The env's container, in its slice: the slice's limits hold it, its end ends it."""
+        names = UnitNames.of(record.name)
+        return await container.start(
+            record, cgroup_parent=names.slice,
+            oom_cgroup=f"{self._root_cgroup}/{plan.PARENT_SLICE}/{names.slice}")
 
     async def _stop_units(self, bus: SystemdBus, names: UnitNames) -> None:
         for unit in (names.env, names.slice):
@@ -293,6 +307,9 @@ class SystemdRuntime(Runtime):
     # -- commands -----------------------------------------------------------------------------
 
     async def run(self, record: EnvRecord, command: CommandSpec) -> ExecResult:
+        if container.of(record) is not None:
+            # exec'd into the env's container, which is in the env's slice: its limits hold.
+            return await container.run(record, command)
         bus = await self._bus()
         await self.prepare()
         names = UnitNames.of(record.name)
@@ -479,10 +496,12 @@ async def _all_of(*steps: Awaitable[Any] | None) -> None:
 
 
 def sandbox_spec(record: EnvRecord) -> plan.SandboxSpec:
-    """The env's sandbox as its record decided it at creation."""
+    """The env's sandbox as its record decided it at creation. (At container isolation the
+    container is the sandbox: the env's own unit, its holder, has none.)"""
+    contained = container.of(record) is not None
     return plan.SandboxSpec(
-        level=record.enforcement_record.isolation_applied,
-        network=record.resource_limits.network_access, env_path=record.path,
+        level=IsolationLevel.PROCESS if contained else record.enforcement_record.isolation_applied,
+        network=contained or record.resource_limits.network_access, env_path=record.path,
         hide=tuple(record.sandbox_hide), expose=tuple(record.sandbox_expose),
         uid=record.sandbox_uid,
         temp=tuple(diskcap.capped_temp_dirs(record.enforcement_record, record.path).items()),

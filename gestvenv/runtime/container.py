@@ -1,0 +1,312 @@
+"""An environment's container (container isolation), under either runtime.
+
+The env's container is started once its dir exists (:func:`start`), from the base image of
+its interpreter (:mod:`gestvenv.container.images`), and lives as long as the env: its
+commands are ``podman exec``s into it (:func:`run`), run as our children by
+:func:`.spawn.run_process` exactly as the local runtime runs its own, so that results,
+timeouts and ``killed_by`` are the same at every level. Under systemd the container and its
+conmon are scopes in the env's slice (``--cgroup-parent``), so the slice's limits hold them
+and its end ends them; locally the engine holds the limits (``--memory``...).
+
+What ends it: :func:`stop` (a destroy), and the env's reaper (its unit's stop action or its
+local holder), which removes every container labelled with the env's id
+(``reaper.remove_containers``): at the TTL, when its creator dies, and after a crash the
+cleanup timer's sweep (:func:`sweep`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .. import diskcap, reaper, storage
+from ..config import Config
+from ..container import engine as engines
+from ..container import images
+from ..container import plan as cplan
+from ..exceptions import (
+    CommandNotFoundError,
+    EnvironmentClosedError,
+    RuntimeUnavailableError,
+    ValidationError,
+)
+from ..models import ExecResult
+from ..registry import EnvRecord, state_path
+from ..templates import TemplateCache
+from . import processes
+from .base import CommandSpec, UnitView
+from .spawn import StatusPipe, run_process
+from .systemd.cgroups import OomWatch
+
+# Moves the status pipe to fd 3, where ``podman exec --preserve-fds 1`` passes it on to the
+# sandbox init (bwrap.INIT) that runs the command in the container.
+_FD3 = 'fd=$1; shift; eval "exec 3>&$fd"; exec "$@"'
+_NO_SUCH = ("no such container", "no container with name or id", "is not running",
+            "container state improper", "can only create exec sessions on running containers")
+
+
+def of(record: EnvRecord) -> dict[str, Any] | None:
+    """The env's container facts (engine, name, image...), or None below container isolation."""
+    return record.container or None
+
+
+def conf_dir() -> Path:
+    return storage.runtime_dir()
+
+
+async def choose(requested: str) -> tuple[engines.Engine | None, str]:
+    """The engine for a new container env (config ``container_engine``), or None and why."""
+    return await asyncio.to_thread(engines.find, requested, conf_dir())
+
+
+def engine_of(record: EnvRecord) -> engines.Engine:
+    facts = of(record) or {}
+    environ = {"CONTAINERS_CONF": facts["conf"]} if facts.get("conf") else {}
+    return engines.Engine(facts["engine"], facts["path"], bool(facts.get("rootless")),
+                          int(facts.get("cgroup_version") or 1), environ)
+
+
+def planned(record: EnvRecord, engine: engines.Engine) -> EnvRecord:
+    """The record with its container's engine, before anything runs: its units and holder
+    (whose reaper removes the container) are made with it."""
+    return record.evolve(container={
+        "engine": engine.name, "path": engine.path, "rootless": engine.rootless,
+        "cgroup_version": engine.cgroup_version,
+        "conf": engine.environ.get("CONTAINERS_CONF", ""),
+        "name": cplan.container_name(record.name, record.id)})
+
+
+def reaper_environ(record: EnvRecord) -> dict[str, str]:
+    """What the env's reaper needs to remove its container (its unit's or holder's env)."""
+    facts = of(record)
+    if facts is None:
+        return {}
+    out = {reaper.CONTAINER_ENGINE: facts["path"]}
+    if facts.get("conf"):
+        out["CONTAINERS_CONF"] = facts["conf"]
+    return out
+
+
+def _user(record: EnvRecord, engine: engines.Engine) -> tuple[str | None, bool]:
+    """(--user, --userns keep-id): the env's own uid for a root creator, the creator's uid
+    otherwise (rootless podman maps it to itself)."""
+    if record.sandbox_uid is not None:
+        return f"{record.sandbox_uid}:{record.sandbox_uid}", False
+    if engine.rootless:
+        return None, True
+    if os.geteuid() != 0:  # docker's daemon is root: run as the creator
+        return f"{os.geteuid()}:{os.getegid()}", False
+    return None, False
+
+
+def spec_of(record: EnvRecord, engine: engines.Engine, image: str,
+            cgroup_parent: str | None) -> cplan.ContainerSpec:
+    enforcement = record.enforcement_record
+    limits = record.resource_limits
+    user, keep_id = _user(record, engine)
+    by_engine = cgroup_parent is None
+    from ..builder import find_uv  # (imported late: the builder imports the runtimes)
+    uv = find_uv()
+    expose = (os.path.abspath(uv), os.path.realpath(uv)) if uv else ()
+    return cplan.ContainerSpec(
+        engine=engine.name, image=image, env_name=record.name, env_id=record.id,
+        owner=os.geteuid(), state_file=str(state_path(record.name)),
+        env_path=os.path.realpath(record.path), interpreter=record.interpreter,
+        network=limits.network_access, user=user, keep_id=keep_id,
+        memory_mb=limits.max_memory if by_engine else None,
+        processes=limits.max_processes if by_engine else None,
+        cpu_percent=limits.max_cpu_percent if by_engine else None,
+        cgroup_parent=cgroup_parent,
+        temp=tuple(diskcap.capped_temp_dirs(enforcement, record.path).items()),
+        shm_mb=diskcap.cap_of(enforcement), expose=expose)
+
+
+async def start(record: EnvRecord, *, cgroup_parent: str | None = None,
+                oom_cgroup: str | None = None) -> EnvRecord:
+    """Start the env's container (its dir exists, its cap is mounted); the record with what
+    it became. ``cgroup_parent``: the env's slice, under systemd (``oom_cgroup`` its cgroup)."""
+    engine = engine_of(record)
+    try:
+        image = await asyncio.to_thread(images.ensure_base, engine, record.interpreter)
+        spec = spec_of(record, engine, image, cgroup_parent)
+        manager = "systemd" if cgroup_parent is not None else None
+        args = [*cplan.global_args(engine.name, manager), *cplan.run_args(spec)]
+        done = await asyncio.to_thread(engine.run, *args)
+    except engines.EngineError as exc:
+        raise RuntimeUnavailableError(
+            f"cannot start the container of environment {record.name!r}: {exc}") from None
+    container_id = done.stdout.decode().strip().splitlines()[-1]
+    if oom_cgroup is None:
+        oom_cgroup = await asyncio.to_thread(_cgroup_of, engine, container_id)
+    facts = {**(of(record) or {}), "id": container_id, "image": image,
+             "user": spec.user or "", "oom_cgroup": oom_cgroup or ""}
+    return record.evolve(container=facts)
+
+
+def _cgroup_of(engine: engines.Engine, container_id: str) -> str | None:
+    done = engine.run("inspect", "--format", "{{.State.CgroupPath}}", container_id,
+                      check=False)
+    path = done.stdout.decode().strip()
+    return path if done.returncode == 0 and path.startswith("/") else None
+
+
+def _cwd(record: EnvRecord, requested: str | None) -> str:
+    env_path = os.path.realpath(record.path)
+
+    def inside(path: str) -> bool:
+        path = os.path.normpath(path)
+        return path == env_path or path.startswith(env_path + "/")
+
+    if requested is None:
+        here = os.getcwd()
+        return here if inside(here) else env_path
+    cwd = os.path.abspath(requested)
+    if not inside(os.path.realpath(cwd)):
+        raise ValidationError(
+            f"working directory {cwd} does not exist inside environment {record.name!r} "
+            "(container isolation: its root is its image; of the host, only the env's own dir "
+            f"{record.path} is there): pass a cwd inside the env's dir")
+    return cwd
+
+
+async def run(record: EnvRecord, command: CommandSpec) -> ExecResult:
+    """One command of the env, ``exec``'d into its container and waited for."""
+    facts = of(record)
+    assert facts is not None
+    engine = engine_of(record)
+    exec_id = uuid.uuid4().hex
+    status = StatusPipe()
+    try:
+        argv = await asyncio.to_thread(_exec_argv, record, engine, command, exec_id,
+                                       status.writer)
+    except BaseException:
+        status.close()
+        raise
+    oom = await asyncio.to_thread(_oom_watch, facts.get("oom_cgroup") or "")
+    try:
+        try:
+            result = await run_process(record, command, argv, exec_id=exec_id, cwd="/",
+                                       status=status, environ=engine.env())
+        except CommandNotFoundError as exc:
+            raise CommandNotFoundError(
+                f"{exc} (inside the container of environment {record.name!r}: its root is "
+                "its image, the interpreter and /bin/sh; of the host, only the env's dir)"
+            ) from None
+        fired = oom.fired() if oom is not None else False
+    finally:
+        if oom is not None:
+            oom.close()
+    if result.returncode == 125 and _gone(result.stderr):
+        raise EnvironmentClosedError(
+            f"environment {record.name!r} has ended: its container {facts['name']} is no "
+            "longer running (TTL, idle timeout, its creator exited, or it was stopped)")
+    if result.killed_by is None and fired and result.returncode == -9:
+        result = replace(result, killed_by="memory", oom_killed=True)
+    return result
+
+
+def _exec_argv(record: EnvRecord, engine: engines.Engine, command: CommandSpec, exec_id: str,
+               status_fd: int) -> list[str]:
+    """``sh FD3 podman exec ... CONTAINER python INIT 3 "" PROGRAM ARGV``."""
+    facts = of(record)
+    assert facts is not None
+    cwd = _cwd(record, command.cwd)
+    own = cplan.command_environ(command.environ, os.environ, os.path.realpath(record.path))
+    own[processes.EXEC_MARKER] = exec_id
+    from .bwrap import INIT  # the same init reports the command's own status
+    inner = [record.interpreter, "-I", "-S", "-B", "-c", INIT, "3", "", command.argv[0],
+             *command.argv]
+    interactive = command.input is not None or not command.capture
+    tty = not command.capture and os.isatty(0)
+    args = cplan.exec_args(facts["name"], environ=own, cwd=cwd, argv=inner,
+                           interactive=interactive, tty=tty, user=facts.get("user") or None,
+                           preserve_fds=1)
+    return ["/bin/sh", "-c", _FD3, "sh", str(status_fd), *engine.argv(*args)]
+
+
+def _gone(stderr: str) -> bool:
+    text = stderr.lower()
+    return any(s in text for s in _NO_SUCH)
+
+
+def _oom_watch(cgroup: str) -> OomWatch | None:
+    return OomWatch(cgroup) if cgroup else None
+
+
+async def stop(record: EnvRecord) -> None:
+    """Kill and remove the env's container(s), found by its label (idempotent)."""
+    if of(record) is None:
+        return
+    await asyncio.to_thread(remove_of, engine_of(record), record.id)
+
+
+def remove_of(engine: engines.Engine, env_id: str) -> int:
+    try:
+        found = engine.ours(env_id=env_id)
+    except engines.EngineError:
+        return 0
+    engines.remove_containers(engine, [c["id"] for c in found])
+    return len(found)
+
+
+def with_packages_image(record: EnvRecord, engine: engines.Engine, key: str,
+                        template: Path) -> EnvRecord:
+    """The record with the image of its package set: its base image and a layer of the set's
+    snapshot, made by the first env of the set and reused by the others (``images save``
+    takes it elsewhere). A failure costs the env nothing but that image, and says so."""
+    facts = dict(of(record) or {})
+    try:
+        facts["packages_image"] = images.ensure_packages(
+            engine, facts.get("image") or images.ensure_base(engine, record.interpreter), key,
+            template, record.interpreter)
+    except engines.EngineError as exc:
+        return record.evolve(container=facts, notes=[
+            *record.notes, f"the image of its package set could not be made: {exc}"])
+    return record.evolve(container=facts)
+
+
+def sweep(config: Config) -> list[str]:
+    """gestvenv's containers of this user whose env is gone (their state file is missing or
+    now names another env: the rule of :meth:`UnitView.orphaned`), killed and removed; then
+    the images of this config's package sets no longer snapshotted (bases stay: they are
+    the interpreter's, remade in seconds only when it changes; ``images prune`` removes
+    them). Only what carries gestvenv's labels is touched. What it removed, said."""
+    if not any(shutil.which(n) for n in ("podman", "docker")):
+        return []  # (no engine, no container: nothing to ask)
+    engine, _ = engines.find(config.container_engine, conf_dir())
+    if engine is None:
+        return []
+    try:
+        found = engine.ours(owner=os.geteuid())
+    except engines.EngineError:
+        return []
+    gone = [c for c in found if UnitView(
+        state=c["state"], env_id=c.get(f"label:{engines.LABEL_ID}"),
+        state_file=c.get(f"label:{engines.LABEL_STATE}")).orphaned()]
+    engines.remove_containers(engine, [c["id"] for c in gone])
+    out = [f"container {c['name']} (its environment is gone)" for c in gone]
+    with contextlib.suppress(engines.EngineError):
+        out += [f"image {ref}" for ref in images.prune(
+            engine, live_template_keys(config), bases=False,
+            snapshots=str(storage.templates_dir(config)))]
+    return out
+
+
+def engine_for(requested: str) -> engines.Engine:
+    """The engine of config ``container_engine``, or :class:`RuntimeUnavailableError` with
+    why not (``images``)."""
+    engine, why = engines.find(requested, conf_dir())
+    if engine is None:
+        raise RuntimeUnavailableError(f"no container engine: {why}")
+    return engine
+
+
+def live_template_keys(config: Config) -> set[str]:
+    """The package sets still snapshotted: their images are kept."""
+    return TemplateCache(storage.templates_dir(config), config.template_ttl).live_keys()
