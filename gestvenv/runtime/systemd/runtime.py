@@ -166,7 +166,8 @@ class SystemdRuntime(Runtime):
         names = UnitNames.of(record.name)
         limits = ResourceLimits.from_dict(record.limits)
         if container.of(record) is not None and limits.max_processes is not None:
-            # The container's conmon and init share the slice (container.plan.SLICE_TASKS).
+            # conmon and runc run in the slice too: the container holds max_processes
+            # itself (--pids-limit); the slice leaves room (container.plan.SLICE_TASKS).
             limits = replace(limits, max_processes=limits.max_processes + cplan.SLICE_TASKS)
         await self._ensure_parent_slice(bus, self.max_total_memory_mb)
         sandbox = self._sandbox(record)

@@ -28,8 +28,9 @@ WORK=${WORK:-$BASE/work}    # one build at a time: the driver holds $BASE/build.
 SIZE=${SIZE:-3G}
 DEB_CACHE=${DEB_CACHE:-$BASE/deb-cache}
 # busybox-static is for the initramfs (step 4): the guest's own static busybox is copied
-# there, so the host needs none.
-PKGS="systemd,systemd-sysv,dbus,dbus-user-session,libpam-systemd,udev,kmod,procps,python3,python3-venv,linux-image-amd64,busybox-static${EXTRA_PKGS:+,$EXTRA_PKGS}"
+# there, so the host needs none. podman, uidmap (newuidmap), catatonit (--init) and crun:
+# rootless containers for tester (container isolation).
+PKGS="systemd,systemd-sysv,dbus,dbus-user-session,libpam-systemd,udev,kmod,procps,python3,python3-venv,linux-image-amd64,busybox-static,podman,uidmap,catatonit,crun${EXTRA_PKGS:+,$EXTRA_PKGS}"
 
 for tool in debootstrap cpio mkfs.ext4 xz zstd; do
   command -v "$tool" >/dev/null || { echo "build-image.sh: missing host tool: $tool" >&2; exit 1; }
@@ -89,6 +90,10 @@ EOF
 mkdir -p "$ROOT/mnt/host"
 chroot "$ROOT" passwd -d root >/dev/null                   # empty root pw: serial-console debugging
 chroot "$ROOT" useradd -m -u 1000 -s /bin/bash tester      # unprivileged user for systemd-run --user
+# Its subordinate ids, for rootless podman (useradd adds them where login.defs says so; made
+# sure of here).
+grep -q '^tester:' "$ROOT/etc/subuid" 2>/dev/null || echo 'tester:100000:65536' >> "$ROOT/etc/subuid"
+grep -q '^tester:' "$ROOT/etc/subgid" 2>/dev/null || echo 'tester:100000:65536' >> "$ROOT/etc/subgid"
 # = loginctl enable-linger: logind starts user@1000.service at boot, without a login session,
 # and systemd 257's user@.service has Delegate=pids memory cpu (checked by the driver's setup).
 mkdir -p "$ROOT/var/lib/systemd/linger"; touch "$ROOT/var/lib/systemd/linger/tester"
