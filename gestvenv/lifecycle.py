@@ -69,8 +69,8 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
         facts = diskcap.Facts(
             sandboxed=enforcement.isolation_applied.sandboxed,
             # (A container's cgroup is one: the engine's --memory.)
-            memory_cgroup=(runtime.name == "systemd" or engine is not None) and memory is not None
-            and memory.enforced,
+            memory_cgroup=(runtime.name == "systemd" or engine is not None)
+            and memory is not None and memory.enforced,
             preallocate=config.preallocate)
         disk = diskcap.status(spec.limits.max_disk, spec.backend,
                               await asyncio.to_thread(diskcap.probe), facts)
@@ -184,7 +184,8 @@ async def _isolation(runtime: Runtime, spec: EnvSpec,
     return cplan.enforcement(
         base, spec.limits, engine=engine.name, rootless=engine.rootless,
         own_uid=sandbox.needs_own_uid(os.geteuid(), IsolationLevel.CONTAINER),
-        slice_holds=runtime.name == "systemd", requested=spec.isolation), engine
+        slice_holds=runtime.name == "systemd" and engine.name == "podman",
+        requested=spec.isolation), engine
 
 
 def full_error(record: EnvRecord, config: Config, stage: str) -> DiskFullError:

@@ -32,6 +32,8 @@ LABEL_STATE = "io.gestvenv.state-file"
 LABEL_IMAGE = "io.gestvenv.image"     # on images: "base" or "packages"
 LABEL_KEY = "io.gestvenv.key"         # on images: what they were made from (see images)
 PROBE_TIMEOUT = 20.0
+# Which daemon or service the CLI talks to: part of what an engine is.
+ENDPOINT_VARS = ("DOCKER_HOST", "CONTAINER_HOST")
 
 
 class EngineError(Exception):
@@ -184,7 +186,9 @@ def choose(requested: str, found: Mapping[str, str | None]) -> list[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def _probe(name: str, path: str, environ: tuple[tuple[str, str], ...]) -> tuple[Engine | None, str]:
+def _probe(name: str, path: str, environ: tuple[tuple[str, str], ...],
+           endpoint: tuple[tuple[str, str], ...]) -> tuple[Engine | None, str]:
+    """(``endpoint``: the daemon the CLI talks to, part of the cache key only.)"""
     env = {**os.environ, **dict(environ)}
     if name == "podman":
         fmt = "{{.Host.CgroupsVersion}} {{.Host.Security.Rootless}}"
@@ -216,18 +220,24 @@ def find(requested: str, conf_dir: Path) -> tuple[Engine | None, str]:
     for name in order:
         path = found[name]
         assert path is not None
-        environ = containers_conf(conf_dir) if name == "podman" else {}
-        engine, why = _probe(name, path, tuple(sorted(environ.items())))
+        environ = containers_conf(conf_dir) if name == "podman" else docker_environ(path)
+        endpoint = tuple((k, os.environ.get(k, "")) for k in ENDPOINT_VARS)
+        engine, why = _probe(name, path, tuple(sorted(environ.items())), endpoint)
         if engine is not None:
             return engine, ""
         reasons.append(why)
     return None, "; ".join(reasons)
 
 
-def engine_at(name: str, path: str, conf_dir: Path) -> Engine:
-    """The engine an existing env was made with (its state file says which), unprobed."""
-    environ = containers_conf(conf_dir) if name == "podman" else {}
-    return Engine(name, path, name == "podman" and os.geteuid() != 0, cgroup_version(), environ)
+@functools.lru_cache(maxsize=4)
+def docker_environ(path: str) -> dict[str, str]:
+    """docker's CLI without its buildx plugin builds only with the legacy builder."""
+    try:
+        done = subprocess.run([path, "buildx", "version"], capture_output=True, timeout=10,
+                              stdin=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return {"DOCKER_BUILDKIT": "0"}
+    return {} if done.returncode == 0 else {"DOCKER_BUILDKIT": "0"}
 
 
 def remove_containers(engine: Engine, ids: Sequence[str]) -> None:

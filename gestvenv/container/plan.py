@@ -100,8 +100,8 @@ def run_args(spec: ContainerSpec) -> list[str]:
         else:
             out += ["--tmpfs", f"{tree}:rw,nosuid,nodev,mode=1777"]
     if spec.engine == "podman":
-        out += ["--read-only-tmpfs=false"]  # (else a tmpfs on /run as well, unbounded)
-        out += ["--tmpfs", "/run:rw,nosuid,nodev,mode=755"]
+        out += ["--read-only-tmpfs=false"]  # (podman's own would be unbounded, and on /run)
+    out += ["--tmpfs", "/run:rw,nosuid,nodev,mode=755"]
     if spec.shm_mb is not None:
         out += ["--shm-size", f"{spec.shm_mb}m"]
     out += ["--volume", f"{spec.env_path}:{spec.env_path}:rw"]

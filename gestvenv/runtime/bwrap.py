@@ -36,11 +36,15 @@ PROBE_TIMEOUT = 10.0
 # Runs inside the sandbox as ``python -I -S -B -c INIT STATUS_FD LIMITS PROGRAM ARGV...``. It
 # ignores Ctrl-C itself (the command, in the same process group, takes it), forks the command
 # with the signals Python changed put back to default, and reports through STATUS_FD either
-# "E<errno>" (exec failed) or "S<returncode>" (the command's, -N for a signal).
+# "E<errno>" (exec failed) or "S<returncode>" (the command's, -N for a signal). With STATUS_FD
+# -1 (no channel: ``docker exec`` passes no fd) it says an exec failure on stderr instead
+# (:data:`EXEC_FAILED`), and its own exit status is the report: 128+N for a signal N.
+EXEC_FAILED = "gestvenv: cannot run "
 INIT = """\
 import os, resource, signal, sys
 fd = int(sys.argv[1])
-os.set_inheritable(fd, False)
+if fd >= 0:
+    os.set_inheritable(fd, False)
 limits = [tuple(int(v) for v in x.split(':')) for x in sys.argv[2].split(',') if x]
 program, argv = sys.argv[3], sys.argv[4:]
 signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -58,10 +62,15 @@ if pid == 0:
     try:
         os.execv(program, argv)
     except OSError as exc:
-        os.write(fd, b'E%d' % exc.errno)
+        if fd >= 0:
+            os.write(fd, b'E%d' % exc.errno)
+        else:
+            message = f'gestvenv: cannot run {program}: [Errno {exc.errno}] {exc.strerror}'
+            os.write(2, message.encode() + b'\\n')
     os._exit(127)
 code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-os.write(fd, b'S%d' % code)
+if fd >= 0:
+    os.write(fd, b'S%d' % code)
 sys.exit(code if code >= 0 else 128 - code)
 """
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import os
 import shutil
@@ -34,6 +35,7 @@ from ..container import engine as engines
 from ..container import images
 from ..container import plan as cplan
 from ..exceptions import (
+    CommandNotExecutableError,
     CommandNotFoundError,
     EnvironmentClosedError,
     RuntimeUnavailableError,
@@ -44,6 +46,7 @@ from ..registry import EnvRecord, state_path
 from ..templates import TemplateCache
 from . import processes
 from .base import CommandSpec, UnitView
+from .bwrap import EXEC_FAILED, INIT
 from .spawn import StatusPipe, run_process
 from .systemd.cgroups import OomWatch
 
@@ -78,7 +81,7 @@ async def choose(requested: str) -> tuple[engines.Engine | None, str]:
 
 def engine_of(record: EnvRecord) -> engines.Engine:
     facts = of(record) or {}
-    environ = {"CONTAINERS_CONF": facts["conf"]} if facts.get("conf") else {}
+    environ = dict(facts.get("environ") or {})
     return engines.Engine(facts["engine"], facts["path"], bool(facts.get("rootless")),
                           int(facts.get("cgroup_version") or 1), environ)
 
@@ -92,8 +95,17 @@ def planned(record: EnvRecord, engine: engines.Engine, tools: Sequence[str]) -> 
         "engine": engine.name, "path": engine.path, "rootless": engine.rootless,
         "cgroup_version": engine.cgroup_version,
         "conf": engine.environ.get("CONTAINERS_CONF", ""),
+        # (With the daemon or service it talks to: its stop action must reach the same one.)
+        "environ": {**engine.environ, **{k: os.environ[k] for k in engines.ENDPOINT_VARS
+                                         if os.environ.get(k)}},
         "name": cplan.container_name(record.name, record.id),
         "expose": [p for p in dict.fromkeys(expose) if os.path.exists(p)]})
+
+
+def in_slice(record: EnvRecord) -> bool:
+    """Whether a systemd runtime's env has its container in its slice: podman's (its
+    --cgroup-parent); docker's daemon places its containers itself."""
+    return (of(record) or {}).get("engine") == "podman"
 
 
 def reaper_environ(record: EnvRecord) -> dict[str, str]:
@@ -101,10 +113,7 @@ def reaper_environ(record: EnvRecord) -> dict[str, str]:
     facts = of(record)
     if facts is None:
         return {}
-    out = {reaper.CONTAINER_ENGINE: facts["path"]}
-    if facts.get("conf"):
-        out["CONTAINERS_CONF"] = facts["conf"]
-    return out
+    return {reaper.CONTAINER_ENGINE: facts["path"], **(facts.get("environ") or {})}
 
 
 def _user(record: EnvRecord, engine: engines.Engine) -> tuple[str | None, bool]:
@@ -162,10 +171,26 @@ async def start(record: EnvRecord, *, cgroup_parent: str | None = None,
 
 
 def _cgroup_of(engine: engines.Engine, container_id: str) -> str | None:
-    done = engine.run("inspect", "--format", "{{.State.CgroupPath}}", container_id,
-                      check=False)
-    path = done.stdout.decode().strip()
-    return path if done.returncode == 0 and path.startswith("/") else None
+    """The container's memory cgroup (where its OOM kills are counted), from its init's
+    /proc/PID/cgroup: the same for both engines and cgroup drivers."""
+    done = engine.run("inspect", "--format", "{{.State.Pid}}", container_id, check=False)
+    try:
+        lines = Path(f"/proc/{int(done.stdout.decode().strip())}/cgroup").read_text()
+    except (OSError, ValueError):
+        return None
+    return cgroup_in(lines.splitlines())
+
+
+def cgroup_in(lines: Sequence[str]) -> str | None:
+    """The memory cgroup in /proc/PID/cgroup's lines: v1's memory controller, else v2's."""
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return path
+    for line in lines:
+        if line.startswith("0::"):
+            return line[3:]
+    return None
 
 
 def _cwd(record: EnvRecord, requested: str | None) -> str:
@@ -193,20 +218,25 @@ async def run(record: EnvRecord, command: CommandSpec) -> ExecResult:
     assert facts is not None
     engine = engine_of(record)
     exec_id = uuid.uuid4().hex
-    status = StatusPipe()
+    # podman passes the status pipe on (--preserve-fds); docker cannot: the init's own exit
+    # status and its stderr are the report there (bwrap.INIT).
+    status = StatusPipe() if engine.name == "podman" else None
     try:
         argv = await asyncio.to_thread(_exec_argv, record, engine, command, exec_id,
-                                       status.writer)
+                                       status.writer if status is not None else -1)
     except BaseException:
-        status.close()
+        if status is not None:
+            status.close()
         raise
     oom = await asyncio.to_thread(_oom_watch, facts.get("oom_cgroup") or "")
     try:
         try:
             result = await run_process(record, command, argv, exec_id=exec_id, cwd="/",
                                        status=status, environ=engine.env())
-        except CommandNotFoundError as exc:
-            raise CommandNotFoundError(
+            if status is None:
+                result = _reported(result, command.argv[0])
+        except (CommandNotFoundError, CommandNotExecutableError) as exc:
+            raise type(exc)(
                 f"{exc} (inside the container of environment {record.name!r}: its root is "
                 "its image, the interpreter and /bin/sh; of the host, only the env's dir)"
             ) from None
@@ -214,7 +244,7 @@ async def run(record: EnvRecord, command: CommandSpec) -> ExecResult:
     finally:
         if oom is not None:
             oom.close()
-    if result.returncode == 125 and _gone(result.stderr):
+    if result.returncode in (125, 126, 1) and _gone(result.stderr):
         raise EnvironmentClosedError(
             f"environment {record.name!r} has ended: its container {facts['name']} is no "
             "longer running (TTL, idle timeout, its creator exited, or it was stopped)")
@@ -223,23 +253,41 @@ async def run(record: EnvRecord, command: CommandSpec) -> ExecResult:
     return result
 
 
+def _reported(result: ExecResult, program: str) -> ExecResult:
+    """Without a status channel (docker): the init's exit status (128+N for a signal N) and
+    its stderr line for a program it could not start."""
+    code = result.returncode
+    if code == 127 and (line := _exec_failure(result.stderr)) is not None:
+        errno_ = int(line.partition("[Errno ")[2].partition("]")[0] or errno.ENOENT)
+        error = CommandNotFoundError if errno_ == errno.ENOENT else CommandNotExecutableError
+        raise error(f"cannot run {program}: {os.strerror(errno_)}")
+    if 128 < code <= 128 + 64:
+        return replace(result, returncode=128 - code)
+    return result
+
+
+def _exec_failure(stderr: str) -> str | None:
+    lines = stderr.rstrip("\n").splitlines()
+    return lines[-1] if lines and lines[-1].startswith(EXEC_FAILED) else None
+
+
 def _exec_argv(record: EnvRecord, engine: engines.Engine, command: CommandSpec, exec_id: str,
                status_fd: int) -> list[str]:
-    """``sh FD3 podman exec ... CONTAINER python INIT 3 "" PROGRAM ARGV``."""
+    """``[bash FD3] podman exec ... CONTAINER python INIT 3|-1 "" PROGRAM ARGV``."""
     facts = of(record)
     assert facts is not None
     cwd = _cwd(record, command.cwd)
     own = cplan.command_environ(command.environ, os.environ, os.path.realpath(record.path))
     own[processes.EXEC_MARKER] = exec_id
-    from .bwrap import INIT  # the same init reports the command's own status
-    inner = [record.interpreter, "-I", "-S", "-B", "-c", INIT, "3", "", command.argv[0],
-             *command.argv]
+    channel = status_fd >= 0
+    inner = [record.interpreter, "-I", "-S", "-B", "-c", INIT, "3" if channel else "-1", "",
+             command.argv[0], *command.argv]
     interactive = command.input is not None or not command.capture
     tty = not command.capture and os.isatty(0)
     args = cplan.exec_args(facts["name"], environ=own, cwd=cwd, argv=inner,
                            interactive=interactive, tty=tty, user=facts.get("user") or None,
-                           preserve_fds=1)
-    return [*_fd3(status_fd), *engine.argv(*args)]
+                           preserve_fds=1 if channel else 0)
+    return [*(_fd3(status_fd) if channel else []), *engine.argv(*args)]
 
 
 @functools.cache

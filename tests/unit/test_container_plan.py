@@ -164,3 +164,30 @@ def test_containers_conf_only_where_the_host_needs_it() -> None:
     text = engines.containers_conf_text(drop_ulimits=True, runtime="runc")
     assert text is not None
     assert "default_ulimits = []" in text and 'runtime = "runc"' in text
+
+
+def test_the_memory_cgroup_of_a_container_init() -> None:
+    from gestvenv.runtime.container import cgroup_in
+    hybrid = ["12:pids:/libpod_parent/libpod-abc", "4:memory:/libpod_parent/libpod-abc",
+              "1:name=systemd:/libpod_parent/libpod-abc", "0::/"]
+    assert cgroup_in(hybrid) == "/libpod_parent/libpod-abc"
+    assert cgroup_in(["0::/gestvenv.slice/gestvenv-web.slice/libpod-abc.scope"]) == \
+        "/gestvenv.slice/gestvenv-web.slice/libpod-abc.scope"
+    assert cgroup_in(["3:cpu,cpuacct:/x"]) is None
+
+
+def test_without_a_status_channel_the_inits_exit_status_is_the_report() -> None:
+    from gestvenv.exceptions import CommandNotExecutableError, CommandNotFoundError
+    from gestvenv.models import ExecResult
+    from gestvenv.runtime.container import _reported
+
+    def result(code: int, stderr: str = "") -> ExecResult:
+        return ExecResult(argv=("x",), returncode=code, stdout="", stderr=stderr, duration=0.1)
+
+    assert _reported(result(137), "x").returncode == -9
+    assert _reported(result(3), "x").returncode == 3
+    assert _reported(result(127, "sh: nope: not found\n"), "x").returncode == 127
+    with pytest.raises(CommandNotFoundError, match="No such file"):
+        _reported(result(127, "gestvenv: cannot run /x: [Errno 2] No such file\n"), "/x")
+    with pytest.raises(CommandNotExecutableError, match="Permission denied"):
+        _reported(result(127, "gestvenv: cannot run /x: [Errno 13] Permission denied\n"), "/x")

@@ -206,7 +206,10 @@ class SystemdRuntime(Runtime):
                                f"`journalctl -u {names.env}`", "job-" + result)
 
     async def start_container(self, record: EnvRecord) -> EnvRecord:
-        """The env's container, in its slice: the slice's limits hold it, its end ends it."""
+        """The env's container, in its slice: the slice's limits hold it, its end ends it.
+        (docker's daemon places its containers itself: the engine holds the limits.)"""
+        if not container.in_slice(record):
+            return await container.start(record)
         names = UnitNames.of(record.name)
         return await container.start(
             record, cgroup_parent=names.slice,
