@@ -46,11 +46,14 @@ test-vm: $(VENV)/.installed
 	    python -m pytest -q -p no:cacheprovider -m v2 tests/integration/systemd
 
 # Tools some tests use and skip without (zsh and fish completion, rpmbuild, bubblewrap for the
-# local runtime's namespace isolation): installed when root.
+# local runtime's namespace isolation, podman with runc and catatonit, and docker.io's daemon
+# for container isolation): installed when root (the package lists refreshed once if stale).
 APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+TOOL_PACKAGES = zsh fish rpm bubblewrap podman runc catatonit uidmap docker.io
 tools:
-	@if [ "$$(id -u)" = 0 ]; then for tool in zsh fish rpmbuild bwrap; do \
-	    command -v $$tool >/dev/null || { $(APT_INSTALL) zsh fish rpm bubblewrap >/dev/null; break; }; \
+	@if [ "$$(id -u)" = 0 ]; then for tool in zsh fish rpmbuild bwrap podman runc dockerd; do \
+	    command -v $$tool >/dev/null || { $(APT_INSTALL) $(TOOL_PACKAGES) >/dev/null 2>&1 || \
+	        { apt-get update -qq && $(APT_INSTALL) $(TOOL_PACKAGES) >/dev/null; }; break; }; \
 	done; fi
 
 # The Debian package, built from a copy of the tree (dpkg-buildpackage writes into the parent

@@ -153,12 +153,20 @@ async def start(record: EnvRecord, *, cgroup_parent: str | None = None,
     """Start the env's container (its dir exists, its cap is mounted); the record with what
     it became. ``cgroup_parent``: the env's slice, under systemd (``oom_cgroup`` its cgroup)."""
     engine = engine_of(record)
+    manager = "systemd" if cgroup_parent is not None else None
+    # Started from the base image straight away; generated first only if the engine says it
+    # has none (one engine call saved on every create but the first).
+    image = await asyncio.to_thread(images.base_ref, record.interpreter)
+    spec = spec_of(record, engine, image, cgroup_parent)
+    args = [*cplan.global_args(engine.name, manager), *cplan.run_args(spec)]
     try:
-        image = await asyncio.to_thread(images.ensure_base, engine, record.interpreter)
-        spec = spec_of(record, engine, image, cgroup_parent)
-        manager = "systemd" if cgroup_parent is not None else None
-        args = [*cplan.global_args(engine.name, manager), *cplan.run_args(spec)]
-        done = await asyncio.to_thread(engine.run, *args)
+        done = await asyncio.to_thread(engine.run, *args, check=False)
+        if done.returncode != 0 and not await asyncio.to_thread(
+                images.image_exists, engine, image):
+            await asyncio.to_thread(images.ensure_base, engine, record.interpreter)
+            done = await asyncio.to_thread(engine.run, *args, check=False)
+        if done.returncode != 0:
+            raise engines.EngineError(f"{engine.name} run failed: {engines.last_line(done.stderr)}")
     except engines.EngineError as exc:
         raise RuntimeUnavailableError(
             f"cannot start the container of environment {record.name!r}: {exc}") from None
@@ -170,9 +178,19 @@ async def start(record: EnvRecord, *, cgroup_parent: str | None = None,
     return record.evolve(container=facts)
 
 
+# podman's own parent cgroup for its containers under the cgroupfs manager (root's).
+_PODMAN_CGROUPFS_PARENT = "/libpod_parent"
+
+
 def _cgroup_of(engine: engines.Engine, container_id: str) -> str | None:
-    """The container's memory cgroup (where its OOM kills are counted), from its init's
-    /proc/PID/cgroup: the same for both engines and cgroup drivers."""
+    """The container's memory cgroup (where its OOM kills are counted): where podman's
+    cgroupfs manager puts it, if it is there; else from its init's /proc/PID/cgroup (one
+    engine call), the same for both engines and cgroup drivers."""
+    if engine.name == "podman" and not engine.rootless:
+        known = f"{_PODMAN_CGROUPFS_PARENT}/libpod-{container_id}"
+        for root in ("/sys/fs/cgroup/memory", "/sys/fs/cgroup"):
+            if os.path.isdir(root + known):
+                return known
     done = engine.run("inspect", "--format", "{{.State.Pid}}", container_id, check=False)
     try:
         lines = Path(f"/proc/{int(done.stdout.decode().strip())}/cgroup").read_text()
@@ -312,10 +330,17 @@ def _oom_watch(cgroup: str) -> OomWatch | None:
 
 
 async def stop(record: EnvRecord) -> None:
-    """Kill and remove the env's container(s), found by its label (idempotent)."""
-    if of(record) is None:
+    """Kill and remove the env's container: by its id (one engine call); by its label if it
+    has none yet (a create undone half-way). Idempotent; the reaper and the sweep find any
+    other by its label."""
+    facts = of(record)
+    if facts is None:
         return
-    await asyncio.to_thread(remove_of, engine_of(record), record.id)
+    engine = engine_of(record)
+    if facts.get("id"):
+        await asyncio.to_thread(engines.remove_containers, engine, [facts["id"]])
+    else:
+        await asyncio.to_thread(remove_of, engine, record.id)
 
 
 def remove_of(engine: engines.Engine, env_id: str) -> int:

@@ -59,6 +59,8 @@ BOOKKEEPING = re.compile(r"""^(
     | root/\.cache(/.*)?                    # pip's cache of root's environments (venv builder)
     | var/lib/PackageKit(/.*)?              # PackageKit's apt hook, where it is installed
     | var/log/(lastlog|wtmp|btmp)           # the test user's sessions
+    | var/lib/containers(/.*)? | etc/containers(/.*)?  # podman's own store and its database
+    | var/lib/cni(/.*)? | run/containers(/.*)? | run/libpod(/.*)?
 )$""", re.VERBOSE)
 # Directories init-system-helpers creates to enable any package's units and never removes
 # (their contents, the links, are checked like any file).
@@ -337,6 +339,19 @@ def test_purge_leaves_nothing_behind(host: SystemdHost, installed: list[str],
             "--disk", "64", "--ttl", "600")
     run(host, "gestvenv", "ephemeral", "create", "alive-user", "--storage", "disk",
         "--ttl", "600", user=USER)
+    # A container env (its container, conmon, image), where an engine is installed, and a
+    # container of gestvenv's that no environment owns any more (a crash): the purge takes
+    # both, and every image gestvenv generated, and nothing else of the engine's.
+    engine = CONTAINER_ENGINE
+    if engine:
+        run(host, "gestvenv", "ephemeral", "create", "alive-container", "-p", "six",
+            "--isolation", "container", "--ttl", "600")
+        assert labelled(host, engine, "ps -a", "io.gestvenv.env-id"), "no container env"
+        base = labelled(host, engine, "images", "io.gestvenv.image")[0]
+        run(host, engine, "run", "-d", "--label", "io.gestvenv.env-id=crashed", "--label",
+            "gv.test=orphan", base, "/bin/sh", "-c", "while :; do sleep 1; done")
+        run(host, engine, "run", "-d", "--name", "not-gestvenvs", base, "/bin/sh", "-c",
+            "while :; do sleep 1; done")
     assert len(root_mounts(host)) == len(CAPPED_BACKENDS), root_mounts(host)
     loops = host.loop_devices()
     assert len(loops) == 1, loops  # alive-disk's image
@@ -383,6 +398,15 @@ def test_purge_leaves_nothing_behind(host: SystemdHost, installed: list[str],
                     user=USER).stdout
     assert user_envs.strip() == "", f"a user's environment outlived the package: {user_envs}"
     assert digests(host, ACCOUNTS) == before["accounts"]
+    if engine:
+        assert labelled(host, engine, "ps -a", "io.gestvenv.env-id") == []
+        assert labelled(host, engine, "images", "io.gestvenv.image") == []
+        assert run(host, "pgrep", "-f", "conmon.*gestvenv-", ok=False).stdout == ""
+        # Not gestvenv's: left alone (and removed by the test, with its image).
+        kept = run(host, engine, "ps", "-a", "--format", "{{.Names}}").stdout.split()
+        assert kept == ["not-gestvenvs"], kept
+        run(host, engine, "rm", "--force", "--time", "0", "not-gestvenvs")
+        run(host, engine, "image", "prune", "--force", ok=False)
     # And the root filesystem as a whole is as it was, but for bookkeeping.
     old = before["upper"]
     assert isinstance(old, dict)
@@ -393,6 +417,13 @@ def test_purge_leaves_nothing_behind(host: SystemdHost, installed: list[str],
 
 
 CAPPED_BACKENDS = ("tmpfs", "memory", "disk")
+# The container engine of the test host (it shares the host's /usr), if any: podman.
+CONTAINER_ENGINE = "podman" if shutil.which("podman") else ""
+
+
+def labelled(host: SystemdHost, engine: str, what: str, label: str) -> list[str]:
+    """Ids of the engine's containers or images (``what``) that carry ``label``."""
+    return run(host, engine, *what.split(), "-q", "--filter", f"label={label}").stdout.split()
 ROOT_DIRS = ("/run/gestvenv", "/dev/shm/gestvenv", "/var/cache/gestvenv")  # what purge removes
 CANARY = "/root/gestvenv-purge-canary"
 
