@@ -48,6 +48,8 @@ class InsideInstaller:
         self.runtime = runtime
         self.everything = everything
         self.pending_hand_over = hand_over_first
+        # At container isolation, the env's container being started: its commands wait for it.
+        self.ready: asyncio.Future[EnvRecord] | None = None
 
     async def hand_over(self) -> None:
         """The creation's one hand-over, if it has not happened (no command of the env yet)."""
@@ -70,6 +72,8 @@ class InsideInstaller:
         return int(value) if value else None
 
     async def run(self, argv: Sequence[str], environ: Mapping[str, str]) -> ExecResult:
+        if self.ready is not None:
+            self.record = await self.ready
         await self.hand_over()  # (the env's commands write it as its own uid from now on)
         bin_dir = os.path.join(self.record.path, "bin")
         env = {**environ, "VIRTUAL_ENV": self.record.path, ENV_MARKER: self.record.id,

@@ -135,14 +135,21 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
                 stage = f"making its {cap} MB filesystem"
                 await in_thread(diskcap.make, path, spec.backend, cap, config.preallocate)
                 await in_thread(storage.write_claim, path, state_file, record.id)
+            starting: asyncio.Future[EnvRecord] | None = None
             if engine is not None:
-                stage = "starting its container"
-                record = await runtime.start_container(record)
-                builder.inside.record = record
+                # Started while its venv is made (an engine call of a few hundred ms): a build
+                # inside waits for it (InsideInstaller.ready), and so does the undo, which
+                # must find it (a thread cannot be cancelled).
+                starting = asyncio.ensure_future(runtime.start_container(record))
+                undo.push_async_callback(lambda: shielded(_settled(starting)))
+                builder.inside.ready = starting
             stage = CREATING_VENV
             await builder.create(path, interpreter)
             stage = "installing its packages"
             await builder.populate(path, interpreter, spec.packages, spec.requirements)
+            if starting is not None:
+                stage = "starting its container"
+                record = await starting
             await builder.inside.hand_over()  # (done already if a build ran inside)
             if engine is not None and builder.template is not None:
                 stage = "making its package set's image"
@@ -162,6 +169,13 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
             raise await in_thread(full_error, record, config, stage) from exc
         undo.pop_all()
     return record
+
+
+async def _settled(task: asyncio.Future[EnvRecord]) -> None:
+    """Wait for ``task`` to end, however it ends (its outcome is the create's to report)."""
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # (retrieved: never "exception was never retrieved")
 
 
 async def _isolation(runtime: Runtime, spec: EnvSpec,
