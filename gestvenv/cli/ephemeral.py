@@ -199,6 +199,11 @@ def show(name: str, as_json: bool, watch: bool, interval: float) -> None:
     click.echo(f"storage:     {info['storage_backend']}")
     click.echo(f"isolation:   {enforcement['isolation_applied']} "
                f"(requested {enforcement['isolation_requested']})")
+    if box := info.get("container"):
+        click.echo(f"container:   {box.get('name')} ({box.get('engine')}, image "
+                   f"{box.get('image')}; packages image {box.get('packages_image') or 'none'})")
+        click.echo(f"inspect:     {box.get('engine')} ps --filter "
+                   f"label=io.gestvenv.env-id={info['id']}")
     click.echo(f"ttl:         {info['ttl'] or 'none'} (left: {remaining(info['expires_at'])})")
     click.echo(f"idle:        {info['idle_timeout'] or 'none'}")
     click.echo(f"packages:    {', '.join(info['packages']) or '-'}")

@@ -291,6 +291,9 @@ async def test_the_cli_lists_and_saves_images(tmp_path: Path, engine: engines.En
         assert (tmp_path / "cli.tar").stat().st_size > 1 << 20
         shown = await gv("show", "cli", "--json")
         assert json.loads(shown.stdout)["container"]["name"] == facts["name"]
+        human = await gv("show", "cli")
+        assert f"container:   {facts['name']} ({engine.name}, image {facts['image']}" \
+            in human.stdout, human.stdout
 
 
 async def test_without_an_engine_the_strongest_sandbox_applies_and_says_so(
