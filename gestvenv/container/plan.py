@@ -227,8 +227,10 @@ def protections(engine: str, *, rootless: bool, own_uid: bool,
         "units": "no bus socket and no /run of the host inside",
         "other_envs": "a container per env; no other env's dir is bound in"
                       + ("; a uid per env" if own_uid else ""),
-        "shared_files": "the shared cache and snapshots are not bound in; the env's files are "
-                        "its own copies",
+        "shared_files": "the shared cache and snapshots are not bound in; " + (
+            "installed files are hardlinks of theirs that are root's and read-only to the "
+            "env's uid (an edit in place: EACCES), else the env's own copies" if own_uid else
+            "the env's files are its own copies (or reflinks)"),
         "ipc_uts": "IPC and UTS namespaces of its own",
         "kernel": "/proc/sys and /sys read-only, no capability, the engine's seccomp profile",
         "builds": "package builds run as commands of the env, in its container",
