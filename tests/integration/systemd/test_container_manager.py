@@ -18,7 +18,9 @@ import pytest
 
 import gestvenv
 from gestvenv import IsolationLevel, ResourceLimits
+from gestvenv.builder import find_interpreter
 from gestvenv.container import engine as engines
+from gestvenv.container import images
 from gestvenv.container import plan as cplan
 
 CONTAINER = IsolationLevel.CONTAINER
@@ -37,6 +39,18 @@ def _engine() -> tuple[engines.Engine | None, str]:
 ENGINE, WHY = _engine()
 pytestmark = [pytest.mark.v2,
               pytest.mark.skipif(ENGINE is None, reason=f"no usable container engine: {WHY}")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def base_image() -> None:
+    """The interpreter's base image, made before the tests' clocks start: under the VM's
+    software emulation, generating it (and rootless podman's first storage set-up) takes
+    longer than a test may."""
+    if ENGINE is not None:
+        images.ensure_base(ENGINE, find_interpreter(None).path)
+        ENGINE.run("run", "--rm", "--pull", "never", "--network", "none",
+                   images.base_ref(find_interpreter(None).path), "/bin/sh", "-c", ":",
+                   timeout=600)
 
 
 def systemctl(*args: str) -> str:

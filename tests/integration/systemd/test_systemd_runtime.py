@@ -327,16 +327,23 @@ async def test_isolation_levels_are_applied_by_systemd(tmp_path: Path) -> None:
         assert ("mine" in again.stdout.split()) is (os.geteuid() == 0)
     assert not await asyncio.to_thread(os.path.exists, "/tmp/mine")
     async with gestvenv.ephemeral("sd-ct", runtime=SD, isolation_level="container") as env:
-        # The home is an empty tmpfs of the unit's own (ProtectHome=tmpfs): what a command
-        # writes there stays there (checked below), the host's home is not even visible.
-        writes = await env.execute(["sh", "-c", 'ls -A "$HOME"; echo listed; '
-                                    'touch "$VIRTUAL_ENV/y" && echo env-writable'])
+        # The creator's home is not visible: an empty tmpfs of the unit's own under systemd's
+        # sandbox (ProtectHome=tmpfs), absent from a container's image. What a command writes
+        # there stays there (checked below). (Only the interpreter, which under root's pyenv
+        # lives in the home, is there, at its own path.)
         home = str(Path.home())
-        exposed = {Path(p).relative_to(home).parts[0] for p in env.info()["sandbox_expose"]
+        writes = await env.execute(["python", "-c", (
+            "import os, sys\nhome = sys.argv[1]\n"
+            "print(*(sorted(os.listdir(home)) if os.path.isdir(home) else []), 'listed')\n"
+            "try:\n    open(os.path.join(home, 'gv-x'), 'w').close()\nexcept OSError:\n    pass\n"
+            "open(os.path.join(os.environ['VIRTUAL_ENV'], 'y'), 'w').close()\n"
+            "print('env-writable')\n"), home])
+        exposed = {Path(p).relative_to(home).parts[0]
+                   for p in [*env.info()["sandbox_expose"], str(env.python.resolve())]
                    if p.startswith(home + "/")}  # the interpreter, under root's pyenv here
         listed = writes.stdout.split()
-        assert listed[-2:] == ["listed", "env-writable"]
-        assert set(listed[:-2]) <= exposed
+        assert listed[-2:] == ["listed", "env-writable"], (writes.stdout, writes.stderr)
+        assert set(listed[:-2]) <= exposed | {"gv-x"}
     assert not await asyncio.to_thread(lambda: Path("~/gv-x").expanduser().exists())
     async with gestvenv.ephemeral("sd-chroot", runtime=SD, isolation_level="chroot") as env:
         assert env.isolation.value == "container"  # honest fallback, and said
