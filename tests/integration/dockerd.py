@@ -44,7 +44,7 @@ def daemon() -> Iterator[str]:
     proc = subprocess.Popen(
         ["dockerd", "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
          "-H", f"unix://{socket}", "--pidfile", str(pidfile), "--iptables=false",
-         "--ip6tables=false", "--bridge=none", "--default-runtime", "runc",
+         "--ip6tables=false", "--ip-forward=false", "--bridge=none", "--default-runtime", "runc",
          "--log-level", "warn"],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     host = f"unix://{socket}"

@@ -52,13 +52,25 @@ CONF_DIR = Path(tempfile.gettempdir())
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a filesystem needs root")
 
 
+DOCKER_WHY: list[str] = []  # why the session has no docker daemon
+
+
 @pytest.fixture(scope="session")
 def docker_host() -> Iterator[str | None]:
-    """A private dockerd for the session (root, docker.io installed), else None."""
-    if dockerd.missing() is not None:
+    """A private dockerd for the session (root, docker.io installed), else None (the reason
+    in DOCKER_WHY)."""
+    if (why := dockerd.missing()) is not None:
+        DOCKER_WHY.append(why)
         yield None
         return
-    with dockerd.daemon() as host:
+    try:
+        daemon = dockerd.daemon()
+        host = daemon.__enter__()
+    except RuntimeError as exc:
+        DOCKER_WHY.append(str(exc).splitlines()[-1][-300:])
+        yield None
+        return
+    try:
         before = os.environ.get("DOCKER_HOST")
         os.environ["DOCKER_HOST"] = host
         try:
@@ -68,6 +80,8 @@ def docker_host() -> Iterator[str | None]:
                 os.environ.pop("DOCKER_HOST", None)
             else:
                 os.environ["DOCKER_HOST"] = before
+    finally:
+        daemon.__exit__(None, None, None)
 
 
 @pytest.fixture(params=["podman", "docker"])
@@ -76,7 +90,7 @@ def engine(request: pytest.FixtureRequest, docker_host: str | None,
     """Each engine the tests can reach, as config ``container_engine``."""
     name = str(request.param)
     if name == "docker" and docker_host is None:
-        pytest.skip(f"no docker daemon: {dockerd.missing()}")
+        pytest.skip(f"no docker daemon: {'; '.join(DOCKER_WHY)}")
     found, why = engines.find(name, CONF_DIR)
     if found is None:
         pytest.skip(f"no {name}: {why}")
