@@ -66,12 +66,26 @@ async def test_the_container_lives_in_the_envs_slice_and_ends_with_it() -> None:
         assert env.isolation is CONTAINER and env.enforcement.unenforced == {}
         facts = env.container or {}
         assert facts.get("rootless") is (os.geteuid() != 0)
-        seen = await env.execute(["python", "-c", (
-            "import json, os; print(json.dumps({'init': open('/proc/1/cmdline').read(), "
-            "'home': os.path.exists('/home'), 'uid': os.getuid()}))")])
+        home = Path.home()
+        marker = home / f"gv-home-marker-{os.getpid()}"
+        marker.write_text("the creator's\n")
+        try:
+            seen = await env.execute(["python", "-c", (
+                "import json, os, sys; print(json.dumps({'init': open('/proc/1/cmdline')"
+                ".read(), 'marker': os.path.exists(sys.argv[1]), 'home': sorted(os.listdir("
+                "sys.argv[2])) if os.path.isdir(sys.argv[2]) else [], 'uid': os.getuid()}))"),
+                str(marker), str(home)])
+        finally:
+            marker.unlink()
         assert seen.ok, seen.stderr
         inside = json.loads(seen.stdout)
-        assert "podman-init" in inside["init"] and not inside["home"]
+        assert "podman-init" in inside["init"] and not inside["marker"]
+        # Of the creator's home, only the way to the env's own dir (bound at its own path, as
+        # a user's disk-backed envs live in ~/.cache) and to the interpreter (in the image at
+        # its own path: root's pyenv), if it is there at all.
+        on_the_way = {p.name for path in (env.path, env.python.resolve())
+                      for p in path.parents if p.parent == home}
+        assert set(inside["home"]) <= on_the_way, inside["home"]
         if os.geteuid() != 0:
             assert inside["uid"] == os.geteuid()  # rootless: keep-id, the creator's own uid
         # systemd shows the container (its scope) under the env's slice.
@@ -102,3 +116,21 @@ async def test_a_container_env_ends_at_its_ttl() -> None:
     finally:
         with contextlib.suppress(gestvenv.EnvironmentNotFoundError):
             await gestvenv.destroy_environment("shortlived")
+
+
+async def test_an_idle_container_env_ends_but_never_while_a_command_runs() -> None:
+    assert ENGINE is not None
+    env = await gestvenv.create_environment("idler", runtime="systemd",
+                                            isolation_level=CONTAINER, idle_timeout=2)
+    try:
+        # The container's own processes (its init, conmon) are no sign of use; a command is.
+        long = await env.execute(["python", "-c", "import time; time.sleep(4); print('done')"])
+        assert long.stdout == "done\n" and long.killed_by is None, long
+        for _ in range(100):
+            if not ENGINE.ours(env_id=env.id) and not env.path.exists():
+                break
+            await asyncio.sleep(0.1)
+        assert ENGINE.ours(env_id=env.id) == [] and not env.path.exists()
+    finally:
+        with contextlib.suppress(gestvenv.EnvironmentNotFoundError):
+            await gestvenv.destroy_environment("idler")
