@@ -80,8 +80,17 @@ async def choose(requested: str) -> tuple[engines.Engine | None, str]:
 
 
 def engine_of(record: EnvRecord) -> engines.Engine:
+    """The engine an env was made with, as its state file says: only podman or docker, by a
+    path that names it (a state file cannot make gestvenv run another program)."""
     facts = of(record) or {}
-    environ = dict(facts.get("environ") or {})
+    name, path = str(facts.get("engine")), str(facts.get("path"))
+    if name not in ("podman", "docker") or not os.path.isabs(path) \
+            or os.path.basename(path) != name:
+        raise RuntimeUnavailableError(
+            f"environment {record.name!r} names an unknown container engine {name!r} at "
+            f"{path!r}")
+    environ = {k: str(v) for k, v in dict(facts.get("environ") or {}).items()
+               if k in (*engines.ENDPOINT_VARS, "CONTAINERS_CONF", "DOCKER_BUILDKIT")}
     return engines.Engine(facts["engine"], facts["path"], bool(facts.get("rootless")),
                           int(facts.get("cgroup_version") or 1), environ)
 
@@ -336,7 +345,10 @@ async def stop(record: EnvRecord) -> None:
     facts = of(record)
     if facts is None:
         return
-    engine = engine_of(record)
+    try:
+        engine = engine_of(record)
+    except RuntimeUnavailableError:
+        return  # (a state file naming no engine: its reaper and the sweep find it by label)
     if facts.get("id"):
         await asyncio.to_thread(engines.remove_containers, engine, [facts["id"]])
     else:

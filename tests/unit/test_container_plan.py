@@ -191,3 +191,23 @@ def test_without_a_status_channel_the_inits_exit_status_is_the_report() -> None:
         _reported(result(127, "gestvenv: cannot run /x: [Errno 2] No such file\n"), "/x")
     with pytest.raises(CommandNotExecutableError, match="Permission denied"):
         _reported(result(127, "gestvenv: cannot run /x: [Errno 13] Permission denied\n"), "/x")
+
+
+def test_a_state_file_cannot_name_another_program_as_the_engine() -> None:
+    from gestvenv.exceptions import RuntimeUnavailableError
+    from gestvenv.registry import EnvRecord
+    from gestvenv.runtime.container import engine_of
+
+    def record(**container: object) -> EnvRecord:
+        return EnvRecord(name="x", id="0" * 32, path="/nonexistent/x-00000000", backend="disk",
+                         runtime="local", interpreter="/usr/bin/python3", python_version="3",
+                         created_at=0.0, ttl=None, idle_timeout=None, limits={},
+                         enforcement={}, container=dict(container))
+
+    assert engine_of(record(engine="podman", path="/usr/bin/podman")).path == "/usr/bin/podman"
+    for engine, path in (("podman", "/tmp/evil"), ("sh", "/bin/sh"), ("docker", "docker")):
+        with pytest.raises(RuntimeUnavailableError, match="unknown container engine"):
+            engine_of(record(engine=engine, path=path))
+    kept = engine_of(record(engine="docker", path="/usr/bin/docker",
+                            environ={"DOCKER_HOST": "unix:///x", "LD_PRELOAD": "/evil.so"}))
+    assert kept.environ == {"DOCKER_HOST": "unix:///x"}
