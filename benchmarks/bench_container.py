@@ -80,15 +80,16 @@ async def main() -> int:
         os.environ.update(gestvenv_environ(home, cache=base / "uv-cache", wheelhouse=wheels))
         os.environ["GESTVENV_EPHEMERAL_CONTAINER_ENGINE"] = args.engine
         try:
-            return await _bench(args.rounds, args.engine)
+            return await _bench(args.rounds, args.engine, home / "run")
         finally:
             wait_for_watchdogs(home / "run")
 
 
-async def _bench(rounds: int, engine_name: str) -> int:
+async def _bench(rounds: int, engine_name: str, runtime_dir: Path) -> int:
     import gestvenv
     from gestvenv import IsolationLevel
     from gestvenv.container import images
+    from gestvenv.container.engine import LABEL_STATE
     from gestvenv.runtime import container
 
     engine = container.engine_for(engine_name)
@@ -160,7 +161,8 @@ async def _bench(rounds: int, engine_name: str) -> int:
     # Only what this run generated (other users' images of this engine stay).
     removed = [ref for ref in (packages_image, base_ref)
                if engine.run("rmi", ref, check=False).returncode == 0]
-    left = engine.ours()
+    left = [c for c in engine.ours() if c.get(f"label:{LABEL_STATE}", "").startswith(
+        f"{runtime_dir}/")]  # (ours: their state file was in our runtime dir)
     print(f"removed images: {len(removed)}; containers left: {len(left)}")
     return 0 if not left else 1
 
