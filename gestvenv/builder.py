@@ -287,8 +287,11 @@ class UvBuilder(Builder):
         package code has run in the env, nothing writes there by path but the env's uid."""
         assert self.inside is not None
         cache = str(shim_cache_dir(env_path))
-        argv = ["/bin/sh", "-c", 'cache=$1; shift; "$@"; rc=$?; rm -rf "$cache"; exit $rc',
-                "gestvenv-install", cache,
+        # (The cache goes with the env's own python, not rm: a container's image has no rm.)
+        python = str(env_path / "bin" / "python")
+        argv = ["/bin/sh", "-c", 'cache=$1; py=$2; shift 2; "$@"; rc=$?; "$py" -I -S -c '
+                '"import shutil, sys; shutil.rmtree(sys.argv[1], True)" "$cache"; exit $rc',
+                "gestvenv-install", cache, python,
                 self.uv, "pip", "install", "--quiet", "--python", str(env_path / "bin" / "python"),
                 "--cache-dir", cache, "--link-mode", "copy"]
         if self.config.compile_bytecode:

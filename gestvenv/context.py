@@ -318,7 +318,8 @@ def build_command(record: EnvRecord, cmd: Command, *, shell: bool = False,
     data = input.encode() if isinstance(input, str) else input
     return CommandSpec(argv=tuple(argv), environ=environ,
                        cwd=os.fspath(cwd) if cwd is not None else None, input=data,
-                       timeout=timeout, capture=capture, stream=stream)
+                       timeout=timeout, capture=capture, stream=stream,
+                       passed=(*record_env(record), *(env or {})))
 
 
 def record_env(record: EnvRecord) -> dict[str, str]:

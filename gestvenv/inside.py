@@ -81,7 +81,7 @@ class InsideInstaller:
                "PATH": os.pathsep.join([bin_dir, environ.get("PATH", os.defpath)]),
                "HOME": self.record.path}
         spec = CommandSpec(argv=tuple(argv), environ=env, cwd=self.record.path, input=None,
-                           timeout=None)
+                           timeout=None, passed=tuple(environ))
         return await self.runtime.run(self.record, spec)
 
 

@@ -33,7 +33,8 @@ LABEL_IMAGE = "io.gestvenv.image"     # on images: "base" or "packages"
 LABEL_KEY = "io.gestvenv.key"         # on images: what they were made from (see images)
 PROBE_TIMEOUT = 20.0
 # Which daemon or service the CLI talks to: part of what an engine is.
-ENDPOINT_VARS = ("DOCKER_HOST", "CONTAINER_HOST")
+ENDPOINT_VARS = ("DOCKER_HOST", "CONTAINER_HOST", "CONTAINER_CONNECTION",
+                 "CONTAINERS_STORAGE_CONF")
 
 
 class EngineError(Exception):
@@ -74,16 +75,19 @@ class Engine:
              all_states: bool = True) -> list[dict[str, str]]:
         """gestvenv's containers (id, name, state, labels), optionally one env's or one
         owner's."""
-        # podman: one JSON array; docker: one JSON object per line.
-        fmt = "json" if self.name == "podman" else "{{json .}}"
-        args = ["ps", "--no-trunc", "--format", fmt, "--filter", f"label={LABEL_ID}"]
+        # Ids from ps, then each container's labels from inspect: docker's ps shows labels as
+        # one "k=v,k=v" string, which a comma in a value (a path) would split wrongly.
+        args = ["ps", "-q", "--no-trunc", "--filter", f"label={LABEL_ID}"]
         if all_states:
             args.append("-a")
         if env_id is not None:
             args += ["--filter", f"label={LABEL_ID}={env_id}"]
         if owner is not None:
             args += ["--filter", f"label={LABEL_OWNER}={owner}"]
-        done = self.run(*args, timeout=60.0)
+        ids = list(dict.fromkeys(self.run(*args, timeout=60.0).stdout.decode().split()))
+        if not ids:
+            return []
+        done = self.run("inspect", "--type", "container", *ids, timeout=60.0, check=False)
         return [_summary(item) for item in json_items(done.stdout)]
 
 
@@ -110,16 +114,14 @@ def json_items(data: bytes) -> list[dict[str, object]]:
 
 
 def _summary(item: dict[str, object]) -> dict[str, str]:
-    labels = item.get("Labels") or {}
-    if isinstance(labels, str):  # docker: "k=v,k=v"
-        labels = dict(kv.split("=", 1) for kv in labels.split(",") if "=" in kv)
-    names = item.get("Names") or ""
-    if isinstance(names, list):
-        names = names[0] if names else ""
-    state = str(item.get("State") or item.get("Status") or "")
-    assert isinstance(labels, dict)
-    return {"id": str(item.get("Id") or item.get("ID") or ""), "name": str(names),
-            "state": state, **{f"label:{k}": str(v) for k, v in labels.items()}}
+    """One container of ``inspect``: its id, name, state and labels (both engines)."""
+    config = item.get("Config")
+    labels = config.get("Labels") if isinstance(config, dict) else None
+    state = item.get("State")
+    status = state.get("Status") if isinstance(state, dict) else ""
+    name = str(item.get("Name") or "").lstrip("/")
+    return {"id": str(item.get("Id") or ""), "name": name, "state": str(status or ""),
+            **{f"label:{k}": str(v) for k, v in (labels or {}).items()}}
 
 
 def last_line(data: bytes) -> str:

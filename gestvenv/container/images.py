@@ -796,6 +796,10 @@ def image_info(item: Mapping[str, object]) -> ImageInfo | None:
         return None
     tags = item.get("RepoTags")
     ref = str(tags[0]) if isinstance(tags, list) and tags else ""
+    if not ref.startswith((f"{BASE_REPO}:", f"{PACKAGES_REPO}:")):
+        # Not one of gestvenv's names: an image someone built FROM one of ours inherits its
+        # labels, and is theirs (an untagged one too: nobody's to judge).
+        return None
     size = item.get("Size")
     created = item.get("Created")
     return ImageInfo(ref=ref, id=str(item.get("Id") or "").removeprefix("sha256:"),
@@ -900,8 +904,31 @@ def parse_loaded(text: str) -> list[str]:
     return refs
 
 
+def archive_refs(src: Path) -> list[str]:
+    """The names a docker-archive (what ``save`` writes) gives its images."""
+    try:
+        with tarfile.open(src) as tar:
+            member = tar.extractfile("manifest.json")
+            manifest = json.loads(member.read()) if member is not None else None
+    except (OSError, KeyError, ValueError, tarfile.TarError) as exc:
+        raise EngineError(f"{src} is not an image archive that `images save` writes: "
+                          f"{exc}") from None
+    if not isinstance(manifest, list):
+        raise EngineError(f"{src}: its manifest.json is not a list of images")
+    return [str(tag) for entry in manifest if isinstance(entry, dict)
+            for tag in entry.get("RepoTags") or []]
+
+
 def load(engine: Engine, src: Path) -> list[str]:
-    """Load the archive ``src``; the refs it held."""
+    """Load the archive ``src``; the refs it held. An archive that would name a base image
+    is refused: every env of that interpreter would run it (a package-set image is never run
+    by gestvenv, only taken elsewhere)."""
+    bases = [ref for ref in archive_refs(src)
+             if ref.removeprefix("docker.io/").startswith(f"{BASE_REPO}:")]
+    if bases:
+        raise EngineError(f"{src} would replace gestvenv's base image {bases[0]}, which every "
+                          "env of its interpreter runs: refused (base images are made here, "
+                          "from the interpreter's own files)")
     done = engine.run("load", "-i", str(src), timeout=BUILD_TIMEOUT)
     return parse_loaded(done.stdout.decode(errors="replace") + "\n"
                         + done.stderr.decode(errors="replace"))

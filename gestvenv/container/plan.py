@@ -67,6 +67,9 @@ class ContainerSpec:
     # Under systemd: the env's slice holds the container (and its limits).
     cgroup_parent: str | None = None
     temp: tuple[tuple[str, str], ...] = ()   # /tmp, /var/tmp -> the env's capped dirs
+    # The size of the private tmpfs mounts (/tmp, /var/tmp, /run): max_memory, whose pages
+    # they are (a write past it fails with ENOSPC rather than an OOM kill of whoever runs).
+    tmpfs_mb: int | None = None
     shm_mb: int | None = None
     expose: tuple[str, ...] = ()     # host files bound read-only at their path (uv, for pip)
 
@@ -83,6 +86,9 @@ def run_args(spec: ContainerSpec) -> list[str]:
     for key, value in labels(spec).items():
         out += ["--label", f"{key}={value}"]
     out += ["--pull", "never", "--log-driver", "none"]
+    if spec.engine == "podman":
+        # Not the creator's proxy variables (credentials, often), which podman copies in.
+        out += ["--http-proxy=false"]
     out += ["--network", "host" if spec.network else "none"]
     # Nothing of the host's privileges: no capability, no setuid gain, the engine's default
     # system call filter (seccomp) kept.
@@ -94,14 +100,15 @@ def run_args(spec: ContainerSpec) -> list[str]:
     # Only the env is writable: the image is read-only, /tmp and /var/tmp its own.
     out += ["--read-only"]
     temp = dict(spec.temp)
+    size = f",size={spec.tmpfs_mb}m" if spec.tmpfs_mb is not None else ""
     for tree in ("/tmp", "/var/tmp"):
         if tree in temp:
             out += ["--volume", f"{temp[tree]}:{tree}:rw"]
         else:
-            out += ["--tmpfs", f"{tree}:rw,nosuid,nodev,mode=1777"]
+            out += ["--tmpfs", f"{tree}:rw,nosuid,nodev,mode=1777{size}"]
     if spec.engine == "podman":
         out += ["--read-only-tmpfs=false"]  # (podman's own would be unbounded, and on /run)
-    out += ["--tmpfs", "/run:rw,nosuid,nodev,mode=755"]
+    out += ["--tmpfs", f"/run:rw,nosuid,nodev,mode=755{size}"]
     if spec.shm_mb is not None:
         out += ["--shm-size", f"{spec.shm_mb}m"]
     out += ["--volume", f"{spec.env_path}:{spec.env_path}:rw"]
@@ -131,21 +138,38 @@ def global_args(engine: str, cgroup_manager: str | None) -> list[str]:
 
 
 def command_environ(environ: Mapping[str, str], inherited: Mapping[str, str],
-                    env_path: str) -> dict[str, str]:
+                    env_path: str, passed: Sequence[str] = ()) -> dict[str, str]:
     """A container command's environment: the few variables of the caller's that describe
     the terminal and locale, every one that gestvenv or the caller set for the command (those
-    not ``inherited`` from our own process as they are), and the env's own paths."""
+    not ``inherited`` from our own process as they are, and those ``passed`` by name), and the
+    env's own paths."""
     out = {k: environ[k] for k in PASSED_THROUGH if k in environ}
-    out.update({k: v for k, v in environ.items() if inherited.get(k) != v})
+    out.update({k: v for k, v in environ.items() if inherited.get(k) != v or k in passed})
     out.update({"VIRTUAL_ENV": env_path, "PATH": f"{env_path}/bin:/usr/local/bin:/usr/bin:/bin",
                 "HOME": env_path})
     return out
 
 
+# Variables the engine's CLI itself reads (where it keeps its storage, which daemon, its
+# config): given to a command on the command line, never through the CLI's own environment.
+_ENGINE_READS = ("HOME", "PATH", "TMPDIR", "XDG_", "CONTAINERS_", "CONTAINER_", "DOCKER_",
+                 "PODMAN_", "BUILDAH_", "STORAGE_", "REGISTRY_AUTH_FILE", "LD_", "GODEBUG")
+
+
+def split_environ(environ: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(on the command line, by name through the CLI's environment) (pure). A value on a
+    command line can be read by every local user (/proc/PID/cmdline); one in a process's
+    environment only by its user. Those the CLI itself would read go on the line."""
+    line = {k: v for k, v in environ.items() if k.startswith(_ENGINE_READS)
+            or k.startswith("GESTVENV_") or k == "VIRTUAL_ENV"}
+    return line, {k: v for k, v in environ.items() if k not in line}
+
+
 def exec_args(container: str, *, environ: Mapping[str, str], cwd: str,
               argv: Sequence[str], interactive: bool, tty: bool, user: str | None,
               preserve_fds: int = 0) -> list[str]:
-    """``<engine> exec`` arguments that run one command of the env in its container."""
+    """``<engine> exec`` arguments that run one command of the env in its container: the
+    variables of :func:`split_environ`'s first part by value, the others by name."""
     out = ["exec"]
     if interactive:
         out.append("--interactive")
@@ -156,8 +180,13 @@ def exec_args(container: str, *, environ: Mapping[str, str], cwd: str,
     if user is not None:
         out += ["--user", user]
     out += ["--workdir", cwd]
-    for key, value in environ.items():
+    line, by_name = split_environ(environ)
+    for key, value in line.items():
         out += ["--env", f"{key}={value}"]
+    # Names only: the engine takes each value from its own environment (the caller puts them
+    # there), so that a secret never shows in a command line.
+    for key in by_name:
+        out += ["--env", key]
     out += [container, *argv]
     return out
 

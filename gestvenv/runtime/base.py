@@ -32,6 +32,9 @@ class CommandSpec:
     timeout: float | None
     capture: bool = True
     stream: StreamCallback | None = None
+    # Variables set for this command on purpose (by the caller, the env's creation, an
+    # installer), even where they equal ours: a container passes only those, and its terminal's.
+    passed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,13 @@ PROBE_TIMEOUT = 10.0
 # (:data:`EXEC_FAILED`), and its own exit status is the report: 128+N for a signal N.
 EXEC_FAILED = "gestvenv: cannot run "
 INIT = """\
-import os, resource, signal, sys
+import ctypes, os, resource, signal, sys
 fd = int(sys.argv[1])
 if fd >= 0:
     os.set_inheritable(fd, False)
+    # Not dumpable: the command, of the same uid, can neither ptrace this process nor take its
+    # status fd (pidfd_getfd) to forge a report. (execve makes the command dumpable again.)
+    ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
 limits = [tuple(int(v) for v in x.split(':')) for x in sys.argv[2].split(',') if x]
 program, argv = sys.argv[3], sys.argv[4:]
 signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import functools
+import hashlib
 import os
 import shutil
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,8 @@ from .systemd.cgroups import OomWatch
 _FD3_BASH = 'exec 3>&"$0"; exec "$@"'
 _FD3_PYTHON = "import os, sys; os.dup2(int(sys.argv[1]), 3); os.execvp(sys.argv[2], sys.argv[2:])"
 _NO_SUCH = ("no such container", "no container with name or id", "is not running",
-            "container state improper", "can only create exec sessions on running containers")
+            "container state improper", "can only create exec sessions on running containers",
+            "has already been removed", "does not exist in database")
 
 
 def of(record: EnvRecord) -> dict[str, Any] | None:
@@ -85,7 +88,7 @@ def engine_of(record: EnvRecord) -> engines.Engine:
     facts = of(record) or {}
     name, path = str(facts.get("engine")), str(facts.get("path"))
     if name not in ("podman", "docker") or not os.path.isabs(path) \
-            or os.path.basename(path) != name:
+            or os.path.basename(path) != name or not _trusted(path):
         raise RuntimeUnavailableError(
             f"environment {record.name!r} names an unknown container engine {name!r} at "
             f"{path!r}")
@@ -93,6 +96,18 @@ def engine_of(record: EnvRecord) -> engines.Engine:
                if k in (*engines.ENDPOINT_VARS, "CONTAINERS_CONF", "DOCKER_BUILDKIT")}
     return engines.Engine(facts["engine"], facts["path"], bool(facts.get("rootless")),
                           int(facts.get("cgroup_version") or 1), environ)
+
+
+def _trusted(path: str) -> bool:
+    """A program root may run: root's, and nobody else may change it (for other users, a
+    state file is their own: what it names is their choice)."""
+    if os.geteuid() != 0:
+        return True
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_uid == 0 and not st.st_mode & 0o022
 
 
 def planned(record: EnvRecord, engine: engines.Engine, tools: Sequence[str]) -> EnvRecord:
@@ -151,7 +166,7 @@ def spec_of(record: EnvRecord, engine: engines.Engine, image: str,
         memory_mb=limits.max_memory if by_engine else None,
         processes=limits.max_processes,  # (on the container's own cgroup, in either case)
         cpu_percent=limits.max_cpu_percent if by_engine else None,
-        cgroup_parent=cgroup_parent,
+        cgroup_parent=cgroup_parent, tmpfs_mb=limits.max_memory,
         temp=tuple(diskcap.capped_temp_dirs(enforcement, record.path).items()),
         shm_mb=diskcap.cap_of(enforcement),
         expose=tuple((of(record) or {}).get("expose") or ()))
@@ -172,7 +187,8 @@ async def start(record: EnvRecord, *, cgroup_parent: str | None = None,
         done = await asyncio.to_thread(engine.run, *args, check=False)
         if done.returncode != 0 and not await asyncio.to_thread(
                 images.image_exists, engine, image):
-            await asyncio.to_thread(images.ensure_base, engine, record.interpreter)
+            await asyncio.to_thread(_locked, image, images.ensure_base, engine,
+                                    record.interpreter)
             done = await asyncio.to_thread(engine.run, *args, check=False)
         if done.returncode != 0:
             raise engines.EngineError(f"{engine.name} run failed: {engines.last_line(done.stderr)}")
@@ -189,6 +205,15 @@ async def start(record: EnvRecord, *, cgroup_parent: str | None = None,
 
 # podman's own parent cgroup for its containers under the cgroupfs manager (root's).
 _PODMAN_CGROUPFS_PARENT = "/libpod_parent"
+
+
+def _locked(ref: str, make: Callable[..., str], *args: Any) -> str:
+    """``make(*args)`` under a lock of this user's for image ``ref``: creators that need the
+    same image at once make it once (the others find it made)."""
+    lock = conf_dir() / f"image-{hashlib.sha256(ref.encode()).hexdigest()[:16]}.lock"
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return make(*args)
 
 
 def _cgroup_of(engine: engines.Engine, container_id: str) -> str | None:
@@ -249,8 +274,8 @@ async def run(record: EnvRecord, command: CommandSpec) -> ExecResult:
     # status and its stderr are the report there (bwrap.INIT).
     status = StatusPipe() if engine.name == "podman" else None
     try:
-        argv = await asyncio.to_thread(_exec_argv, record, engine, command, exec_id,
-                                       status.writer if status is not None else -1)
+        argv, values = await asyncio.to_thread(_exec_argv, record, engine, command, exec_id,
+                                               status.writer if status is not None else -1)
     except BaseException:
         if status is not None:
             status.close()
@@ -259,7 +284,7 @@ async def run(record: EnvRecord, command: CommandSpec) -> ExecResult:
     try:
         try:
             result = await run_process(record, command, argv, exec_id=exec_id, cwd="/",
-                                       status=status, environ=engine.env())
+                                       status=status, environ={**engine.env(), **values})
             if status is None:
                 result = _reported(result, command.argv[0])
         except (CommandNotFoundError, CommandNotExecutableError) as exc:
@@ -271,13 +296,22 @@ async def run(record: EnvRecord, command: CommandSpec) -> ExecResult:
     finally:
         if oom is not None:
             oom.close()
-    if result.returncode in (125, 126, 1) and _gone(result.stderr):
+    reported = status is not None and status.reported
+    if not reported and _gone(result.stderr) and not await asyncio.to_thread(
+            _running, engine, facts.get("id") or facts["name"]):
         raise EnvironmentClosedError(
             f"environment {record.name!r} has ended: its container {facts['name']} is no "
             "longer running (TTL, idle timeout, its creator exited, or it was stopped)")
-    if result.killed_by is None and fired and result.returncode == -9:
-        result = replace(result, killed_by="memory", oom_killed=True)
+    if result.killed_by is None and fired and (
+            result.returncode == -9 or (not reported and result.returncode == 137)):
+        # (Killed before it could report, the status reporter itself maybe: 137 from exec.)
+        result = replace(result, returncode=-9, killed_by="memory", oom_killed=True)
     return result
+
+
+def _running(engine: engines.Engine, container: str) -> bool:
+    done = engine.run("inspect", "--format", "{{.State.Running}}", container, check=False)
+    return done.returncode == 0 and done.stdout.decode().strip() == "true"
 
 
 def _reported(result: ExecResult, program: str) -> ExecResult:
@@ -299,12 +333,14 @@ def _exec_failure(stderr: str) -> str | None:
 
 
 def _exec_argv(record: EnvRecord, engine: engines.Engine, command: CommandSpec, exec_id: str,
-               status_fd: int) -> list[str]:
-    """``[bash FD3] podman exec ... CONTAINER python INIT 3|-1 "" PROGRAM ARGV``."""
+               status_fd: int) -> tuple[list[str], dict[str, str]]:
+    """``[bash FD3] podman exec ... CONTAINER python INIT 3|-1 "" PROGRAM ARGV``, and the
+    variables the engine's CLI must have to pass them on by name."""
     facts = of(record)
     assert facts is not None
     cwd = _cwd(record, command.cwd)
-    own = cplan.command_environ(command.environ, os.environ, os.path.realpath(record.path))
+    own = cplan.command_environ(command.environ, os.environ, os.path.realpath(record.path),
+                                command.passed)
     own[processes.EXEC_MARKER] = exec_id
     channel = status_fd >= 0
     inner = [record.interpreter, "-I", "-S", "-B", "-c", INIT, "3" if channel else "-1", "",
@@ -314,7 +350,8 @@ def _exec_argv(record: EnvRecord, engine: engines.Engine, command: CommandSpec, 
     args = cplan.exec_args(facts["name"], environ=own, cwd=cwd, argv=inner,
                            interactive=interactive, tty=tty, user=facts.get("user") or None,
                            preserve_fds=1 if channel else 0)
-    return [*(_fd3(status_fd) if channel else []), *engine.argv(*args)]
+    return [*(_fd3(status_fd) if channel else []), *engine.argv(*args)], \
+        cplan.split_environ(own)[1]
 
 
 @functools.cache
@@ -371,9 +408,10 @@ def with_packages_image(record: EnvRecord, engine: engines.Engine, key: str,
     takes it elsewhere). A failure costs the env nothing but that image, and says so."""
     facts = dict(of(record) or {})
     try:
-        facts["packages_image"] = images.ensure_packages(
-            engine, facts.get("image") or images.ensure_base(engine, record.interpreter), key,
-            template, record.interpreter)
+        base = facts.get("image") or _locked(images.base_ref(record.interpreter),
+                                             images.ensure_base, engine, record.interpreter)
+        facts["packages_image"] = _locked(images.packages_ref(key), images.ensure_packages,
+                                          engine, base, key, template, record.interpreter)
     except engines.EngineError as exc:
         return record.evolve(container=facts, notes=[
             *record.notes, f"the image of its package set could not be made: {exc}"])

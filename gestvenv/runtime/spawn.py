@@ -32,6 +32,7 @@ class StatusPipe:
     def __init__(self) -> None:
         self.reader, self.writer = os.pipe()
         os.set_blocking(self.reader, False)
+        self.reported = False
 
     def close_writer(self) -> None:
         if self.writer >= 0:
@@ -46,9 +47,11 @@ class StatusPipe:
 
     def returncode(self, returncode: int, program: str) -> int:
         """The command's own status (raises for a command that could not be started); the
-        wrapper's ``returncode`` if there is no report (it failed, or was killed)."""
+        wrapper's ``returncode`` if there is no report (it failed, or was killed: then
+        ``reported`` stays False)."""
         reader, self.reader = self.reader, -1
-        return _sandboxed_status(reader, returncode, program)
+        code, self.reported = _sandboxed_status(reader, returncode, program)
+        return code
 
 
 async def run_process(record: EnvRecord, command: CommandSpec, argv: Sequence[str], *,
@@ -146,9 +149,10 @@ def _deadline(record: EnvRecord, timeout: float | None) -> tuple[str, float | No
     return "ttl", remaining
 
 
-def _sandboxed_status(status_r: int, returncode: int, program: str) -> int:
+def _sandboxed_status(status_r: int, returncode: int, program: str) -> tuple[int, bool]:
     """The command's own status, as the sandbox's init reported it (bwrap gives 128+N for a
-    death by signal N); bwrap's if there is no report (bwrap failed, or was killed)."""
+    death by signal N), and True; bwrap's if there is no report (bwrap failed, or was
+    killed), and False."""
     try:
         report = os.read(status_r, 64).decode(errors="replace")
     except OSError:  # BlockingIOError: no report
@@ -163,8 +167,8 @@ def _sandboxed_status(status_r: int, returncode: int, program: str) -> int:
         raise CommandNotExecutableError(f"cannot run {program}: {text}")
     if report.startswith("S"):
         with contextlib.suppress(ValueError):
-            return int(report[1:])
-    return returncode
+            return int(report[1:]), True
+    return returncode, False
 
 
 async def _collect(proc: asyncio.subprocess.Process, command: CommandSpec,

@@ -8,6 +8,7 @@ Skipped, with the reason, where no engine answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -358,3 +359,75 @@ async def test_the_hostile_probe_gets_nothing_out_of_a_container(
             edited = report["results"][f"in-place edit {six_py}"]
             assert not edited["escaped"], edited
         assert victim_secret.read_text() == "the victim's data\n"
+
+
+FORGE = """
+import ctypes, errno, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+pidfd = os.pidfd_open(os.getppid())
+fd = libc.syscall(438, pidfd, 3, 0)  # pidfd_getfd: the status reporter's fd 3
+if fd >= 0:
+    os.write(fd, b"S0")
+    print("forged")
+else:
+    print("refused", errno.errorcode.get(ctypes.get_errno()))
+sys.exit(3)
+"""
+
+
+async def test_what_a_command_is_given_stays_its_own(
+        engine: engines.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("https_proxy", "http://alice:PROXYPASS@proxy.invalid:3128")
+    limits = ResourceLimits(max_memory=64)
+    async with gestvenv.ephemeral("given", isolation_level=CONTAINER,
+                                  resource_limits=limits) as env:
+        # A secret given to a command is never on a command line (every user reads those).
+        secret = f"s3cr3t-{os.getpid()}"
+        running = asyncio.ensure_future(env.execute(
+            ["python", "-c", "import os, time; print(os.environ['GV_TOKEN'][:6]); "
+             "time.sleep(2)"], env={"GV_TOKEN": secret}))
+        await asyncio.sleep(1.0)
+        seen = await asyncio.to_thread(_cmdlines_with, secret)
+        result = await running
+        assert result.stdout == "s3cr3t\n", result.stderr
+        assert seen == [], seen
+        # Nor the creator's proxy credentials, in the container.
+        proxy = await env.execute(["python", "-c", "import os; print(sorted(k for k in "
+                                   "os.environ if 'proxy' in k.lower()))"])
+        assert proxy.stdout.strip() == "[]", proxy.stdout
+        # A command cannot forge its own status through its reporter (not dumpable).
+        forged = await env.execute(["python", "-c", FORGE])
+        if engine.name == "podman":
+            assert forged.stdout.startswith("refused"), forged.stdout
+        assert forged.returncode == 3, forged
+        # /tmp is the env's memory (a tmpfs of max_memory): filling it ends in ENOSPC, or in
+        # an OOM kill said as such (the writer's own pages count too), never in a silent 137.
+        full = await env.execute(["python", "-c", (
+            "f = open('/tmp/fill', 'wb')\ntry:\n    for _ in range(128):\n"
+            "        f.write(b'x' * (1 << 20)); f.flush()\n    print('wrote')\n"
+            "except OSError as e:\n    print('full', e.errno)\n")])
+        assert full.stdout.strip() == "full 28" or \
+            (full.killed_by == "memory" and full.returncode == -9), full
+        # (What /tmp holds stays in the env's memory: a /tmp filled to max_memory leaves no
+        # room for a command; docs/containers.md says so.)
+
+
+def _cmdlines_with(text: str) -> list[str]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = Path(entry.path, "cmdline").read_bytes()
+                if text.encode() in cmdline:
+                    found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+async def test_an_archive_cannot_replace_a_base_image(engine: engines.Engine,
+                                                      tmp_path: Path) -> None:
+    async with gestvenv.ephemeral("based", isolation_level=CONTAINER) as env:
+        base = (env.container or {})["image"]
+    archive = tmp_path / "base.tar"
+    await asyncio.to_thread(images.save, engine, base, archive)
+    with pytest.raises(engines.EngineError, match="would replace gestvenv's base image"):
+        await asyncio.to_thread(images.load, engine, archive)

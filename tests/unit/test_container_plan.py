@@ -42,6 +42,7 @@ def test_the_container_is_named_and_labelled_after_its_env() -> None:
 
 def test_only_the_env_is_writable_and_nothing_is_privileged() -> None:
     args = plan.run_args(_spec())
+    assert "--http-proxy=false" in args  # not the creator's proxy credentials
     assert "--read-only" in args and "--read-only-tmpfs=false" in args
     assert _pairs(args, "--cap-drop") == ["all"]
     assert _pairs(args, "--security-opt") == ["no-new-privileges"]
@@ -107,11 +108,18 @@ def test_a_command_keeps_only_its_own_variables() -> None:
 
 
 def test_exec_args() -> None:
-    args = plan.exec_args("gestvenv-web-01234567", environ={"A": "1"}, cwd="/e",
+    environ = {"API_TOKEN": "s3cr3t", "PATH": "/e/bin", "GESTVENV_ENV_ID": "x"}
+    args = plan.exec_args("gestvenv-web-01234567", environ=environ, cwd="/e",
                           argv=["python", "-V"], interactive=True, tty=False, user=None,
                           preserve_fds=1)
+    # A value the caller gave goes by name (the engine's CLI has it in its environment): never
+    # on a command line, which every local user can read. What the CLI itself would read
+    # (PATH, HOME...) and gestvenv's own go by value.
     assert args == ["exec", "--interactive", "--preserve-fds", "1", "--workdir", "/e",
-                    "--env", "A=1", "gestvenv-web-01234567", "python", "-V"]
+                    "--env", "PATH=/e/bin", "--env", "GESTVENV_ENV_ID=x", "--env", "API_TOKEN",
+                    "gestvenv-web-01234567", "python", "-V"]
+    assert "s3cr3t" not in " ".join(args)
+    assert plan.split_environ(environ)[1] == {"API_TOKEN": "s3cr3t"}
 
 
 def _base(**limits: LimitStatus) -> Enforcement:
@@ -211,3 +219,8 @@ def test_a_state_file_cannot_name_another_program_as_the_engine() -> None:
     kept = engine_of(record(engine="docker", path="/usr/bin/docker",
                             environ={"DOCKER_HOST": "unix:///x", "LD_PRELOAD": "/evil.so"}))
     assert kept.environ == {"DOCKER_HOST": "unix:///x"}
+
+
+def test_private_tmpfs_mounts_are_sized_to_max_memory() -> None:
+    args = plan.run_args(_spec(tmpfs_mb=64))
+    assert all(t.endswith(",size=64m") for t in _pairs(args, "--tmpfs")), args

@@ -415,11 +415,11 @@ def test_inspect_records_are_read_as_image_infos() -> None:
     assert images.image_info(PODMAN_ITEM) == ImageInfo(
         ref="localhost/gestvenv-env:" + "k" * 32, id="ab" * 32, kind="packages", key="k" * 32,
         size_bytes=1234, created=1796305685.5, base="b" * 16)
-    docker = images.image_info(DOCKER_ITEM)
-    assert docker is not None
-    assert docker.id == "cd" * 32
-    assert docker.ref == ""
-    assert docker.kind == "base"
+    # Untagged, or tagged with a name that is not gestvenv's: an image built FROM one of ours
+    # (it inherits the labels) is its maker's, never listed nor pruned.
+    assert images.image_info(DOCKER_ITEM) is None
+    derived = {**PODMAN_ITEM, "RepoTags": ["localhost/mine:1"]}
+    assert images.image_info(derived) is None
 
 
 def test_an_image_without_gestvenvs_label_is_not_one_of_ours() -> None:
