@@ -313,8 +313,8 @@ async def test_the_cli_lists_and_saves_images(tmp_path: Path, engine: engines.En
 
 async def test_without_an_engine_the_strongest_sandbox_applies_and_says_so(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", "/nonexistent")  # no podman, no docker
     monkeypatch.setenv("GESTVENV_EPHEMERAL_CONTAINER_ENGINE", "podman")
+    monkeypatch.setattr(engines.shutil, "which", lambda name, *a, **k: None)  # none installed
     async with gestvenv.ephemeral("fallback", isolation_level=CONTAINER,
                                   allow_unenforced=True) as env:
         assert env.isolation is not CONTAINER and env.container is None
