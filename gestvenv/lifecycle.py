@@ -101,8 +101,9 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
     )
     if enforcement.isolation_applied.sandboxed:
         record = await asyncio.to_thread(_with_sandbox, record, config)
-    if engine is not None:  # (its unit's reaper removes it)
+    if engine is not None:  # (its unit's reaper removes it; sweeps look for it from now on)
         record = container.planned(record, engine, _container_tools(config))
+        await asyncio.to_thread(container.mark_used, config)
     # Package code runs in the env; before its first command, the env's files go to its uid.
     builder.inside = InsideInstaller(record, runtime, hand_over_first=True)
     builder.share_read_only = record.sandbox_uid is not None

@@ -69,10 +69,13 @@ def remove_containers(env_id: str, engine: str | None = None) -> int:
              f"label={CONTAINER_LABEL}={env_id}"], capture_output=True, text=True,
             timeout=60, stdin=subprocess.DEVNULL, check=False).stdout.split()
         if found:
-            force = ["--force", "--time", "0"] if os.path.basename(engine) == "podman" \
-                else ["--force"]
-            subprocess.run([engine, "rm", *force, *found], capture_output=True, timeout=120,
-                           stdin=subprocess.DEVNULL, check=False)
+            # (podman's --ignore: without it podman 4.3 removes none if one is already gone)
+            force = ["--force", "--ignore", "--time", "0"] \
+                if os.path.basename(engine) == "podman" else ["--force"]
+            # (What went: the engine names each container it removed.)
+            found = subprocess.run([engine, "rm", *force, *found], capture_output=True,
+                                   text=True, timeout=120, stdin=subprocess.DEVNULL,
+                                   check=False).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return 0
     return len(found)

@@ -243,8 +243,10 @@ def docker_environ(path: str) -> dict[str, str]:
 
 
 def remove_containers(engine: Engine, ids: Sequence[str]) -> None:
-    """Kill and remove these containers at once (no stop timeout); gone ones are fine."""
+    """Kill and remove these containers at once (no stop timeout); gone ones are fine.
+    (podman's ``--ignore``: without it podman 4.3 removes none of them, and exits 0, when
+    one is already gone.)"""
     if ids:
-        engine.run("rm", "--force", "--time", "0", *ids, check=False, timeout=120.0) \
-            if engine.name == "podman" else \
+        engine.run("rm", "--force", "--ignore", "--time", "0", *ids, check=False,
+                   timeout=120.0) if engine.name == "podman" else \
             engine.run("rm", "--force", *ids, check=False, timeout=120.0)

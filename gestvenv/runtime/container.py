@@ -306,6 +306,10 @@ async def run(record: EnvRecord, command: CommandSpec) -> ExecResult:
             result.returncode == -9 or (not reported and result.returncode == 137)):
         # (Killed before it could report, the status reporter itself maybe: 137 from exec.)
         result = replace(result, returncode=-9, killed_by="memory", oom_killed=True)
+    elif fired:
+        # A process of its tree was OOM-killed, not the command itself (a build's backend
+        # under uv, which then fails): said, as the systemd runtime says it of a unit.
+        result = replace(result, oom_killed=True)
     return result
 
 
@@ -424,8 +428,8 @@ def sweep(config: Config) -> list[str]:
     the images of this config's package sets no longer snapshotted (bases stay: they are
     the interpreter's, remade in seconds only when it changes; ``images prune`` removes
     them). Only what carries gestvenv's labels is touched. What it removed, said."""
-    if not any(shutil.which(n) for n in ("podman", "docker")):
-        return []  # (no engine, no container: nothing to ask)
+    if not used_mark(config).exists():
+        return []  # (this user never made a container env: no engine to ask, no cost)
     engine, _ = engines.find(config.container_engine, conf_dir())
     if engine is None:
         return []
@@ -443,6 +447,19 @@ def sweep(config: Config) -> list[str]:
             engine, live_template_keys(config), bases=False,
             snapshots=str(storage.templates_dir(config)))]
     return out
+
+
+def used_mark(config: Config) -> Path:
+    """Made when this user's first container env is: from then on, sweeps ask the engine for
+    containers left behind (it survives reboots, as the engine's records do)."""
+    return storage.cache_base(config) / "containers-used"
+
+
+def mark_used(config: Config) -> None:
+    mark = used_mark(config)
+    if not mark.exists():
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
 
 
 def engine_for(requested: str) -> engines.Engine:

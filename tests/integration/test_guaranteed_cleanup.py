@@ -6,7 +6,10 @@ something in a real way (SIGKILL, SIGTERM, Ctrl-C, twice, a state file deleted, 
 stop``) and then looks from outside gestvenv, with :func:`support.leftovers`: units, env dirs,
 state files, processes, mounts and loop devices of the test's registry. Environments with
 ``max_disk`` (a filesystem of their own mounted on their dir: a tmpfs, or a loop-mounted ext4
-image for the disk backend) are ended in the same ways, by root (only root can mount).
+image for the disk backend) are ended in the same ways, by root (only root can mount). The
+fifty-environment sweep also has envs at container isolation where an engine answers (a
+container each: it, its conmon and its root filesystem's mounts must go too; the container
+envs' own tests are in test_container_cleanup.py).
 """
 
 from __future__ import annotations
@@ -20,19 +23,22 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from gestvenv import diskcap, registry
+from gestvenv.builder import find_interpreter
+from gestvenv.container import images
+from gestvenv.container.engine import find as find_engine
 from gestvenv.runtime.systemd import systemd_booted
 
 from .support import (
+    Spawn,
     env_pids,
     leftover_count,
     leftover_summary,
@@ -47,8 +53,6 @@ RUNTIME = "systemd" if SYSTEMD else "local"
 USER_MANAGER = os.geteuid() != 0  # under systemd, a user's envs are their own manager's units
 CLEANUP_INTERVAL = 2  # seconds: the local watchdog's orphan sweep
 SIGNAL_DEADLINE = 2.0  # seconds to exit, and to leave nothing, after a SIGTERM or Ctrl-C
-
-Spawn = Callable[..., subprocess.Popen[str]]
 
 # max_disk: what each backend mounts on the env's dir (diskcap), and whether this run can.
 DISK_BACKENDS = ["tmpfs", "memory", "disk"]
@@ -76,33 +80,9 @@ def _settings(gv_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GESTVENV_EPHEMERAL_MAX_CONCURRENT", "200")
 
 
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawn]:
-    """Start a script (or, with ``argv``, any command) in a process group of its own; whatever
-    still runs at the end of the test is killed."""
-    started: list[subprocess.Popen[str]] = []
-
-    def start(code: str | None = None, *args: str,
-              argv: list[str] | None = None) -> subprocess.Popen[str]:
-        if argv is None:
-            script = tmp_path / f"script-{len(started)}.py"
-            script.write_text(textwrap.dedent(code or ""))
-            argv = [sys.executable, str(script), *args]
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=tmp_path, process_group=0)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-
-
-@pytest.fixture(autouse=True)
-def _no_units_left() -> Iterator[None]:
-    """The integration conftest checks files and processes; under systemd, units too."""
+def no_new_units() -> Iterator[None]:
+    """(A fixture's body) the units loaded after the test that were not before: stopped, and
+    the test fails."""
     before = {u for u, _, _ in loaded_units()}
     yield
     left = sorted({u for u, _, _ in loaded_units()} - before)
@@ -110,6 +90,12 @@ def _no_units_left() -> Iterator[None]:
         subprocess.run(["systemctl", *(["--user"] if USER_MANAGER else []), "stop", unit],
                        check=False)
     assert left == []
+
+
+@pytest.fixture(autouse=True)
+def _no_units_left() -> Iterator[None]:
+    """The integration conftest checks files and processes; under systemd, units too."""
+    yield from no_new_units()
 
 
 def gv(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -612,17 +598,26 @@ CREATOR = """
     import asyncio, signal, sys, gestvenv
 
     async def one(spec):
-        # NAME, or NAME:BACKEND:MB for an env with a filesystem of its own (max_disk MB).
+        # NAME, or NAME:BACKEND:MB for an env with a filesystem of its own (max_disk MB);
+        # either with "+container" after it for an env at container isolation.
+        spec, _, isolation = spec.partition("+")
         name, *disk = spec.split(":")
         caps = {}
         if disk:
             caps = {"storage_backend": disk[0],
                     "resource_limits": gestvenv.ResourceLimits(max_disk=int(disk[1]))}
+        if isolation:
+            caps["isolation_level"] = gestvenv.IsolationLevel(isolation)
+        # (A container's root is its image: no sleep(1) there, the env's python is.)
+        sleep = ["python", "-c", "import time; time.sleep(300)"] if isolation else \
+            ["sleep", "300"]
         try:
             async with gestvenv.ephemeral(name, ttl=60, packages=["six"], **caps) as env:
-                print("created", name, env.id, flush=True)
+                print("created", name, env.id, env.isolation.value, flush=True)
+                if isolation and env.isolation.value != isolation:  # (fell back: it says why)
+                    print("note", name, *env.enforcement.notes, flush=True)
                 # The block (so the env) ends when its command ends: killed, stopped, destroyed.
-                await env.execute(["sleep", "300"])
+                await env.execute(sleep)
         finally:
             print("closed", name, flush=True)
 
@@ -633,7 +628,7 @@ CREATOR = """
         results = await asyncio.gather(*(one(s) for s in specs), return_exceptions=True)
         for spec, result in zip(specs, results):
             if isinstance(result, BaseException):
-                print("error", spec.split(":")[0], repr(result), flush=True)
+                print("error", spec.split("+")[0].split(":")[0], repr(result), flush=True)
 
     asyncio.run(main(sys.argv[1] == "graceful", sys.argv[2:]))
 """
@@ -642,6 +637,7 @@ ENVS_EACH = 5  # per creator; ten creators (CREATOR_FATES)
 CREATOR_FATES = ["SIGKILL during creation"] * 2 + ["SIGKILL after creation", "SIGTERM",
                                                    "SIGTERM, handled"] + ["env fates"] * 5
 DISK_SHARE = 3  # one env in three gets a max_disk (on a random backend), when root can
+CONTAINER_SHARE = 4  # one env in four is at container isolation, when an engine answers
 ENV_FATES = ["SIGKILL of its command", "state file deleted",
              *(["systemctl stop"] if SYSTEMD else []), "destroyed", "left alone"]
 
@@ -664,6 +660,7 @@ class Creator:
         self.index, self.fate, self.proc, self.names = index, fate, proc, names
         self.delay = delay  # a kill during creation: seconds after its first state file
         self.ids: dict[str, str] = {}
+        self.isolation: dict[str, str] = {}  # the level applied
         self.lines: list[str] = []
         # A thread of its own: ten readers blocked in readline() would starve asyncio's
         # default executor (and with it every asyncio.to_thread of the test).
@@ -675,8 +672,9 @@ class Creator:
         while line := self.proc.stdout.readline():
             self.lines.append(line.strip())
             if line.startswith("created "):
-                _, name, env_id = line.split()
+                _, name, env_id, isolation = line.split()
                 self.ids[name] = env_id
+                self.isolation[name] = isolation
 
     def running(self, busy: set[str]) -> bool:
         """All its envs run their command (``busy``: the env ids with a live process); fails if
@@ -714,10 +712,14 @@ async def _end_creator(creator: Creator) -> str:
         await asyncio.sleep(creator.delay)
         done = len(creator.ids)
         creator.proc.kill()
+        # Reaped at once, as a shell would: a zombie still has its PID, and the sweep takes
+        # the PID in a temporary state file's name for a writer still at work.
+        await asyncio.to_thread(creator.proc.wait)
         return (f"killed {creator.delay:.2f}s after its first state file, "
                 f"{done}/{len(creator.names)} envs created")
     if creator.fate == "SIGKILL after creation":
         creator.proc.kill()
+        await asyncio.to_thread(creator.proc.wait)
     elif creator.fate.startswith("SIGTERM"):
         creator.proc.send_signal(signal.SIGTERM)
     return "done"
@@ -725,24 +727,34 @@ async def _end_creator(creator: Creator) -> str:
 
 @pytest.mark.slow
 async def test_fifty_environments_ended_in_every_way_leave_nothing_after_one_sweep(
-        spawn: Spawn) -> None:
+        spawn: Spawn, tmp_path: Path) -> None:
     seed = int(os.environ.get("GVTEST_SEED") or random.randrange(1 << 32))
     print(f"\nseed {seed} (GVTEST_SEED={seed} to replay)")
     rng = random.Random(seed)
-    # The disk caps are drawn from a generator of their own: a seed replays the same fates
-    # as before they were added.
+    # The disk caps, and the container envs, are drawn from generators of their own: a seed
+    # replays the same fates (and disk caps) as before they were added.
     disk_rng = random.Random(f"{seed}-max_disk")
+    container_rng = random.Random(f"{seed}-container")
     fates = rng.sample(CREATOR_FATES, len(CREATOR_FATES))
+    engine, no_engine = await asyncio.to_thread(find_engine, "auto", tmp_path)
+    if engine is not None:
+        # Its base image made now if missing: not by each creator at once (all would build
+        # one, and hold the engine's store meanwhile).
+        await asyncio.to_thread(images.ensure_base, engine, find_interpreter().path)
     started = time.monotonic()
     creators = []
     disks: dict[str, str] = {}  # env name -> backend of its own filesystem
+    contained: set[str] = set()  # the envs at container isolation
     no_caps = disk_cap_missing("disk")
     for index, fate in enumerate(fates):
         names = [f"gc{index}-{n}" for n in range(ENVS_EACH)]
         for name in names:
             if no_caps is None and disk_rng.randrange(DISK_SHARE) == 0:
                 disks[name] = disk_rng.choice(DISK_BACKENDS)
-        specs = [f"{n}:{disks[n]}:{DISK_MB}" if n in disks else n for n in names]
+            if engine is not None and container_rng.randrange(CONTAINER_SHARE) == 0:
+                contained.add(name)
+        specs = [(f"{n}:{disks[n]}:{DISK_MB}" if n in disks else n)
+                 + ("+container" if n in contained else "") for n in names]
         proc = spawn(CREATOR, "graceful" if fate == "SIGTERM, handled" else "plain", *specs)
         creators.append(Creator(index, fate, proc, names, rng.uniform(0.0, 0.6)))
     if no_caps is None:
@@ -750,11 +762,19 @@ async def test_fifty_environments_ended_in_every_way_leave_nothing_after_one_swe
             f"{b} {sum(v == b for v in disks.values())}" for b in DISK_BACKENDS))
     else:
         print(f"no env gets a max_disk in this run: {no_caps}")
+    if engine is not None:
+        print(f"container isolation ({engine.name}) on {len(contained)} envs "
+              f"({len(contained & set(disks))} of them with a max_disk)")
+    else:
+        print(f"no env is at container isolation in this run: {no_engine}")
     during = {c.index: asyncio.ensure_future(_end_creator(c)) for c in creators
               if c.fate == "SIGKILL during creation"}
     later = [c for c in creators if c.index not in during]
     try:
-        await wait_until(lambda: all(c.running(busy_envs()) for c in later), 45,
+        # (A container env takes a second or two more: its container, started through the
+        # engine, which serializes much of it.)
+        await wait_until(lambda: all(c.running(busy_envs()) for c in later),
+                         45 + 2 * len(contained),
                          "every env of the creators not killed early runs its command",
                          interval=0.1)
     except AssertionError:
@@ -781,10 +801,20 @@ async def test_fifty_environments_ended_in_every_way_leave_nothing_after_one_swe
     assert len(before["mounts"]) >= len(running & set(disks)), before["mounts"]
     assert len(before["loops"]) >= sum(disks[n] == "disk" for n in running & set(disks)), \
         before["loops"]
+    # And a container per container env (its conmon and root filesystem are not leftovers
+    # while it lives): the zeros below mean they went. (One whose creator found no engine
+    # that answered in time has fallen back to namespace isolation, and says so.)
+    isolated = {n for c in later for n, level in c.isolation.items() if level == "container"}
+    fell_back = [line for c in later for line in c.lines if line.startswith("note ")]
+    print(f"{len(isolated)} of the {len(running & contained)} container envs running have "
+          "their container" + "".join(f"\n  {line}" for line in fell_back))
+    assert len(before["containers"]) >= len(isolated), before["containers"]
+    assert before["conmon"] == [] and before["container mounts"] == [], before
     for creator in creators:
         print(f"  creator {creator.index}: {creator.fate}")
         for n in creator.names:
             cap = f" (max_disk on {disks[n]})" if n in disks else ""
+            cap += " (container)" if n in contained else ""
             if n in env_fates or cap:
                 print(f"    {n}{cap}: {env_fates.get(n, 'as its creator')}")
     # Everything at once, in a random order.
@@ -827,6 +857,14 @@ async def test_fifty_environments_ended_in_every_way_leave_nothing_after_one_swe
     print(f"leftovers after sweep: {leftover_summary(left)} "
           f"({time.monotonic() - swept_at:.1f}s for the sweep and cleanup --all; "
           f"{time.monotonic() - started:.1f}s in all)")
+    if report["errors"]:
+        print(f"the sweep's errors: {report['errors']}")
+    for container in left["containers"]:
+        # What its env's reaper said (its unit's journal), and what the sweeps did.
+        env = container.split("; env ")[1].split(",")[0]
+        print(f"  {container}: its env was {fate_of.get(env)}; its unit's journal:\n"
+              f"{journal(f'gestvenv-{env}.service')[-3000:]}\n  sweep: {swept.stdout}\n"
+              f"  cleanup --all: {everything.stdout}")
     # At most units already stopped, still loaded for an instant: a creator that is closing
     # the env holds a reference on its last command's unit (AddRef) until it has read its end.
     stopped = [u for u in left["units"] if u.endswith("(inactive/dead)")]

@@ -15,10 +15,22 @@ loop-mounted ext4 image for the disk backend, mounted on the env's dir): their m
 with the host's mount namespace, their loop devices (the host kernel's, global) are freed by
 autoclear, the disk backend's image is deleted with its dir; nothing of them is left, on the
 test host nor on this one.
+
+And, where podman runs, with an environment at container isolation. Podman keeps its
+containers in a database on the disk (``/var/lib/containers/storage/libpod/bolt_state.db``,
+in the graph root: in the test host, its root overlay's writable layer, the "disk"), and its
+runtime state in /run (``/run/containers/storage``, ``/run/libpod``: gone with a boot). After a
+power loss the env's container is still in the database ("Created": podman resets the state of
+a container whose run state died with the boot; its ``--rm`` never ran, no conmon was left to
+run it): only the cleanup timer's boot sweep removes it (its state file, in /run, is gone).
+Its conmon, its fuse-overlayfs (podman's storage on the test host's overlay root) and their
+mounts died with the host's namespaces. After a clean reboot the env unit's stop action (its
+reaper) has removed it at shutdown.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -46,6 +58,10 @@ BOOT_SWEEP = 10  # gestvenv.timer.BOOT_DELAY: the timer's OnBootSec=
 ROOTS = (DISK_ROOT, "/run/gestvenv", "/dev/shm/gestvenv")
 CAPPED = {f"capped-{backend}": backend for backend in ("tmpfs", "memory", "disk")}
 IMAGE = ".gestvenv-disk.img"  # gestvenv.diskcap.IMAGE
+ENV_LABEL = "io.gestvenv.env"  # gestvenv.container.engine.LABEL_ENV
+# An env at container isolation, where podman runs (the test host has this machine's podman
+# and its images: its root is an overlay of this one's).
+PODMAN = shutil.which("podman")
 
 
 def gestvenv(host: SystemdHost, *args: str) -> str:
@@ -109,6 +125,37 @@ def still_bound(loops: dict[str, tuple[str, int, int]]) -> list[str]:
     return [f"{d} ({b})" for d, (b, dev, ino) in loops.items() if now.get(d) == (dev, ino)]
 
 
+def create_boxed(host: SystemdHost, name: str) -> str | None:
+    """An env at container isolation on the disk backend (its dir outlives a power loss);
+    its container's name, running. None where podman does not run in the host."""
+    if PODMAN is None:
+        return None
+    gestvenv(host, "ephemeral", "create", name, "--isolation", "container", "--storage",
+             "disk", "--ttl", "3600")
+    shown = json.loads(gestvenv(host, "ephemeral", "show", name, "--json"))
+    assert shown["enforcement"]["isolation_applied"] == "container", shown
+    [(container, state)] = containers(host, name)
+    assert state == "running", state
+    return str(container)
+
+
+def containers(host: SystemdHost, env: str) -> list[tuple[str, str]]:
+    """(name, state) of the containers podman has (any state) for the env named ``env``."""
+    done = host.run(["podman", "ps", "-a", "--format", "json", "--filter",
+                     f"label={ENV_LABEL}={env}"], check=True)
+    return [(item["Names"][0], item["State"]) for item in json.loads(done.stdout or "[]")]
+
+
+def engine_leftovers(host: SystemdHost) -> list[str]:
+    """conmon and fuse-overlayfs processes, and a container's root mounted, in the host
+    (none of its envs' containers is left to hold them)."""
+    procs = host.run(["sh", "-c", "pgrep -a -x conmon; pgrep -a -x fuse-overlayfs; true"])
+    mounts = host.run(["cat", "/proc/self/mountinfo"], check=True)
+    return procs.stdout.split("\n")[:-1] + [
+        line.split()[4] for line in mounts.stdout.splitlines()
+        if "/var/lib/containers/storage/overlay/" in line.split()[4]]
+
+
 def journal(host: SystemdHost, unit: str) -> str:
     return host.run(["journalctl", "-b", "--no-pager", "-o", "cat", "-u", unit]).stdout
 
@@ -127,8 +174,9 @@ def test_orphans_of_a_power_loss_are_gone_after_boot_without_a_command(host: Sys
                  "--ttl", "5" if name == "short" else "3600")
     gestvenv(host, "run", "--env", "kept-a", "--", "python", "-c", "print('used')")
     loops = create_capped(host)
+    boxed = create_boxed(host, "boxed")
     before = env_dirs(host)
-    assert len(before) == 4, before  # capped-disk's dir among them
+    assert len(before) == 4 + (boxed is not None), before  # capped-disk's dir among them
     # Power loss: nothing stopped, nothing reaped. The harness checks on its way that the
     # host left nothing on this machine: no process, mount, cgroup, nor loop device.
     host.reboot(crash=True)
@@ -142,6 +190,13 @@ def test_orphans_of_a_power_loss_are_gone_after_boot_without_a_command(host: Sys
     assert env_mounts(host) == []
     assert len(images(host)) == 1, images(host)
     assert still_bound(loops) == []
+    if boxed is not None:
+        # Podman's database is on the disk: the container is still there, stopped (its
+        # processes and mounts died with the boot), and nothing but a sweep removes it.
+        after_boot = containers(host, "boxed")
+        print(f"after the power loss, podman still has {after_boot}")
+        assert [c for c, _ in after_boot] == [boxed], after_boot
+        assert engine_leftovers(host) == []
     deadline = booted + BOOT_SWEEP + 20
     while env_dirs(host) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -149,9 +204,21 @@ def test_orphans_of_a_power_loss_are_gone_after_boot_without_a_command(host: Sys
     print(f"orphans gone {time.monotonic() - booted:.1f}s after the boot "
           f"(OnBootSec={BOOT_SWEEP}s); left: {left}")
     assert left == []
+    # What the sweep did is logged when it is over (containers are swept after the dirs).
+    expected = [f"removed orphan {DISK_ROOT}/{orphan}" for orphan in before]
+    if boxed is not None:
+        expected.append(f"removed orphan container {boxed} (its environment is gone)")
     log = journal(host, "gestvenv-cleanup.service")
+    while not all(line in log for line in expected) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        log = journal(host, "gestvenv-cleanup.service")
+    print(f"the boot sweep was over (logged) {time.monotonic() - booted:.1f}s after the boot")
     for orphan in before:
         assert f"removed orphan {DISK_ROOT}/{orphan}" in log, log
+    if boxed is not None:
+        assert f"removed orphan container {boxed} (its environment is gone)" in log, log
+        assert containers(host, "boxed") == []
+        assert engine_leftovers(host) == []
     # The timer goes on after the boot sweep.
     status = gestvenv(host, "ephemeral", "timer", "status")
     assert "active" in status, status
@@ -161,10 +228,14 @@ def test_orphans_of_a_power_loss_are_gone_after_boot_without_a_command(host: Sys
 def test_a_clean_reboot_reaps_envs_at_shutdown(host: SystemdHost) -> None:
     gestvenv(host, "ephemeral", "create", "until-shutdown", "--storage", "disk", "--ttl", "3600")
     loops = create_capped(host)
-    assert len(env_dirs(host)) == 2
+    boxed = create_boxed(host, "boxed-shutdown")
+    assert len(env_dirs(host)) == 2 + (boxed is not None)
     host.reboot(crash=False)
     # Checked at once, before any timer could have run: the env unit's stop action did it.
     assert env_dirs(host) == []
     nothing_capped_left(host, loops)
+    if boxed is not None:
+        assert containers(host, "boxed-shutdown") == []
+        assert engine_leftovers(host) == []
     assert "gestvenv-until-shutdown" not in host.run(
         ["systemctl", "list-units", "--all", "--plain", "--no-legend"]).stdout

@@ -517,8 +517,14 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
 
 def reap_if_left(holder: HolderArgs) -> list[str]:
     """The env unit's stop action: ``sh`` checks that the env's dir or state file is still
-    there, then runs the reaper (``$`` is doubled for systemd by exec_start)."""
-    script = 'if [ -e "$1" ] || [ -e "$2" ]; then exec "$3" -I -S -B "$4" "$1" "$5" "$2" "$6"; fi'
+    there, or (a container env: ``$GESTVENV_CONTAINER_ENGINE`` in the unit's environment) a
+    container labelled with its id, then runs the reaper (``$`` is doubled for systemd by
+    exec_start). (The holder's own reap can be cut short by this very stop: its ``podman rm``
+    gets the stop's SIGTERM and leaves the container, stopped, while the dir and state go.)"""
+    script = ('if [ -e "$1" ] || [ -e "$2" ] || { [ -n "$GESTVENV_CONTAINER_ENGINE" ] && '
+              '[ -n "$("$GESTVENV_CONTAINER_ENGINE" ps -a -q --filter "label='
+              f'{reaper.CONTAINER_LABEL}=$5")" ]; }}; '
+              'then exec "$3" -I -S -B "$4" "$1" "$5" "$2" "$6"; fi')
     return ["/bin/sh", "-c", script, "gestvenv-reap", holder.env_path, holder.state_file,
             holder.python, holder.reaper, holder.env_id, holder.registry_lock]
 
