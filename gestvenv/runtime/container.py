@@ -283,8 +283,11 @@ async def run(record: EnvRecord, command: CommandSpec) -> ExecResult:
     oom = await asyncio.to_thread(_oom_watch, facts.get("oom_cgroup") or "")
     try:
         try:
+            # The engine's client carries the env's marker: whatever ends the env (its reaper,
+            # a destroy) ends it too, should its creator die while it waits on the container.
             result = await run_process(record, command, argv, exec_id=exec_id, cwd="/",
-                                       status=status, environ={**engine.env(), **values})
+                                       status=status, environ={**engine.env(), **values,
+                                                               processes.ENV_MARKER: record.id})
             if status is None:
                 result = _reported(result, command.argv[0])
         except (CommandNotFoundError, CommandNotExecutableError) as exc:
