@@ -299,7 +299,9 @@ def _umount(mnt: str) -> bool:
         print(f"gestvenv: {mnt} was still in use: detached; what is mounted there lasts until "
               "the processes using it exit", file=sys.stderr, flush=True)
         return True
-    return ctypes.get_errno() == errno.EINVAL and mnt not in mounts_under(mnt)
+    # Not mounted, or gone with its dir: another reaper of the same env (its holder, during a
+    # destroy) was first. Done, if mountinfo agrees.
+    return ctypes.get_errno() in (errno.EINVAL, errno.ENOENT) and mnt not in mounts_under(mnt)
 
 
 # --- what the environment used, said at its end ---
