@@ -107,12 +107,14 @@ async def test_a_container_env_ends_at_its_ttl() -> None:
                                             isolation_level=CONTAINER, ttl=3)
     try:
         assert len(ENGINE.ours(env_id=env.id)) == 1
-        for _ in range(100):
-            if not ENGINE.ours(env_id=env.id) and not env.path.exists():
+        for _ in range(150):
+            if not ENGINE.ours(env_id=env.id) and not env.path.exists() \
+                    and not _loaded("gestvenv-shortlived*"):
                 break
             await asyncio.sleep(0.1)
         assert ENGINE.ours(env_id=env.id) == []
         assert not env.path.exists()
+        assert _loaded("gestvenv-shortlived*") == ""
     finally:
         with contextlib.suppress(gestvenv.EnvironmentNotFoundError):
             await gestvenv.destroy_environment("shortlived")
@@ -126,11 +128,18 @@ async def test_an_idle_container_env_ends_but_never_while_a_command_runs() -> No
         # The container's own processes (its init, conmon) are no sign of use; a command is.
         long = await env.execute(["python", "-c", "import time; time.sleep(4); print('done')"])
         assert long.stdout == "done\n" and long.killed_by is None, long
-        for _ in range(100):
-            if not ENGINE.ours(env_id=env.id) and not env.path.exists():
+        # Its container, its dir, and its units (their stop action is the last to finish).
+        for _ in range(150):
+            if not ENGINE.ours(env_id=env.id) and not env.path.exists() \
+                    and not _loaded("gestvenv-idler*"):
                 break
             await asyncio.sleep(0.1)
         assert ENGINE.ours(env_id=env.id) == [] and not env.path.exists()
+        assert _loaded("gestvenv-idler*") == ""
     finally:
         with contextlib.suppress(gestvenv.EnvironmentNotFoundError):
             await gestvenv.destroy_environment("idler")
+
+
+def _loaded(pattern: str) -> str:
+    return systemctl("list-units", "--all", "--plain", "--no-legend", pattern).strip()
