@@ -81,10 +81,11 @@ async def test_the_container_lives_in_the_envs_slice_and_ends_with_it() -> None:
         inside = json.loads(seen.stdout)
         assert "podman-init" in inside["init"] and not inside["marker"]
         # Of the creator's home, only the way to the env's own dir (bound at its own path, as
-        # a user's disk-backed envs live in ~/.cache) and to the interpreter (in the image at
-        # its own path: root's pyenv), if it is there at all.
-        on_the_way = {p.name for path in (env.path, env.python.resolve())
-                      for p in path.parents if p.parent == home}
+        # a user's disk-backed envs live in ~/.cache), to the interpreter (in the image at its
+        # own path: root's pyenv) and to the tools bound read-only (uv, in the VM's venv), if
+        # it is there at all.
+        bound = [env.path, env.python.resolve(), *map(Path, facts.get("expose") or [])]
+        on_the_way = {p.name for path in bound for p in path.parents if p.parent == home}
         assert set(inside["home"]) <= on_the_way, inside["home"]
         if os.geteuid() != 0:
             assert inside["uid"] == os.geteuid()  # rootless: keep-id, the creator's own uid
