@@ -61,6 +61,8 @@ BOOKKEEPING = re.compile(r"""^(
     | var/log/(lastlog|wtmp|btmp)           # the test user's sessions
     | var/lib/containers(/.*)? | etc/containers(/.*)?  # podman's own store and its database
     | var/lib/cni(/.*)? | run/containers(/.*)? | run/libpod(/.*)?
+    | etc/cni(/.*)? | var/cache/containers(/.*)?     # podman's locks
+    | root/\.rpmdb(/.*)?                   # podman asks rpm for its runtimes' package versions
 )$""", re.VERBOSE)
 # Directories init-system-helpers creates to enable any package's units and never removes
 # (their contents, the links, are checked like any file).
