@@ -222,6 +222,27 @@ class Environment:
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     # --- ending it ---
+    @property
+    def kept(self) -> bool:
+        """True once :meth:`keep` released the environment from its creator."""
+        return not self._owned and self._record.owner_pid is None
+
+    async def keep(self) -> None:
+        """Release the environment from its creator, to inspect it later.
+
+        From now on it is destroyed neither when its ``ephemeral()`` block exits nor when the
+        creating process dies: it lives until its TTL, its idle timeout or ``gestvenv
+        ephemeral cleanup NAME``. An environment without a TTL is refused (it would live
+        forever). Idempotent.
+        """
+        record = self._live_record()
+        if record.expires_at is None:
+            raise ValidationError(
+                f"environment {self.name!r} has no TTL: kept, it would never end "
+                "(create it with a ttl to keep it)")
+        self._record = await asyncio.to_thread(_release, record)
+        self._owned = False
+
     async def aclose(self) -> None:
         """Destroy the environment (processes, files, state). Idempotent; survives cancellation."""
         if self._closing is None:
@@ -259,6 +280,21 @@ def _requirements(requirements: str | os.PathLike[str] | None) -> tuple[Path, ..
     if not path.is_file():
         raise ValidationError(f"requirements file {str(path)!r} does not exist")
     return (path.resolve(),)
+
+
+def _release(record: EnvRecord) -> EnvRecord:
+    """The state without its owner: its unit's holder (or the local watchdog) then lets the
+    env outlive its creator, as it does for ``ephemeral create``."""
+    with registry.locked():
+        try:
+            current = registry.load(record.name)
+        except EnvironmentNotFoundError:
+            current = None
+        if current is None or current.id != record.id:
+            raise EnvironmentClosedError(f"environment {record.name!r} has ended")
+        released = current.evolve(owner_pid=None, owner_started=None)
+        registry.save(released)
+    return released
 
 
 def _record_packages(record: EnvRecord, specs: Sequence[str]) -> None:
@@ -421,7 +457,7 @@ class EphemeralContext:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         try:
-            if self._env is not None:
+            if self._env is not None and not self._env.kept:
                 await self._env.aclose()
         finally:
             self._interrupts.release()

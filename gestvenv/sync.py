@@ -147,6 +147,11 @@ class SyncEnvironment:
     def usage(self) -> EnvUsage:
         return _portal.call(self._env.usage())
 
+    def keep(self) -> None:
+        """:meth:`Environment.keep`: the environment outlives this block and its creator,
+        until its TTL."""
+        _portal.call(self._env.keep())
+
     def close(self) -> None:
         _portal.call(self._env.aclose(), shield=True)
 

@@ -50,7 +50,13 @@ PACKAGES: list[tuple[str, str, list[str], str]] = [
     ("gvtool", "1.0", [], "def main():\n    print('gvtool ran')\n"),
     ("pytest", "8.0.0", [], _MINI_PYTEST),
     ("gvbig", "1.0", [], ""),  # + 4 MB of data (DATA): bigger than a small max_disk
+    # More names the docs' examples use (docs/, examples/: tests/integration/doc_snippets.py).
+    ("pytest-asyncio", "0.23.0", ["pytest"], ""),
+    ("rich", "13.0.0", [], "from builtins import print\n"),
+    ("attrs", "23.1.0", [], ""),
 ]
+# Import names that are not the distribution's name.
+MODULES = {"pytest-asyncio": "pytest_asyncio"}
 # Data files: package -> (path in the wheel, size). Zeros: the wheel stays small, the install
 # does not.
 DATA = {"gvbig": ("gvbig/blob.bin", 4 << 20)}
@@ -64,11 +70,12 @@ def _digest(data: bytes) -> str:
 
 
 def build_wheel(directory: Path, name: str, version: str, requires: list[str], body: str) -> Path:
-    dist = f"{name}-{version}.dist-info"
+    module = MODULES.get(name, name)
+    dist = f"{module}-{version}.dist-info"
     metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
         f"Requires-Dist: {r}\n" for r in requires)
     files = {
-        f"{name}/__init__.py": f"{body}__version__ = {version!r}\n",
+        f"{module}/__init__.py": f"{body}__version__ = {version!r}\n",
         f"{dist}/METADATA": metadata,
         f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: gestvenv-tests\nRoot-Is-Purelib: true\n"
                          "Tag: py3-none-any\n",
@@ -79,7 +86,7 @@ def build_wheel(directory: Path, name: str, version: str, requires: list[str], b
     if name in SCRIPTS:
         script, target = SCRIPTS[name]
         files[f"{dist}/entry_points.txt"] = f"[console_scripts]\n{script} = {target}\n"
-    path = directory / f"{name}-{version}-py3-none-any.whl"
+    path = directory / f"{module}-{version}-py3-none-any.whl"
     record = []
     with zipfile.ZipFile(path, "w") as zf:
         for arcname, text in files.items():

@@ -1,0 +1,155 @@
+"""Every code block of README.md and docs/ runs (tests/integration/doc_snippets.py says how),
+and every gestvenv command line the prose quotes names options that exist."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from gestvenv.cli import cli
+from tests.integration import doc_snippets
+from tests.integration.doc_snippets import ROOT, SnippetSyntaxError, blocks, markdown_files
+
+pytestmark = pytest.mark.slow
+
+
+def runnable(path: Path) -> bool:
+    """A doc with something to run (or that breaks the convention: its test says how)."""
+    try:
+        return any(b.language in ("python", "sh", "toml") and "norun" not in b.attrs
+                   for b in blocks(path))
+    except SnippetSyntaxError:
+        return True
+
+
+RUNNABLE = [p for p in markdown_files() if runnable(p)]
+
+
+def run_doc(path: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], list[dict]]:
+    report = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.integration.doc_snippets", str(path)], cwd=ROOT,
+        env={**os.environ, "GESTVENV_DOC_REPORT": str(report)}, capture_output=True, text=True,
+        timeout=900, check=False)
+    print(done.stdout[-6000:], done.stderr[-3000:])
+    return done, json.loads(report.read_text()) if report.exists() else []
+
+
+def test_the_docs_follow_the_convention() -> None:
+    """Each fenced block names a language the runner knows, and valid attributes: a block
+    cannot drop out of the test by a typo."""
+    found = {p.name: blocks(p) for p in markdown_files()}
+    assert {"README.md", "ephemeral-environments.md", "ephemeral.md",
+            "migration-to-ephemeral.md"} <= set(found)
+    assert sum(b.language in ("python", "sh") for bs in found.values() for b in bs) >= 20
+
+
+def test_a_block_outside_the_convention_is_an_error(tmp_path: Path) -> None:
+    for text, message in (("```\nls\n```\n", "must name its language"),
+                          ("```bash\nls\n```\n", "not 'bash'"),
+                          ("```sh needs=docker\nls\n```\n", "needs='docker'"),
+                          ("```sh norun=because\nls\n```\n", "norun='because'"),
+                          ("```sh\n$ gestvenv ephemeral list\n```\n", "no prompt")):
+        doc = tmp_path / "doc.md"
+        doc.write_text(text)
+        with pytest.raises(SnippetSyntaxError, match=re.escape(message)):
+            blocks(doc)
+
+
+@pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_block_of_the_doc_runs(path: Path, tmp_path: Path) -> None:
+    done, report = run_doc(path, tmp_path)
+    failed = [f"{r['where']}: {r['detail']}" for r in report if r["status"] == "failed"]
+    assert failed == [], "\n\n".join(failed)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Skipped only for what this host lacks (CI's systemd tier has systemd, podman and root).
+    for item in report:
+        if item["status"] == "skipped":
+            need = item["detail"].removeprefix("needs ")
+            assert all(doc_snippets.missing(n) for n in need.split(",")), item
+    ran = [r for r in report if r["status"] == "passed"]
+    assert ran, f"nothing of {path} ran"
+
+
+def test_a_doc_that_uses_an_option_the_code_lacks_fails(tmp_path: Path) -> None:
+    """What keeps docs true: a block with an option that does not exist (as a removed one
+    would) fails, and so does an env left behind."""
+    doc = tmp_path / "doc.md"
+    doc.write_text("```sh\ngestvenv ephemeral create doc-gone --ttl 60 --no-such-option 1\n"
+                   "```\n\n```python\nimport gestvenv\n"
+                   "env = await gestvenv.create_environment('doc-left', ttl=60)\n```\n")
+    done, report = run_doc(doc, tmp_path)
+    assert done.returncode == 1
+    by_line = {r["where"].rsplit(":", 1)[1]: r for r in report}
+    assert by_line["1"]["status"] == "failed"
+    assert "No such option: --no-such-option" in by_line["1"]["detail"]
+    assert by_line["5"]["status"] == "passed"
+    assert by_line["0"]["detail"] == "environments left behind: doc-left"
+    subprocess.run([sys.executable, "-m", "gestvenv", "ephemeral", "cleanup", "doc-left"],
+                   check=True, capture_output=True)
+
+
+# --- command lines quoted in prose (`gestvenv ... --option`) ---
+
+_INLINE = re.compile(r"`(gestvenv [^`]+)`")
+
+
+def command_of(words: list[str]) -> tuple[click.Command, list[str]]:
+    """The deepest command of the click tree that ``words`` name, and the words after it."""
+    command: click.Command = cli
+    rest = list(words)
+    while rest and isinstance(command, click.Group) and rest[0] in command.commands:
+        command = command.commands[rest.pop(0)]
+    return command, rest
+
+
+def options_of(command: click.Command) -> set[str]:
+    return {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
+
+
+def quoted_commands() -> list[tuple[str, str]]:
+    found = []
+    for path in markdown_files():
+        text = path.read_text()
+        for match in _INLINE.finditer(text):
+            line = text.count("\n", 0, match.start()) + 1
+            found.append((f"{path.relative_to(ROOT)}:{line}", match[1]))
+    for path in markdown_files():
+        for block in blocks(path):
+            if block.language in ("sh", "text"):
+                for offset, line in enumerate(block.code.splitlines(), 1):
+                    if line.lstrip().startswith("gestvenv "):
+                        found.append((f"{block.where}+{offset}", line.split("#", 1)[0]))
+    return found
+
+
+def unknown_options(quoted: str) -> list[str]:
+    words = quoted.split()[1:]
+    if "--" in words:  # what follows is the command run in the env
+        words = words[:words.index("--")]
+    command, rest = command_of(words)
+    known = options_of(command) | {"--help"}
+    return [w.split("=", 1)[0] for w in rest
+            if w.startswith("--") and w.split("=", 1)[0] not in known
+            and re.fullmatch(r"--[a-z][a-z0-9-]*", w.split("=", 1)[0])]
+
+
+def test_every_option_the_docs_quote_exists() -> None:
+    quoted = quoted_commands()
+    assert len(quoted) >= 30
+    bad = [f"{where}: {text!r}: {unknown_options(text)}" for where, text in quoted
+           if unknown_options(text)]
+    assert bad == []
+
+
+def test_the_option_check_catches_a_removed_option() -> None:
+    assert unknown_options("gestvenv ephemeral create x --ttl 60") == []
+    assert unknown_options("gestvenv ephemeral create x --time-to-live 60") == ["--time-to-live"]
+    assert unknown_options("gestvenv run --env x -- python -V") == []
