@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(BIN)/gestvenv ephemeral cleanup demo
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check gestvenv tests benchmarks
+	$(BIN)/ruff check gestvenv tests benchmarks examples
 	$(BIN)/mypy
 
 # Every tier, in this order (CI runs exactly this).

@@ -17,6 +17,7 @@ import gestvenv
 from gestvenv.cli import cli
 from tests.integration import doc_snippets
 from tests.integration.doc_snippets import ROOT, SnippetSyntaxError, blocks, markdown_files
+from tests.integration.support import leftover_count, leftover_summary, leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -173,3 +174,26 @@ def test_make_demo_the_readmes_first_command_works() -> None:
     assert re.search(r"^six 1\.16\.0 in /\S+/demo-[0-9a-f]{8}$", done.stdout, re.MULTILINE)
     assert "removed demo" in done.stdout
     assert gestvenv.list_environments() == []
+
+
+def test_the_ci_pipeline_example_as_written_passes_and_leaves_nothing(tmp_path: Path) -> None:
+    """The product's CI example, its two commands as written (no `--`, no TTL), then the
+    cleanup step, as a CI runner's shell step runs them."""
+    for name, text in doc_snippets.SCRATCH_FILES.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    step = ("gestvenv ephemeral create ci-test --requirements requirements.txt\n"
+            "gestvenv run --env ci-test pytest tests/\n"
+            "gestvenv ephemeral cleanup ci-test\n")
+    done = subprocess.run(["bash", "-e", "-c", step], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, check=False,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}:"
+                                                     f"{os.environ['PATH']}"})
+    print(done.stdout, done.stderr)
+    assert done.returncode == 0
+    # The env's pytest ran (the wheelhouse's stand-in prints this), not one from the PATH.
+    assert "1 passed, 0 failed" in done.stdout
+    assert "removed ci-test" in done.stdout
+    assert gestvenv.list_environments() == []
+    left = leftovers()
+    assert leftover_count(left) == 0, leftover_summary(left)
