@@ -224,8 +224,14 @@ class Environment:
     # --- ending it ---
     @property
     def kept(self) -> bool:
-        """True once :meth:`keep` released the environment from its creator."""
-        return not self._owned and self._record.owner_pid is None
+        """True when the environment belongs to no creator, as its state says now: released by
+        :meth:`keep` (through any handle), or made by :func:`create_environment`. False once
+        it has ended."""
+        try:
+            current = registry.load(self.name)
+        except EnvironmentNotFoundError:
+            return False
+        return current.id == self.id and current.status == "ready" and current.owner_pid is None
 
     async def keep(self) -> None:
         """Release the environment from its creator, to inspect it later.
@@ -457,8 +463,10 @@ class EphemeralContext:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         try:
-            if self._env is not None and not self._env.kept:
-                await self._env.aclose()
+            # Kept (through this handle or another one, attach()'s): it outlives the block.
+            env = self._env
+            if env is not None and not await asyncio.to_thread(lambda: env.kept):
+                await env.aclose()
         finally:
             self._interrupts.release()
 

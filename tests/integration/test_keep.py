@@ -98,3 +98,17 @@ def test_a_kept_env_survives_a_sigkilled_creator_until_its_ttl(keep: bool) -> No
     assert path.is_dir() and names() == {"kept-orphan"}, "kept: the creator's death is no end"
     poll(lambda: not path.exists() and not names(), ttl + 15, "the kept env ends at its TTL")
     assert time.monotonic() - created >= ttl - 1
+
+
+async def test_keep_through_another_handle_keeps_the_block_from_destroying_it() -> None:
+    async with gestvenv.ephemeral("kept-elsewhere", ttl=120) as env:
+        other = gestvenv.attach("kept-elsewhere")
+        assert not env.kept and not other.kept
+        await other.keep()
+        assert env.kept and other.kept  # the state says so, whichever handle asks
+        path = env.path
+    try:
+        assert path.is_dir() and names() == {"kept-elsewhere"}
+    finally:
+        await gestvenv.destroy_environment("kept-elsewhere")
+    assert not env.kept and names() == set()
