@@ -44,7 +44,7 @@ from .runtime import (
 from .runtime.processes import ENV_MARKER, EXEC_MARKER
 from .runtime.systemd import live_units
 from .runtime.systemd.plan import LIVE_UNIT_STATES, UnitNames
-from .shield import HeldInterrupts, shielded
+from .shield import HeldInterrupts, protected, shielded
 
 Command = str | Sequence[str | os.PathLike[str]]
 _SCRUBBED = ("PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX", "__PYVENV_LAUNCHER__", ENV_MARKER,
@@ -252,7 +252,8 @@ class Environment:
     async def aclose(self) -> None:
         """Destroy the environment (processes, files, state). Idempotent; survives cancellation."""
         if self._closing is None:
-            self._closing = asyncio.ensure_future(destroy(self._record, self._config))
+            # Uncancellable: asyncio.run's final cancel of every task must not cut it either.
+            self._closing = protected(destroy(self._record, self._config))
         await shielded(_wait(self._closing))
 
     async def __aenter__(self) -> Environment:

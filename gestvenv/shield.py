@@ -7,18 +7,38 @@ import asyncio.runners
 import functools
 import signal
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from types import FrameType
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+# Set by a third Ctrl-C (HeldInterrupts): the way out, where teardown may be cut after all.
+_abandoned = threading.Event()
+
+
+class _Uncancellable(asyncio.Task[T]):
+    """A task that ``cancel()`` does not stop. When the main coroutine of ``asyncio.run`` ends
+    (an exception out of ``gather`` while a sibling is still tearing its environment down, a
+    Ctrl-C), asyncio cancels *every* task left, the inner tasks of :func:`shielded` too, and
+    then waits for them: refusing that cancellation lets a teardown finish there."""
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if _abandoned.is_set():
+            return super().cancel(msg)
+        return False
+
+
+def protected(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """Start ``coro`` as a task that no ``cancel()`` stops (but after a third Ctrl-C)."""
+    return _Uncancellable(coro, loop=asyncio.get_running_loop())
 
 
 async def shielded(aw: Awaitable[T]) -> T:
     """Await ``aw`` to its end even if the caller is cancelled (again and again), then re-raise
-    the cancellation. Teardown must not be cut in half by a second Ctrl-C, and a worker thread
-    must not go on writing after the caller has moved on to undo its work."""
-    task = asyncio.ensure_future(aw)
+    the cancellation. Teardown must not be cut in half by a second Ctrl-C, nor by asyncio.run
+    cancelling every task left when its main coroutine ends, and a worker thread must not go
+    on writing after the caller has moved on to undo its work."""
+    task = protected(aw) if asyncio.iscoroutine(aw) else asyncio.ensure_future(aw)
     cancelled = False
     while True:
         try:
@@ -66,6 +86,7 @@ class HeldInterrupts:
                 and getattr(current.func, "__func__", None) is runners_handler):
             return
         self._previous = current
+        _abandoned.clear()
         signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
@@ -78,6 +99,7 @@ class HeldInterrupts:
         elif not self._held:
             self._held = True
         else:
+            _abandoned.set()  # the way out: asyncio may now cut the teardown
             self.release(deliver=False)
             previous(signum, frame)
 
