@@ -99,15 +99,10 @@ async def parallel() -> None:
             return env.name, result.stdout.strip()
 
     started = time.monotonic()
-    # return_exceptions=True: gather returns once every block has ended, its environment
-    # destroyed, even when one of them failed (without it, gather raises at the first failure
-    # while the others are still being torn down).
-    outcomes = await asyncio.gather(*(one(i) for i in range(3)), return_exceptions=True)
-    results = []
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
-        results.append(outcome)
+    # Plain gather: if one block fails, its error comes out at once and the other blocks'
+    # teardowns still run to their end (also when asyncio.run then cancels what is left).
+    # A TaskGroup would cancel the others instead; either way, nothing stays.
+    results = await asyncio.gather(*(one(i) for i in range(3)))
     for name, prefix in results:
         say(f"{name}: sys.prefix {prefix}")
     say(f"3 environments in {time.monotonic() - started:.2f}s")
