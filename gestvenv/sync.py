@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import os
 import threading
 from collections.abc import Coroutine, Iterable, Mapping
@@ -129,8 +130,14 @@ class SyncEnvironment:
         return self._env
 
     def __getattr__(self, name: str) -> Any:
-        # Plain attributes (name, path, python, enforcement...) are the async handle's.
-        return getattr(self._env, name)
+        # Plain attributes (name, path, python, enforcement...) are the async handle's; its
+        # coroutines are not: one never awaited (``aclose()``) would silently do nothing.
+        value = getattr(self._env, name)
+        if inspect.iscoroutinefunction(value) or inspect.isasyncgenfunction(value):
+            raise AttributeError(
+                f"{name}() is the async API's: use env.aio.{name}() in async code"
+                + ("; close() here" if name == "aclose" else ""))
+        return value
 
     def install(self, packages: Iterable[str] = (), *,
                 requirements: str | os.PathLike[str] | None = None) -> None:
