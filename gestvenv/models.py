@@ -26,6 +26,32 @@ class IsolationLevel(enum.StrEnum):
     def rank(self) -> int:
         return list(IsolationLevel).index(self)
 
+    # Ordered by strength, not as strings ("container" < "namespace" alphabetically):
+    # ``env.isolation >= IsolationLevel.NAMESPACE`` means what it says.
+    def _rank_of(self, other: object) -> int | None:
+        if not isinstance(other, str):
+            return None
+        try:
+            return IsolationLevel(other).rank
+        except ValueError:
+            return None
+
+    def __lt__(self, other: object) -> bool:
+        rank = self._rank_of(other)
+        return NotImplemented if rank is None else self.rank < rank
+
+    def __le__(self, other: object) -> bool:
+        rank = self._rank_of(other)
+        return NotImplemented if rank is None else self.rank <= rank
+
+    def __gt__(self, other: object) -> bool:
+        rank = self._rank_of(other)
+        return NotImplemented if rank is None else self.rank > rank
+
+    def __ge__(self, other: object) -> bool:
+        rank = self._rank_of(other)
+        return NotImplemented if rank is None else self.rank >= rank
+
     @property
     def sandboxed(self) -> bool:
         """Namespace isolation or above: commands run in a sandbox of namespaces, which hides
@@ -42,7 +68,7 @@ class StorageBackend(enum.StrEnum):
 
     TMPFS = "tmpfs"    # a tmpfs under the runtime dir (/run/gestvenv or $XDG_RUNTIME_DIR)
     MEMORY = "memory"  # /dev/shm
-    DISK = "disk"      # the disk, beside the shared uv cache (hardlinks, no copies)
+    DISK = "disk"      # the disk, beside the shared uv cache (reflinks where it has them)
 
     @classmethod
     def parse(cls, value: str | StorageBackend) -> StorageBackend:

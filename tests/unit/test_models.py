@@ -183,3 +183,14 @@ def test_exec_result_to_dict_is_json_ready() -> None:
 def test_absurd_limits_are_refused_with_a_clear_error(field: str) -> None:
     with pytest.raises(ValidationError, match=f"{field} must be at most"):
         ResourceLimits(**{field: 10**20})
+
+
+def test_isolation_levels_order_by_strength_not_alphabetically() -> None:
+    from gestvenv import IsolationLevel as Level
+
+    assert Level.PROCESS < Level.NAMESPACE < Level.CONTAINER < Level.CHROOT
+    assert Level.CONTAINER >= Level.NAMESPACE and not Level.PROCESS >= Level.NAMESPACE
+    assert Level.CONTAINER > "namespace" and Level.PROCESS <= "process"
+    assert max([Level.CONTAINER, Level.NAMESPACE]) is Level.CONTAINER
+    with pytest.raises(TypeError):
+        assert Level.PROCESS < 3  # type: ignore[operator]
