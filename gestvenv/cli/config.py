@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+import tomlkit
 
 from ..config import (
     OPTIONS,
@@ -36,11 +37,14 @@ def show(as_json: bool) -> None:
                    "files": {"system": str(system_config_path()),
                              "user": str(user_config_path())}})
         return
+    # Valid TOML, as the file takes it: what is printed can be copied into a config file.
     click.echo(f"# system file: {system_config_path()}\n# user file:   {user_config_path()}")
     click.echo("[ephemeral]")
     for key, value in values.items():
         source = config.sources.get(key, "default")
-        click.echo(f"{key} = {value!r}".ljust(48) + f"  # {source}; {OPTIONS[key].help}")
+        setting = f"# {key} =   (unset)" if value is None else \
+            f"{key} = {tomlkit.item(value).as_string()}"
+        click.echo(setting.ljust(48) + f"  # {source}; {OPTIONS[key].help}")
 
 
 def _complete_key(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:

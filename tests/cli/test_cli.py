@@ -261,3 +261,16 @@ def test_the_systemd_runtime_is_refused_clearly_where_systemd_does_not_run() -> 
     [info] = json.loads(gv("ephemeral", "list", "--json").stdout)
     assert info["runtime"] == "local"
     assert gv("ephemeral", "cleanup", "auto-rt").returncode == 0
+
+
+def test_config_show_prints_toml_that_loads_back(runner: CliRunner, gv_home: Path) -> None:
+    """What `config show` prints is a config file: copied into one, it gives the same values."""
+    import tomllib
+
+    from gestvenv.config import Config, load_config
+
+    runner.invoke(cli, ["config", "set", "find_links", '["/wheels"]'])
+    shown = runner.invoke(cli, ["config", "show"]).output
+    assert "# python =   (unset)" in shown and "offline = true" in shown  # (the test home's)
+    table = tomllib.loads(shown)["ephemeral"]
+    assert Config().replace(_source="shown", **table).as_dict() == load_config().as_dict()
