@@ -179,6 +179,11 @@ class Builder:
             raise BuildError(f"{what} failed (exit {proc.returncode})", text)
 
 
+def _install_what(packages: Sequence[str], requirements: Sequence[Path]) -> str:
+    """What an install was given, for its error: ``-r FILE`` for each requirements file."""
+    return " ".join([*(f"-r {req}" for req in requirements), *packages])
+
+
 def _index_args(config: Config) -> list[str]:
     args: list[str] = []
     for link in config.find_links:
@@ -262,7 +267,7 @@ class UvBuilder(Builder):
         env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
         for key in ("VIRTUAL_ENV", "UV_PYTHON", "UV_SYSTEM_PYTHON"):
             env.pop(key, None)
-        what = "uv pip install " + " ".join(packages)
+        what = "uv pip install " + _install_what(packages, requirements)
         if self.inside is None:
             await self._run(argv, what, env)
         elif self.inside.everything:
@@ -409,7 +414,7 @@ class VenvPipBuilder(Builder):
         for req in requirements:
             argv += ["--requirement", str(req)]
         argv += list(packages)
-        what = "pip install " + " ".join(packages)
+        what = "pip install " + _install_what(packages, requirements)
         if self.inside is None:
             await self._run(argv, what)
             return
