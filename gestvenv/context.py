@@ -18,6 +18,7 @@ from .config import Config, load_config
 from .exceptions import (
     BuildError,
     CommandError,
+    CommandNotExecutableError,
     CommandNotFoundError,
     EnvironmentClosedError,
     EnvironmentNotFoundError,
@@ -354,8 +355,10 @@ def build_command(record: EnvRecord, cmd: Command, *, shell: bool = False,
     else:
         base = os.fspath(cwd) if cwd is not None else os.getcwd()
         full = os.path.join(base, program)
-        if not (os.path.isfile(full) and os.access(full, os.X_OK)):
-            raise CommandNotFoundError(f"{program!r} is not an executable file")
+        if not os.path.isfile(full):
+            raise CommandNotFoundError(f"{program!r} is not a file")
+        if not os.access(full, os.X_OK):  # (exit status 126 in the CLI, as in a shell)
+            raise CommandNotExecutableError(f"{program!r} is not executable")
     if cwd is not None and not os.path.isdir(cwd):
         raise ValidationError(f"working directory {os.fspath(cwd)!r} does not exist")
     data = input.encode() if isinstance(input, str) else input

@@ -77,6 +77,12 @@ def test_run_exits_with_the_commands_status(gv_home: Path, tmp_path: Path) -> No
     junk.chmod(0o755)
     unexecutable = gv("run", "--env", "ci-test", "--", str(junk))
     assert unexecutable.returncode == 126, unexecutable.stderr  # as a shell: "cannot execute"
+    plain = tmp_path / "plain.sh"  # a script without its x bit: 126 too, as in a shell
+    plain.write_text("#!/bin/sh\necho hi\n")
+    plain.chmod(0o644)
+    not_executable = gv("run", "--env", "ci-test", "--", str(plain))
+    assert not_executable.returncode == 126 and "is not executable" in not_executable.stderr
+    assert gv("run", "--env", "ci-test", "--", str(tmp_path / "absent")).returncode == 127
     assert gv("ephemeral", "cleanup", "--all").returncode == 0
 
 
