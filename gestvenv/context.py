@@ -61,6 +61,7 @@ class Environment:
         self._config = config
         self._owned = owned
         self._closing: asyncio.Future[None] | None = None
+        self._kept = False  # released from its creator by keep() through this handle
         self._sampler = Sampler()  # one per handle: its runtime object, the peak seen
 
     # --- what it is ---
@@ -225,30 +226,33 @@ class Environment:
     # --- ending it ---
     @property
     def kept(self) -> bool:
-        """True when the environment belongs to no creator, as its state says now: released by
-        :meth:`keep` (through any handle), or made by :func:`create_environment`. False once
-        it has ended."""
-        try:
-            current = registry.load(self.name)
-        except EnvironmentNotFoundError:
-            return False
-        return current.id == self.id and current.status == "ready" and current.owner_pid is None
+        """True when the environment belongs to no creator: released by :meth:`keep` through
+        this handle, or made without one (:func:`create_environment`, ``ephemeral create``),
+        as this handle knows it."""
+        return self._kept or (not self._owned and self._record.owner_pid is None)
 
     async def keep(self) -> None:
         """Release the environment from its creator, to inspect it later.
 
         From now on it is destroyed neither when its ``ephemeral()`` block exits nor when the
         creating process dies: it lives until its TTL, its idle timeout or ``gestvenv
-        ephemeral cleanup NAME``. An environment without a TTL is refused (it would live
-        forever). Idempotent.
+        ephemeral cleanup NAME``. Only the block's own handle can keep its environment (an
+        ``attach()`` handle cannot take it from its block); one that would never end (no TTL,
+        no idle timeout) is refused. Idempotent.
         """
         record = self._live_record()
-        if record.expires_at is None:
+        if record.expires_at is None and not record.idle_timeout:
             raise ValidationError(
-                f"environment {self.name!r} has no TTL: kept, it would never end "
-                "(create it with a ttl to keep it)")
+                f"environment {self.name!r} has no TTL and no idle timeout: kept, it would "
+                "never end (create it with a ttl to keep it)")
+        if not self._owned:
+            if record.owner_pid is None or self._kept:
+                return  # it has no creator already
+            raise ValidationError(
+                f"environment {self.name!r} belongs to the ephemeral() block of process "
+                f"{record.owner_pid}: keep() it through that block's own handle")
         self._record = await asyncio.to_thread(_release, record)
-        self._owned = False
+        self._kept, self._owned = True, False
 
     async def aclose(self) -> None:
         """Destroy the environment (processes, files, state). Idempotent; survives cancellation."""
@@ -300,6 +304,9 @@ def _release(record: EnvRecord) -> EnvRecord:
             current = None
         if current is None or current.id != record.id:
             raise EnvironmentClosedError(f"environment {record.name!r} has ended")
+        if current.status != "ready":  # (being destroyed: a release would not hold anyway)
+            raise EnvironmentClosedError(
+                f"environment {record.name!r} is {current.status}: it cannot be kept")
         released = current.evolve(owner_pid=None, owner_started=None)
         registry.save(released)
     return released
@@ -467,10 +474,10 @@ class EphemeralContext:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         try:
-            # Kept (through this handle or another one, attach()'s): it outlives the block.
-            env = self._env
-            if env is not None and not await asyncio.to_thread(lambda: env.kept):
-                await env.aclose()
+            # Kept by keep() on this handle: it outlives the block. (Decided by the handle, not
+            # by the state file, which an env's own commands can write at process isolation.)
+            if self._env is not None and not self._env.kept:
+                await self._env.aclose()
         finally:
             self._interrupts.release()
 

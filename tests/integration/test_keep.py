@@ -44,7 +44,7 @@ async def test_a_kept_env_outlives_its_block_until_a_cleanup() -> None:
 async def test_without_a_ttl_keep_is_refused_and_the_block_still_destroys() -> None:
     async with gestvenv.ephemeral("kept-forever", ttl=0) as env:
         path = env.path
-        with pytest.raises(ValidationError, match="has no TTL: kept, it would never end"):
+        with pytest.raises(ValidationError, match="has no TTL and no idle timeout: kept, it"):
             await env.keep()
         assert not env.kept
     assert not path.exists() and names() == set()
@@ -100,15 +100,25 @@ def test_a_kept_env_survives_a_sigkilled_creator_until_its_ttl(keep: bool) -> No
     assert time.monotonic() - created >= ttl - 1
 
 
-async def test_keep_through_another_handle_keeps_the_block_from_destroying_it() -> None:
+async def test_only_the_blocks_own_handle_can_keep_its_env() -> None:
+    """An attach() handle cannot take an env from the block that owns it (nor can the env's
+    own commands, writing its state file at process isolation: the block decides by its
+    handle); the block destroys it on exit."""
     async with gestvenv.ephemeral("kept-elsewhere", ttl=120) as env:
         other = gestvenv.attach("kept-elsewhere")
+        with pytest.raises(ValidationError, match=r"belongs to the ephemeral\(\) block of "
+                                                  r"process \d+: keep\(\) it through"):
+            await other.keep()
         assert not env.kept and not other.kept
-        await other.keep()
-        assert env.kept and other.kept  # the state says so, whichever handle asks
         path = env.path
+    assert not path.exists() and names() == set()
+
+
+async def test_an_idle_timeout_bounds_a_kept_env_too() -> None:
+    async with gestvenv.ephemeral("kept-idle", ttl=0, idle_timeout=60) as env:
+        await env.keep()
+        assert env.kept
     try:
-        assert path.is_dir() and names() == {"kept-elsewhere"}
+        assert names() == {"kept-idle"}
     finally:
-        await gestvenv.destroy_environment("kept-elsewhere")
-    assert not env.kept and names() == set()
+        await gestvenv.destroy_environment("kept-idle")
