@@ -458,11 +458,15 @@ class EphemeralContext:
         self._config = config
         self._env: Environment | None = None
         self._interrupts = HeldInterrupts()  # a second Ctrl-C waits for the teardown
+        # Off for a block that spans several asyncio.run calls (pytest-asyncio runs a fixture's
+        # setup and teardown in two): the handler wrapped in the first would outlive it.
+        self._hold_interrupts = True
 
     async def __aenter__(self) -> Environment:
         if self._env is not None:
             raise RuntimeError("this ephemeral() context is already in use")
-        self._interrupts.install()
+        if self._hold_interrupts:
+            self._interrupts.install()
         try:
             record = await create(self._spec, self._config)
         except BaseException:

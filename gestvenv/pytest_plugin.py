@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import re
 import secrets
 import time
 import types
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 
@@ -55,9 +56,13 @@ INI: dict[str, tuple[str, str, str]] = {
                         "max_processes=64 network_access=false"),
 }
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
-_NAME_ROOM = 64 - len("pytest--") - 4
+_NAME_ROOM = 64 - len("pytest--") - 8
+KEEP_MAX = "gestvenv_keep_max"
+KEEP_MAX_DEFAULT = 5
+NOTE = "gestvenv"  # the user property of a teardown report that carries a kept env's note
 _outcomes = pytest.StashKey[dict[str, pytest.TestReport]]()
-_kept = pytest.StashKey[list[str]]()
+_note = pytest.StashKey[str]()
+_kept_count = pytest.StashKey[int]()
 T = TypeVar("T")
 
 
@@ -106,41 +111,65 @@ def from_ini(ini: Mapping[str, Any]) -> dict[str, Any]:
 
 def merge(ini: Mapping[str, Any], markers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The ``ephemeral()`` keywords for a test: its markers (closest first: function, class,
-    module) over the ini options. Limits given one by one (``max_memory=...``) refine the
-    ``limits`` they are given with, or the ini's."""
-    chosen: dict[str, Any] = dict(ini)
-    single: dict[str, Any] = {}
+    module) over the ini options, keyword by keyword. ``limits=`` replaces the limits from
+    farther away (the ini's too); a single limit (``max_memory=...``) changes that one field
+    of the limits from farther away or of its own marker's ``limits``."""
+    chosen: dict[str, Any] = {k: v for k, v in ini.items() if k != "limits"}
+    limits: dict[str, Any] | None = _limit_fields(ini["limits"]) if "limits" in ini else None
     for marker in reversed(markers):  # farthest first, so that the closest wins
-        for key, value in marker.items():
-            if key in LIMIT_FIELDS:
-                single[key] = value
-            elif key in KEYWORDS:
-                chosen[key] = value
-            else:
-                valid = ", ".join([*KEYWORDS, *LIMIT_FIELDS])
-                raise ValidationError(f"@pytest.mark.gestvenv: unknown keyword {key!r}; valid "
-                                      f"ones: {valid}")
-    limits = chosen.get("limits")
-    if isinstance(limits, Mapping):
-        limits = ResourceLimits(**limits)
-    if limits is not None and not isinstance(limits, ResourceLimits):
-        raise ValidationError("@pytest.mark.gestvenv: limits must be a ResourceLimits or a dict "
-                              f"of its fields, not {limits!r}")
-    if single:
-        base = (limits or ResourceLimits()).to_dict()
-        limits = ResourceLimits(**{**base, **single})
+        unknown = [key for key in marker if key not in KEYWORDS and key not in LIMIT_FIELDS]
+        if unknown:
+            valid = ", ".join([*KEYWORDS, *LIMIT_FIELDS])
+            raise ValidationError(f"@pytest.mark.gestvenv: unknown keyword {unknown[0]!r}; "
+                                  f"valid ones: {valid}")
+        if "limits" in marker:
+            limits = _limit_fields(marker["limits"])
+        singles = {key: value for key, value in marker.items() if key in LIMIT_FIELDS}
+        if singles:
+            limits = {**(limits or {}), **singles}
+        chosen.update({k: v for k, v in marker.items() if k in KEYWORDS and k != "limits"})
     if limits is not None:
-        chosen["limits"] = limits
-    if isinstance(chosen.get("packages"), str):
-        chosen["packages"] = [chosen["packages"]]
+        chosen["limits"] = ResourceLimits(**limits)  # (its own checks: a ValidationError)
+    packages = chosen.get("packages")
+    if isinstance(packages, str):
+        chosen["packages"] = [packages]
+    elif packages is not None and not (isinstance(packages, list | tuple)
+                                       and all(isinstance(p, str) for p in packages)):
+        raise ValidationError(f"@pytest.mark.gestvenv: packages must be a list of specs, not "
+                              f"{packages!r}")
     return {KEYWORDS[key]: value for key, value in chosen.items()}
 
 
+def _limit_fields(limits: object) -> dict[str, Any]:
+    if isinstance(limits, ResourceLimits):
+        return limits.to_dict()
+    if isinstance(limits, Mapping):
+        unknown = [key for key in limits if key not in LIMIT_FIELDS]
+        if unknown:
+            raise ValidationError(f"@pytest.mark.gestvenv: limits: unknown field "
+                                  f"{unknown[0]!r}; fields: {', '.join(LIMIT_FIELDS)}")
+        return dict(limits)
+    raise ValidationError("@pytest.mark.gestvenv: limits must be a ResourceLimits or a dict of "
+                          f"its fields, not {limits!r}")
+
+
 def env_name(test_name: str) -> str:
-    """``pytest-<the test's name, made a valid env name>-<4 hex>``: unique per run, and
-    readable in ``gestvenv ephemeral list`` and ``systemctl``."""
+    """``pytest-<the test's name, made a valid env name>-<8 hex>``: unique (32 random bits, as
+    generated names), and readable in ``gestvenv ephemeral list`` and ``systemctl``."""
     readable = _UNSAFE.sub("-", test_name).strip("-.")[:_NAME_ROOM].rstrip("-.") or "test"
-    return f"pytest-{readable}-{secrets.token_hex(2)}"
+    return f"pytest-{readable}-{secrets.token_hex(4)}"
+
+
+def kept_line(nodeid: str, name: str, path: str, expires_at: float | None,
+              idle_timeout: int) -> str:
+    """The report's line about a kept environment: where it is, until when, how to reach it."""
+    ends = []
+    if expires_at:
+        ends.append(f"until {time.strftime('%H:%M:%S', time.localtime(expires_at))} (its TTL)")
+    if idle_timeout:
+        ends.append(f"until idle for {idle_timeout}s")
+    return (f"{nodeid}: environment {name!r} at {path}, kept {' or '.join(ends)}; inspect: "
+            f"gestvenv ephemeral show {name}; remove: gestvenv ephemeral cleanup {name}")
 
 
 # --- pytest's side ---
@@ -149,9 +178,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("gestvenv", "gestvenv: an ephemeral environment per test")
     group.addoption(KEEP_OPTION, action="store_true", default=False,
                     help="keep the environment of a failed test for inspection (until its "
-                         "TTL); the report names it")
+                         "TTL), at most gestvenv_keep_max of them; the report names them")
     for option, (_, kind, text) in INI.items():
         parser.addini(option, text, type=kind)  # type: ignore[arg-type]
+    parser.addini(KEEP_MAX, "environments --gestvenv-keep-failed keeps at most, per pytest "
+                  f"process (each xdist worker): beyond, they are destroyed (default "
+                  f"{KEEP_MAX_DEFAULT})", default=str(KEEP_MAX_DEFAULT))
+
+
+class _Summary:
+    """Collects the notes about kept environments from the reports (under xdist they come from
+    the workers), and prints them at the end."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.lines += [str(value) for key, value in report.user_properties if key == NOTE]
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.lines:
+            terminalreporter.section("gestvenv: environments kept for inspection")
+            for line in self.lines:
+                terminalreporter.line(line)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -159,7 +208,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "gestvenv(packages=..., isolation=..., limits=..., max_memory=..., ...): "
         "what the test's ephemeral_env / async_ephemeral_env is (see docs/ephemeral-"
         "environments.md)")
-    config.stash[_kept] = []
+    config.stash[_kept_count] = 0
+    config.pluginmanager.register(_Summary(), "gestvenv-summary")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -168,15 +218,13 @@ def pytest_runtest_makereport(
         call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report: pytest.TestReport = yield
     item.stash.setdefault(_outcomes, {})[report.when] = report
+    if report.when == "teardown" and (note := item.stash.get(_note, None)):
+        report.user_properties.append((NOTE, note))  # (xdist carries it to the controller)
     return report
 
 
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    kept = config.stash.get(_kept, [])
-    if kept:
-        terminalreporter.section("gestvenv: environments kept for inspection")
-        for line in kept:
-            terminalreporter.line(line)
+def _fail(reason: str) -> NoReturn:
+    pytest.fail(f"gestvenv: {reason}", pytrace=False)
 
 
 def _options(request: pytest.FixtureRequest) -> dict[str, Any]:
@@ -186,24 +234,27 @@ def _options(request: pytest.FixtureRequest) -> dict[str, Any]:
         return _resolve(request)
     except ValidationError as exc:
         reason = str(exc)
-    pytest.fail(f"gestvenv: {reason}", pytrace=False)  # (outside the except: no chain shown)
+    _fail(reason)  # (outside the except: no chained traceback shown)
 
 
 def _resolve(request: pytest.FixtureRequest) -> dict[str, Any]:
     config = request.config
     ini = from_ini({option: config.getini(option) for option in INI})
-    if "requirements" in ini:  # the ini's path is the project's: relative to its rootdir
-        ini["requirements"] = str(config.rootpath / ini["requirements"])
     markers = []
     for mark in request.node.iter_markers(MARKER):
         if mark.args:
             raise ValidationError("@pytest.mark.gestvenv takes keywords only, not "
                                   f"{mark.args!r}")
         markers.append(dict(mark.kwargs))
-    return merge(ini, markers)
+    options = merge(ini, markers)
+    requirements = options.get("requirements")
+    if isinstance(requirements, str | os.PathLike) and not os.path.isabs(requirements):
+        # The marker's and the ini's paths are the project's: relative to its rootdir.
+        options["requirements"] = str(config.rootpath / requirements)
+    return options
 
 
-def _checked(make: Callable[..., T], request: pytest.FixtureRequest) -> T:
+def _context(make: Callable[..., T], request: pytest.FixtureRequest) -> T:
     """``make(name, **options)`` (``ephemeral`` or ``ephemeral_sync``): what they refuse
     before anything exists (a bad isolation level, limit...) fails the setup with the reason."""
     options = _options(request)
@@ -211,43 +262,71 @@ def _checked(make: Callable[..., T], request: pytest.FixtureRequest) -> T:
         return make(env_name(request.node.name), **options)
     except ValidationError as exc:
         reason = str(exc)
-    pytest.fail(f"gestvenv: {reason}", pytrace=False)
+    _fail(reason)
 
 
-def _failed(request: pytest.FixtureRequest) -> bool:
+def _not_created(exc: GestvenvError) -> NoReturn:
+    _fail(f"the test's environment could not be created: {exc}")
+
+
+def _keep_wanted(request: pytest.FixtureRequest) -> bool:
+    if not request.config.getoption(KEEP_OPTION):
+        return False
     reports = request.node.stash.get(_outcomes, {})
     return any(report.failed for report in reports.values())
 
 
-def _keep_wanted(request: pytest.FixtureRequest) -> bool:
-    return bool(request.config.getoption(KEEP_OPTION)) and _failed(request)
+def _keep_max(config: pytest.Config) -> int:
+    try:
+        return max(0, int(config.getini(KEEP_MAX)))
+    except ValueError:
+        _fail(f"{KEEP_MAX} must be a number, not {config.getini(KEEP_MAX)!r}")
 
 
-def _kept_line(request: pytest.FixtureRequest, env: Environment | SyncEnvironment) -> str:
-    until = time.strftime("%H:%M:%S", time.localtime(env.expires_at)) if env.expires_at else "?"
-    line = (f"{request.node.nodeid}: environment {env.name!r} at {env.path}, kept until "
-            f"{until} (its TTL); inspect: gestvenv ephemeral show {env.name}; remove: "
-            f"gestvenv ephemeral cleanup {env.name}")
-    request.config.stash[_kept].append(line)
-    return line
+def _room_to_keep(request: pytest.FixtureRequest) -> bool:
+    """Within gestvenv_keep_max (kept envs count against max_concurrent until their TTL)."""
+    config = request.config
+    if config.stash[_kept_count] >= _keep_max(config):
+        request.node.stash[_note] = (
+            f"{request.node.nodeid}: not kept: {config.stash[_kept_count]} environments kept "
+            f"already ({KEEP_MAX} = {_keep_max(config)})")
+        return False
+    return True
+
+
+def _kept(request: pytest.FixtureRequest, env: Environment | SyncEnvironment) -> None:
+    info = env.info()
+    request.config.stash[_kept_count] += 1
+    request.node.stash[_note] = kept_line(request.node.nodeid, env.name, str(env.path),
+                                          env.expires_at, int(info.get("idle_timeout") or 0))
 
 
 def _not_kept(request: pytest.FixtureRequest, exc: GestvenvError) -> None:
-    request.config.stash[_kept].append(f"{request.node.nodeid}: not kept: {exc}")
+    request.node.stash[_note] = f"{request.node.nodeid}: not kept: {exc}"
 
 
 @pytest.fixture
 def ephemeral_env(request: pytest.FixtureRequest) -> Iterator[SyncEnvironment]:
     """A fresh environment for this test (blocking API), destroyed after it."""
-    with _checked(ephemeral_sync, request) as env:
+    context = _context(ephemeral_sync, request)
+    failure: GestvenvError | None = None
+    try:
+        env = context.__enter__()
+    except GestvenvError as exc:  # failed (after its undo): the reason, not a traceback
+        failure = exc
+    if failure is not None:
+        _not_created(failure)
+    try:
         yield env
-        if _keep_wanted(request):
+        if _keep_wanted(request) and _room_to_keep(request):
             try:
                 env.keep()
             except GestvenvError as exc:
                 _not_kept(request, exc)
             else:
-                _kept_line(request, env)
+                _kept(request, env)
+    finally:
+        context.__exit__(None, None, None)
 
 
 async def _async_ephemeral_env(request: pytest.FixtureRequest) -> AsyncIterator[Environment]:
@@ -261,15 +340,28 @@ async def _async_ephemeral_env(request: pytest.FixtureRequest) -> AsyncIterator[
     if not on_asyncio:  # anyio runs a test on every backend installed: trio's run is skipped
         pytest.skip("async_ephemeral_env runs on asyncio only (gestvenv's API is asyncio's): "
                     "not on this backend")
-    async with _checked(ephemeral, request) as env:
+    context = _context(ephemeral, request)
+    # pytest-asyncio runs this setup and its teardown in two runs of its loop: Ctrl-C is
+    # pytest's to handle (the teardown still runs, shielded), not a handler of the first run's.
+    context._hold_interrupts = False
+    failure: GestvenvError | None = None
+    try:
+        env = await context.__aenter__()
+    except GestvenvError as exc:  # failed (after its undo): the reason, not a traceback
+        failure = exc
+    if failure is not None:
+        _not_created(failure)
+    try:
         yield env
-        if _keep_wanted(request):
+        if _keep_wanted(request) and _room_to_keep(request):
             try:
                 await env.keep()
             except GestvenvError as exc:
                 _not_kept(request, exc)
             else:
-                _kept_line(request, env)
+                _kept(request, env)
+    finally:
+        await context.__aexit__(None, None, None)
 
 
 # --- who runs the async fixture ---
@@ -342,8 +434,12 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any],
     if "anyio_backend" in request.fixturenames:
         replacement = _async_ephemeral_env
     elif function is not None and not inspect.iscoroutinefunction(function):
+        # (Also what a request.getfixturevalue() from a running async test looks like: the
+        # test runs in a sync wrapper then, and no loop could be entered from there anyway.)
         replacement = _refuse(f"{request.node.nodeid} is not async: async_ephemeral_env is for "
-                              "async tests; use ephemeral_env (the blocking API)")
+                              "async tests, as an argument of the test or of an async fixture "
+                              "(not request.getfixturevalue()); use ephemeral_env (the "
+                              "blocking API)")
     elif request.config.pluginmanager.has_plugin("asyncio"):
         replacement = _twins.for_scope(_asyncio_loop_scope(request))
     else:

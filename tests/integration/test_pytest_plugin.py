@@ -255,7 +255,7 @@ def test_marker_and_ini_options(pytester: pytest.Pytester, seen: Path) -> None:
     result.stdout.fnmatch_lines([
         "gestvenv: unknown isolation level 'nonsense'; allowed: *",
         "gestvenv: @pytest.mark.gestvenv: unknown keyword 'memory'; valid ones: packages, *",
-        "*is not async: async_ephemeral_env is for async tests; use ephemeral_env*",
+        "*is not async: async_ephemeral_env is for async tests, as an argument of the test*",
     ])
     assert len(envs_seen(seen)) == 2
     nothing_left()
@@ -317,3 +317,136 @@ def test_the_plugin_is_registered_by_its_entry_point() -> None:
                           env={**os.environ, "PYTEST_ADDOPTS": ""})
     assert "--gestvenv-keep-failed" in done.stdout
     assert "gestvenv_packages" in done.stdout
+
+
+def test_after_the_async_fixture_ctrl_c_is_pytests_again(pytester: pytest.Pytester,
+                                                        seen: Path) -> None:
+    """The fixture's setup and teardown are two runs of pytest-asyncio's loop: no SIGINT
+    handler of the first may stay installed for the later tests."""
+    pytester.makepyfile(test_sigint="""
+        import signal
+        import pytest
+        from record import record
+
+        @pytest.mark.asyncio
+        async def test_uses_it(async_ephemeral_env):
+            record(async_ephemeral_env)
+
+        def test_later():
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+        @pytest.mark.asyncio
+        async def test_later_async():
+            pass
+    """)
+    run(pytester).assert_outcomes(passed=3)
+    nothing_left()
+
+
+def test_keep_failed_under_xdist_reports_from_the_workers_and_has_a_maximum(
+        pytester: pytest.Pytester, seen: Path) -> None:
+    pytest.importorskip("xdist")
+    pytester.makeini("""
+        [pytest]
+        gestvenv_keep_max = 2
+        gestvenv_ttl = 120
+    """)
+    pytester.makepyfile(test_many="""
+        import pytest
+        from record import record
+
+        @pytest.mark.parametrize("i", range(3))
+        def test_fails(ephemeral_env, i):
+            record(ephemeral_env)
+            assert False
+    """)
+    result = run(pytester, "-n", "2", "--gestvenv-keep-failed")
+    result.assert_outcomes(failed=3)
+    envs = envs_seen(seen)
+    try:
+        kept = {e["name"] for e in gestvenv.list_environments()}
+        assert 2 <= len(kept) <= 3  # at most 2 per process: each of the 2 workers kept some
+        result.stdout.fnmatch_lines(["*gestvenv: environments kept for inspection*"])
+        reported = [line for line in result.stdout.lines
+                    if ", kept until " in line and "(its TTL)" in line]
+        assert {n for n in kept if any(f"'{n}'" in line for line in reported)} == kept
+    finally:
+        for env in envs:
+            subprocess.run([sys.executable, "-m", "gestvenv", "ephemeral", "cleanup",
+                            env["name"]], capture_output=True, timeout=120, check=False)
+    nothing_left()
+
+
+def test_keep_max_destroys_beyond_it_and_says_so(pytester: pytest.Pytester,
+                                                 seen: Path) -> None:
+    pytester.makeini("""
+        [pytest]
+        gestvenv_keep_max = 1
+        gestvenv_ttl = 120
+    """)
+    pytester.makepyfile(test_two="""
+        from record import record
+
+        def test_a(ephemeral_env):
+            record(ephemeral_env)
+            assert False
+
+        def test_b(ephemeral_env):
+            record(ephemeral_env)
+            assert False
+    """)
+    result = run(pytester, "--gestvenv-keep-failed")
+    result.assert_outcomes(failed=2)
+    first, second = envs_seen(seen)
+    try:
+        assert {e["name"] for e in gestvenv.list_environments()} == {first["name"]}
+        assert not Path(second["path"]).exists()
+        result.stdout.fnmatch_lines(["*test_b: not kept: 1 environments kept already "
+                                     "(gestvenv_keep_max = 1)"])
+    finally:
+        subprocess.run([sys.executable, "-m", "gestvenv", "ephemeral", "cleanup",
+                        first["name"]], capture_output=True, timeout=120, check=False)
+    nothing_left()
+
+
+def test_a_creation_that_fails_is_one_clear_line_and_leaves_nothing(
+        pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_bad="""
+        import pytest
+
+        @pytest.mark.gestvenv(packages=["no-such-package-anywhere"])
+        def test_it(ephemeral_env):
+            pass
+
+        @pytest.mark.asyncio
+        @pytest.mark.gestvenv(runtime="bogus")
+        async def test_async(async_ephemeral_env):
+            pass
+    """)
+    result = run(pytester)
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines([
+        "gestvenv: the test's environment could not be created: *no-such-package-anywhere*",
+        "gestvenv: the test's environment could not be created: unknown runtime 'bogus'*",
+    ])
+    result.stdout.no_fnmatch_line("*pytest_plugin.py*")  # no traceback into the plugin
+    nothing_left()
+
+
+def test_a_requirements_path_is_the_projects_from_any_dir(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".txt", requirements="six\n")
+    pytester.makeini("[pytest]\n")
+    pytester.mkdir("tests")
+    (pytester.path / "tests" / "test_req.py").write_text(textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.gestvenv(requirements="requirements.txt")
+        def test_it(ephemeral_env):
+            assert ephemeral_env.execute(["python", "-c", "import six"]).ok
+    """))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
+                           "test_req.py"], cwd=pytester.path / "tests", capture_output=True,
+                          text=True, timeout=600, check=False)
+    print(done.stdout[-3000:])
+    assert done.returncode == 0
+    nothing_left()

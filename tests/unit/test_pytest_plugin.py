@@ -68,3 +68,36 @@ def test_env_names_are_valid_unique_and_readable(test_name: str) -> None:
     for name in names:
         assert validate_name(name) == name and name.startswith("pytest-")
     assert env_name("test_one").startswith("pytest-test_one-")
+
+
+def test_a_closer_limits_replaces_farther_single_limits_and_the_ini() -> None:
+    ini = {"limits": ResourceLimits(network_access=False)}
+    function, module = {"limits": ResourceLimits(max_memory=1024)}, {"max_memory": 256}
+    assert merge(ini, [function, module])["resource_limits"] == ResourceLimits(max_memory=1024)
+    # A single limit refines its own marker's limits, and a farther one's.
+    own = {"limits": {"max_memory": 1024}, "max_processes": 8}
+    assert merge(ini, [own])["resource_limits"] == ResourceLimits(max_memory=1024,
+                                                                  max_processes=8)
+    assert merge({}, [{"max_processes": 8}, {"limits": {"max_memory": 64}}])[
+        "resource_limits"] == ResourceLimits(max_memory=64, max_processes=8)
+
+
+@pytest.mark.parametrize(("marker", "message"), [
+    ({"limits": {"bad": 1}}, "limits: unknown field 'bad'; fields: max_memory"),
+    ({"packages": 6}, "packages must be a list of specs, not 6"),
+    ({"packages": ["six", 1]}, "packages must be a list of specs"),
+])
+def test_bad_marker_values_are_validation_errors(marker: dict[str, object],
+                                                 message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        merge({}, [marker])
+
+
+def test_the_kept_line_says_every_end_it_has() -> None:
+    from gestvenv.pytest_plugin import kept_line
+
+    line = kept_line("t.py::test_x", "pytest-test_x-1", "/p", 2_000_000_000.0, 30)
+    assert line.startswith("t.py::test_x: environment 'pytest-test_x-1' at /p, kept until ")
+    assert "(its TTL) or until idle for 30s; inspect: gestvenv ephemeral show pytest-test_x-1;" \
+        " remove: gestvenv ephemeral cleanup pytest-test_x-1" in line
+    assert ", kept until idle for 5s;" in kept_line("t", "n", "/p", None, 5)
