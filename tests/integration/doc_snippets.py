@@ -5,7 +5,8 @@
 The convention (every fenced block of README.md and docs/**/*.md follows it):
 
 - The info string's first word is the language. ``python`` and ``sh`` blocks are executed;
-  ``toml`` blocks holding an ``[ephemeral]`` table are loaded by gestvenv's config loader; the
+  ``toml`` blocks are loaded (an ``[ephemeral]`` table by gestvenv's config loader, and only
+  known top-level tables), ``ini`` blocks' ``gestvenv_*`` pytest options are checked; the
   languages in ``INERT`` are shown, not run (output, listings, other tools' files). Any other
   language is an error: a block cannot drop out of the test by a typo.
 - Attributes may follow: ``needs=systemd|podman|root`` (run only where that holds, else
@@ -18,6 +19,8 @@ The convention (every fenced block of README.md and docs/**/*.md follows it):
   offline, as for every test (CI's systemd tier has no network); run by hand, the runner
   makes such a home itself.
 - A file must leave no environment behind: the envs listed after it must be those before it.
+- Fences only at the top level: one in a list item, a quote or an HTML comment is an error,
+  as is an indented code block (the runner would not see them).
 
 Each file runs in a process of its own (a namespace, a loop and a scratch dir of its own).
 """
@@ -26,11 +29,13 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import configparser
 import contextlib
 import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -58,6 +63,9 @@ SCRATCH_FILES = {
     "tests/test_example.py": "def test_ok():\n    assert True\n",
 }
 _FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>[^`\n]*)$")
+# A fence anywhere else (in a list item, a quote): rendered as code, but not a block of ours.
+_NESTED_FENCE = re.compile(r"^\s*(?:>\s*)*(?:`{3,}|~{3,})")
+TOML_TABLES = frozenset({"ephemeral", "tool", "project", "build-system"})
 
 
 @dataclass(frozen=True)
@@ -83,12 +91,25 @@ def blocks(path: Path) -> list[Block]:
     found: list[Block] = []
     lines = path.read_text().splitlines()
     i = 0
+    in_comment = False
     while i < len(lines):
+        where = Block(path, i + 1, "").where
+        if in_comment or "<!--" in lines[i]:
+            in_comment = "-->" not in lines[i].split("<!--")[-1]
+            if _NESTED_FENCE.match(lines[i]) or "```" in lines[i] or "~~~" in lines[i]:
+                raise SnippetSyntaxError(f"{where}: a fence inside an HTML comment: the "
+                                         "runner would not see what it hides")
+            i += 1
+            continue
         opening = _FENCE.match(lines[i])
         if opening is None:
+            if _NESTED_FENCE.match(lines[i]):
+                raise SnippetSyntaxError(
+                    f"{where}: a fenced block inside a list item or a quote: put it at the "
+                    "top level (no indentation) so that the convention applies")
             if _indented_code(lines, i):
                 raise SnippetSyntaxError(
-                    f"{Block(path, i + 1, '').where}: an indented code block; fence it "
+                    f"{where}: an indented code block; fence it "
                     "(```sh, ```python, ```text...) so that the convention applies")
             i += 1
             continue
@@ -108,11 +129,12 @@ def blocks(path: Path) -> list[Block]:
 
 def _indented_code(lines: list[str], i: int) -> bool:
     """Line ``i`` opens an indented code block: four spaces after a blank line that does not
-    continue a list item."""
+    continue a list item, or six and more in a list item (its content is indented by two)."""
     if not lines[i].startswith("    ") or not lines[i].strip() or i == 0 or lines[i - 1].strip():
         return False
     before = next((line for line in reversed(lines[:i]) if line.strip()), "")
-    return not re.match(r"\s|[-*+] |\d+[.)] ", before)
+    in_list = re.match(r"\s|[-*+] |\d+[.)] ", before) is not None
+    return not in_list or lines[i].startswith("      ")
 
 
 def _checked(block: Block, words: list[str]) -> Block:
@@ -124,8 +146,11 @@ def _checked(block: Block, words: list[str]) -> Block:
     attrs: dict[str, str] = {}
     for word in words:
         key, sep, value = word.partition("=")
-        if not sep or key not in ("needs", "norun"):
-            raise SnippetSyntaxError(f"{where}: unknown attribute {word!r} (needs=, norun=)")
+        if not sep or key not in ("needs", "norun", "file"):
+            raise SnippetSyntaxError(f"{where}: unknown attribute {word!r} (needs=, norun=, "
+                                     "file=)")
+        if key == "file" and (not value or value.startswith("/") or ".." in value.split("/")):
+            raise SnippetSyntaxError(f"{where}: file={value!r}: a path in the scratch dir")
         if key == "needs" and not set(value.split(",")) <= set(NEEDS):
             raise SnippetSyntaxError(f"{where}: needs={value!r}: some of {', '.join(NEEDS)}, "
                                      "comma-separated")
@@ -219,8 +244,46 @@ def load_toml(block: Block) -> None:
     from gestvenv.config import Config
 
     data = tomllib.loads(block.code)
+    unknown = sorted(set(data) - TOML_TABLES)
+    if unknown:  # ([ephemerl] would otherwise pass unchecked)
+        raise AssertionError(f"unknown top-level table(s) {unknown}: not one of "
+                             f"{sorted(TOML_TABLES)}")
     if "ephemeral" in data:  # an unknown key or a bad value is a ConfigError
         Config().replace(_source=block.where, **data["ephemeral"])
+    pytest_ini = data.get("tool", {}).get("pytest", {}).get("ini_options", {})
+    _check_pytest_options(pytest_ini)
+
+
+def load_ini(block: Block) -> None:
+    """A pytest.ini: the gestvenv_* options it sets exist, and their values are read as the
+    plugin reads them."""
+    parser = configparser.ConfigParser()
+    parser.read_string(block.code)
+    for section in ("pytest", "tool:pytest"):
+        if parser.has_section(section):
+            _check_pytest_options(dict(parser[section]))
+
+
+def _as_getini(raw: object, kind: str) -> object:
+    """An ini value as pytest's getini gives it to the plugin."""
+    if isinstance(raw, list):  # (a TOML array)
+        return raw
+    text = str(raw)
+    if kind == "linelist":
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    return shlex.split(text) if kind == "args" else text
+
+
+def _check_pytest_options(options: dict[str, object]) -> None:
+    from gestvenv import pytest_plugin
+
+    known = {*pytest_plugin.INI, pytest_plugin.KEEP_MAX}
+    unknown = sorted(k for k in options if k.startswith("gestvenv") and k not in known)
+    if unknown:
+        raise AssertionError(f"unknown gestvenv ini option(s) {unknown}; known: {sorted(known)}")
+    values = {key: _as_getini(options[key], kind)
+              for key, (_, kind, _) in pytest_plugin.INI.items() if key in options}
+    pytest_plugin.from_ini(values)  # a bad value is a ValidationError
 
 
 def run_file(path: Path) -> list[Outcome]:
@@ -231,12 +294,13 @@ def run_file(path: Path) -> list[Outcome]:
     except SnippetSyntaxError as exc:
         return [Outcome(Block(path, 0, "convention"), "failed", str(exc))]
     before = environment_names()
-    namespace: dict[str, object] = {"__name__": "__doc_snippets__"}
+    namespace: dict[str, object] = {"__name__": "__main__"}  # (as a script the reader runs)
     loop = asyncio.new_event_loop()
     home = Path.cwd()
     try:
         with scratch_dir() as cwd:
             os.chdir(cwd)
+            sys.path.insert(0, str(cwd))  # as for a reader's `python` there: its files import
             for block in blocks(path):
                 outcomes.append(run_block(block, namespace, loop, cwd))
             os.chdir(home)
@@ -255,7 +319,12 @@ def run_block(block: Block, namespace: dict[str, object], loop: asyncio.Abstract
               cwd: Path) -> Outcome:
     if "norun" in block.attrs:
         return Outcome(block, "shown", NORUN[block.attrs["norun"]])
-    if block.language not in RUN and block.language != "toml":
+    if "file" in block.attrs:  # the block is a file that later blocks use (run, import...)
+        target = cwd / block.attrs["file"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(block.code)
+        return Outcome(block, "written", str(target.relative_to(cwd)))
+    if block.language not in RUN and block.language not in ("toml", "ini"):
         return Outcome(block, "shown")
     lacking = [n for n in block.attrs.get("needs", "").split(",") if n and missing(n)]
     if lacking:
@@ -266,6 +335,8 @@ def run_block(block: Block, namespace: dict[str, object], loop: asyncio.Abstract
             run_python(block, namespace, loop)
         elif block.language == "sh":
             run_sh(block, cwd)
+        elif block.language == "ini":
+            load_ini(block)
         else:
             load_toml(block)
     except BaseException as exc:  # a doc's SystemExit is a failure too
@@ -297,8 +368,28 @@ def offline_home() -> Iterator[None]:
         try:
             yield
         finally:
+            _wait_for_watchdog(home / "run")  # (lingering, it would make its dirs again)
             os.environ.clear()
             os.environ.update(saved)
+
+
+def _wait_for_watchdog(runtime_dir: Path, timeout: float = 10.0) -> None:
+    """Until no process of gestvenv's (a watchdog lingers a little) has this runtime dir."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        users = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid != os.getpid() and \
+                        proc.environ().get("GESTVENV_RUNTIME_DIR") == str(runtime_dir):
+                    users.append(proc)
+            except psutil.Error:
+                continue
+        if not users:
+            return
+        time.sleep(0.2)
 
 
 def main(argv: list[str]) -> int:

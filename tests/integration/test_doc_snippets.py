@@ -136,14 +136,39 @@ def quoted_commands() -> list[tuple[str, str]]:
 
 
 def unknown_options(quoted: str) -> list[str]:
-    words = quoted.split()[1:]
-    if "--" in words:  # what follows is the command run in the env
-        words = words[:words.index("--")]
+    """The options (long and short) and subcommands of a quoted ``gestvenv ...`` line that the
+    click tree does not have. Stops at ``--``, and at the command it runs (a variadic
+    argument: ``run``, ``exec``)."""
+    line = re.split(r"\s(?:\||;|&&|\|\||>|2>)\s", quoted)[0]  # this command, not a pipe's
+    words = [w for w in line.split()[1:] if not w.startswith("[")]  # ([--json]: optional)
+    if words and words[0].endswith(":"):
+        return []  # a log line ("gestvenv reaper: ..."), not a command
     command, rest = command_of(words)
-    known = options_of(command) | {"--help"}
-    return [w.split("=", 1)[0] for w in rest
-            if w.startswith("--") and w.split("=", 1)[0] not in known
-            and re.fullmatch(r"--[a-z][a-z0-9-]*", w.split("=", 1)[0])]
+    if isinstance(command, click.Group):
+        first = next((w for w in rest if not w.startswith("-")), None)
+        if first is not None and not re.fullmatch(r"[A-Z_|\[\]-]+", first):  # (a placeholder)
+            return [f"subcommand {first!r}"]
+    params = {opt: p for p in command.params for opt in (*p.opts, *p.secondary_opts)}
+    variadic = any(isinstance(p, click.Argument) and p.nargs == -1 for p in command.params)
+    bad: list[str] = []
+    i = 0
+    while i < len(rest):
+        word = rest[i]
+        i += 1
+        if word == "--":
+            break
+        name = word.split("=", 1)[0]
+        if re.fullmatch(r"--[a-z][a-z0-9-]*|-[a-zA-Z]", name):
+            if name == "--help" or name == "-h":
+                continue
+            param = params.get(name)
+            if param is None:
+                bad.append(name)
+            elif isinstance(param, click.Option) and not param.is_flag and "=" not in word:
+                i += 1  # its value
+        elif not word.startswith("-") and variadic:
+            break  # the command it runs, with options of its own
+    return bad
 
 
 def test_every_option_the_docs_quote_exists() -> None:
@@ -158,6 +183,10 @@ def test_the_option_check_catches_a_removed_option() -> None:
     assert unknown_options("gestvenv ephemeral create x --ttl 60") == []
     assert unknown_options("gestvenv ephemeral create x --time-to-live 60") == ["--time-to-live"]
     assert unknown_options("gestvenv run --env x -- python -V") == []
+    assert unknown_options("gestvenv run --env x pytest -x --maxfail 1") == []
+    assert unknown_options("gestvenv ephemeral create x -p six -q") == ["-q"]
+    assert unknown_options("gestvenv ephemeral destroy x") == ["subcommand 'destroy'"]
+    assert unknown_options("gestvenv ephemeral timer install") == []
 
 
 def test_make_demo_the_readmes_first_command_works() -> None:
@@ -197,3 +226,47 @@ def test_the_ci_pipeline_example_as_written_passes_and_leaves_nothing(tmp_path: 
     assert gestvenv.list_environments() == []
     left = leftovers()
     assert leftover_count(left) == 0, leftover_summary(left)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("- item\n\n    ```sh\n    ls\n    ```\n", "inside a list item or a quote"),
+    ("> ```sh\n> ls\n> ```\n", "inside a list item or a quote"),
+    ("<!--\n```text\n-->\n```sh\nls\n```\n", "a fence inside an HTML comment"),
+    ("- item\n\n      ls -l\n", "an indented code block"),
+    ("```python file=../x.py\npass\n```\n", "file='../x.py': a path in the scratch dir"),
+])
+def test_code_the_runner_would_not_see_is_an_error(tmp_path: Path, text: str,
+                                                   message: str) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text(text)
+    with pytest.raises(SnippetSyntaxError, match=re.escape(message)):
+        blocks(doc)
+
+
+def test_config_blocks_are_checked_and_file_blocks_are_used(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("```toml\n[ephemerl]\ndefault_ttl = 1\n```\n\n"
+                   "```ini\n[pytest]\ngestvenv_tll = 5\n```\n\n"
+                   "```ini\n[pytest]\ngestvenv_limits = max_memory=lots\n```\n\n"
+                   "```python file=mod.py\nVALUE = 42\n```\n\n"
+                   "```python\nimport mod\nassert mod.VALUE == 42 and __name__ == '__main__'\n"
+                   "```\n")
+    done, report = run_doc(doc, tmp_path)
+    statuses = [(r["status"], r["detail"].splitlines()[-1] if r["detail"] else "")
+                for r in report]
+    assert statuses[0][0] == "failed" and "unknown top-level table(s) ['ephemerl']" in \
+        statuses[0][1]
+    assert statuses[1][0] == "failed" and "unknown gestvenv ini option(s) ['gestvenv_tll']" in \
+        statuses[1][1]
+    assert statuses[2][0] == "failed" and "max_memory='lots' is not a number" in statuses[2][1]
+    assert statuses[3] == ("written", "mod.py")
+    assert statuses[4] == ("passed", "")
+    assert done.returncode == 1
+
+
+def test_the_systemd_tier_can_run_every_needs_block() -> None:
+    """The blocks marked needs=... are skipped where that is missing: CI's systemd tier is
+    where they run, so there nothing may be missing (else they would run nowhere)."""
+    if doc_snippets.missing("systemd"):
+        pytest.skip("the systemd tier's check (here systemd is not PID 1)")
+    assert [need for need in doc_snippets.NEEDS if doc_snippets.missing(need)] == []
