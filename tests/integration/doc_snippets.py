@@ -205,7 +205,8 @@ class Outcome:
 def environment_names() -> set[str]:
     from gestvenv import list_environments
 
-    return {str(info["name"]) for info in list_environments()}
+    # (Not the unit-only entries: under systemd, units of another registry's envs.)
+    return {str(info["name"]) for info in list_environments() if info["state"] != "unit-only"}
 
 
 @contextlib.contextmanager

@@ -84,6 +84,13 @@ def pid_dead(pid: int) -> bool:
         return True
 
 
+def env_names() -> set[str]:
+    """The environments of this test's registry (state files). Under systemd, listings also
+    show ``unit-only`` entries: units of the test host's one manager without a state file,
+    which may be another test's still stopping: not this test's."""
+    return {str(i["name"]) for i in gestvenv.list_environments() if i["state"] != "unit-only"}
+
+
 def is_destroyed(path: Path, env_id: str) -> bool:
     return (not path.exists() and not gestvenv.list_environments() and not env_pids(env_id))
 

@@ -13,11 +13,10 @@ from pathlib import Path
 import click
 import pytest
 
-import gestvenv
 from gestvenv.cli import cli
 from tests.integration import doc_snippets
 from tests.integration.doc_snippets import ROOT, SnippetSyntaxError, blocks, markdown_files
-from tests.integration.support import leftover_count, leftover_summary, leftovers
+from tests.integration.support import env_names, leftover_count, leftover_summary, leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -202,7 +201,7 @@ def test_make_demo_the_readmes_first_command_works() -> None:
     assert done.returncode == 0
     assert re.search(r"^six 1\.16\.0 in /\S+/demo-[0-9a-f]{8}$", done.stdout, re.MULTILINE)
     assert "removed demo" in done.stdout
-    assert gestvenv.list_environments() == []
+    assert env_names() == set()
 
 
 def test_the_ci_pipeline_example_as_written_passes_and_leaves_nothing(tmp_path: Path) -> None:
@@ -223,7 +222,7 @@ def test_the_ci_pipeline_example_as_written_passes_and_leaves_nothing(tmp_path: 
     # The env's pytest ran (the wheelhouse's stand-in prints this), not one from the PATH.
     assert "1 passed, 0 failed" in done.stdout
     assert "removed ci-test" in done.stdout
-    assert gestvenv.list_environments() == []
+    assert env_names() == set()
     left = leftovers()
     assert leftover_count(left) == 0, leftover_summary(left)
 

@@ -16,11 +16,13 @@ import pytest
 import gestvenv
 from gestvenv import EnvironmentClosedError, ValidationError
 
+from .support import env_names
+
 pytestmark = pytest.mark.slow
 
 
 def names() -> set[str]:
-    return {str(info["name"]) for info in gestvenv.list_environments()}
+    return env_names()
 
 
 async def test_a_kept_env_outlives_its_block_until_a_cleanup() -> None:
