@@ -67,24 +67,62 @@ _QUERY = ("import sys, os; print(sys.version.split()[0]); "
 
 @functools.lru_cache(maxsize=16)
 def find_interpreter(spec: str | None = None) -> Interpreter:
-    """Resolve ``spec`` (None: the running interpreter; a path; or a version like "3.12") once."""
+    """Resolve ``spec`` (None: the running interpreter; a path; or a version like "3.12") once.
+
+    A version is looked for as ``python<version>`` in every dir of PATH, then by uv (without
+    downloads): the first candidate that runs and is that version wins, so a shim that cannot
+    run it (pyenv's, for a version not selected) does not hide a real one further on."""
     if spec is None:
         base = getattr(sys, "_base_executable", sys.executable)
         return Interpreter(os.path.realpath(base), sys.version.split()[0])
     if os.sep in spec:
-        candidate = spec
-    else:
-        name = spec if spec.startswith("python") else f"python{spec}"
-        candidate = shutil.which(name) or _uv_find_python(spec) or ""
-        if not candidate:
-            raise ValidationError(f"no Python interpreter found for {spec!r}")
-    if not os.access(candidate, os.X_OK):
-        raise ValidationError(f"python {spec!r}: {candidate} is not an executable")
+        if not os.access(spec, os.X_OK):
+            raise ValidationError(f"python {spec!r}: {spec} is not an executable")
+        found = _query(spec)
+        if isinstance(found, str):
+            raise ValidationError(f"python {spec!r}: {spec} does not run: {found}")
+        return found
+    name = spec if spec.startswith("python") else f"python{spec}"
+    wanted = name.removeprefix("python")
+    tried: list[str] = []
+    for candidate in _on_path(name) + [c for c in [_uv_find_python(spec)] if c]:
+        found = _query(candidate)
+        if isinstance(found, str):
+            tried.append(f"{candidate} does not run ({found})")
+        elif wanted and not _is_version(found.version, wanted):
+            tried.append(f"{candidate} is Python {found.version}")
+        else:
+            return found
+    if not tried:
+        raise ValidationError(f"no Python interpreter found for {spec!r}")
+    raise ValidationError(f"no usable Python interpreter for {spec!r}: " + "; ".join(tried))
+
+
+def _on_path(name: str) -> list[str]:
+    """Every executable ``name`` on PATH, in PATH's order (``shutil.which`` gives the first)."""
+    found: list[str] = []
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(directory or ".", name)
+        if path not in found and os.path.isfile(path) and os.access(path, os.X_OK):
+            found.append(path)
+    return found
+
+
+def _is_version(version: str, wanted: str) -> bool:
+    """``3.12.1`` is "3.12" and "3"; "3.1" is not "3.12"."""
+    return version == wanted or version.startswith(f"{wanted}.")
+
+
+def _query(candidate: str) -> Interpreter | str:
+    """The interpreter ``candidate`` is, or why it does not run."""
     try:
-        out = subprocess.run([candidate, "-I", "-c", _QUERY], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split("\n")
+        done = subprocess.run([candidate, "-I", "-c", _QUERY], capture_output=True, text=True,
+                              timeout=30, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
-        raise ValidationError(f"python {spec!r}: {candidate} does not run: {exc}") from None
+        return str(exc)
+    out = done.stdout.split("\n")
+    if done.returncode != 0 or len(out) < 2:
+        return f"exit status {done.returncode}"
     return Interpreter(out[1], out[0])
 
 
