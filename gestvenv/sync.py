@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from .config import Config
 from .context import Command, Environment, EphemeralContext, ephemeral
 from .models import ExecResult, IsolationLevel, ResourceLimits, StorageBackend
 from .monitor import EnvUsage
@@ -185,13 +186,14 @@ def ephemeral_sync(name: str | None = None, *, packages: Iterable[str] = (),
                    storage_backend: StorageBackend | str | None = None, ttl: int | None = None,
                    idle_timeout: int | None = None, env: Mapping[str, str] | None = None,
                    allow_unenforced: bool | None = None,
-                   runtime: str | None = None) -> SyncEphemeralContext:
+                   runtime: str | None = None,
+                   config: Config | None = None) -> SyncEphemeralContext:
     """``with ephemeral_sync(...) as env``: :func:`ephemeral` without asyncio."""
     return SyncEphemeralContext(ephemeral(
         name, packages=packages, requirements=requirements, python=python,
         resource_limits=resource_limits, isolation_level=isolation_level,
         storage_backend=storage_backend, ttl=ttl, idle_timeout=idle_timeout, env=env,
-        allow_unenforced=allow_unenforced, runtime=runtime))
+        allow_unenforced=allow_unenforced, runtime=runtime, config=config))
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
