@@ -19,6 +19,7 @@ from .context import (
 from .exceptions import (
     BuildError,
     CommandError,
+    CommandNotExecutableError,
     CommandNotFoundError,
     ConfigError,
     DiskFullError,
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BuildError",
     "CommandError",
+    "CommandNotExecutableError",
     "CommandNotFoundError",
     "Config",
     "ConfigError",
