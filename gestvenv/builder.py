@@ -217,6 +217,19 @@ class Builder:
             raise BuildError(f"{what} failed (exit {proc.returncode})", text)
 
 
+# How an install inside an env reaches the index: a proxy, a CA bundle (a company's TLS
+# inspection). Everything else of the creator's environment stays out of the env's commands.
+_NETWORK_VARS = frozenset({
+    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+    "all_proxy", "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR"})
+
+
+def _passed_inside(name: str, installer_prefix: str) -> bool:
+    """A variable of the creator's that an install run inside the env is given: the
+    installer's own (``UV_*`` or ``PIP_*``), the locale, and how to reach the index."""
+    return name.startswith((installer_prefix, "LANG", "LC_")) or name in _NETWORK_VARS
+
+
 def _install_what(packages: Sequence[str], requirements: Sequence[Path]) -> str:
     """What an install was given, for its error: ``-r FILE`` for each requirements file."""
     return " ".join([*(f"-r {req}" for req in requirements), *packages])
@@ -341,7 +354,7 @@ class UvBuilder(Builder):
             argv.append("--compile-bytecode")
         if self.config.offline or not self.inside.network:
             argv.append("--offline")  # downloads only from what is local (find-links, paths)
-        uv_env = {k: v for k, v in env.items() if k.startswith(("UV_", "LANG", "LC_"))}
+        uv_env = {k: v for k, v in env.items() if _passed_inside(k, "UV_")}
         await self._run_inside(env_path, argv, self._install_args(packages, requirements),
                                uv_env, "uv pip install " + " ".join(packages))
 
@@ -462,7 +475,7 @@ class VenvPipBuilder(Builder):
         head = argv.index("install") + 1
         await self._run_inside(env_path, argv[:head], argv[head:],
                                {k: v for k, v in os.environ.items()
-                                if k.startswith(("PIP_", "LANG", "LC_"))}, what)
+                                if _passed_inside(k, "PIP_")}, what)
 
 
 def make_builder(config: Config, env_id: str | None = None,
