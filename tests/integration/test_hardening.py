@@ -265,7 +265,8 @@ def test_cli_commands_can_be_interrupted_and_keep_their_options(tmp_path: Path) 
         plain = tmp_path / "not-executable"
         plain.write_text("#!/bin/sh\n")
         denied = gv("ephemeral", "exec", "cli", "--", str(plain))
-        assert denied.returncode == 127  # not executable: as a shell, "not found" by path
+        assert denied.returncode == 126  # not executable: as a shell, "Permission denied"
+        assert "is not executable" in denied.stderr
     finally:
         gv("ephemeral", "cleanup", "cli")
 

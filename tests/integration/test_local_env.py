@@ -24,6 +24,7 @@ import gestvenv
 from gestvenv import (
     BuildError,
     CommandError,
+    CommandNotExecutableError,
     CommandNotFoundError,
     EnvironmentClosedError,
     EnvironmentExistsError,
@@ -403,7 +404,7 @@ async def test_program_given_by_path(tmp_path: Path) -> None:
             await env.execute([str(tmp_path / "no-such-program")])
         with pytest.raises(CommandNotFoundError):
             await env.execute("./no-such-program", cwd=tmp_path)
-        with pytest.raises(CommandNotFoundError, match="not an executable"):
+        with pytest.raises(CommandNotExecutableError, match="is not executable"):
             await env.execute([str(plain)])
     assert by_abs.stdout == f"hello from {script}\n"
     # A script's $0 is the path the kernel ran: as given locally; made absolute under systemd,
