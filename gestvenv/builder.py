@@ -101,7 +101,7 @@ def find_interpreter(spec: str | None = None) -> Interpreter:
 def _on_path(name: str) -> list[str]:
     """Every executable ``name`` on PATH, in PATH's order (``shutil.which`` gives the first)."""
     found: list[str] = []
-    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+    for directory in os.get_exec_path():
         path = os.path.join(directory or ".", name)
         if path not in found and os.path.isfile(path) and os.access(path, os.X_OK):
             found.append(path)

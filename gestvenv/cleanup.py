@@ -43,13 +43,18 @@ def reason_to_remove(record: EnvRecord, now: float, *, expired: bool, idle: bool
         return "TTL reached"
     if record.runtime == "systemd":
         return None  # idleness is the holder's to judge, inside the env's own unit
-    if idle and record.idle_timeout and state == "ready" \
-            and now - record.last_activity >= record.idle_timeout:
+    if idle and record.idle_timeout and state == "ready":
+        quiet = now - record.last_activity
         # Idle means no command running either: a long command is never killed for idleness.
-        if processes.marked_pids(processes.ENV_MARKER, record.id):
+        # Seen running, its clock restarts, and from half the timeout on, not only past it:
+        # when a command ends, the env's last activity is then recent, and the moment before
+        # execute() records the end (under load, a while) cannot look idle.
+        if quiet >= record.idle_timeout / 2 and \
+                processes.marked_pids(processes.ENV_MARKER, record.id):
             registry.touch(record.name, record.id)
             return None
-        return f"idle for {record.idle_timeout}s"
+        if quiet >= record.idle_timeout:
+            return f"idle for {record.idle_timeout}s"
     return None
 
 
