@@ -173,7 +173,10 @@ async def test_timeout_and_ttl_end_a_command_and_say_which() -> None:
         assert timed.killed_by == "timeout" and timed.duration < 2.5
         ttl = await env.execute(["sleep", "60"])
         late = time.time() - env.expires_at
-        assert ttl.killed_by == "ttl" and -0.5 < late < 1.5, (ttl, late)
+        # systemd's timers may fire up to a second late (seen: timeout=1 ended at 2.05 s on
+        # systemd 252), and the VM tier's emulated CPU adds its own delay: the same 1.5 s of
+        # slack as the timeout above, on top of that second.
+        assert ttl.killed_by == "ttl" and -0.5 < late < 2.5, (ttl, late)
         await wait_until(lambda: not units_of("sd-deadlines"), 2, "units gone")
 
 
