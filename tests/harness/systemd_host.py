@@ -671,9 +671,12 @@ class SystemdHost:
     def _leaf_pids(self, leaf: str) -> set[int]:
         pids: set[int] = set()
         for top in self._leaf_dirs(leaf):
-            for procs in top.rglob("cgroup.procs") if top.is_dir() else ():
-                with contextlib.suppress(OSError):
-                    pids.update(int(p) for p in procs.read_text().split())
+            # (os.walk: a subgroup removed meanwhile is skipped, not a FileNotFoundError)
+            for root, _, files in os.walk(top, onerror=lambda _: None):
+                if "cgroup.procs" in files:
+                    with contextlib.suppress(OSError):
+                        text = Path(root, "cgroup.procs").read_text()
+                        pids.update(int(p) for p in text.split())
         return pids
 
     def _kill_leaf(self, leaf: str, sig: int = signal.SIGKILL, wait: float = 5.0) -> None:
@@ -686,11 +689,11 @@ class SystemdHost:
         for top in self._leaf_dirs(leaf):
             if not top.is_dir():
                 continue
-            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            # Bottom-up, and a subgroup that its owner removes meanwhile is no error (os.walk
+            # ignores it; rglob raised FileNotFoundError mid-listing).
+            for root, _, _ in os.walk(top, topdown=False, onerror=lambda _: None):
                 with contextlib.suppress(OSError):
-                    d.rmdir()
-            with contextlib.suppress(OSError):
-                top.rmdir()
+                    os.rmdir(root)
 
     def _end(self, proc: subprocess.Popen[str], leaf: str, *, grace: float,
              sig: signal.Signals | None) -> None:
