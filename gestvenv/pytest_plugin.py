@@ -212,15 +212,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_Summary(), "gestvenv-summary")
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(
-        item: pytest.Item,
-        call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    report: pytest.TestReport = yield
+# Old-style hook wrappers (hookwrapper=True): the new style needs pluggy >= 1.1, and Debian
+# 12's pytest 7.2 has pluggy 1.0 (every pytest run of a system with the package loads this).
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item,
+                              call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
     item.stash.setdefault(_outcomes, {})[report.when] = report
     if report.when == "teardown" and (note := item.stash.get(_note, None)):
         report.user_properties.append((NOTE, note))  # (xdist carries it to the controller)
-    return report
 
 
 def _fail(reason: str) -> NoReturn:
@@ -424,11 +425,12 @@ def _ours(fixturedef: pytest.FixtureDef[Any]) -> bool:
     return getattr(fixturedef.func, "__wrapped__", fixturedef.func) is _registered
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any],
-                         request: pytest.FixtureRequest) -> Generator[None, object, object]:
+                         request: pytest.FixtureRequest) -> Generator[None, Any, None]:
     if not _ours(fixturedef):
-        return (yield)
+        yield
+        return
     function = getattr(request.node, "obj", None)
     replacement: Callable[..., Any]
     if "anyio_backend" in request.fixturenames:
@@ -448,6 +450,6 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any],
     original = fixturedef.func
     fixturedef.func = replacement  # type: ignore[misc]
     try:
-        return (yield)
+        yield
     finally:
         fixturedef.func = original  # type: ignore[misc]
