@@ -356,7 +356,7 @@ class UvBuilder(Builder):
             argv.append("--offline")  # downloads only from what is local (find-links, paths)
         uv_env = {k: v for k, v in env.items() if _passed_inside(k, "UV_")}
         await self._run_inside(env_path, argv, self._install_args(packages, requirements),
-                               uv_env, "uv pip install " + " ".join(packages))
+                               uv_env, "uv pip install " + _install_what(packages, requirements))
 
     def _install_args(self, packages: Sequence[str], requirements: Sequence[Path]) -> list[str]:
         args = _index_args(self.config)

@@ -11,6 +11,7 @@ configuration. ``--gestvenv-keep-failed`` keeps a failed test's environment (unt
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import os
 import re
@@ -18,7 +19,7 @@ import secrets
 import time
 import types
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any, NoReturn, TypeVar
 
 import pytest
@@ -286,11 +287,10 @@ def _keep_max(config: pytest.Config) -> int:
 
 def _room_to_keep(request: pytest.FixtureRequest) -> bool:
     """Within gestvenv_keep_max (kept envs count against max_concurrent until their TTL)."""
-    config = request.config
-    if config.stash[_kept_count] >= _keep_max(config):
-        request.node.stash[_note] = (
-            f"{request.node.nodeid}: not kept: {config.stash[_kept_count]} environments kept "
-            f"already ({KEEP_MAX} = {_keep_max(config)})")
+    kept, most = request.config.stash[_kept_count], _keep_max(request.config)
+    if kept >= most:
+        request.node.stash[_note] = (f"{request.node.nodeid}: not kept: {kept} environments "
+                                     f"kept already ({KEEP_MAX} = {most})")
         return False
     return True
 
@@ -373,6 +373,7 @@ async def _async_ephemeral_env(request: pytest.FixtureRequest) -> AsyncIterator[
 # its own twin: anyio the unmarked implementation, pytest-asyncio one marked for the loop scope
 # of the test, so that the environment is made and used in the test's own loop.
 
+@functools.cache  # one twin per loop scope
 def _twin(loop_scope: str | None) -> Callable[..., Any]:
     """A copy of the implementation, marked by pytest-asyncio's public decorator when it is
     installed (``pytest_asyncio.fixture`` marks the function it is given)."""
@@ -388,17 +389,6 @@ def _twin(loop_scope: str | None) -> Callable[..., Any]:
     return twin
 
 
-@dataclass
-class _Twins:
-    made: dict[str, Callable[..., Any]]
-
-    def for_scope(self, scope: str) -> Callable[..., Any]:
-        if scope not in self.made:
-            self.made[scope] = _twin(scope)
-        return self.made[scope]
-
-
-_twins = _Twins({})
 _registered = _twin(None)
 async_ephemeral_env = pytest.fixture(_registered, name="async_ephemeral_env")
 
@@ -443,7 +433,7 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any],
                               "(not request.getfixturevalue()); use ephemeral_env (the "
                               "blocking API)")
     elif request.config.pluginmanager.has_plugin("asyncio"):
-        replacement = _twins.for_scope(_asyncio_loop_scope(request))
+        replacement = _twin(_asyncio_loop_scope(request))
     else:
         replacement = _refuse("async_ephemeral_env needs an async test runner: pytest-asyncio "
                               "(@pytest.mark.asyncio) or anyio's plugin (@pytest.mark.anyio)")
