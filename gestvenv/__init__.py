@@ -6,47 +6,93 @@
 Only the names in ``__all__`` are public; the modules behind them are not.
 """
 
-from .config import Config, load_config
-from .context import (
-    Environment,
-    EphemeralContext,
-    attach,
-    create_environment,
-    destroy_environment,
-    ephemeral,
-    list_environments,
-)
-from .exceptions import (
-    BuildError,
-    CommandError,
-    CommandNotExecutableError,
-    CommandNotFoundError,
-    ConfigError,
-    DiskFullError,
-    EnvironmentClosedError,
-    EnvironmentExistsError,
-    EnvironmentNotFoundError,
-    GestvenvError,
-    InvalidNameError,
-    QuotaExceededError,
-    RuntimeUnavailableError,
-    UnenforceableLimitError,
-    UnsafePathError,
-    ValidationError,
-)
-from .models import (
-    Enforcement,
-    ExecResult,
-    IsolationLevel,
-    LimitStatus,
-    ResourceLimits,
-    StorageBackend,
-)
-from .monitor import EnvUsage, Stats, global_stats
-from .runtime import Usage
-from .sync import SyncEnvironment, ephemeral_sync
+# The names are loaded on first use (PEP 562): ``import gestvenv`` costs nothing, and a
+# command of the CLI pays only for what it uses (the light ones are guarded by
+# tests/unit/test_import_cost.py).
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .config import Config, load_config
+    from .context import (
+        Environment,
+        EphemeralContext,
+        attach,
+        create_environment,
+        destroy_environment,
+        ephemeral,
+        list_environments,
+    )
+    from .exceptions import (
+        BuildError,
+        CommandError,
+        CommandNotExecutableError,
+        CommandNotFoundError,
+        ConfigError,
+        DiskFullError,
+        EnvironmentClosedError,
+        EnvironmentExistsError,
+        EnvironmentNotFoundError,
+        GestvenvError,
+        InvalidNameError,
+        QuotaExceededError,
+        RuntimeUnavailableError,
+        UnenforceableLimitError,
+        UnsafePathError,
+        ValidationError,
+    )
+    from .models import (
+        Enforcement,
+        ExecResult,
+        IsolationLevel,
+        LimitStatus,
+        ResourceLimits,
+        StorageBackend,
+    )
+    from .monitor import EnvUsage, Stats, global_stats
+    from .runtime import Usage
+    from .sync import SyncEnvironment, ephemeral_sync
+
+_EXPORTS = {
+    "BuildError": "exceptions",
+    "CommandError": "exceptions",
+    "CommandNotExecutableError": "exceptions",
+    "CommandNotFoundError": "exceptions",
+    "Config": "config",
+    "ConfigError": "exceptions",
+    "DiskFullError": "exceptions",
+    "Enforcement": "models",
+    "EnvUsage": "monitor",
+    "Environment": "context",
+    "EnvironmentClosedError": "exceptions",
+    "EnvironmentExistsError": "exceptions",
+    "EnvironmentNotFoundError": "exceptions",
+    "EphemeralContext": "context",
+    "ExecResult": "models",
+    "GestvenvError": "exceptions",
+    "InvalidNameError": "exceptions",
+    "IsolationLevel": "models",
+    "LimitStatus": "models",
+    "QuotaExceededError": "exceptions",
+    "ResourceLimits": "models",
+    "RuntimeUnavailableError": "exceptions",
+    "Stats": "monitor",
+    "StorageBackend": "models",
+    "SyncEnvironment": "sync",
+    "UnenforceableLimitError": "exceptions",
+    "UnsafePathError": "exceptions",
+    "Usage": "runtime",
+    "ValidationError": "exceptions",
+    "attach": "context",
+    "create_environment": "context",
+    "destroy_environment": "context",
+    "ephemeral": "context",
+    "ephemeral_sync": "sync",
+    "global_stats": "monitor",
+    "list_environments": "context",
+    "load_config": "config",
+}
 
 __all__ = [
     "BuildError",
@@ -88,3 +134,19 @@ __all__ = [
     "list_environments",
     "load_config",
 ]
+
+
+if not TYPE_CHECKING:  # (hidden from mypy: a module __getattr__ would type every typo as Any)
+    def __getattr__(name: str) -> object:
+        module = _EXPORTS.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from importlib import import_module
+
+        value = getattr(import_module(f".{module}", __name__), name)
+        globals()[name] = value  # once: later lookups are plain attribute reads
+        return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomlkit
 
 from .exceptions import ConfigError, ValidationError
 from .models import IsolationLevel, StorageBackend
@@ -212,7 +209,15 @@ def _parse(key: str, raw: Any, source: str) -> Any:
 
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as f:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return {}  # the usual case: no file, and no TOML parser to import (CLI start-up)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    import tomllib
+
+    try:
+        with f:
             data = tomllib.load(f)
     except FileNotFoundError:
         return {}
@@ -262,6 +267,8 @@ def set_value(key: str, raw: str, path: Path) -> Any:
     ``raw`` is parsed as a TOML value when it is one (``3600``, ``true``, ``["a"]``), else taken as
     a string, then checked like any other source.
     """
+    import tomlkit  # (only here and in unset_value: the editor, not the reader)
+
     try:
         parsed: Any = tomlkit.parse(f"v = {raw}")["v"]
         parsed = parsed.unwrap() if hasattr(parsed, "unwrap") else parsed
@@ -297,6 +304,8 @@ def set_value(key: str, raw: str, path: Path) -> Any:
 def unset_value(key: str, path: Path) -> bool:
     if key not in OPTIONS:
         raise ConfigError(f"unknown key {key!r}; known keys: {', '.join(sorted(OPTIONS))}")
+    import tomlkit
+
     try:
         doc = tomlkit.parse(path.read_text())
     except FileNotFoundError:

@@ -22,11 +22,11 @@ from .exceptions import (
     CommandNotFoundError,
     EnvironmentClosedError,
     EnvironmentNotFoundError,
-    RuntimeUnavailableError,
     ValidationError,
 )
 from .inside import InsideInstaller
 from .lifecycle import EnvSpec, create, destroy, full_error
+from .listing import describe, environments, environments_now
 from .models import (
     Enforcement,
     ExecResult,
@@ -43,8 +43,6 @@ from .runtime import (
     runtime_named,
 )
 from .runtime.processes import ENV_MARKER, EXEC_MARKER
-from .runtime.systemd import live_units
-from .runtime.systemd.plan import LIVE_UNIT_STATES, UnitNames
 from .shield import HeldInterrupts, protected, shielded
 
 Command = str | Sequence[str | os.PathLike[str]]
@@ -380,42 +378,6 @@ def record_env(record: EnvRecord) -> dict[str, str]:
     return {k: v for k, v in record.environ.items() if isinstance(v, str)}
 
 
-def describe(record: EnvRecord) -> dict[str, Any]:
-    """What ``list``/``show`` print about an environment (JSON-ready)."""
-    return {
-        "name": record.name,
-        "id": record.id,
-        "state": record.state(),
-        "path": record.path,
-        "python": record.python_version,
-        "interpreter": record.interpreter,
-        "runtime": record.runtime,
-        "storage_backend": record.backend,
-        "builder": record.builder,
-        "created_at": record.created_at,
-        "expires_at": record.expires_at,
-        "ttl": record.ttl,
-        "idle_timeout": record.idle_timeout,
-        "last_activity": record.last_activity,
-        "owner_pid": record.owner_pid,
-        "packages": record.packages,
-        "limits": record.limits,
-        "enforcement": record.enforcement,
-        "sandbox_uid": record.sandbox_uid,
-        "sandbox_expose": record.sandbox_expose,
-        "container": record.container or None,
-        "guarantees": _guarantees(record.runtime),
-        "notes": record.notes,
-    }
-
-
-def _guarantees(runtime: str) -> list[str]:
-    try:
-        return list(runtime_named(runtime).guarantees())
-    except RuntimeUnavailableError:  # a record from another version of gestvenv: still listed
-        return [f"runtime {runtime!r} is not available in this version of gestvenv"]
-
-
 # --- the entry points ---
 
 def _resolve_spec(config: Config, name: str | None, *, packages: Iterable[str],
@@ -543,48 +505,9 @@ def attach(name: str, *, config: Config | None = None) -> Environment:
     return Environment(record, config or load_config(), owned=False)
 
 
-async def environments() -> list[dict[str, Any]]:
-    """Every environment of this user: the state files, checked against systemd's own view.
-
-    An env whose unit has ended (TTL, idle, creator gone) is ``stopped`` even if no gestvenv
-    process noticed; a ``gestvenv-*`` unit without a state file is listed as ``unit-only``.
-    """
-    records = await asyncio.to_thread(registry.list_records)
-    units = await live_units()
-    infos = []
-    for record in records:
-        info = describe(record)
-        if record.runtime == "systemd" and units is not None:
-            view = units.get(record.name)
-            unit_state = view.state if view is not None and view.env_id == record.id else "gone"
-            names = UnitNames.of(record.name)
-            info["unit"] = {"name": names.env, "slice": names.slice, "state": unit_state}
-            if unit_state not in LIVE_UNIT_STATES and info["state"] in ("ready", "creating"):
-                info["state"] = "stopped"
-        infos.append(info)
-    known = {r.id for r in records}
-    for name, view in sorted((units or {}).items()):
-        # Units of other registries (another runtime dir) are theirs; only true orphans show.
-        if view.env_id not in known and await asyncio.to_thread(view.orphaned):
-            infos.append(_unit_only(name, view.state))
-    return infos
-
-
-def _unit_only(name: str, unit_state: str) -> dict[str, Any]:
-    return {"name": name, "id": None, "state": "unit-only", "path": None, "python": None,
-            "interpreter": None, "runtime": "systemd", "storage_backend": None, "builder": None,
-            "created_at": None, "expires_at": None, "ttl": None, "idle_timeout": None,
-            "last_activity": None, "owner_pid": None, "packages": [], "limits": {},
-            "enforcement": {}, "guarantees": [], "notes": ["a gestvenv unit without a state file"],
-            "unit": {"name": UnitNames.of(name).env, "slice": UnitNames.of(name).slice,
-                     "state": unit_state}}
-
-
 def list_environments() -> list[dict[str, Any]]:
     """:func:`environments`, from synchronous code."""
-    from .sync import run_sync
-
-    return run_sync(environments())
+    return environments_now()
 
 
 async def destroy_environment(name: str, *, config: Config | None = None) -> None:

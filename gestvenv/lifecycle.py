@@ -24,7 +24,7 @@ from .models import Enforcement, IsolationLevel, ResourceLimits, StorageBackend
 from .registry import EnvRecord
 from .runtime import Runtime, container, runtime_named, select_runtime
 from .shield import in_thread, shielded
-from .watchdog import ensure_reaper
+from .watchdog import ensure_watchdog
 
 CREATING_VENV = "creating its virtualenv"
 
@@ -120,11 +120,11 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
                 # Running before the state file exists: a creator killed right after reserving
                 # is noticed too. (And again after: a watchdog about to exit may not have seen
                 # it.)
-                await in_thread(ensure_reaper)
+                await in_thread(ensure_watchdog)
             await in_thread(registry.reserve, record, max_concurrent=config.max_concurrent,
                             max_total_memory_mb=config.max_total_memory_mb)
             if runtime.needs_watchdog:
-                await in_thread(ensure_reaper)  # from now on a dead creator is noticed
+                await in_thread(ensure_watchdog)  # from now on a dead creator is noticed
             # Started right after the reservation, before the dir and the build: from here on
             # the env's end (its files' too) is systemd's to guarantee, whatever becomes of us.
             stage = "starting its units"

@@ -7,7 +7,6 @@ is restricted to a small ASCII set that is safe in all three, checked before any
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import Iterable
 
 from .exceptions import InvalidNameError, ValidationError
@@ -44,6 +43,8 @@ def validate_name(name: object) -> str:
 
 
 def generate_name() -> str:
+    import secrets
+
     return f"env-{secrets.token_hex(4)}"
 
 

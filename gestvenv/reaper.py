@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -321,6 +320,8 @@ def env_slice_name(env_name: str) -> str:
     when too long (a name of many '-', each escaped to 4 chars)."""
     name = f"gestvenv-{escape_slice_part(env_name)}.slice"
     if len(name) > _UNIT_NAME_MAX:
+        import hashlib
+
         name = f"gestvenv-h{hashlib.sha256(env_name.encode()).hexdigest()[:16]}.slice"
     return name
 

@@ -17,8 +17,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from .exceptions import (
     EnvironmentClosedError,
     EnvironmentExistsError,
@@ -85,6 +83,8 @@ class EnvRecord:
         """True if the creating process still runs (same PID and start time), or there is none."""
         if self.owner_pid is None:
             return True
+        import psutil  # (here: ``list`` of envs that no creator owns never loads it)
+
         try:
             proc = psutil.Process(self.owner_pid)
             if proc.status() == psutil.STATUS_ZOMBIE:
@@ -246,9 +246,20 @@ def list_records() -> list[EnvRecord]:
     return records
 
 
+def any_state_file() -> bool:
+    """Whether any environment has a state file (names only: nothing is parsed)."""
+    try:
+        with os.scandir(state_dir()) as entries:
+            return any(e.name.endswith(".json") for e in entries)
+    except FileNotFoundError:
+        return False
+
+
 def stale_temp_files() -> list[Path]:
     """Temporary state files whose writer died before linking or renaming them (a creator
     SIGKILLed at that instant): the writer's PID is in the name (see ``_write_tmp``)."""
+    import psutil
+
     stale = []
     for path in state_dir().glob(".*.tmp"):
         try:

@@ -15,13 +15,14 @@ import threading
 from collections.abc import Coroutine, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .config import Config
-from .context import Command, Environment, EphemeralContext, ephemeral
-from .models import ExecResult, IsolationLevel, ResourceLimits, StorageBackend
-from .monitor import EnvUsage
-from .runtime import StreamCallback
+if TYPE_CHECKING:  # (run_sync serves light CLI commands too: the library is loaded on use)
+    from .config import Config
+    from .context import Command, Environment, EphemeralContext
+    from .models import ExecResult, IsolationLevel, ResourceLimits, StorageBackend
+    from .monitor import EnvUsage
+    from .runtime import StreamCallback
 
 T = TypeVar("T")
 SIGNAL_POLL = 0.1  # seconds
@@ -189,6 +190,8 @@ def ephemeral_sync(name: str | None = None, *, packages: Iterable[str] = (),
                    runtime: str | None = None,
                    config: Config | None = None) -> SyncEphemeralContext:
     """``with ephemeral_sync(...) as env``: :func:`ephemeral` without asyncio."""
+    from .context import ephemeral
+
     return SyncEphemeralContext(ephemeral(
         name, packages=packages, requirements=requirements, python=python,
         resource_limits=resource_limits, isolation_level=isolation_level,

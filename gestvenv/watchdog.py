@@ -11,14 +11,12 @@ registering.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
 import sys
 import time
 
 from . import registry, storage
-from .runtime import processes
 
 PERIOD = 0.5
 LINGER = 2.0
@@ -52,16 +50,66 @@ _started: dict[str, float] = {}
 _FRESH = 1.0  # well under LINGER: a watchdog this young has not given up yet
 
 
-def ensure_reaper() -> None:
+def ensure_watchdog() -> None:
     """Start the watchdog unless one runs. Call after the env's state file is written (a call
     before it too makes a creator killed in between noticed)."""
     runtime = str(storage.runtime_dir())
     started = _started.get(runtime)
     if (started is not None and time.monotonic() - started < _FRESH) or watchdog_running():
         return
-    processes.spawn_detached([sys.executable, "-m", "gestvenv.watchdog"],
+    from .runtime.processes import spawn_detached
+
+    spawn_detached([sys.executable, "-m", "gestvenv.watchdog"],
                              {"GESTVENV_RUNTIME_DIR": runtime})
     _started[runtime] = time.monotonic()
+
+
+def _swept_path() -> str:
+    return str(storage.runtime_dir() / "watchdog.swept")
+
+
+def needed(*, systemd: bool, local_envs: bool, since_sweep: float | None,
+           interval: float, sweeping: bool = False) -> bool:
+    """Whether a gestvenv command must make sure the watchdog runs: local envs to watch, or,
+    without systemd (and so without its timer), an orphan sweep not done for ``interval``
+    seconds (``since_sweep``: None when never, in this runtime dir: after a reboot, /run is
+    empty). A crash's leftovers are then swept by the first command after a reboot and at most
+    ``interval`` later otherwise, without a watchdog started by every ``list``. A command that
+    is ``sweeping`` itself (``cleanup``) does not start one to sweep alongside it (two sweeps
+    at once would split what was removed between two reports)."""
+    if local_envs:
+        return True
+    return not systemd and not sweeping and (since_sweep is None or since_sweep >= interval)
+
+
+def _boot_time() -> float:
+    """When this host booted (the kernel's ``btime``)."""
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime "):
+                return float(line.split()[1])
+    raise OSError("no btime in /proc/stat")
+
+
+def stamp_sweep() -> None:
+    """Note that orphans were just swept (the file's time is the stamp: see :func:`needed`)."""
+    os.close(os.open(_swept_path(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+
+
+def ensure_for_command(config_interval: float, systemd: bool, *, sweeping: bool = False) -> None:
+    """What every command of the CLI does first: :func:`ensure_watchdog` when :func:`needed`."""
+    try:
+        swept = os.stat(_swept_path()).st_mtime
+        # A stamp from before this boot does not count (a runtime dir that is not under /run).
+        since = None if swept < _boot_time() else time.time() - swept
+    except OSError:
+        since = None
+    # (Without systemd every env is local: the state files' names are enough to know.)
+    local = registry.any_state_file() if not systemd else \
+        any(r.runtime == "local" for r in registry.list_records())
+    if needed(systemd=systemd, local_envs=local, since_sweep=since, interval=config_interval,
+              sweeping=sweeping):
+        ensure_watchdog()
 
 
 def _watched() -> bool:
@@ -70,6 +118,8 @@ def _watched() -> bool:
 
 
 async def _watch() -> None:
+    import asyncio
+
     from .cleanup import sweep
     from .config import load_config
 
@@ -85,6 +135,7 @@ async def _watch() -> None:
             await sweep(config, expired=True, idle=True, orphans=orphans)
             if orphans:
                 last_orphan_sweep = time.monotonic()
+                stamp_sweep()
             if _watched():
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > LINGER:
@@ -103,4 +154,6 @@ async def _watch() -> None:
 
 
 if __name__ == "__main__":
+    import asyncio
+
     asyncio.run(_watch())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from ..context import attach
 from ._common import handle_errors, run_foreground
 from ._complete import complete_env_name
 from .config import config_group
@@ -39,6 +38,8 @@ def run_command(env_name: str, timeout: float | None, cwd: str | None,
     \b
     Example: gestvenv run --env ci-test -- pytest tests/
     """
+    from ..context import attach
+
     raise SystemExit(run_foreground(attach(env_name), command, timeout=timeout, cwd=cwd))
 
 

@@ -8,16 +8,16 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from .. import reaper
-from ..context import Environment
 from ..exceptions import CommandNotExecutableError, CommandNotFoundError, GestvenvError
-from ..models import ExecResult
-from ..runtime import SystemdRuntime
-from ..sync import run_soon, run_sync
+
+if TYPE_CHECKING:  # (the CLI imports what a command runs only when it runs: light start-up)
+    from ..context import Environment
+    from ..models import ExecResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -105,6 +105,8 @@ def run_foreground(env: Environment, argv: Sequence[str], *, timeout: float | No
         argv = argv[1:]
     if not argv:
         raise UserError("no command given")
+    from ..runtime import SystemdRuntime
+    from ..sync import run_soon, run_sync
 
     def on_term(signum: int, frame: object) -> None:
         raise Terminated

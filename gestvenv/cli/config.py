@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-import tomlkit
 
 from ..config import (
     OPTIONS,
@@ -38,6 +37,8 @@ def show(as_json: bool) -> None:
                              "user": str(user_config_path())}})
         return
     # Valid TOML, as the file takes it: what is printed can be copied into a config file.
+    import tomlkit
+
     click.echo(f"# system file: {system_config_path()}\n# user file:   {user_config_path()}")
     click.echo("[ephemeral]")
     for key, value in values.items():

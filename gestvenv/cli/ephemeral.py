@@ -6,23 +6,18 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .. import registry
-from ..cleanup import sweep
 from ..config import RUNTIMES, load_config
-from ..context import attach, create_environment, environments
 from ..exceptions import GestvenvError
-from ..lifecycle import destroy_many
 from ..models import NOT_HELD, IsolationLevel, ResourceLimits, StorageBackend, in_threat_order
-from ..monitor import EnvUsage, Sampler, global_stats, live_records, sample_twice
-from ..registry import EnvRecord
-from ..runtime.systemd import systemd_booted
-from ..sync import run_sync
-from ..watchdog import ensure_reaper
+from ..runtime.systemd.booted import systemd_booted
+from ..watchdog import ensure_for_command, stamp_sweep
 from ._common import (
+    F,
     UserError,
     echo_json,
     handle_errors,
@@ -34,17 +29,23 @@ from ._common import (
 )
 from ._complete import complete_env_name
 
+if TYPE_CHECKING:  # What a command runs is imported when it runs: `list`, `show`, `--help`
+    # start without asyncio, dbus-next, psutil or the builder (tests/unit/test_import_cost.py).
+    from ..monitor import EnvUsage
+    from ..registry import EnvRecord
+
 
 @click.group("ephemeral")
+@click.pass_context
 @handle_errors
-def ephemeral_group() -> None:
+def ephemeral_group(ctx: click.Context) -> None:
     """Create, inspect and destroy ephemeral environments."""
-    load_config()  # a bad setting is reported by every command, not only those that use it
-    if not systemd_booted() or any(r.runtime == "local" for r in registry.list_records()):
-        # Without systemd (and its cleanup timer), every invocation makes sure the watchdog
-        # runs: it sweeps orphans at once, restarts the watch of local envs if it was killed,
-        # and exits by itself when there is nothing left to watch.
-        ensure_reaper()
+    config = load_config()  # a bad setting is reported by every command, not only those using it
+    # Without systemd (and its cleanup timer), commands make sure the watchdog runs: it sweeps
+    # orphans at once, restarts the watch of local envs if it was killed, and exits by itself
+    # when there is nothing left to watch (watchdog.needed says when).
+    ensure_for_command(config.cleanup_interval, systemd_booted(),
+                       sweeping=ctx.invoked_subcommand == "cleanup")
 
 
 def split_packages(values: tuple[str, ...]) -> list[str]:
@@ -78,58 +79,79 @@ def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
     return pairs
 
 
+# The options that say what an environment is: shared by `create` and `run`.
+_ENV_OPTIONS = (
+    click.option("-p", "--packages", multiple=True, metavar="SPECS",
+                 help="Packages to install, comma-separated (repeatable)."),
+    click.option("-r", "--requirements", type=click.Path(exists=True, dir_okay=False),
+                 help="A requirements file to install."),
+    click.option("--python", help="Interpreter: a version (3.12) or a path."),
+    click.option("--ttl", type=click.IntRange(min=0),
+                 help="Seconds before it is destroyed (0: none)."),
+    click.option("--idle-timeout", type=click.IntRange(min=0),
+                 help="Destroy after this many seconds without a command."),
+    click.option("--memory", type=click.IntRange(min=1), help="Memory limit in MB."),
+    click.option("--cpu", type=click.FloatRange(min=0, min_open=True),
+                 help="CPU limit, percent of one CPU."),
+    click.option("--processes", type=click.IntRange(min=1), help="Maximum number of processes."),
+    click.option("--disk", type=click.IntRange(min=1), help="Disk limit in MB."),
+    click.option("--no-network", is_flag=True, help="Cut the environment off the network."),
+    click.option("--isolation", type=click.Choice([i.value for i in IsolationLevel]),
+                 help="How far it is fenced off (default: default_isolation_level); the level "
+                      "really applied is reported by `show`."),
+    click.option("--storage", type=click.Choice([s.value for s in StorageBackend]),
+                 help="Where its files live: disk, tmpfs (RAM, in the runtime dir) or memory "
+                      "(/dev/shm) (default: storage_backend)."),
+    click.option("--runtime", type=click.Choice(list(RUNTIMES)),
+                 help="systemd (transient units, kernel-enforced limits), local, or auto"),
+    click.option("--allow-unenforced", is_flag=True, default=None,
+                 help="Create it even if a limit cannot be enforced here (see `show`)."),
+    click.option("-e", "--env", "env_vars", multiple=True, metavar="NAME=VALUE",
+                 help="A variable for every command run in it (repeatable)."),
+)
+
+
+def env_options(func: F) -> F:
+    """Decorate a command with :data:`_ENV_OPTIONS` (their values: :func:`env_request`)."""
+    for option in reversed(_ENV_OPTIONS):
+        func = option(func)
+    return func
+
+
+def env_request(options: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of ``ephemeral()``/``create_environment()`` from :func:`env_options`'
+    values (popped from ``options``)."""
+    take = options.pop
+    limits = ResourceLimits(max_memory=take("memory"), max_disk=take("disk"),
+                            max_processes=take("processes"), max_cpu_percent=take("cpu"),
+                            network_access=not take("no_network"))
+    return {"packages": split_packages(take("packages")), "requirements": take("requirements"),
+            "python": take("python"), "resource_limits": limits,
+            "isolation_level": take("isolation"), "storage_backend": take("storage"),
+            "ttl": take("ttl"), "idle_timeout": take("idle_timeout"),
+            "env": _env_pairs(take("env_vars")), "allow_unenforced": take("allow_unenforced"),
+            "runtime": take("runtime")}
+
+
 @ephemeral_group.command("create")
 @click.argument("name", required=False)
-@click.option("-p", "--packages", multiple=True, metavar="SPECS",
-              help="Packages to install, comma-separated (repeatable).")
-@click.option("-r", "--requirements", type=click.Path(exists=True, dir_okay=False),
-              help="A requirements file to install.")
-@click.option("--python", help="Interpreter: a version (3.12) or a path.")
-@click.option("--ttl", type=click.IntRange(min=0), help="Seconds before it is destroyed (0: none).")
-@click.option("--idle-timeout", type=click.IntRange(min=0),
-              help="Destroy after this many seconds without a command.")
-@click.option("--memory", type=click.IntRange(min=1), help="Memory limit in MB.")
-@click.option("--cpu", type=click.FloatRange(min=0, min_open=True),
-              help="CPU limit, percent of one CPU.")
-@click.option("--processes", type=click.IntRange(min=1), help="Maximum number of processes.")
-@click.option("--disk", type=click.IntRange(min=1), help="Disk limit in MB.")
-@click.option("--no-network", is_flag=True, help="Cut the environment off the network.")
-@click.option("--isolation", type=click.Choice([i.value for i in IsolationLevel]),
-              help="How far it is fenced off (default: default_isolation_level); the level "
-                   "really applied is reported by `show`.")
-@click.option("--storage", type=click.Choice([s.value for s in StorageBackend]),
-              help="Where its files live: disk, tmpfs (RAM, in the runtime dir) or memory "
-                   "(/dev/shm) (default: storage_backend).")
-@click.option("--runtime", type=click.Choice(list(RUNTIMES)),
-              help="systemd (transient units, kernel-enforced limits), local, or auto")
-@click.option("--allow-unenforced", is_flag=True, default=None,
-              help="Create it even if a limit cannot be enforced here (see `show`).")
-@click.option("-e", "--env", "env_vars", multiple=True, metavar="NAME=VALUE",
-              help="A variable for every command run in it (repeatable).")
+@env_options
 @click.option("-i", "--interactive", is_flag=True,
               help="Open a shell inside; destroy the env when it exits (unless --ttl is given).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
-def create(name: str | None, packages: tuple[str, ...], requirements: str | None,
-           python: str | None, ttl: int | None, idle_timeout: int | None, memory: int | None,
-           cpu: float | None, processes: int | None, disk: int | None, no_network: bool,
-           isolation: str | None, storage: str | None, runtime: str | None,
-           allow_unenforced: bool | None, env_vars: tuple[str, ...], interactive: bool,
-           as_json: bool) -> None:
+def create(name: str | None, interactive: bool, as_json: bool, **options: Any) -> None:
     """Create environment NAME (a generated name if omitted); it lives until its TTL."""
-    limits = ResourceLimits(max_memory=memory, max_disk=disk, max_processes=processes,
-                            max_cpu_percent=cpu, network_access=not no_network)
-    env = run_sync(create_environment(
-        name, packages=split_packages(packages), requirements=requirements, python=python,
-        resource_limits=limits, isolation_level=isolation, storage_backend=storage, ttl=ttl,
-        idle_timeout=idle_timeout, env=_env_pairs(env_vars), allow_unenforced=allow_unenforced,
-        runtime=runtime))
+    from ..context import create_environment
+    from ..sync import run_sync
+
+    ttl = options["ttl"]
+    env = run_sync(create_environment(name, **env_request(options)))
     if as_json:
         echo_json(env.info())
     else:
         click.echo(f"created {env.name} at {env.path} ({_summary(env.info())})")
-        for limit, applied in env.enforcement.unenforced.items():
-            click.echo(f"warning: {limit} is NOT enforced: {applied.mechanism}", err=True)
+        _warn_unenforced(env.info())
         for note in env.info()["notes"]:
             click.echo(f"note: {note}", err=True)
     if interactive:
@@ -144,6 +166,48 @@ def create(name: str | None, packages: tuple[str, ...], requirements: str | None
         raise SystemExit(status)
 
 
+def _warn_unenforced(info: dict[str, Any]) -> None:
+    """Every limit asked for and not enforced (allowed by --allow-unenforced), on stderr."""
+    for limit, applied in info["enforcement"]["limits"].items():
+        if not applied["enforced"]:
+            click.echo(f"warning: {limit} is NOT enforced: {applied['mechanism']}", err=True)
+
+
+# Everything after the options is the command's, "--" or not: "run -p x python --help".
+_COMMAND_SETTINGS = {"ignore_unknown_options": True, "allow_interspersed_args": False}
+
+
+@ephemeral_group.command("run", context_settings=_COMMAND_SETTINGS)
+@env_options
+@click.option("--name", help="The environment's name (default: a generated one).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Kill the command (and its children) after this many seconds.")
+@click.option("--cwd", type=click.Path(exists=True, file_okay=False), help="Working directory.")
+@click.option("-q", "--quiet", is_flag=True, help="No notes on stderr (warnings still are).")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@handle_errors
+def run(name: str | None, timeout: float | None, cwd: str | None, quiet: bool,
+        command: tuple[str, ...], **options: Any) -> None:
+    """Create an environment, run COMMAND in it, destroy it; exit with the command's status.
+
+    The environment is this process's, as with ``ephemeral()``: Ctrl-C, SIGTERM or a SIGKILL
+    of gestvenv leave nothing behind (a SIGKILL: its watchdog, or its systemd unit, ends it).
+
+    \b
+    Example: gestvenv ephemeral run -p requests -- python -c 'import requests'
+    """
+    from ..sync import ephemeral_sync
+
+    with ephemeral_sync(name, **env_request(options)) as env:
+        info = env.info()
+        _warn_unenforced(info)
+        if not quiet:
+            for note in info["notes"]:
+                click.echo(f"note: {note}", err=True)
+        status = run_foreground(env.aio, command, timeout=timeout, cwd=cwd)
+    raise SystemExit(status)
+
+
 def _summary(info: dict[str, Any]) -> str:
     ttl = f"ttl {remaining(info['expires_at'])}" if info["expires_at"] else "no ttl"
     return f"python {info['python']}, {info['runtime']} runtime, {info['storage_backend']}, {ttl}"
@@ -154,7 +218,9 @@ def _summary(info: dict[str, Any]) -> str:
 @handle_errors
 def list_(as_json: bool) -> None:
     """Environments of this user, from every process (running scripts' too)."""
-    infos = run_sync(environments())
+    from ..listing import environments_now
+
+    infos = environments_now(guarantees=as_json)  # (the table does not print them)
     if as_json:
         echo_json(infos)
         return
@@ -178,12 +244,22 @@ def list_(as_json: bool) -> None:
 @handle_errors
 def show(name: str, as_json: bool, watch: bool, interval: float) -> None:
     """Everything about environment NAME: limits really applied, usage, guarantees."""
-    env = attach(name)
+    from ..listing import describe, environments
+    from ..monitor import Sampler
+    from ..names import validate_name
+    from ..sync import run_sync
+
+    record = registry.load(validate_name(name))
     if watch:
-        _watch([env.name], interval, once=False, as_json=as_json)
+        _watch([record.name], interval, once=False, as_json=as_json)
         return
-    info = next((i for i in run_sync(environments()) if i["id"] == env.id), env.info())
-    use = run_sync(env.usage())
+
+    async def read() -> tuple[dict[str, Any], EnvUsage]:
+        listed = await environments()
+        return (next((i for i in listed if i["id"] == record.id), describe(record)),
+                await Sampler().sample_one(record))
+
+    info, use = run_sync(read())
     info["usage"] = {"processes": use.processes, "memory_bytes": use.memory_bytes,
                      "memory_peak_bytes": use.memory_peak_bytes,
                      "memory_peak_source": use.memory_peak_source,
@@ -275,6 +351,9 @@ def usage_row(u: EnvUsage) -> tuple[str, ...]:
 def _watch(names: list[str] | None, interval: float, *, once: bool, as_json: bool) -> None:
     """``top`` and ``show --watch``: two readings ``interval`` apart, then one table per
     interval until Ctrl-C (one, with ``once``)."""
+    from ..monitor import Sampler, live_records, sample_twice
+    from ..sync import run_sync
+
     sampler = Sampler()
 
     def records() -> list[EnvRecord]:
@@ -325,6 +404,8 @@ def _print_usage(samples: list[EnvUsage], *, clear: bool) -> None:
 @handle_errors
 def exec_(name: str, timeout: float | None, cwd: str | None, command: tuple[str, ...]) -> None:
     """Run COMMAND in environment NAME; exit with the command's status."""
+    from ..context import attach
+
     raise SystemExit(run_foreground(attach(name), command, timeout=timeout, cwd=cwd))
 
 
@@ -344,6 +425,10 @@ def cleanup(names: tuple[str, ...], all_: bool, expired: bool, idle: bool, orpha
     """Destroy environments: by NAME, --all, --expired, --idle, --orphans."""
     if not (names or all_ or expired or idle or orphans):
         raise UserError("say what to clean up: NAME..., --all, --expired, --idle or --orphans")
+    from ..cleanup import sweep
+    from ..lifecycle import destroy_many
+    from ..sync import run_sync
+
     config = load_config()
     removed: dict[str, str] = {}
     errors: dict[str, str] = {}
@@ -359,6 +444,8 @@ def cleanup(names: tuple[str, ...], all_: bool, expired: bool, idle: bool, orpha
     removed.update({r.name: "requested" for r in records if r.name not in errors})
     if expired or idle or orphans:
         report = run_sync(sweep(config, expired=expired, idle=idle, orphans=orphans))
+        if orphans:
+            stamp_sweep()  # (the watchdog's sweep, done: see watchdog.needed)
         removed.update(report.removed)
         errors.update(report.errors)
         orphan_paths = report.orphan_paths
@@ -384,6 +471,9 @@ def stats(as_json: bool) -> None:
     """Totals for this user against the configured caps: environments (of max_concurrent),
     memory reserved by their max_memory (of max_total_memory_mb) and used now, processes, disk
     and the shared cache."""
+    from ..monitor import global_stats
+    from ..sync import run_sync
+
     data = run_sync(global_stats(load_config()))
     if as_json:
         echo_json(data.to_dict())

@@ -8,11 +8,7 @@ from pathlib import Path
 
 import click
 
-from .. import storage
 from ..config import load_config
-from ..container import images
-from ..context import attach
-from ..runtime import container
 from ._common import UserError, echo_json, handle_errors, human_bytes, table
 
 
@@ -23,6 +19,9 @@ from ._common import UserError, echo_json, handle_errors, human_bytes, table
 def images_group(ctx: click.Context, as_json: bool) -> None:
     """The images of container isolation: a base image per interpreter and one per package
     set, generated here (no registry). Without a subcommand: list them."""
+    from ..container import images
+    from ..runtime import container
+
     if ctx.invoked_subcommand is not None:
         return
     engine = container.engine_for(load_config().container_engine)
@@ -47,6 +46,10 @@ def images_group(ctx: click.Context, as_json: bool) -> None:
 def prune(everything: bool) -> None:
     """Remove the images of package sets whose snapshot has expired (``template_ttl``), and
     base images nothing uses; an image a container uses is kept."""
+    from .. import storage
+    from ..container import images
+    from ..runtime import container
+
     config = load_config()
     engine = container.engine_for(config.container_engine)
     removed = images.prune(engine, container.live_template_keys(config),
@@ -69,6 +72,10 @@ def prune(everything: bool) -> None:
 def save(image: str | None, env_name: str | None, output: str) -> None:
     """Write IMAGE (or an environment's package-set image) to an archive that `podman load`
     or `docker load` takes elsewhere."""
+    from ..container import images
+    from ..context import attach
+    from ..runtime import container
+
     if (image is None) == (env_name is None):
         raise UserError("give an IMAGE or --env NAME (one of them)")
     engine = container.engine_for(load_config().container_engine)
@@ -88,6 +95,9 @@ def save(image: str | None, env_name: str | None, output: str) -> None:
 @handle_errors
 def load(archive: str) -> None:
     """Load images from an archive written by `images save` (or `podman save`)."""
+    from ..container import images
+    from ..runtime import container
+
     engine = container.engine_for(load_config().container_engine)
     for ref in images.load(engine, Path(archive)):
         click.echo(f"loaded {ref}")

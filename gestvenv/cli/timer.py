@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import TYPE_CHECKING
 
 import click
 
-from .. import timer
 from ..config import load_config
-from ..sync import run_sync
 from ._common import echo_json, handle_errors, human_seconds
+
+if TYPE_CHECKING:  # (what a command runs is imported when it runs: light start-up)
+    from ..timer import TimerStatus
 
 _SCOPE_HELP = "Your user manager, or the system manager (default: system for root, else user)."
 
@@ -19,8 +21,10 @@ def _user(user: bool | None) -> bool:
     return os.geteuid() != 0 if user is None else user
 
 
-def _describe(status: timer.TimerStatus) -> str:
+def _describe(status: TimerStatus) -> str:
     """One line: what systemd now says about the timer."""
+    from .. import timer
+
     manager = f"{status.manager} manager"
     if status.enabled is None and status.active == "inactive":
         return f"{timer.TIMER_UNIT} ({manager}): not installed"
@@ -46,6 +50,9 @@ def timer_group() -> None:
 @handle_errors
 def install(user: bool | None, interval: int | None, as_json: bool) -> None:
     """Install (or update) and enable the timer; it starts at once."""
+    from .. import timer
+    from ..sync import run_sync
+
     interval = interval or load_config().cleanup_interval
     report = run_sync(timer.install(user=_user(user), interval=interval))
     if as_json:
@@ -68,6 +75,9 @@ def install(user: bool | None, interval: int | None, as_json: bool) -> None:
 @handle_errors
 def uninstall(user: bool | None, as_json: bool) -> None:
     """Stop and disable the timer; remove the files `install` wrote (a package's stay)."""
+    from .. import timer
+    from ..sync import run_sync
+
     report = run_sync(timer.uninstall(user=_user(user)))
     if as_json:
         echo_json(report.to_dict())
@@ -85,6 +95,9 @@ def uninstall(user: bool | None, as_json: bool) -> None:
 @handle_errors
 def status(user: bool | None, as_json: bool) -> None:
     """Where the timer is installed, whether it runs, its interval and next run."""
+    from .. import timer
+    from ..sync import run_sync
+
     st = run_sync(timer.status(user=_user(user)))
     if as_json:
         echo_json(st.to_dict())

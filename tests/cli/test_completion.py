@@ -159,7 +159,7 @@ def test_completion_mode_invokes_no_callback(monkeypatch: pytest.MonkeyPatch,
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("called during completion")
 
-    for name in ("ensure_reaper", "load_config", "systemd_booted", "run_sync"):
+    for name in ("ensure_for_command", "load_config", "systemd_booted"):
         monkeypatch.setattr(ephemeral_cli, name, forbidden)
     monkeypatch.setattr("gestvenv.storage._private_dir", forbidden)
     before = tree(gv_home)
