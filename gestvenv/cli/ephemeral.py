@@ -194,7 +194,7 @@ def run(name: str | None, timeout: float | None, cwd: str | None, quiet: bool,
     of gestvenv leave nothing behind (a SIGKILL: its watchdog, or its systemd unit, ends it).
 
     \b
-    Example: gestvenv ephemeral run -p requests -- python -c 'import requests'
+    Example: gestvenv ephemeral run -p six -- python -c 'import six'
     """
     from ..sync import ephemeral_sync
 

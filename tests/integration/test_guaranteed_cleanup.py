@@ -477,6 +477,55 @@ async def test_a_signal_to_gestvenv_run_ends_it_and_its_command_not_the_env(
     assert nothing_left(), leftovers()
 
 
+# --- the one-shot: `gestvenv ephemeral run` ---
+
+async def _one_shot(spawn: Spawn, name: str) -> tuple[subprocess.Popen[str], str, int]:
+    """`gestvenv ephemeral run` of a command that prints its pid then sleeps: the process,
+    the env's id and the command's pid, once it runs."""
+    run = spawn(argv=[sys.executable, "-m", "gestvenv", "ephemeral", "run", "--name", name,
+                      "--ttl", "120", "-p", "six", "--", "python", "-c", SLEEP_LOOP])
+    command = int(await read_line(run))
+    env_id = registry.load(name).id
+    await wait_until(lambda: env_pids(env_id), 10, "the command runs")
+    return run, env_id, command
+
+
+def test_ephemeral_run_exits_with_the_commands_status_and_leaves_nothing() -> None:
+    done = gv("ephemeral", "run", "--name", "gc-once", "-p", "six", "--", "python", "-c",
+              "import six, sys; print(sys.prefix); sys.exit(7)")
+    assert done.returncode == 7, done.stderr
+    prefix = Path(done.stdout.strip())
+    assert prefix.name.startswith("gc-once-"), done.stdout  # it ran in the env, with six
+    assert not prefix.exists()
+    assert nothing_left(), leftovers()
+    failed = gv("ephemeral", "run", "-p", "no-such-package-gv", "--", "true")
+    assert failed.returncode == 1 and "no-such-package-gv" in failed.stderr, failed.stderr
+    assert nothing_left(), leftovers()
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGKILL"])
+async def test_a_signal_to_gestvenv_ephemeral_run_leaves_nothing(spawn: Spawn, how: str) -> None:
+    """The one-shot owns its env as ``ephemeral()`` does: a SIGTERM or a Ctrl-C ends the
+    command and destroys the env before it exits; after a SIGKILL, the env's own watchdog (or
+    its unit) ends it at once, long before its TTL (120 s)."""
+    run, env_id, command = await _one_shot(spawn, f"gc-once-{how.lower()}")
+    sent = time.monotonic()
+    if how == "SIGKILL":
+        run.kill()
+    else:
+        _send(run, how)
+    status = await asyncio.to_thread(run.wait, SIGNAL_DEADLINE + 5)
+    stderr = run.communicate()[1]
+    if how != "SIGKILL":
+        signum = signal.SIGTERM if how == "SIGTERM" else signal.SIGINT
+        assert status == 128 + signum, stderr
+        assert "/gestvenv/" not in stderr, stderr  # no traceback through gestvenv
+    took = await gone_within(SIGNAL_DEADLINE + (CLEANUP_INTERVAL + SLACK) * (how == "SIGKILL"),
+                             sent, f"the env of a `gestvenv ephemeral run` after {how}")
+    assert pid_dead(command)
+    print(f"{RUNTIME}: {how} to gestvenv ephemeral run: nothing left {took:.2f}s later")
+
+
 ASYNC_API = """
     import asyncio, sys, gestvenv
 
