@@ -64,7 +64,7 @@ async def sweep(config: Config, *, expired: bool = True, idle: bool = True,
     now = time.time()
     doomed = []
     records = await asyncio.to_thread(registry.list_records)
-    units = await live_units()
+    units = await live_units({r.name: r.id for r in records})
     for record in records:
         reason = reason_to_remove(record, now, expired=expired, idle=idle, units=units)
         if reason:

@@ -109,7 +109,7 @@ async def environments(*, guarantees: bool = True) -> list[dict[str, Any]]:
     from .runtime.systemd import live_units
 
     records = await asyncio.to_thread(registry.list_records)
-    units = await live_units()
+    units = await live_units({r.name: r.id for r in records})  # (one call for every unit)
     return await asyncio.to_thread(merge, records, units, guarantees=guarantees)
 
 

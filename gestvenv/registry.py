@@ -12,7 +12,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -93,21 +93,23 @@ class EnvRecord:
         except psutil.Error:
             return False
 
-    def state(self, now: float | None = None) -> str:
-        """creating, ready, expired, orphaned (its owner died) or destroying."""
+    def state(self, now: float | None = None, *, owner_alive: bool | None = None) -> str:
+        """creating, ready, expired, orphaned (its owner died) or destroying. ``owner_alive``:
+        whether its owner runs, when the caller knows (see :func:`owners_alive`)."""
         now = time.time() if now is None else now
+        alive = self.owner_alive if owner_alive is None else lambda: owner_alive
         if self.status in ("creating", "destroying"):
-            return self.status if self.owner_alive() else "orphaned"
+            return self.status if alive() else "orphaned"
         if self.expires_at is not None and now >= self.expires_at:
             return "expired"
-        if not self.owner_alive():
+        if not alive():
             return "orphaned"
         return self.status
 
-    def holds_quota(self, now: float | None = None) -> bool:
+    def holds_quota(self, now: float | None = None, *, owner_alive: bool | None = None) -> bool:
         """Counted against max_concurrent and max_total_memory_mb: every env but those a
         sweep removes (expired, orphaned)."""
-        return self.state(now) not in ("expired", "orphaned")
+        return self.state(now, owner_alive=owner_alive) not in ("expired", "orphaned")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -126,8 +128,10 @@ class EnvRecord:
         return replace(self, **changes)
 
 
-def state_path(name: str) -> Path:
-    return state_dir() / f"{validate_name(name)}.json"
+def state_path(name: str, folder: Path | None = None) -> Path:
+    """The state file of env ``name``; ``folder``: the state dir, when the caller has it
+    (``state_dir()`` makes sure of it on each call)."""
+    return (folder or state_dir()) / f"{validate_name(name)}.json"
 
 
 
@@ -155,10 +159,29 @@ def _write_tmp(record: EnvRecord) -> Path:
     return tmp
 
 
+def owners_alive(records: Iterable[EnvRecord]) -> dict[tuple[int | None, float | None], bool]:
+    """Whether each distinct owner of ``records`` still runs, asked once per owner: the envs
+    of one process (50 created at once) cost one look at it, not one each."""
+    alive: dict[tuple[int | None, float | None], bool] = {}
+    for record in records:
+        key = (record.owner_pid, record.owner_started)
+        if key not in alive:
+            alive[key] = record.owner_alive()
+    return alive
+
+
+def quota_holders(records: Sequence[EnvRecord], now: float,
+                  alive: Mapping[tuple[int | None, float | None], bool]) -> list[EnvRecord]:
+    """The records counted against the quotas, given whether their owners run."""
+    return [r for r in records
+            if r.holds_quota(now, owner_alive=alive[(r.owner_pid, r.owner_started)])]
+
+
 def reserve(record: EnvRecord, *, max_concurrent: int, max_total_memory_mb: int) -> None:
     """Register a new environment, or raise if the name is taken or a quota would be exceeded."""
     with locked():
-        live = [r for r in list_records() if r.holds_quota()]
+        records = list_records()
+        live = quota_holders(records, time.time(), owners_alive(records))
         if len(live) >= max_concurrent:
             raise QuotaExceededError(
                 f"{len(live)} environments exist; max_concurrent is {max_concurrent} "

@@ -87,8 +87,10 @@ class Runtime(abc.ABC):
     async def prepare(self) -> None:  # noqa: B027 - optional hook
         """Connect and probe what the host can enforce; called before :meth:`plan`."""
 
-    async def live_environments(self) -> dict[str, UnitView] | None:
-        """Env name -> its unit, from the runtime's own view; None if it has none."""
+    async def live_environments(self, known: Mapping[str, str] | None = None
+                                ) -> dict[str, UnitView] | None:
+        """Env name -> its unit, from the runtime's own view; None if it has none. ``known``:
+        the caller's envs (name -> id), which the runtime may recognise more cheaply."""
         return None
 
     @abc.abstractmethod

@@ -508,7 +508,7 @@ async def test_a_signal_to_gestvenv_ephemeral_run_leaves_nothing(spawn: Spawn, h
     """The one-shot owns its env as ``ephemeral()`` does: a SIGTERM or a Ctrl-C ends the
     command and destroys the env before it exits; after a SIGKILL, the env's own watchdog (or
     its unit) ends it at once, long before its TTL (120 s)."""
-    run, env_id, command = await _one_shot(spawn, f"gc-once-{how.lower()}")
+    run, _, command = await _one_shot(spawn, f"gc-once-{how.lower()}")
     sent = time.monotonic()
     if how == "SIGKILL":
         run.kill()

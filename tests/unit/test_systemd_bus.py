@@ -77,3 +77,37 @@ def test_it_gives_up_after_the_wait_and_other_errors_pass_through() -> None:
     refused = DBusError("org.freedesktop.systemd1.UnitExists", "exists")  # type: ignore[no-untyped-call]
     with pytest.raises(SystemdError, match="exists"):
         call([refused, "ok"], "StartTransientUnit")
+
+
+class SlowBus:
+    """Replies after a while, counting the calls awaiting their reply at once."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.most = 0
+
+    def add_message_handler(self, handler: object) -> None:
+        pass
+
+    async def call(self, msg: Message) -> Message:
+        self.pending += 1
+        self.most = max(self.most, self.pending)
+        await asyncio.sleep(0.01)
+        self.pending -= 1
+        return Message(message_type=MessageType.METHOD_RETURN, reply_serial=1, signature="s",
+                       body=["ok"])
+
+
+def test_calls_awaiting_a_reply_at_once_stay_under_the_bus_daemons_limit() -> None:
+    # dbus-daemon refuses a connection's 129th pending call ("The maximum number of pending
+    # replies per connection has been reached"): 50 envs running a command at once did.
+    fake = SlowBus()
+
+    async def go() -> list[list[Any]]:
+        bus = SystemdBus(fake, user=True)  # type: ignore[arg-type]
+        return await asyncio.gather(*(
+            bus.call(MANAGER_PATH, MANAGER, "GetUnit", "s", ["x"], what="testing")
+            for _ in range(300)))
+
+    assert asyncio.run(go()) == [["ok"]] * 300
+    assert fake.most == busmod.MAX_PENDING < 128

@@ -807,3 +807,44 @@ def test_variants_refuses_a_value_that_does_not_fit(bad: Property) -> None:
 def test_the_cleanup_timers_service_is_not_taken_for_an_env() -> None:
     assert plan.env_name_of_unit("gestvenv-cleanup.service") is None
     assert plan.env_name_of_unit("gestvenv-ci.service") == "ci"
+
+
+ENV_ID = "0123456789abcdef0123456789abcdef"
+
+
+def test_the_env_units_description_carries_its_id_for_one_listing_of_all_units() -> None:
+    described = env_unit(holder=HolderArgs(python="/usr/bin/python3", script="/h.py",
+                                           state_file="/run/gestvenv/envs/ci-test.json",
+                                           env_id=ENV_ID))["Description"]
+    assert described == f"gestvenv environment {ENV} (python 3.12, tmpfs storage; id {ENV_ID})"
+    assert plan.env_id_of_description(described) == ENV_ID
+
+
+@pytest.mark.parametrize("description", [
+    # A unit of a gestvenv before the id was there: its Environment is read instead.
+    "gestvenv environment ci-test (python 3.11.7, disk storage, /var/cache/x/ci-test-01234567)",
+    "someone's own gestvenv-web.service",
+    f"gestvenv environment ci-test (id {ENV_ID}; more)",  # only at the very end
+    f"gestvenv environment ci-test (x; id {ENV_ID[:-1]})",  # not a full id
+    f"gestvenv environment ci-test (x; id {ENV_ID.upper()})",
+    "",
+])
+def test_a_description_that_does_not_end_with_an_id_names_no_env(description: str) -> None:
+    assert plan.env_id_of_description(description) is None
+
+
+def test_the_id_is_the_last_one_whatever_the_path_says() -> None:
+    other = "f" * 32
+    described = plan.env_description(ENV, f"disk storage, /srv/x; id {other})", ENV_ID)
+    assert plan.env_id_of_description(described) == ENV_ID
+
+
+def test_a_unit_is_taken_for_a_known_env_only_when_its_description_names_that_env() -> None:
+    described = plan.env_description(ENV, "python 3.12", ENV_ID)
+    assert plan.described_as_known(ENV, described, {ENV: ENV_ID}) == ENV_ID
+    # Another env of the same name (another registry's, or ours before a reuse): read it.
+    assert plan.described_as_known(ENV, described, {ENV: "e" * 32}) is None
+    assert plan.described_as_known(ENV, described, {}) is None
+    assert plan.described_as_known(ENV, described, None) is None
+    assert plan.described_as_known(ENV, "gestvenv environment ci-test (old)", {ENV: ENV_ID}) \
+        is None

@@ -15,7 +15,7 @@ import contextlib
 import os
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,11 @@ def translate(exc: DBusError, what: str) -> GestvenvError:
         return RuntimeUnavailableError(f"{what}: systemd is not reachable ({exc.text})")
     return SystemdError(f"{what}: {exc.text}", name)
 
+
+# Calls awaiting their reply at once on one connection: the system bus refuses more than
+# max_replies_per_connection (128 in dbus-daemon's system.conf) with "The maximum number of
+# pending replies per connection has been reached" (50 envs running a command at once did).
+MAX_PENDING = 64
 
 # How long a call waits for a manager that is re-executing itself (it takes well under a
 # second; a loaded machine, or a VM, takes longer).
@@ -135,7 +140,9 @@ class SystemdBus:
         self._watchers: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
         # What this connection already made sure of (gestvenv.slice and its cap): once each.
         self.settled: set[str] = set()
+        self.settling: dict[str, asyncio.Future[None]] = {}  # being made sure of, now
         self._answered = False  # the manager has replied on this connection
+        self._pending = asyncio.Semaphore(MAX_PENDING)
         bus.add_message_handler(self._on_message)
 
     # -- connection -------------------------------------------------------------------------
@@ -207,7 +214,8 @@ class SystemdBus:
         msg = Message(destination=destination, path=path, interface=interface, member=member,
                       signature=signature, body=list(body), unix_fds=list(unix_fds))
         try:
-            reply = await self._bus.call(msg)
+            async with self._pending:
+                reply = await self._bus.call(msg)
         except DBusError as exc:
             raise _checked(exc, what) from None
         except UnicodeEncodeError:
@@ -336,7 +344,7 @@ class SystemdBus:
     # -- watching a unit --------------------------------------------------------------------
 
     async def watch(self, name: str, callback: Callable[[dict[str, Any]], None]) -> Callable[
-            [], Awaitable[None]]:
+            [], Coroutine[Any, Any, None]]:
         """Call ``callback`` with every PropertiesChanged of unit ``name``; return an async
         function that stops watching. Set up before the unit starts, so no change is missed."""
         path = unit_path(name)

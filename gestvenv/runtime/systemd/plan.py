@@ -165,9 +165,39 @@ def env_name_of_unit(unit: str) -> str | None:
     return match.group(1)
 
 
+def env_description(env_name: str, description: str, env_id: str) -> str:
+    """The env unit's Description: what ``systemctl`` shows, ending with the env's id, so that
+    one ListUnitsByPatterns tells every env unit's state and env (its rows carry each unit's
+    Description), where reading each unit's Environment took two calls per unit."""
+    return f"gestvenv environment {env_name} ({description}; id {env_id})"
+
+
+_DESCRIBED_ID_RE = re.compile(r"; id ([0-9a-f]{32})\)\Z")
+
+
+def env_id_of_description(description: str) -> str | None:
+    """The env id an env unit's Description ends with (:func:`env_description`); None for a
+    unit that does not say it (started by a gestvenv before it did, or not gestvenv's): its
+    Environment (``UNIT_ENV_ID``) must then be read."""
+    match = _DESCRIBED_ID_RE.search(description)
+    return match.group(1) if match else None
+
+
+def described_as_known(env_name: str, description: str,
+                       known: Mapping[str, str] | None) -> str | None:
+    """The env id of an env unit whose Description names the env that ``known`` (env name ->
+    id, the caller's own registry) has under that name: the unit is that env's, and its state
+    file that registry's own. None: the unit must be read (an older unit, another registry's
+    env, an orphan), as its state file is needed to tell them apart."""
+    env_id = env_id_of_description(description)
+    if env_id is None or known is None or known.get(env_name) != env_id:
+        return None
+    return env_id
+
+
 @dataclass(frozen=True)
 class Capabilities:
-    """What the manager can enforce, probed once per connection (``SystemdRuntime.prepare``)."""
+    """What the manager can enforce, probed once per process (``SystemdRuntime.prepare``)."""
 
     user: bool                       # a user manager (systemd --user), not the system's
     controllers: frozenset[str]      # cgroup controllers it can use: cpu, memory, pids
@@ -472,7 +502,7 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
     if holder.reaper:
         argv += ["--env-path", holder.env_path, "--registry-lock", holder.registry_lock]
     props = [
-        prop("Description", f"gestvenv environment {env_name} ({description})"),
+        prop("Description", env_description(env_name, description, holder.env_id)),
         prop("Environment", [f"{UNIT_ENV_ID}={holder.env_id}",
                              f"{UNIT_STATE_FILE}={holder.state_file}", *holder.environ]),
         prop("Slice", PARENT_SLICE),

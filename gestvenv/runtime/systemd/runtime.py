@@ -15,7 +15,8 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,11 +35,21 @@ from ...exceptions import (
 )
 from ...models import Enforcement, ExecResult, IsolationLevel, ResourceLimits
 from ...registry import EnvRecord, lock_path, state_path
-from ...shield import in_thread, shielded
+from ...shield import protected, shielded
 from .. import container
 from ..base import CommandSpec, Runtime, UnitView, Usage
 from . import cgroups, plan
-from .bus import SERVICE, UNIT, NoSuchUnit, SystemdBus, connection, unit_path, variants
+from .booted import systemd_booted
+from .bus import (
+    SERVICE,
+    UNIT,
+    NoSuchUnit,
+    SystemdBus,
+    UnitInfo,
+    connection,
+    unit_path,
+    variants,
+)
 from .plan import Capabilities, Property, UnitNames
 
 PIPE_GRACE = 1.0
@@ -50,18 +61,17 @@ _REAPER = str(Path(__file__).resolve().parents[2] / "reaper.py")
 EXIT_EXEC, EXIT_CHDIR = 203, 200
 
 
-def systemd_booted() -> bool:
-    """sd_booted(): systemd is PID 1 of this host (or of this container)."""
-    return os.path.isdir("/run/systemd/system")
-
-
-async def live_units() -> dict[str, UnitView] | None:
+async def live_units(known: Mapping[str, str] | None = None) -> dict[str, UnitView] | None:
     """The env units of this user's manager, or None when there is no systemd to ask (not
-    booted, unreachable): then the state files are all there is to go by."""
+    booted, unreachable): then the state files are all there is to go by. ``known``: the
+    caller's envs (name -> id, from the state files it has read): their units are told apart
+    in one D-Bus call for all (see :meth:`SystemdRuntime.live_environments`)."""
     if not systemd_booted():
         return None
+    from .. import runtime_named
+
     try:
-        return await SystemdRuntime().live_environments()
+        return await runtime_named("systemd").live_environments(known)
     except GestvenvError:
         return None
 
@@ -81,6 +91,12 @@ class SystemdRuntime(Runtime):
     _running: ClassVar[dict[str, set[str]]] = {}
     _overlapped: ClassVar[set[str]] = set()
 
+    # What each manager (key: a user manager?) can enforce and its own cgroup, probed once per
+    # process: every runtime object, event loop and environment of the process shares it.
+    _probed: ClassVar[dict[bool, tuple[Capabilities, str]]] = {}
+    _probing: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]] = \
+        weakref.WeakKeyDictionary()
+
     def __init__(self, max_total_memory_mb: int | None = None) -> None:
         self.user = use_user_manager()
         self.max_total_memory_mb = max_total_memory_mb
@@ -97,20 +113,39 @@ class SystemdRuntime(Runtime):
         return await connection(self.user)
 
     async def prepare(self) -> None:
+        """Connect (once per event loop) and probe the manager (once per process)."""
         bus = await self._bus()
-        if self._caps is None:
-            if self.user:
-                root = str(await bus.manager_property("ControlGroup"))
-                self._root_cgroup = root.rstrip("/")
-                controllers = await asyncio.to_thread(cgroups.delegated_controllers, root)
-            else:
-                controllers = await asyncio.to_thread(cgroups.system_controllers)
-            self._caps = Capabilities(
-                user=self.user, controllers=controllers, cgroup_v2=cgroups.is_v2(),
-                bpf_firewall=not self.user,
-                user_namespaces=await asyncio.to_thread(cgroups.user_namespaces_allowed),
-                swap_uncapped=not cgroups.is_v2() and await asyncio.to_thread(cgroups.swap_active),
-                version=plan.systemd_version(str(await bus.manager_property("Version"))))
+        if self._caps is not None:
+            return
+        probed = self._probed.get(self.user)
+        if probed is None:
+            lock = self._probing.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+            async with lock:  # (50 envs created at once probe once)
+                probed = self._probed.get(self.user)
+                if probed is None:
+                    probed = self._probed[self.user] = await self._probe(bus)
+        self._caps, self._root_cgroup = probed
+
+    async def _probe(self, bus: SystemdBus) -> tuple[Capabilities, str]:
+        root_cgroup = ""
+        if self.user:
+            root = str(await bus.manager_property("ControlGroup"))
+            root_cgroup = root.rstrip("/")
+            controllers = await asyncio.to_thread(cgroups.delegated_controllers, root)
+        else:
+            controllers = await asyncio.to_thread(cgroups.system_controllers)
+        caps = Capabilities(
+            user=self.user, controllers=controllers, cgroup_v2=cgroups.is_v2(),
+            bpf_firewall=not self.user,
+            user_namespaces=await asyncio.to_thread(cgroups.user_namespaces_allowed),
+            swap_uncapped=not cgroups.is_v2() and await asyncio.to_thread(cgroups.swap_active),
+            version=plan.systemd_version(str(await bus.manager_property("Version"))))
+        return caps, root_cgroup
+
+    @classmethod
+    def forget_probes(cls) -> None:
+        """Probe again at the next prepare() (tests)."""
+        cls._probed.clear()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -130,7 +165,18 @@ class SystemdRuntime(Runtime):
         settled = f"{plan.PARENT_SLICE}:{max_total_memory_mb}"
         if settled in bus.settled:
             return  # once per connection: later envs cost one StartTransientUnit each
-        await self._set_up_parent_slice(bus, max_total_memory_mb)
+        # Envs created at once wait for the first one's check (50 at once made 50).
+        pending = bus.settling.get(settled)
+        if pending is None:
+            pending = bus.settling[settled] = asyncio.ensure_future(
+                self._set_up_parent_slice(bus, max_total_memory_mb))
+
+            def done(task: asyncio.Future[None]) -> None:
+                bus.settling.pop(settled, None)
+                if not task.cancelled():
+                    task.exception()  # (retrieved: its waiters may all be gone)
+            pending.add_done_callback(done)
+        await asyncio.shield(pending)
         bus.settled.add(settled)
 
     async def _set_up_parent_slice(self, bus: SystemdBus, max_total_memory_mb: int | None) -> None:
@@ -233,8 +279,8 @@ class SystemdRuntime(Runtime):
         # Its slice and commands end with its own unit (BindsTo=, StopWhenUnneeded=): a unit
         # that is gone, or another env's, leaves nothing of this env to stop.
         if env_id is not None:
-            view = await self._view(bus, names.env)
-            if view is None or view.env_id != env_id:
+            owner = await self._owner(bus, names.env)
+            if owner is None or owner[1] != env_id:
                 return
             # Its commands stop first (After=); nothing to reset: the units are collected when
             # inactive or failed. Its slice would stop once unneeded, but systemd 252 does not
@@ -246,11 +292,14 @@ class SystemdRuntime(Runtime):
             return
         await self._stop_units(bus, names)
 
-    async def _view(self, bus: SystemdBus, unit: str, state: str | None = None) -> UnitView | None:
+    async def _view(self, bus: SystemdBus, unit: str, state: str | None = None,
+                    path: str | None = None) -> UnitView | None:
         """An env unit as its manager sees it, in small reads (a service's GetAll is ~200
-        values); None if it is not loaded."""
+        values); None if it is not loaded. ``path``: its object path, from a listing of loaded
+        units (then no GetUnit)."""
         try:
-            path = await bus.get_unit(unit)
+            if path is None:
+                path = await bus.get_unit(unit)
             environment = await bus.get(path, SERVICE, "Environment")
             if state is None:
                 state = str(await bus.get(path, UNIT, "ActiveState"))
@@ -260,14 +309,44 @@ class SystemdRuntime(Runtime):
         return UnitView(state=state, env_id=variables.get(plan.UNIT_ENV_ID),
                         state_file=variables.get(plan.UNIT_STATE_FILE))
 
-    async def live_environments(self) -> dict[str, UnitView]:
+    async def _owner(self, bus: SystemdBus, unit: str) -> tuple[str, str | None] | None:
+        """(ActiveState, env id) of a loaded env unit, None if it is not loaded: one call
+        (ListUnitsByPatterns of its name, whose row has its Description, which ends with the
+        env's id), or three for a unit started by an older gestvenv (its Environment)."""
+        row = next((r for r in await bus.list_units([unit]) if r.name == unit), None)
+        if row is None:
+            return None
+        env_id = plan.env_id_of_description(row.description)
+        if env_id is not None:
+            return row.active_state, env_id
+        view = await self._view(bus, unit, row.active_state, row.path)
+        return None if view is None else (view.state, view.env_id)
+
+    async def live_environments(self, known: Mapping[str, str] | None = None
+                                ) -> dict[str, UnitView]:
+        """Every env unit of this manager, in one ListUnitsByPatterns: a unit whose Description
+        names the env ``known`` has under its name (name -> id: the caller's registry) is
+        that env's, its state file the registry's own. Only the others (another registry's,
+        orphans, units of an older gestvenv) are read one by one, all at once, for the state
+        file their Environment names."""
         bus = await self._bus()
-        out = {}
+        out: dict[str, UnitView] = {}
+        unread: list[tuple[str, UnitInfo]] = []
+        folder = None
         for unit in await bus.list_units(["gestvenv-*.service"]):
             name = plan.env_name_of_unit(unit.name)
             if name is None:
                 continue
-            view = await self._view(bus, unit.name, unit.active_state)
+            env_id = plan.described_as_known(name, unit.description, known)
+            if env_id is not None:
+                folder = folder or state_path(name).parent
+                out[name] = UnitView(state=unit.active_state, env_id=env_id,
+                                     state_file=str(state_path(name, folder)))
+            else:
+                unread.append((name, unit))
+        views = await asyncio.gather(*(self._view(bus, unit.name, unit.active_state, unit.path)
+                                       for _, unit in unread))
+        for (name, _), view in zip(unread, views, strict=True):
             if view is not None:
                 out[name] = view
         return out
@@ -328,17 +407,6 @@ class SystemdRuntime(Runtime):
         elif command.cwd:
             cwd = os.path.join(cwd, command.cwd)  # systemd wants it absolute
         _check_utf8(command.argv, cwd)
-        await asyncio.to_thread(_check_interpreter, command.argv[0], cwd)
-        # The name may have passed to another env since this handle was made (ours ended,
-        # another registry's took the name): a command must never join someone else's env.
-        view = await self._view(bus, names.env)
-        owner = view.env_id if view is not None and view.state in plan.LIVE_UNIT_STATES \
-            else None
-        if owner != record.id:
-            raise EnvironmentClosedError(
-                f"environment {record.name!r} has ended: its unit {names.env} is "
-                + ("no longer running (TTL, idle timeout, its creator exited, or it was "
-                   "stopped)" if owner is None else "now another environment's"))
         pipes = _Pipes(command)
         try:
             # systemd wants an absolute program path; the program still sees argv[0] as given.
@@ -355,7 +423,8 @@ class SystemdRuntime(Runtime):
                                             cwd, command.timeout,
                                             plan.sandbox_properties(spec, self.capabilities),
                                             pipes.indexes, program=program)
-            return await self._run_unit(bus, record, unit, props, pipes, command)
+            return await self._run_unit(bus, record, unit, props, pipes, command,
+                                        self._may_run(bus, record, command.argv[0], cwd))
         finally:
             pipes.close()
 
@@ -366,15 +435,37 @@ class SystemdRuntime(Runtime):
             bus = await connection(user)
             await bus.kill_unit(unit, signum)
 
+    async def _may_run(self, bus: SystemdBus, record: EnvRecord, program: str,
+                       cwd: str) -> None:
+        """Raise if the command cannot run in the env: a script whose interpreter is missing,
+        or an env whose unit is gone. The name may have passed to another env since this
+        handle was made (ours ended, another registry's took the name): a command must never
+        join someone else's env. (Both at once: one round trip.)"""
+        names = UnitNames.of(record.name)
+        checked, unit_owner = await asyncio.gather(
+            asyncio.to_thread(_check_interpreter, program, cwd),
+            self._owner(bus, names.env), return_exceptions=True)
+        for outcome in (checked, unit_owner):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert not isinstance(unit_owner, BaseException)
+        owner = unit_owner[1] if unit_owner is not None \
+            and unit_owner[0] in plan.LIVE_UNIT_STATES else None
+        if owner != record.id:
+            raise EnvironmentClosedError(
+                f"environment {record.name!r} has ended: its unit {names.env} is "
+                + ("no longer running (TTL, idle timeout, its creator exited, or it was "
+                   "stopped)" if owner is None else "now another environment's"))
+
     async def _run_unit(self, bus: SystemdBus, record: EnvRecord, unit: str,
                         props: list[Property], pipes: _Pipes,
-                        command: CommandSpec) -> ExecResult:
+                        command: CommandSpec, may_run: Awaitable[None]) -> ExecResult:
         changed = asyncio.Event()
         slice_cgroup = f"{self._root_cgroup}/{plan.PARENT_SLICE}/{UnitNames.of(record.name).slice}"
         keeps_figures = plan.unit_keeps_figures(self.capabilities)
         meter: cgroups.Meter | None = None
         figures: tuple[int | None, float | None] = (None, None)
-        unwatch: Callable[[], Awaitable[None]] | None = None
+        unwatch: Callable[[], Coroutine[Any, Any, None]] | None = None
         oom: cgroups.OomWatch | None = None
         oom_fired = False
         started = time.monotonic()
@@ -387,12 +478,21 @@ class SystemdRuntime(Runtime):
         if running:
             self._overlapped.update(running | {unit})
         running.add(unit)
+        signals = UnitSignals(changed)
         try:
-            # Watched before it starts, so that no change is missed; the OOM watch is opened
-            # before too, so that an OOM kill in the first instant is seen.
-            unwatch = await bus.watch(unit, lambda _: changed.set())
+            # Watched before it starts, so that no change is missed (asked while the checks
+            # run); the OOM watch is opened before too, so that an OOM kill in the first
+            # instant is seen, once the env is known to be ours (the meter resets a figure of
+            # the slice). (Cgroup files, in memory: read here, not in a thread.)
             # (systemd < 256: its figures are measured on the env's slice around it.)
-            oom, meter = await in_thread(_watch_slice, slice_cgroup, not keeps_figures)
+            watching, allowed = await asyncio.gather(bus.watch(unit, signals.update), may_run,
+                                                     return_exceptions=True)
+            if not isinstance(watching, BaseException):
+                unwatch = watching
+            for outcome in (allowed, watching):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            oom, meter = _watch_slice(slice_cgroup, not keeps_figures)
             try:
                 result = await bus.start_transient_unit(unit, props, unix_fds=pipes.passed)
                 if result in ("dependency", "canceled"):  # its env unit could not start
@@ -410,19 +510,28 @@ class SystemdRuntime(Runtime):
                                                          command.input or b"")))
             if result != "done":
                 await _raise_if_not_started(bus, unit, result, command.argv[0])
-            while True:
+            # Its end, from its signals (its exit status comes with them); a signal missed (a
+            # manager re-executing itself) costs a second, then it is asked.
+            while signals.final is None:
+                changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), 1.0)
+                    continue
                 try:  # loaded for sure: AddRef=yes holds it until we unref it
                     state = await bus.get(unit_path(unit), UNIT, "ActiveState")
                 except NoSuchUnit:
                     break
                 if state in ("inactive", "failed"):
                     break
-                changed.clear()
-                with contextlib.suppress(TimeoutError):  # a missed signal costs a second
-                    await asyncio.wait_for(changed.wait(), 1.0)
-            service = await _exit_props(bus, unit, figures=keeps_figures)
+            final = signals.final
+            if final is not None:
+                service = dict(final)
+                if keeps_figures:
+                    service.update(await _props(bus, unit, _FIGURE_PROPS))
+            else:
+                service = await _exit_props(bus, unit, figures=keeps_figures)
             if meter is not None:
-                figures = await asyncio.to_thread(meter.end)
+                figures = meter.end()
             elif "MemoryPeak" in service:
                 cpu_ns = _counter(service.get("CPUUsageNSec"))
                 figures = (_counter(service.get("MemoryPeak")) or None,
@@ -451,8 +560,12 @@ class SystemdRuntime(Runtime):
                 oom.close()
             if meter is not None:
                 meter.close()
-            # Each step even if one before was cancelled again (a second Ctrl-C).
-            await _all_of(bus.unref(unit), unwatch() if unwatch is not None else None)
+            # Let go of its unit and its signals: not waited for (the result is read), but
+            # done even if we are cancelled, or asyncio.run ends meanwhile (protected tasks are
+            # waited for there).
+            _in_background(bus.unref(unit))
+            if unwatch is not None:
+                _in_background(unwatch())
         duration = time.monotonic() - started
         returncode = plan.exit_status(int(service.get("ExecMainCode", 1)),
                                       int(service.get("ExecMainStatus", 0)))
@@ -484,19 +597,20 @@ def _watch_slice(cgroup: str, meter: bool) -> tuple[cgroups.OomWatch, cgroups.Me
     return cgroups.OomWatch(cgroup), cgroups.Meter(cgroup) if meter else None
 
 
-async def _all_of(*steps: Awaitable[Any] | None) -> None:
-    """Await every step to its end, shielded, even when one is interrupted; then re-raise the
-    first interruption or error."""
-    first: BaseException | None = None
-    for step in steps:
-        if step is None:
-            continue
-        try:
-            await shielded(step)
-        except BaseException as exc:
-            first = first or exc
-    if first is not None:
-        raise first
+def _in_background(step: Coroutine[Any, Any, None]) -> None:
+    """Run ``step`` to its end without waiting for it: a protected task, which no cancel()
+    stops and which asyncio.run waits for when the program's main coroutine ends."""
+    task = protected(step)
+    _BACKGROUND.add(task)
+
+    def done(finished: asyncio.Task[None]) -> None:
+        _BACKGROUND.discard(finished)
+        if not finished.cancelled():
+            finished.exception()  # (unref and unwatch swallow what may go wrong)
+    task.add_done_callback(done)
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()  # (referenced until done: not collected midway)
 
 
 def sandbox_spec(record: EnvRecord) -> plan.SandboxSpec:
@@ -584,13 +698,46 @@ _FIGURE_PROPS = ("MemoryPeak", "CPUUsageNSec")  # kept after the end from system
 async def _exit_props(bus: SystemdBus, unit: str, *, figures: bool = False) -> dict[str, Any]:
     """How a command's unit ended (and, with ``figures``, its peak memory and CPU time):
     a few small reads at once, not a GetAll of ~200 values."""
+    return await _props(bus, unit, _EXIT_PROPS + (_FIGURE_PROPS if figures else ()))
+
+
+async def _props(bus: SystemdBus, unit: str, names: tuple[str, ...]) -> dict[str, Any]:
     path = unit_path(unit)
-    names = _EXIT_PROPS + (_FIGURE_PROPS if figures else ())
     try:
         values = await asyncio.gather(*(bus.get(path, SERVICE, p) for p in names))
     except NoSuchUnit:
         return {}
     return dict(zip(names, values, strict=True))
+
+
+class UnitSignals:
+    """A command unit's end, as its PropertiesChanged signals tell it (no call to ask).
+
+    systemd sends each change of a unit as two signals, its type's interface first (a
+    service's Result, ExecMainCode, ExecMainStatus), then the Unit's (ActiveState): "clients
+    may rely on this order to get atomic behavior" (src/core/dbus-unit.c). So when the Unit's
+    says the unit is inactive or failed and the service's, received just before, say that its
+    process has exited (ExecMainCode, CLD_*, is set: the unit is "inactive" when it is made
+    too, before it starts), those are its final values: :attr:`final`. None until then; a
+    unit that ends without a process that exited (stopped before it ran) is asked instead.
+    """
+
+    def __init__(self, changed: asyncio.Event | None = None) -> None:
+        self._changed = changed
+        self._service: dict[str, Any] = {}
+        self.final: dict[str, Any] | None = None
+
+    def update(self, changed: dict[str, Any]) -> None:
+        interface = changed.get("__interface__")
+        if interface == SERVICE:
+            self._service.update({k: v for k, v in changed.items() if k in _EXIT_PROPS})
+        elif interface == UNIT and self.final is None \
+                and changed.get("ActiveState") in ("inactive", "failed") \
+                and all(k in self._service for k in _EXIT_PROPS) \
+                and self._service["ExecMainCode"]:
+            self.final = dict(self._service)
+        if self._changed is not None:
+            self._changed.set()
 
 
 def _counter(value: Any) -> int:
