@@ -1,4 +1,4 @@
-"""Building environments: uv when present, else ``python -m venv`` + pip (with a warning).
+"""Building environments: uv when present, else pip (:class:`VenvPipBuilder`).
 
 With uv, the virtualenv itself is written here (``pyvenv.cfg``, three links to the interpreter,
 an empty site-packages: no process), then one ``uv pip install --link-mode copy`` fills it from
@@ -10,11 +10,15 @@ Measured by benchmarks/bench_create.py on the development machine (create + inst
 destroy, tiny wheels, medians, copies): 46 ms, against 52 ms for ``uv run --isolated --with``
 (which reuses one cached environment), 2.7 s for virtualenv + pip and 6.3 s for
 ``python -m venv`` + pip; what copies cost for real packages is in benchmarks/README.md.
+Without uv (Debian has none), the venv is written the same way and one pip, the system's,
+fills it, with the same snapshots: in-process, a first env (three tiny wheels) in 0.6-0.7 s
+where ``python -m venv`` + pip took 6.2 s, and a clone in 20-35 ms, as uv's (side by side).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -24,11 +28,11 @@ import stat
 import subprocess
 import sys
 import sysconfig
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import progress
 from .config import Config
 from .exceptions import BuildError, ValidationError
 from .inside import InsideInstaller, stage_inputs, unstage
@@ -39,6 +43,7 @@ from .storage import templates_dir, uv_cache_dir
 from .templates import (
     PRIVATE_DIR,
     TemplateCache,
+    installer_part,
     retarget,
     snapshot_baseline,
     snapshottable,
@@ -168,6 +173,8 @@ class Builder:
         self.share_read_only = False
         # The package set's snapshot the env was populated from or stored to: (key, its dir).
         self.template: tuple[str, Path] | None = None
+        self.templates = TemplateCache(templates_dir(config), config.template_ttl,
+                                       reflink=config.link_mode != "copy")
 
     async def create(self, env_path: Path, interpreter: Interpreter) -> None:
         raise NotImplementedError
@@ -178,8 +185,51 @@ class Builder:
 
     async def populate(self, env_path: Path, interpreter: Interpreter, packages: Sequence[str],
                        requirements: Sequence[Path] = ()) -> None:
-        """The first install, at creation (a builder may take it from a snapshot)."""
+        """The first install, at creation: a clone of the package set's snapshot when there is
+        one, else a real install, whose result becomes the snapshot (templates.py)."""
+        if not packages and not requirements:
+            return
+        if not await in_thread(snapshottable, packages, requirements):
+            # Local paths, URLs, options: what they install is not in any key; resolve anew.
+            await self.install(env_path, interpreter, packages, requirements)
+            return
+        key = template_key(
+            interpreter=interpreter.path, version=interpreter.version,
+            installer=self.installer_key(), packages=packages, requirements=requirements,
+            settings={"find_links": list(self.config.find_links),
+                      "index_url": self.config.index_url, "offline": self.config.offline,
+                      "compile": self.config.compile_bytecode})
+        template = await in_thread(self.templates.lookup, key)
+        baseline = await in_thread(snapshot_baseline, env_path)
+        if template is not None:
+            if progress.current() is not None:
+                progress.step(_cloning(await in_thread(self.templates.contents, template)))
+            try:
+                await in_thread(functools.partial(self.templates.clone, template, env_path,
+                                                  share_read_only=self.share_read_only))
+                self.template = (key, template)
+                return
+            except OSError as exc:  # a pruned or damaged snapshot: install for real
+                log.debug("snapshot %s unusable (%s); installing", template, exc)
+                await in_thread(remove_added, env_path, baseline)
         await self.install(env_path, interpreter, packages, requirements)
+        if not self.built_inside:
+            # (What a build inside wrote is the env's code, not the installer's: never
+            # snapshotted.)
+            if self.templates.max_age > 0:
+                progress.step("saving a snapshot of the package set, for the next environments")
+            await in_thread(self.templates.store, key, env_path, baseline)
+            stored = await in_thread(self.templates.lookup, key)
+            self.template = (key, stored) if stored is not None else None
+
+    def installer_key(self) -> dict[str, object]:
+        """The installer's part of a snapshot's key (templates.installer_part)."""
+        raise NotImplementedError
+
+    def tools(self) -> list[str]:
+        """Host paths the env's commands need (its pip), to expose in a sandbox or bind into
+        a container."""
+        return []
 
     async def _run_inside(self, env_path: Path, argv: Sequence[str], args: Sequence[str],
                           environ: Mapping[str, str], what: str) -> None:
@@ -188,6 +238,8 @@ class Builder:
         after; a failure said plainly (:func:`_raise_for`)."""
         assert self.inside is not None
         self.built_inside = True
+        progress.step(f"{what}: inside environment {self.inside.record.name!r} (its output "
+                      "is shown if it fails)")
         try:
             staged, stage = await in_thread(stage_inputs, args, str(env_path),
                                             self.inside.record.sandbox_uid)
@@ -201,6 +253,10 @@ class Builder:
         _raise_for(result, what, self.inside)
 
     async def _run(self, argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
+        reporter = progress.current()
+        if reporter is not None:
+            await self._run_live(argv, what, env, reporter)
+            return
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**(os.environ if env is None else env), **self.marker},
@@ -216,6 +272,16 @@ class Builder:
             text = (err or out).decode(errors="replace")
             raise BuildError(f"{what} failed (exit {proc.returncode})", text)
 
+    async def _run_live(self, argv: list[str], what: str, env: dict[str, str] | None,
+                        reporter: progress.Reporter) -> None:
+        """:meth:`_run` on a terminal: the installer draws its own progress there."""
+        environ = {**(os.environ if env is None else env), **self.marker}
+        environ.pop("UV_NO_PROGRESS", None)
+        returncode, tail = await progress.run_live(
+            [arg for arg in argv if arg != "--quiet"], environ, reporter)
+        if returncode != 0:
+            raise BuildError(f"{what} failed (exit {returncode})", tail)
+
 
 # How an install inside an env reaches the index: a proxy, a CA bundle (a company's TLS
 # inspection). Everything else of the creator's environment stays out of the env's commands.
@@ -228,6 +294,13 @@ def _passed_inside(name: str, installer_prefix: str) -> bool:
     """A variable of the creator's that an install run inside the env is given: the
     installer's own (``UV_*`` or ``PIP_*``), the locale, and how to reach the index."""
     return name.startswith((installer_prefix, "LANG", "LC_")) or name in _NETWORK_VARS
+
+
+def _cloning(contents: tuple[int, int] | None) -> str:
+    if contents is None:
+        return "cloning the package set's snapshot"
+    files, nbytes = contents
+    return f"cloning the package set's snapshot ({files} files, {progress.size(nbytes)})"
 
 
 def _install_what(packages: Sequence[str], requirements: Sequence[Path]) -> str:
@@ -259,44 +332,17 @@ class UvBuilder(Builder):
         super().__init__(config, env_id, inside)
         self.uv = uv
         self.cache = uv_cache_dir(config)
-        self.templates = TemplateCache(templates_dir(config), config.template_ttl,
-                                       reflink=config.link_mode != "copy")
+
+    def installer_key(self) -> dict[str, object]:
+        return installer_part("uv", self.uv, "UV_")
+
+    def tools(self) -> list[str]:
+        return [self.uv]
 
     async def create(self, env_path: Path, interpreter: Interpreter) -> None:
+        progress.step(f"writing its virtualenv (Python {interpreter.version})")
         write_venv(env_path, interpreter)
         write_pip_shim(env_path, self.uv, self.config)
-
-    async def populate(self, env_path: Path, interpreter: Interpreter, packages: Sequence[str],
-                       requirements: Sequence[Path] = ()) -> None:
-        if not packages and not requirements:
-            return
-        if not await in_thread(snapshottable, packages, requirements):
-            # Local paths, URLs, options: what they install is not in any key; resolve anew.
-            await self.install(env_path, interpreter, packages, requirements)
-            return
-        key = template_key(
-            interpreter=interpreter.path, version=interpreter.version, uv=self.uv,
-            packages=packages, requirements=requirements,
-            settings={"find_links": list(self.config.find_links),
-                      "index_url": self.config.index_url, "offline": self.config.offline,
-                      "compile": self.config.compile_bytecode})
-        template = await in_thread(self.templates.lookup, key)
-        baseline = await in_thread(snapshot_baseline, env_path)
-        if template is not None:
-            try:
-                await in_thread(functools.partial(self.templates.clone, template, env_path,
-                                                  share_read_only=self.share_read_only))
-                self.template = (key, template)
-                return
-            except OSError as exc:  # a pruned or damaged snapshot: install for real
-                log.debug("snapshot %s unusable (%s); installing", template, exc)
-                await in_thread(remove_added, env_path, baseline)
-        await self.install(env_path, interpreter, packages, requirements)
-        if not self.built_inside:
-            # (What a build inside wrote is the env's code, not uv's: never snapshotted.)
-            await in_thread(self.templates.store, key, env_path, baseline)
-            stored = await in_thread(self.templates.lookup, key)
-            self.template = (key, stored) if stored is not None else None
 
     async def install(self, env_path: Path, interpreter: Interpreter, packages: Sequence[str],
                       requirements: Sequence[Path] = ()) -> None:
@@ -319,6 +365,7 @@ class UvBuilder(Builder):
         for key in ("VIRTUAL_ENV", "UV_PYTHON", "UV_SYSTEM_PYTHON"):
             env.pop(key, None)
         what = "uv pip install " + _install_what(packages, requirements)
+        progress.step(f"installing with {what}")
         if self.inside is None:
             await self._run(argv, what, env)
         elif self.inside.everything:
@@ -329,8 +376,9 @@ class UvBuilder(Builder):
                 # Wheels only, here: resolving, downloading and unpacking run no package code.
                 await self._run([*argv[:3], "--no-build", *argv[3:]], what, env)
             except BuildError as exc:
-                if not _NEEDS_BUILD.search(exc.output):
+                if not _NEEDS_BUILD.search(_one_line(exc.output)):
                     raise
+                progress.step(_MOVES_INSIDE)
                 await self._install_inside(env_path, packages, requirements, env)
                 return
         await in_thread(_fix_shebangs, env_path, interpreter, before)
@@ -381,6 +429,16 @@ class UvBuilder(Builder):
             except OSError:
                 pass
         return "copy"
+
+
+# Said on a terminal, after the installer's refusal to build was shown there.
+_MOVES_INSIDE = ("not everything has a wheel: the install moves inside the environment, "
+                 "where package code may run (builds)")
+
+
+def _one_line(output: str) -> str:
+    """An installer's output with its lines joined: a terminal's width may wrap its words."""
+    return " ".join(output.split())
 
 
 # uv's words when --no-build refuses an sdist or a source tree that would have to be built.
@@ -444,38 +502,187 @@ def remove_added(env_path: Path, baseline: set[str]) -> None:
 
 
 class VenvPipBuilder(Builder):
-    """The fallback when uv is absent: the standard library's venv and the env's own pip."""
+    """Without uv: the virtualenv written here as the uv builder writes it (no ensurepip, no
+    pip of its own), filled by one pip, the one of the Python that runs gestvenv
+    (:func:`find_pip`), run by the env's own python: so pip installs into the env with the
+    env's scheme and writes the env's python into the scripts' shebangs (pip's ``--python``
+    does the same: it re-runs pip's ``__pip-runner__.py`` under the target interpreter).
+
+    At creation, a set of plain requirements is installed here with ``--only-binary :all:``:
+    resolving, downloading and unpacking wheels run no package code, and the env's python runs
+    nothing of the env's yet (its site-packages is empty: no ``.pth``). A set that needs a build
+    (pip found no wheel), names paths, URLs or options, and every install after creation, run
+    inside the env (gestvenv.inside): pip builds what it installs, it honours
+    ``--only-binary`` neither for a local project nor for a URL, and once the env has packages
+    its python would run their ``.pth`` files. Package sets are snapshotted as with uv.
+    """
 
     name = "venv"
 
+    def __init__(self, config: Config, env_id: str | None = None,
+                 inside: InsideInstaller | None = None, pip: Pip | None = None) -> None:
+        super().__init__(config, env_id, inside)
+        found = pip or find_pip()
+        if found is None:
+            raise BuildError("builder 'venv' needs pip: none found for this Python (install "
+                             "python3-pip, or uv: pip install uv)")
+        self.pip = found
+        self.cache = pip_cache_dir(config)
+
+    def installer_key(self) -> dict[str, object]:
+        return installer_part("pip", self.pip.runner, "PIP_")
+
+    def tools(self) -> list[str]:
+        return [self.pip.location]
+
     async def create(self, env_path: Path, interpreter: Interpreter) -> None:
-        await self._run([interpreter.path, "-m", "venv", str(env_path)], "python -m venv")
+        progress.step(f"writing its virtualenv (Python {interpreter.version})")
+        write_venv(env_path, interpreter)
+        write_pip_runner_shim(env_path, interpreter, self.pip, self.config)
 
     async def install(self, env_path: Path, interpreter: Interpreter, packages: Sequence[str],
                       requirements: Sequence[Path] = ()) -> None:
         if not packages and not requirements:
             return
-        argv = [str(env_path / "bin" / "python"), "-m", "pip", "install", "--quiet",
-                "--disable-pip-version-check"]
+        what = "pip install " + _install_what(packages, requirements)
+        args = _index_args(self.config)
+        for req in requirements:
+            args += ["--requirement", str(req)]
+        args += list(packages)
+        progress.step(f"installing with {what}")
+        here = [*self._pip(env_path), "--cache-dir", str(self.cache), *self._options()]
+        if self.inside is None:
+            await self._run([*here, *args], what)
+            return
+        if not self.inside.everything and await in_thread(
+                self._wheels_here, env_path, interpreter, packages, requirements):
+            try:
+                # Wheels only: pip resolves everything before it installs anything, so a
+                # refusal leaves the env as it was.
+                await self._run([*here, "--only-binary", ":all:", *args], what, _pip_environ())
+                return
+            except BuildError as exc:
+                if not _PIP_NO_WHEEL.search(_one_line(exc.output)):
+                    raise
+                progress.step(_MOVES_INSIDE)
+        await self._install_inside(env_path, args, what)
+
+    def _pip(self, env_path: Path) -> list[str]:
+        """pip run by the env's python (-I: no PYTHONPATH, nor the user's site)."""
+        return [str(env_path / "bin" / "python"), "-I", self.pip.runner, "install"]
+
+    def _options(self, *, offline: bool = False) -> list[str]:
+        """pip's options: gestvenv's settings, never a question (no terminal to answer)."""
+        argv = ["--quiet", "--disable-pip-version-check", "--no-input"]
         if not self.config.compile_bytecode:
             argv.append("--no-compile")
-        if self.config.offline:
+        if self.config.offline or offline:
             argv.append("--no-index")
-        argv += _index_args(self.config)
-        for req in requirements:
-            argv += ["--requirement", str(req)]
-        argv += list(packages)
-        what = "pip install " + _install_what(packages, requirements)
-        if self.inside is None:
-            await self._run(argv, what)
-            return
-        # pip runs package code (builds) as it installs: all of it inside the env.
-        if not self.inside.network and "--no-index" not in argv:
-            argv.insert(argv.index("install") + 1, "--no-index")
-        head = argv.index("install") + 1
-        await self._run_inside(env_path, argv[:head], argv[head:],
+        return argv
+
+    def _wheels_here(self, env_path: Path, interpreter: Interpreter, packages: Sequence[str],
+                     requirements: Sequence[Path]) -> bool:
+        """Whether the install may run here, wheels only: the env's site-packages is still
+        empty (its python starts without any code of the env's), and the set is plain
+        requirements, also by the creator's own pip variables (which could add a project
+        to build: ``--only-binary`` does not hold for those)."""
+        if any(os.environ.get(f"PIP_{name}") for name in _PIP_ADDING):
+            return False
+        if any(os.scandir(site_packages(env_path, interpreter))):
+            return False
+        return snapshottable(packages, requirements)
+
+    async def _install_inside(self, env_path: Path, args: list[str], what: str) -> None:
+        """The install as a command of the env, which builds what must be built: under its
+        limits, isolation, uid and network, with no cache (a build cannot write the shared
+        one, nor leave one behind)."""
+        assert self.inside is not None
+        argv = [*self._pip(env_path), "--no-cache-dir",
+                *self._options(offline=not self.inside.network)]
+        await self._run_inside(env_path, argv, args,
                                {k: v for k, v in os.environ.items()
                                 if _passed_inside(k, "PIP_")}, what)
+
+
+# The creator's pip variables that add requirements (files, editable projects, constraints):
+# with any of them set, nothing is installed here.
+_PIP_ADDING = ("REQUIREMENT", "EDITABLE", "CONSTRAINT")
+# pip's words when no wheel satisfies a requirement (with --only-binary: maybe an sdist does).
+_PIP_NO_WHEEL = re.compile(r"(?i)(no matching distribution found|could not find a version "
+                           r"that satisfies)")
+
+
+def _pip_environ() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+@dataclass(frozen=True)
+class Pip:
+    """A pip that any environment's python can run, from where it is installed.
+
+    ``runner``: what ``python RUNNER ARGS...`` runs: a pip package's ``__pip-runner__.py``
+    (pip >= 22.3; it imports that pip and nothing else of the tree it sits in) or a wheel's
+    ``pip`` dir (pip runs from its wheel as a zip). ``location``: the package dir or the wheel,
+    what a sandbox must show and a container must bind."""
+
+    runner: str
+    location: str
+    version: str
+
+
+@functools.lru_cache(maxsize=1)
+def find_pip() -> Pip | None:
+    """The pip of the Python that runs gestvenv (Debian's ``python3 -m pip``, a venv's own),
+    else the pip wheel its ``ensurepip`` would install (Debian's python3-pip-whl): slower, as
+    a zip's modules are compiled at every run."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pip")
+    if spec is not None and spec.origin:
+        location = os.path.dirname(spec.origin)
+        runner = os.path.join(location, "__pip-runner__.py")
+        if os.path.isfile(runner):
+            return Pip(runner, location, _pip_version(location))
+    wheels = []
+    for directory in _wheel_dirs():
+        with contextlib.suppress(OSError):
+            wheels += [os.path.join(directory, n) for n in os.listdir(directory)
+                       if n.startswith("pip-") and n.endswith(".whl")]
+    if not wheels:
+        return None
+    best = max(wheels, key=lambda w: _numbers(os.path.basename(w).split("-")[1]))
+    return Pip(os.path.join(best, "pip"), best, os.path.basename(best).split("-")[1])
+
+
+def _wheel_dirs() -> list[str]:
+    """Where ensurepip keeps its wheels: its own ``_bundled``, Debian's shared dir."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ensurepip")
+    dirs = ["/usr/share/python-wheels"]
+    if spec is not None and spec.origin:
+        dirs.insert(0, os.path.join(os.path.dirname(spec.origin), "_bundled"))
+    return dirs
+
+
+def _numbers(version: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", version))
+
+
+def _pip_version(location: str) -> str:
+    try:
+        with open(os.path.join(location, "__init__.py")) as f:
+            found = re.search(r"__version__\s*=\s*[\"']([^\"']+)", f.read())
+    except OSError:
+        return "unknown"
+    return found.group(1) if found else "unknown"
+
+
+def pip_cache_dir(config: Config) -> Path:
+    """The shared cache of the pip that installs wheels here: beside uv's (and as hidden)."""
+    return uv_cache_dir(config).parent / "gestvenv-pip"
 
 
 def make_builder(config: Config, env_id: str | None = None,
@@ -489,8 +696,8 @@ def make_builder(config: Config, env_id: str | None = None,
         return UvBuilder(config, uv, env_id, inside)
     if config.builder == "uv":
         raise BuildError("builder = 'uv' but uv is not installed (pip install uv)")
-    warnings.warn("uv not found: building environments with python -m venv + pip (much slower)",
-                  RuntimeWarning, stacklevel=3)
+    # (No warning: the second env of a set is a clone either way, and a warning on every
+    # command of a Debian install, which has no uv, would only be noise.)
     return VenvPipBuilder(config, env_id, inside)
 
 
@@ -568,6 +775,43 @@ def write_pip_shim(env_path: Path, uv: str, config: Config) -> None:
         settings=" ".join(f"{k}={shlex.quote(v)}" for k, v in settings.items()),
         uv=shlex.quote(uv))
     for name in ("pip", "pip3"):
+        shim = env_path / "bin" / name
+        shim.write_text(text)
+        shim.chmod(0o755)
+
+
+_PIP_RUNNER_SHIM = """\
+#!/bin/sh
+# gestvenv: this environment has no pip of its own; pip here is {location} (pip {version}), run
+# by this environment's python, with gestvenv's index settings and a cache of its own, inside
+# it: what runs under this pip (an sdist's build) cannot write gestvenv's shared cache.
+# (There is no "python -m pip".)
+{settings} exec {python} {runner} "$@"
+"""
+
+
+def write_pip_runner_shim(env_path: Path, interpreter: Interpreter, pip: Pip,
+                          config: Config) -> None:
+    import shlex
+
+    settings = {
+        "PIP_CACHE_DIR": str(env_path / PRIVATE_DIR / "pip-cache"),
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        # (PIP_COMPILE, not PIP_NO_COMPILE: pip reads a variable by its option's name, and a
+        # "no-" option's value as is, so PIP_NO_COMPILE=1 would turn compiling on.)
+        "PIP_COMPILE": "1" if config.compile_bytecode else "0",
+    }
+    if config.offline:
+        settings["PIP_NO_INDEX"] = "1"
+    if config.find_links:
+        settings["PIP_FIND_LINKS"] = " ".join(config.find_links)
+    if config.index_url:
+        settings["PIP_INDEX_URL"] = config.index_url
+    text = _PIP_RUNNER_SHIM.format(
+        location=pip.location, version=pip.version,
+        settings=" ".join(f"{k}={shlex.quote(v)}" for k, v in settings.items()),
+        python=shlex.quote(str(env_path / "bin" / "python")), runner=shlex.quote(pip.runner))
+    for name in ("pip", "pip3", f"pip{interpreter.short_version}"):
         shim = env_path / "bin" / name
         shim.write_text(text)
         shim.chmod(0o755)

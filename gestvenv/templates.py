@@ -22,7 +22,7 @@ import re
 import stat
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from .diskcap import TEMP_NAMES
@@ -91,23 +91,32 @@ def retarget(data: bytes, old: bytes, python: bytes) -> bytes | None:
     return shebang(python) + body
 
 
-def template_key(*, interpreter: str, version: str, uv: str, packages: Sequence[str],
-                 requirements: Sequence[Path], settings: dict[str, object]) -> str:
-    def mtime(path: str) -> int:
-        try:
-            return os.stat(path).st_mtime_ns
-        except OSError:
-            return 0
+def _mtime(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
 
+
+def installer_part(name: str, path: str, env_prefix: str) -> dict[str, object]:
+    """What of an installer decides what it installs, for :func:`template_key`: the tool (by
+    path and mtime: an upgrade is a new key) and its own configuration by variable (indexes,
+    pre-releases...), but for where its cache is. Named by the installer (``uv``, ``pip``): a
+    set installed by one is never cloned for the other."""
+    return {name: [path, _mtime(path)],
+            f"{name}_env": sorted((k, v) for k, v in os.environ.items()
+                                  if k.startswith(env_prefix) and k != f"{env_prefix}CACHE_DIR")}
+
+
+def template_key(*, interpreter: str, version: str, installer: Mapping[str, object],
+                 packages: Sequence[str], requirements: Sequence[Path],
+                 settings: dict[str, object]) -> str:
     data = {
-        "interpreter": [interpreter, version, mtime(interpreter)],
-        "uv": [uv, mtime(uv)],
+        "interpreter": [interpreter, version, _mtime(interpreter)],
+        **installer,
         "packages": list(packages),
         "requirements": [hashlib.sha256(p.read_bytes()).hexdigest() for p in requirements],
         "settings": settings,
-        # uv's own configuration by variable (indexes, pre-releases...) decides resolution too.
-        "uv_env": sorted((k, v) for k, v in os.environ.items()
-                         if k.startswith("UV_") and k != "UV_CACHE_DIR"),
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -221,28 +230,35 @@ class Copier:
 
 
 def _transfer(src_root: Path, dst_root: Path, *, skip: set[str], replace: tuple[bytes, bytes],
-              reflink: bool, share_read_only: bool = False) -> None:
+              reflink: bool, share_read_only: bool = False) -> tuple[int, int]:
     """Recreate ``src_root``'s tree under ``dst_root``, minus the relative paths in ``skip``
     and the environment's private dir: directories made, symlinks recreated, scripts in bin/
     rewritten (``replace``: the interpreter's path for the placeholder or back), other files
     copied (reflinked when ``reflink`` and the filesystem allow); hardlinked only with
-    ``share_read_only``, where the target's commands cannot write them (see Copier)."""
+    ``share_read_only``, where the target's commands cannot write them (see Copier).
+    Returns (files, bytes) transferred."""
     copier = Copier(reflink=reflink, share_read_only=share_read_only)
     old, new = replace
+    files = nbytes = 0
     for relname, src, is_dir in walk(src_root, prune={PRIVATE_DIR, *TEMP_NAMES.values()}):
         dst = os.path.join(dst_root, relname)
         if is_dir:
             os.makedirs(dst, exist_ok=True)  # also a skipped dir: it may hold new files
-        elif relname in skip:
             continue
-        elif os.path.islink(src):
+        if relname in skip:
+            continue
+        files += 1
+        if os.path.islink(src):
             os.symlink(os.readlink(src), dst)
         elif _is_script(relname, src) and (data := _retargeted(src, old, new)) is not None:
             with open(dst, "wb") as f:
                 f.write(data)
             os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode))
+            nbytes += len(data)
         else:
             copier.copy(src, dst)
+            nbytes += os.lstat(dst).st_size
+    return files, nbytes
 
 
 class TemplateCache:
@@ -278,6 +294,15 @@ class TemplateCache:
             return None
         return path if time.time() - made < self.max_age else None
 
+    @staticmethod
+    def contents(template: Path) -> tuple[int, int] | None:
+        """(files, bytes) a snapshot holds, as stored with it (None: not recorded)."""
+        try:
+            made = json.loads((template / COMPLETE_MARK).read_text())
+            return int(made["files"]), int(made["bytes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def clone(self, template: Path, env_path: Path, *, share_read_only: bool = False) -> None:
         python = str(env_path / "bin" / "python").encode()
         _transfer(template, env_path, skip={COMPLETE_MARK}, replace=(PLACEHOLDER, python),
@@ -291,9 +316,11 @@ class TemplateCache:
         tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            _transfer(env_path, tmp, skip=baseline, replace=(python, PLACEHOLDER),
-                      reflink=self.reflink)
-            (tmp / COMPLETE_MARK).write_text(json.dumps({"created": time.time()}))
+            files, nbytes = _transfer(env_path, tmp, skip=baseline,
+                                      replace=(python, PLACEHOLDER), reflink=self.reflink)
+            # (What it holds: said when it is cloned, without a walk.)
+            (tmp / COMPLETE_MARK).write_text(json.dumps({"created": time.time(),
+                                                         "files": files, "bytes": nbytes}))
             final = self.root / key
             if final.exists():  # stale (past max_age) or a twin's: replace it
                 self._remove(final)

@@ -142,11 +142,14 @@ def env_request(options: dict[str, Any]) -> dict[str, Any]:
 @handle_errors
 def create(name: str | None, interactive: bool, as_json: bool, **options: Any) -> None:
     """Create environment NAME (a generated name if omitted); it lives until its TTL."""
+    from .. import progress
     from ..context import create_environment
     from ..sync import run_sync
 
     ttl = options["ttl"]
-    env = run_sync(create_environment(name, **env_request(options)))
+    # On a terminal, what the creation is doing as it goes (the installer's own progress too).
+    with progress.reporting(sys.stderr, enabled=progress.wanted(sys.stderr, as_json=as_json)):
+        env = run_sync(create_environment(name, **env_request(options)))
     if as_json:
         echo_json(env.info())
     else:
@@ -183,7 +186,8 @@ _COMMAND_SETTINGS = {"ignore_unknown_options": True, "allow_interspersed_args": 
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Kill the command (and its children) after this many seconds.")
 @click.option("--cwd", type=click.Path(exists=True, file_okay=False), help="Working directory.")
-@click.option("-q", "--quiet", is_flag=True, help="No notes on stderr (warnings still are).")
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress or notes on stderr (warnings still are).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
 def run(name: str | None, timeout: float | None, cwd: str | None, quiet: bool,
@@ -196,9 +200,13 @@ def run(name: str | None, timeout: float | None, cwd: str | None, quiet: bool,
     \b
     Example: gestvenv ephemeral run -p six -- python -c 'import six'
     """
+    from .. import progress
     from ..sync import ephemeral_sync
 
-    with ephemeral_sync(name, **env_request(options)) as env:
+    # On a terminal, what the creation does as it goes (as `create`); the command's output is
+    # its own.
+    with progress.reporting(sys.stderr, enabled=progress.wanted(sys.stderr, quiet=quiet)), \
+            ephemeral_sync(name, **env_request(options)) as env:
         info = env.info()
         _warn_unenforced(info)
         if not quiet:

@@ -24,9 +24,10 @@ NEVER_LIGHT = {"gestvenv.builder", "gestvenv.context", "gestvenv.lifecycle", "ge
 LIGHT = NEVER_LIGHT | {EVENT_LOOP, "dbus_next", "psutil", "gestvenv.runtime.local",
                        "gestvenv.runtime.systemd.runtime", "gestvenv.monitor",
                        "gestvenv.templates", "gestvenv.container.images"}
-# Asking systemd for every unit takes a D-Bus connection (asyncio, dbus-next); without
-# systemd, `list` starts no event loop at all.
-SYSTEMD_LIST = {EVENT_LOOP, "dbus_next", "gestvenv.runtime.systemd.runtime"}
+# Asking systemd for every unit takes a D-Bus connection (asyncio, dbus-next) and the systemd
+# runtime (which brings its container glue); without systemd, `list` starts no event loop.
+SYSTEMD_LIST = {EVENT_LOOP, "dbus_next", "gestvenv.runtime.systemd.runtime", "gestvenv.templates",
+                "gestvenv.container.images"}
 
 _PROBE = """\
 import atexit, json, sys

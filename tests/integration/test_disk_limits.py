@@ -299,15 +299,13 @@ async def test_a_sandboxed_env_cannot_swap_its_temp_dirs_for_a_link() -> None:
 
 
 @root_only
-def test_a_full_cap_is_said_even_when_the_tool_swallows_its_enospc(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    # python -m venv runs ensurepip and reports only "returned non-zero exit status 1": the
-    # env's own filesystem, found used up, says what happened.
+def test_a_full_cap_is_said_with_the_venv_builder_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pip's ENOSPC, met in the env's own filesystem, is said as uv's is.
     monkeypatch.setenv("GESTVENV_EPHEMERAL_BUILDER", "venv")
     before = leftovers()
-    result = gv("ephemeral", "create", "vt", "--storage", "disk", "--disk", "16")
+    result = gv("ephemeral", "create", "vt", "-p", "gvbig", "--storage", "disk", "--disk", "2")
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert result.stderr.splitlines() == [
-        "gestvenv: error: environment 'vt' ran out of disk space while creating its "
-        "virtualenv: its max_disk of 16 MB is used up"], result.stderr
+        "gestvenv: error: environment 'vt' ran out of disk space while installing its "
+        "packages: its max_disk of 2 MB is used up"], result.stderr
     assert leftovers() == before, leftover_summary(leftovers())

@@ -115,3 +115,19 @@ async def test_env_dir_keeps_its_claim_after_a_failed_clone(gv_home: Path) -> No
     async with gestvenv.ephemeral("claimed", packages=["six"]) as env:
         assert storage.is_claimed(env.path) is True
         assert (await env.execute(["python", "-c", "import six"])).ok
+
+
+async def test_a_snapshot_records_what_it_holds(gv_home: Path) -> None:
+    # (Said when it is cloned, on a terminal: gestvenv.progress.)
+    from gestvenv.templates import TemplateCache
+
+    async with gestvenv.ephemeral("counted", packages=["gvtool", "gvbig"]):
+        pass
+    [snapshot] = templates(gv_home)
+    files = [p for p in snapshot.rglob("*") if not p.is_dir()
+             and p.name != ".gestvenv-template"]
+    assert TemplateCache.contents(snapshot) == (len(files),
+                                                sum(p.lstat().st_size for p in files))
+    assert TemplateCache.contents(snapshot)[1] > 4 << 20  # gvbig's 4 MB are in it
+    (snapshot / ".gestvenv-template").write_text('{"created": 1}')  # an older gestvenv's
+    assert TemplateCache.contents(snapshot) is None

@@ -91,8 +91,9 @@ def test_pkgbuild_parses_and_its_version_is_pyprojects() -> None:
 
 def test_pkgbuild_depends_on_every_runtime_dependency_and_uv_is_optional() -> None:
     found = pkgbuild_vars()
-    wanted = {"python"} | {f"python-{name}" for name in
-                           dependency_names(PYPROJECT["project"]["dependencies"]) if name != "uv"}
+    # (python-pip: the builder without uv runs the system's one pip.)
+    wanted = {"python", "python-pip"} | {f"python-{name}" for name in dependency_names(
+        PYPROJECT["project"]["dependencies"]) if name != "uv"}
     assert set(found["depends"]) == wanted
     assert [d for d in found["optdepends"] if d.startswith("uv:")], found["optdepends"]
 
