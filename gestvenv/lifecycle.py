@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from . import diskcap, registry, sandbox, storage
-from .builder import find_interpreter, find_uv, make_builder
+from .builder import find_interpreter, make_builder, pip_cache_dir
 from .config import Config
 from .container import plan as cplan
 from .container.engine import Engine
@@ -100,9 +100,10 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
         notes=[n for n in (root.note, *enforcement.notes) if n], environ=dict(spec.environ),
     )
     if enforcement.isolation_applied.sandboxed:
-        record = await asyncio.to_thread(_with_sandbox, record, config)
+        record = await asyncio.to_thread(_with_sandbox, record, config, builder.tools())
     if engine is not None:  # (its unit's reaper removes it; sweeps look for it from now on)
-        record = container.planned(record, engine, _container_tools(config))
+        record = container.planned(record, engine,
+                                   _container_tools(config, builder.tools()))
         await asyncio.to_thread(container.mark_used, config)
     # Package code runs in the env; before its first command, the env's files go to its uid.
     builder.inside = InsideInstaller(record, runtime, hand_over_first=True)
@@ -213,27 +214,28 @@ def full_error(record: EnvRecord, config: Config, stage: str) -> DiskFullError:
         Path(record.path), diskcap.cap_of(record.enforcement_record), others))
 
 
-def _container_tools(config: Config) -> list[str]:
-    """What a container env's commands need of the host: uv (its pip), and the local dirs
-    packages are found in (find_links), bound read-only."""
-    uv = find_uv()
+def _container_tools(config: Config, tools: list[str]) -> list[str]:
+    """What a container env's commands need of the host: the builder's ``tools`` (uv, or the
+    pip its pip runs), and the local dirs packages are found in (find_links), bound
+    read-only."""
     local = [link for link in config.find_links if "://" not in link and os.path.isdir(link)]
-    return [*([uv] if uv else []), *local]
+    return [*tools, *local]
 
 
-def _with_sandbox(record: EnvRecord, config: Config) -> EnvRecord:
+def _with_sandbox(record: EnvRecord, config: Config, tools: list[str]) -> EnvRecord:
     """The env's sandbox: its own uid (a root creator's), what its commands must not see
-    (gestvenv's dirs) and what they need from hidden trees (the interpreter, uv)."""
+    (gestvenv's dirs) and what they need from hidden trees (the interpreter, the builder's
+    ``tools``: uv, or the pip its pip runs)."""
     uid = None
     if sandbox.needs_own_uid(os.geteuid(), record.enforcement_record.isolation_applied):
         taken = {r.sandbox_uid for r in registry.list_records() if r.sandbox_uid is not None}
         uid = sandbox.uid_for(record.id, taken)
     dirs = [str(storage.runtime_dir_path()), str(storage.uv_cache_dir(config)),
-            str(storage.templates_dir(config)), *map(str, storage.all_roots(config))]
+            str(storage.templates_dir(config)), str(pip_cache_dir(config)),
+            *map(str, storage.all_roots(config))]
     if os.geteuid() == 0:
         dirs += map(str, (storage.ROOT_RUNTIME_DIR, storage.ROOT_CACHE_DIR))
-    uv = find_uv()
-    hide, expose = sandbox.sandbox_paths(record.interpreter, [uv] if uv else [],
+    hide, expose = sandbox.sandbox_paths(record.interpreter, tools,
                                          [d for d in dirs if os.path.isdir(d)])
     return record.evolve(sandbox_uid=uid, sandbox_hide=hide, sandbox_expose=expose)
 
