@@ -13,13 +13,13 @@ from . import registry, storage
 from .config import Config
 from .exceptions import GestvenvError
 from .lifecycle import destroy_many
-from .registry import EnvRecord
+from .registry import EnvRecord, is_pool_stem
 from .runtime import SystemdRuntime, UnitView, container, processes
-from .runtime.systemd import live_units
+from .runtime.systemd import live_units, pool
 from .runtime.systemd.plan import LIVE_UNIT_STATES
 from .templates import TemplateCache
 
-_ENV_DIR_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}-[0-9a-f]{8}", re.ASCII)
+_ENV_DIR_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}-[0-9a-f]{8}", re.ASCII)  # env_dir_name
 
 
 @dataclass
@@ -32,7 +32,7 @@ class SweepReport:
 def reason_to_remove(record: EnvRecord, now: float, *, expired: bool, idle: bool,
                      units: dict[str, UnitView] | None = None) -> str | None:
     state = record.state(now)
-    view = (units or {}).get(record.name)
+    view = (units or {}).get(record.stem)
     unit_live = view is not None and view.env_id == record.id and view.state in LIVE_UNIT_STATES
     if record.runtime == "systemd" and units is not None and state == "ready" and not unit_live:
         # systemd ended it (TTL, idle, its creator gone, `systemctl stop`): only files are left.
@@ -64,13 +64,19 @@ async def sweep(config: Config, *, expired: bool = True, idle: bool = True,
     now = time.time()
     doomed = []
     records = await asyncio.to_thread(registry.list_records)
-    units = await live_units({r.name: r.id for r in records})
+    units = await live_units({r.stem: r.id for r in records})
     for record in records:
         reason = reason_to_remove(record, now, expired=expired, idle=idle, units=units)
         if reason:
             doomed.append((record, reason))
     report.errors.update(await destroy_many([r for r, _ in doomed], config))
     report.removed.update((r.name, why) for r, why in doomed if r.name not in report.errors)
+    if units is not None and (expired or orphans):
+        # Pool files whose unit is gone (their dirs are then orphans, below); pool units
+        # whose pool file is gone are units without a state file (_stop_unit_only).
+        live = {stem: v.env_id for stem, v in units.items()
+                if v.env_id and v.state in LIVE_UNIT_STATES}
+        report.removed.update(await asyncio.to_thread(pool.sweep_files, live))
     if orphans:
         kept = {r.path: r.id for r in records if r.name not in report.removed}
         await asyncio.to_thread(_sweep_orphans, config, report, kept)
@@ -83,14 +89,15 @@ async def _stop_unit_only(units: dict[str, UnitView], report: SweepReport) -> No
     """gestvenv units whose state file is gone (or now another env's): stopped. A unit of
     another registry (another runtime dir of the same user) still has its state file."""
     runtime = SystemdRuntime()
-    for name, view in units.items():
+    for stem, view in units.items():
         if not await asyncio.to_thread(view.orphaned):
             continue
         try:
-            await runtime.stop_units_of(name, view.env_id)  # only if still that env's unit
-            report.removed[name] = "a gestvenv unit without a state file"
+            await runtime.stop_units_of(stem, view.env_id)  # only if still that env's unit
+            report.removed[stem] = "a gestvenv unit without a state file" + (
+                " (a pool unit without its pool file)" if is_pool_stem(stem) else "")
         except GestvenvError as exc:
-            report.errors[name] = str(exc)
+            report.errors[stem] = str(exc)
 
 
 def _sweep_orphans(config: Config, report: SweepReport, kept: dict[str, str]) -> None:

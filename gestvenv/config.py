@@ -137,6 +137,9 @@ OPTIONS: dict[str, Option] = {
                                "what runs container isolation: 'auto' is podman, else docker"),
     "preallocate": Option(_bool, "disk backend with max_disk: reserve the image's max_disk MB "
                                  "at creation (false: a sparse image, still capped)"),
+    "pool_size": Option(_int(0), "systemd runtime: pre-started env units kept ready for the "
+                                 "envs a process owns (0: off)"),
+    "pool_idle": Option(_int(1), "seconds an unclaimed pool unit lives before it ends"),
 }
 
 
@@ -167,6 +170,8 @@ class Config:
     # was promised max_disk MB gets them even if the host disk fills later.
     preallocate: bool = True
     container_engine: str = "auto"
+    pool_size: int = 2
+    pool_idle: int = 300
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def replace(self, **changes: Any) -> Config:

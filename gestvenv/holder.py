@@ -12,6 +12,13 @@ This process only decides the two ends systemd cannot see by itself, and exits f
 
 It lives in the parent slice, outside the environment's limits: it costs the environment nothing.
 
+A pool unit's holder (``--pool``: ``--state-file`` is its pool file, see
+``gestvenv.runtime.systemd.pool``) first waits for a claim: it reads its pool file every PERIOD,
+ends when the file is gone or after its idle lifetime unclaimed (``idle_until``), and once
+claimed holds the env the claim names: its owner, its idle timeout, and its TTL
+(``expires_at``: exact, as under the local runtime; the unit's RuntimeMaxSec, which cannot be
+changed once it runs, is only systemd's backstop).
+
 Whenever it ends (one of those, or SIGTERM: the TTL, a cleanup, ``systemctl stop``, a shutdown,
 all of which stop the env's commands first), it reaps the environment on its way out
 (``gestvenv.reaper``): the files go without starting another Python.
@@ -152,8 +159,9 @@ def _reap(args: argparse.Namespace, reaper: object | None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut it short
     try:
         reaper = reaper or _load_reaper()
+        # (A pool unit's reaper gets its pool file, whose claim names the env's state file.)
         done = reaper.reap(Path(args.env_path), args.env_id,  # type: ignore[attr-defined]
-                           Path(args.state_file), Path(args.registry_lock))
+                           Path(args.pool_file or args.state_file), Path(args.registry_lock))
     except Exception as exc:  # the unit's stop action tries again, and says why
         print(f"gestvenv reaper: {exc}", file=sys.stderr, flush=True)
         return
@@ -173,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--owner-pid", type=int)
     parser.add_argument("--owner-start", type=float, default=0.0)
     parser.add_argument("--idle-timeout", type=float, default=0.0)
+    parser.add_argument("--pool", action="store_true",
+                        help="a pool unit: --state-file is its pool file; wait for a claim")
     args = parser.parse_args(argv)
+    args.pool_file = args.state_file if args.pool else ""
     # An env unit's holder loads the reaper now: a destroy waits for its stop. A local one
     # (no slice) only when it reaps: it starts on its creator's heels, on the same CPUs, and
     # its own end is rarely waited for.
@@ -185,7 +196,42 @@ def main(argv: list[str] | None = None) -> int:
             _reap(args, reaper)
 
 
+def _await_claim(args: argparse.Namespace) -> bool:
+    """A pool unit's wait: True once claimed (``args`` then name the env), False when it must
+    end unclaimed (its pool file gone, or its idle lifetime over)."""
+    while True:
+        try:
+            data = json.loads(Path(args.pool_file).read_text())
+        except FileNotFoundError:
+            data = None
+        except (OSError, ValueError):
+            data = {"id": args.env_id}  # (being replaced this instant: looked at again)
+        if not isinstance(data, dict) or data.get("id") != args.env_id:
+            print("pool file gone: ending the pool unit", flush=True)
+            return False
+        claim = data.get("claim")
+        if isinstance(claim, dict):
+            try:
+                args.state_file = str(claim["state_file"])
+                args.owner_pid = int(claim["owner_pid"]) if claim.get("owner_pid") else None
+                args.owner_start = float(claim.get("owner_start") or 0.0)
+                args.idle_timeout = float(claim.get("idle_timeout") or 0.0)
+                args.expires_at = float(claim.get("expires_at") or 0.0)
+            except (KeyError, TypeError, ValueError):
+                print("unreadable claim: ending the pool unit", flush=True)
+                return False
+            print(f"claimed by environment {claim.get('name')} (owner {args.owner_pid})",
+                  flush=True)
+            return True
+        if "idle_until" in data and time.time() >= float(data["idle_until"]):
+            print("unclaimed for its pool_idle: ending the pool unit", flush=True)
+            return False
+        time.sleep(PERIOD)
+
+
 def _hold(args: argparse.Namespace) -> int:
+    if args.pool and not _await_claim(args):
+        return 0
 
     # The state file goes when the env is destroyed. Its dir is always visible here (bound in
     # under a private /tmp): a state file already missing when this (late, under load) start

@@ -6,10 +6,11 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import psutil
 
@@ -23,8 +24,12 @@ from .inside import InsideInstaller
 from .models import Enforcement, IsolationLevel, ResourceLimits, StorageBackend
 from .registry import EnvRecord
 from .runtime import Runtime, container, runtime_named, select_runtime
+from .runtime.systemd.pool import PoolUnitGone
 from .shield import in_thread, shielded
 from .watchdog import ensure_watchdog
+
+if TYPE_CHECKING:
+    from .runtime.systemd import SystemdRuntime
 
 CREATING_VENV = "creating its virtualenv"
 
@@ -59,7 +64,17 @@ def check_enforcement(enforcement: Enforcement, allow_unenforced: bool) -> None:
 
 
 async def create(spec: EnvSpec, config: Config) -> EnvRecord:
-    """Reserve the name, build the venv, start the runtime's group, install: or undo it all."""
+    """Reserve the name, build the venv, start the runtime's group, install: or undo it all.
+    Under systemd, an env its creator owns claims a pool unit when one serves it (see
+    ``runtime.systemd.pool``)."""
+    try:
+        return await _create(spec, config, use_pool=True)
+    except PoolUnitGone:
+        # The pool unit it claimed had ended (undone like any failed create): one is started.
+        return await _create(spec, config, use_pool=False)
+
+
+async def _create(spec: EnvSpec, config: Config, *, use_pool: bool) -> EnvRecord:
     runtime = await select_runtime(config, spec.runtime)
     enforcement, engine = await _isolation(runtime, spec, config)
     # max_disk is the storage's to hold (a filesystem of the env's own), whatever the runtime.
@@ -88,7 +103,7 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
     me = psutil.Process(os.getpid())
     now = time.time()
     record = EnvRecord(
-        name=spec.name, id=env_id, path=str(root.path / f"{spec.name}-{env_id[:8]}"),
+        name=spec.name, id=env_id, path=str(root.path / storage.env_dir_name(spec.name, env_id)),
         backend=spec.backend.value, runtime=runtime.name, interpreter=interpreter.path,
         python_version=interpreter.version, created_at=now, ttl=spec.ttl or None,
         idle_timeout=spec.idle_timeout or None, limits=spec.limits.to_dict(),
@@ -105,9 +120,8 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
         record = container.planned(record, engine,
                                    _container_tools(config, builder.tools()))
         await asyncio.to_thread(container.mark_used, config)
-    # Package code runs in the env; before its first command, the env's files go to its uid.
-    builder.inside = InsideInstaller(record, runtime, hand_over_first=True)
-    builder.share_read_only = record.sandbox_uid is not None
+    pool_key, take = _pool_take(runtime, spec, record, config, engine is not None,
+                                cap is not None) if use_pool else (None, None)
     stage, path = "reserving its name", Path(record.path)
     async with AsyncExitStack() as undo:
         # The undo is armed before the reservation: a cancellation may land while the reserving
@@ -122,17 +136,32 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
                 # is noticed too. (And again after: a watchdog about to exit may not have seen
                 # it.)
                 await in_thread(ensure_watchdog)
+            taken: list[EnvRecord] = []
             await in_thread(registry.reserve, record, max_concurrent=config.max_concurrent,
-                            max_total_memory_mb=config.max_total_memory_mb)
+                            max_total_memory_mb=config.max_total_memory_mb,
+                            **({"take": _taking(take, taken)} if take is not None else {}))
+            if taken:  # a pool unit's: its id, dir and units
+                record, path = taken[0], Path(taken[0].path)
+                builder = make_builder(config, record.id)
+            # Package code runs in the env; before its first command, its files go to its uid.
+            builder.inside = InsideInstaller(record, runtime, hand_over_first=True)
+            builder.share_read_only = record.sandbox_uid is not None
             if runtime.needs_watchdog:
                 await in_thread(ensure_watchdog)  # from now on a dead creator is noticed
             # Started right after the reservation, before the dir and the build: from here on
             # the env's end (its files' too) is systemd's to guarantee, whatever becomes of us.
-            stage = "starting its units"
-            await runtime.start(record)
-            stage = "making its directory"
             state_file = registry.state_path(record.name)
-            await in_thread(storage.claim_dir, path, state_file, record.id)
+            if record.pooled:
+                # Claimed: its unit runs, its dir waits; its limits and name are set live.
+                stage = "claiming its pool unit"
+                await _adopt(runtime, record)
+            else:
+                stage = "starting its units"
+                await runtime.start(record)
+                stage = "making its directory"
+                await in_thread(storage.claim_dir, path, state_file, record.id)
+            if pool_key is not None:
+                _refill(runtime, config, record, pool_key)
             if cap is not None:
                 stage = f"making its {cap} MB filesystem"
                 await in_thread(diskcap.make, path, spec.backend, cap, config.preallocate)
@@ -171,6 +200,59 @@ async def create(spec: EnvSpec, config: Config) -> EnvRecord:
             raise await in_thread(full_error, record, config, stage) from exc
         undo.pop_all()
     return record
+
+
+def _pool_take(runtime: Runtime, spec: EnvSpec, record: EnvRecord, config: Config,
+               contained: bool, capped: bool
+               ) -> tuple[str | None, Callable[[EnvRecord], registry.Taken | None] | None]:
+    """The pool key of a request a pool unit may serve, and how the reservation takes one
+    (None, None: not one for the pool)."""
+    from .runtime.systemd import pool
+
+    if pool.refusal(runtime=runtime.name, owned=spec.owned, pool_size=config.pool_size,
+                    container=contained, max_disk=capped,
+                    own_uid=record.sandbox_uid is not None) is not None:
+        return None, None
+    key = cast("SystemdRuntime", runtime).pool_key(record)
+    limit = pool.backstop(config)
+
+    def take(reserving: EnvRecord) -> registry.Taken | None:
+        entry = pool.take(key, reserving.ttl, time.time())
+        if entry is None:
+            return None
+        claimed = reserving.evolve(id=entry.id, path=entry.path, unit_stem=entry.stem,
+                                   notes=[*reserving.notes, pool.claim_note(entry.stem, limit)])
+
+        def claim(registered: EnvRecord) -> None:
+            pool.write_claim(entry, name=registered.name,
+                             state_file=registry.state_path(registered.name),
+                             owner_pid=registered.owner_pid,
+                             owner_started=registered.owner_started,
+                             idle_timeout=registered.idle_timeout,
+                             expires_at=registered.expires_at)
+        return claimed, claim
+    return key, take
+
+
+def _taking(take: Callable[[EnvRecord], registry.Taken | None],
+            taken: list[EnvRecord]) -> Callable[[EnvRecord], registry.Taken | None]:
+    """``take``, keeping what it took in ``taken`` (the reservation's record)."""
+    def wrapped(record: EnvRecord) -> registry.Taken | None:
+        result = take(record)
+        if result is not None:
+            taken.append(result[0])
+        return result
+    return wrapped
+
+
+async def _adopt(runtime: Runtime, record: EnvRecord) -> None:
+    await cast("SystemdRuntime", runtime).adopt(record)
+
+
+def _refill(runtime: Runtime, config: Config, record: EnvRecord, key: str) -> None:
+    from .runtime.systemd import pool
+
+    pool.refill_soon(cast("SystemdRuntime", runtime), config, record, key)
 
 
 async def _settled(task: asyncio.Future[EnvRecord]) -> None:
@@ -264,11 +346,15 @@ async def destroy(record: EnvRecord, config: Config) -> None:
         await asyncio.to_thread(registry.remove, record)
         raise
     await asyncio.to_thread(registry.remove, record)
+    if record.pooled:  # (its reaper removes its pool file; not if its unit never ran)
+        from .runtime.systemd import pool
+
+        await asyncio.to_thread(pool.forget, record.stem, record.id)
 
 
 def _refusal(path: Path, record: EnvRecord, roots: list[Path]) -> UnsafePathError | None:
     try:
-        storage.check_env_dir(path, record.name, record.id)
+        storage.check_env_dir(path, record.stem, record.id)
         storage.check_inside_roots(path, roots)
     except UnsafePathError as exc:
         return exc

@@ -67,7 +67,8 @@ def merge(records: list[EnvRecord], units: Mapping[str, UnitView] | None, *,
     An env whose unit has ended (TTL, idle, creator gone) is ``stopped`` even if no gestvenv
     process noticed; a ``gestvenv-*`` unit of ours without a state file is ``unit-only``.
     (Reads a state file only for a unit that no record claims, to tell an orphan from another
-    registry's env.)
+    registry's env.) ``units`` are keyed by the stem their env's units run under
+    (``EnvRecord.stem``: a pooled env's is its pool unit's).
     """
     if units is not None:  # (the unit plan is imported where there are units to read)
         from .runtime.systemd.plan import LIVE_UNIT_STATES, UnitNames
@@ -75,9 +76,9 @@ def merge(records: list[EnvRecord], units: Mapping[str, UnitView] | None, *,
     for record in records:
         info = describe(record, guarantees=guarantees)
         if record.runtime == "systemd" and units is not None:
-            view = units.get(record.name)
+            view = units.get(record.stem)
             unit_state = view.state if view is not None and view.env_id == record.id else "gone"
-            names = UnitNames.of(record.name)
+            names = UnitNames.of(record.stem)
             info["unit"] = {"name": names.env, "slice": names.slice, "state": unit_state}
             if unit_state not in LIVE_UNIT_STATES and info["state"] in ("ready", "creating"):
                 info["state"] = "stopped"
@@ -109,7 +110,7 @@ async def environments(*, guarantees: bool = True) -> list[dict[str, Any]]:
     from .runtime.systemd import live_units
 
     records = await asyncio.to_thread(registry.list_records)
-    units = await live_units({r.name: r.id for r in records})  # (one call for every unit)
+    units = await live_units({r.stem: r.id for r in records})  # (one call for every unit)
     return await asyncio.to_thread(merge, records, units, guarantees=guarantees)
 
 

@@ -16,6 +16,9 @@ MAX_NAME_LENGTH = 64
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*", re.ASCII)
 # Names whose units would be gestvenv's own: "cleanup" is gestvenv-cleanup.service/.timer.
 RESERVED_NAMES = frozenset({"cleanup"})
+# The stem of the systemd runtime's pool units (``gestvenv-gvpool-<hex8>.service``): a pooled
+# env keeps its pool unit's names, so no env may be named like one.
+POOL_PREFIX = "gvpool-"
 
 
 def validate_name(name: object) -> str:
@@ -35,6 +38,10 @@ def validate_name(name: object) -> str:
         )
     if ".." in name or name.endswith("."):
         raise InvalidNameError(f"invalid environment name {name!r}: no '..' and no trailing '.'")
+    if name.startswith(POOL_PREFIX):
+        raise InvalidNameError(
+            f"environment name {name!r} is reserved: names starting with {POOL_PREFIX!r} are "
+            "those of gestvenv's pool units (pool_size)")
     if name in RESERVED_NAMES:
         raise InvalidNameError(
             f"environment name {name!r} is reserved: gestvenv-{name}.service is gestvenv's own "

@@ -139,6 +139,37 @@ def is_zombie(pid: int) -> bool:
 
 # --- where deleting is allowed ---
 
+def env_dir_name(stem: str, env_id: str) -> str:
+    """The name of an environment's dir in its storage root: ``<unit stem>-<id[:8]>``, where
+    the stem is the one its units run under (its name, or a pool unit's ``gvpool-<hex8>`` for
+    an env that claimed one). The one rule: every other place asks this function."""
+    return f"{stem}-{env_id[:8]}"
+
+
+POOL_DIR = "pool"  # <runtime dir>/pool/<stem>.json: the pool units' files (gestvenv.pool)
+STATE_DIR = "envs"  # <runtime dir>/envs/<name>.json: the state files (gestvenv.registry)
+
+
+def pool_claimed_state(pool_file: Path, env_id: str) -> Path | None:
+    """The state file a pool unit's claim names, when ``pool_file`` is a pool file (in the
+    runtime dir's ``pool/``) claimed for ``env_id``: only a file directly in the same runtime
+    dir's ``envs/``, never anything outside gestvenv's own dirs. None otherwise."""
+    if pool_file.parent.name != POOL_DIR:
+        return None
+    try:
+        data = json.loads(pool_file.read_text())
+        claim = data.get("claim") if isinstance(data, dict) else None
+        if data.get("id") != env_id or not isinstance(claim, dict):
+            return None
+        state = Path(str(claim["state_file"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    folder = Path(os.path.abspath(pool_file.parent.parent)) / STATE_DIR
+    if Path(os.path.abspath(state)).parent != folder or not state.name.endswith(".json") \
+            or state.name.startswith("."):
+        return None
+    return folder / state.name
+
 def is_marked_root(path: Path) -> bool:
     """A storage root gestvenv made: it holds gestvenv's mark, a regular file of ours."""
     try:
@@ -435,7 +466,7 @@ def human_bytes(n: int) -> str:
 def end_report(path: Path, env_id: str, cgroup: str | None = None) -> str | None:
     """One phrase for the journal: what the env used over its life, as far as it can be read
     (``cgroup``: the env's slice, default: found beside this process's own cgroup)."""
-    name = path.name.removesuffix(f"-{env_id[:8]}")
+    name = path.name.removesuffix(env_dir_name("", env_id))  # its units' stem
     if cgroup is None:
         cgroup = slice_cgroup(name, own_cgroup())
     parts = []
@@ -483,6 +514,9 @@ def reap(path: Path, env_id: str, state_file: Path, lock: Path,
     Returns what it did, starting with what the env used (:func:`end_report`); raises
     :class:`UnsafePathError` for what it refused."""
     done = []
+    # A pooled env's unit has its pool file on its command line: the claim in it names the
+    # env's state file (read now, before the pool file goes).
+    claimed = pool_claimed_state(state_file, env_id)
     # Its container first: it holds the env's dir (and its cap's mount) bound inside.
     if containers := remove_containers(env_id):
         done.append(f"removed {containers} container(s) of the environment")
@@ -495,8 +529,10 @@ def reap(path: Path, env_id: str, state_file: Path, lock: Path,
             done.append(report)
     if killed:
         done.append(f"killed {killed} leftover process(es) of the environment")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*-" + re.escape(env_id[:8]), path.name) \
-            or len(env_id) < 8:
+    stem = path.name.removesuffix(env_dir_name("", env_id))
+    if len(env_id) < 8 or stem == path.name \
+            or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", stem) \
+            or path.name != env_dir_name(stem, env_id):
         raise UnsafePathError(f"refusing to delete {path}: not the directory of env {env_id}")
     root = Path(os.path.abspath(path)).parent
     if not is_marked_root(root):
@@ -506,6 +542,8 @@ def reap(path: Path, env_id: str, state_file: Path, lock: Path,
         if remove_tree(path, [root]):
             done.append(f"removed {path}")
     finally:
+        if claimed is not None and forget(claimed, env_id, lock):
+            done.append(f"removed {claimed}")
         if forget(state_file, env_id, lock):
             done.append(f"removed {state_file}")
     return done

@@ -11,8 +11,9 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,16 @@ from .exceptions import (
     QuotaExceededError,
 )
 from .models import Enforcement, ResourceLimits
-from .names import validate_name
+from .names import POOL_PREFIX, validate_name
 from .storage import runtime_dir, state_dir
 
 STATE_VERSION = 1
+_POOL_STEM_RE = re.compile(re.escape(POOL_PREFIX) + r"[0-9a-f]{8}", re.ASCII)
+
+
+def is_pool_stem(stem: str) -> bool:
+    """A pool unit's stem: ``gvpool-`` and 8 hex digits (never an env's name)."""
+    return bool(_POOL_STEM_RE.fullmatch(stem))
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,19 @@ class EnvRecord:
     # At container isolation: its engine, its container's name and id, its image
     # (gestvenv.runtime.container); empty below.
     container: dict[str, Any] = field(default_factory=dict)
+    # The stem its systemd units run under when it is not its name: a pooled env keeps its
+    # pool unit's (``gvpool-<hex8>``: gestvenv-gvpool-<hex8>.service, its slice, its dir).
+    unit_stem: str = ""
     version: int = STATE_VERSION
+
+    @property
+    def stem(self) -> str:
+        """What its units and its dir are named after (:func:`storage.env_dir_name`)."""
+        return self.unit_stem or self.name
+
+    @property
+    def pooled(self) -> bool:
+        return bool(self.unit_stem)
 
     @property
     def expires_at(self) -> float | None:
@@ -122,6 +141,8 @@ class EnvRecord:
         known = {f for f in cls.__dataclass_fields__}
         record = cls(**{k: v for k, v in data.items() if k in known})
         validate_name(record.name)
+        if record.unit_stem and not is_pool_stem(record.unit_stem):
+            raise ValueError(f"not a pool unit's stem: {record.unit_stem!r}")
         return record
 
     def evolve(self, **changes: Any) -> EnvRecord:
@@ -177,8 +198,18 @@ def quota_holders(records: Sequence[EnvRecord], now: float,
             if r.holds_quota(now, owner_alive=alive[(r.owner_pid, r.owner_started)])]
 
 
-def reserve(record: EnvRecord, *, max_concurrent: int, max_total_memory_mb: int) -> None:
-    """Register a new environment, or raise if the name is taken or a quota would be exceeded."""
+# A pool unit taken for a reservation: (the record as it claims it, what to do once its state
+# file exists). See gestvenv.runtime.systemd.pool.
+Taken = tuple[EnvRecord, Callable[[EnvRecord], None]]
+
+
+def reserve(record: EnvRecord, *, max_concurrent: int, max_total_memory_mb: int,
+            take: Callable[[EnvRecord], Taken | None] | None = None) -> EnvRecord:
+    """Register a new environment, or raise if the name is taken or a quota would be exceeded.
+
+    ``take``: under the same lock, once the quotas allow the env, may give the record another
+    id, dir and unit stem (a pool unit's) and a step to run once its state file exists (the
+    claim, which names it). Returns the record registered."""
     with locked():
         records = list_records()
         live = quota_holders(records, time.time(), owners_alive(records))
@@ -195,6 +226,11 @@ def reserve(record: EnvRecord, *, max_concurrent: int, max_total_memory_mb: int)
                     f"max_memory {wanted} MB + {used} MB held by other environments exceeds "
                     f"max_total_memory_mb = {max_total_memory_mb}"
                 )
+        if take is not None and state_path(record.name).exists():
+            take = None  # (refused below: no pool unit is taken for it)
+        taken = take(record) if take is not None else None
+        if taken is not None:
+            record = taken[0]
         tmp = _write_tmp(record)
         try:
             os.link(tmp, state_path(record.name))
@@ -205,6 +241,9 @@ def reserve(record: EnvRecord, *, max_concurrent: int, max_total_memory_mb: int)
             ) from None
         finally:
             tmp.unlink()
+        if taken is not None:
+            taken[1](record)
+    return record
 
 
 def commit(record: EnvRecord) -> None:

@@ -29,12 +29,14 @@ from .reaper import (  # the deletion code, shared with the env unit's stop acti
     ROOT_MARK,
     check_inside_roots,
     disk_used,
+    env_dir_name,
     is_marked_root,
     mount_of,
     remove_tree,
 )
 
-__all__ = ["CLAIM", "ROOT_MARK", "check_inside_roots", "is_marked_root", "remove_tree"]
+__all__ = ["CLAIM", "ROOT_MARK", "check_inside_roots", "env_dir_name", "is_marked_root",
+           "remove_tree"]
 
 # Root's dirs (other users' are under their XDG dirs): also what the packaged tmpfiles.d file
 # creates at boot (gestvenv.distfiles).
@@ -81,6 +83,11 @@ def runtime_dir() -> Path:
 
 def state_dir() -> Path:
     return _private_dir(runtime_dir() / "envs")
+
+
+def pool_dir() -> Path:
+    """The systemd runtime's pool files (gestvenv.runtime.systemd.pool), one per pool unit."""
+    return _private_dir(runtime_dir() / "pool")
 
 
 def cache_base(config: Config) -> Path:
@@ -206,7 +213,7 @@ def claim_of(path: Path) -> tuple[str, str] | None:
 
     Trusted: a small regular file of the sweeping user's own (an env whose commands run under
     a uid of their own can replace its claim, never forge one of its creator's), naming an id
-    that the dir's own name ends with (``<name>-<id[:8]>``): a claim cannot speak for another
+    that the dir's own name ends with (:func:`env_dir_name`): a claim cannot speak for another
     environment's processes or state.
     """
     try:
@@ -220,7 +227,7 @@ def claim_of(path: Path) -> tuple[str, str] | None:
         return None
     finally:
         os.close(fd)
-    if not Path(path).name.endswith(f"-{env_id[:8]}") or len(env_id) < 8:
+    if not Path(path).name.endswith(env_dir_name("", env_id)) or len(env_id) < 8:
         return None
     return env_id, state_file
 
@@ -239,14 +246,15 @@ def is_claimed(path: Path) -> bool | None:
         return False
 
 
-def check_env_dir(path: Path, name: str, env_id: str) -> None:
-    """Raise unless ``path`` can be environment ``name``'s own dir: named ``<name>-<id[:8]>``
-    as gestvenv names it and, once claimed, claiming that id. A state file edited to point at
-    another environment's dir (or anywhere else) is refused, not obeyed."""
-    if Path(path).name != f"{name}-{env_id[:8]}":
+def check_env_dir(path: Path, stem: str, env_id: str) -> None:
+    """Raise unless ``path`` can be the own dir of the environment whose units run under
+    ``stem`` (its name, or its pool unit's): named :func:`env_dir_name` and, once claimed,
+    claiming that id. A state file edited to point at another environment's dir (or anywhere
+    else) is refused, not obeyed."""
+    if Path(path).name != env_dir_name(stem, env_id):
         raise UnsafePathError(
-            f"refusing to delete {path}: environment {name!r} lives in a dir named "
-            f"{name}-{env_id[:8]}; its state file was changed")
+            f"refusing to delete {path}: that environment lives in a dir named "
+            f"{env_dir_name(stem, env_id)}; its state file was changed")
     claim = claim_of(path)  # (none, or not one to trust: a creator killed before writing it)
     if claim is not None and claim[0] != env_id:
         raise UnsafePathError(

@@ -419,7 +419,8 @@ def exec_(name: str, timeout: float | None, cwd: str | None, command: tuple[str,
 
 @ephemeral_group.command("cleanup")
 @click.argument("names", nargs=-1, shell_complete=complete_env_name)
-@click.option("--all", "all_", is_flag=True, help="Every environment of this user.")
+@click.option("--all", "all_", is_flag=True,
+              help="Every environment of this user (and its unclaimed pool units).")
 @click.option("--expired", is_flag=True, help="Those past their TTL or whose creator died.")
 @click.option("--idle", is_flag=True, help="Those idle for longer than their idle timeout.")
 @click.option("--orphans", is_flag=True,
@@ -450,6 +451,13 @@ def cleanup(names: tuple[str, ...], all_: bool, expired: bool, idle: bool, orpha
     for failed, error in run_sync(destroy_many(records, config)):
         errors[failed] = error
     removed.update({r.name: "requested" for r in records if r.name not in errors})
+    if all_ and systemd_booted():
+        # Every environment, and the warm pool units that would serve the next ones.
+        from ..runtime import runtime_named
+        from ..runtime.systemd.pool import drain
+
+        removed.update((f"pool unit {stem}", "drained") for stem in run_sync(
+            drain(runtime_named("systemd"))))  # type: ignore[arg-type]
     if expired or idle or orphans:
         report = run_sync(sweep(config, expired=expired, idle=idle, orphans=orphans))
         if orphans:

@@ -16,4 +16,7 @@ def gestvenv_environ(home: Path, *, cache: Path, wheelhouse: Path) -> dict[str, 
         "GESTVENV_EPHEMERAL_CACHE_DIR": str(cache),
         "GESTVENV_EPHEMERAL_FIND_LINKS": str(wheelhouse),
         "GESTVENV_EPHEMERAL_OFFLINE": "1",
+        # No pool unit by default: tests see their envs' named units (tests that are about the
+        # pool, or include it, turn it on).
+        "GESTVENV_EPHEMERAL_POOL_SIZE": "0",
     }

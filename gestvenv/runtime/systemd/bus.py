@@ -288,6 +288,13 @@ class SystemdBus:
             return "done"
         return await self.wait_job(job) if wait else "queued"
 
+    async def set_unit_properties(self, name: str, properties: Iterable[Property]) -> None:
+        """Change properties of a loaded unit now, for its current runtime (``runtime=true``:
+        a drop-in under /run, gone at reboot): only those systemd allows live (a running
+        service's cgroup limits and Description, not its RuntimeMaxSec)."""
+        await self.call(MANAGER_PATH, MANAGER, "SetUnitProperties", "sba(sv)",
+                        [name, True, variants(properties)], what=f"setting properties of {name}")
+
     async def kill_unit(self, name: str, signal: int, whom: str = "all") -> None:
         with contextlib.suppress(NoSuchUnit):
             await self.call(MANAGER_PATH, MANAGER, "KillUnit", "ssi", [name, whom, signal],

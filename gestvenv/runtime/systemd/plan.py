@@ -144,9 +144,11 @@ class UnitNames:
     slice: str
 
     @classmethod
-    def of(cls, env_name: str) -> UnitNames:
-        # (The rule is the reaper's, which finds the slice without this module.)
-        return cls(env=f"gestvenv-{env_name}.service", slice=reaper.env_slice_name(env_name))
+    def of(cls, stem: str) -> UnitNames:
+        """The units of an env whose units run under ``stem``: its name, or for a pooled env
+        its pool unit's (``EnvRecord.stem``). (The slice's rule is the reaper's, which finds
+        the slice without this module.)"""
+        return cls(env=f"gestvenv-{stem}.service", slice=reaper.env_slice_name(stem))
 
     def command(self, exec_id: str) -> str:
         return self.env.removesuffix(".service") + f"@{exec_id}.service"
@@ -163,6 +165,16 @@ def env_name_of_unit(unit: str) -> str | None:
     if match is None or match.group(1) in RESERVED_NAMES:  # gestvenv-cleanup.service
         return None
     return match.group(1)
+
+
+def pool_description(stem: str, description: str, env_id: str) -> str:
+    """An unclaimed pool unit's Description (ends like :func:`env_description`)."""
+    return f"gestvenv pool unit {stem}, unclaimed ({description}; id {env_id})"
+
+
+def claimed_description(env_name: str, stem: str, description: str, env_id: str) -> str:
+    """A pool unit's Description once an env has claimed it: the env's, saying the unit."""
+    return env_description(env_name, f"pooled unit {stem}, {description}", env_id)
 
 
 def env_description(env_name: str, description: str, env_id: str) -> str:
@@ -470,6 +482,46 @@ def slice_properties(names: UnitNames, env_name: str, limits: ResourceLimits,
     return props
 
 
+# What a claim may change on a running pool unit's slice (SetUnitProperties, runtime): its
+# Description and the cgroup limits, which systemd applies live. Nothing of the env's own unit
+# but its Description can change once it runs (RuntimeMaxSec included): see pool_key.
+LIVE_SLICE_PROPERTIES = frozenset({"Description", "MemoryMax", "MemorySwapMax",
+                                   "CPUQuotaPerSecUSec", "TasksMax", "IPAddressDeny",
+                                   "IPAddressAllow"})
+
+
+def live_slice_properties(names: UnitNames, env_name: str, limits: ResourceLimits,
+                          caps: Capabilities) -> list[Property]:
+    """What claiming a pool unit sets on its slice: the env's limits, and its name."""
+    return [p for p in slice_properties(names, env_name, limits, caps)
+            if p[0] in LIVE_SLICE_PROPERTIES]
+
+
+POOL_PATH = "/gestvenv-pool-env"  # (stands for the env's dir in pool_key: each unit has its own)
+
+
+def pool_key(*, interpreter: str, backend: str, root: str, user: bool,
+             sandbox: Sequence[Property]) -> str:
+    """What a pool unit has that cannot change once it runs, as one string: two requests
+    with the same key get the same env unit but for live-settable properties (its slice's
+    limits, Descriptions), so one's pool unit can serve the other. ``sandbox``: the env's
+    sandbox properties computed for the dir :data:`POOL_PATH` (the holder joins them)."""
+    import hashlib
+    import json
+
+    text = json.dumps([interpreter, backend, root, user,
+                       [[k, s, _plain(v)] for k, s, v in sandbox]], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True)
 class HolderArgs:
     """How the env's own unit runs gestvenv's holder (``gestvenv.holder``) and, as its stop
@@ -486,6 +538,7 @@ class HolderArgs:
     env_path: str = ""       # the env's storage dir, as created: the reaper never reads it
     registry_lock: str = ""  # from the state file
     environ: tuple[str, ...] = ()  # more of the unit's variables (the container engine's)
+    pool: bool = False       # a pool unit: ``state_file`` is its pool file (holder --pool)
 
 
 def env_properties(names: UnitNames, env_name: str, description: str, ttl: int | None,
@@ -499,6 +552,8 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
                  "--owner-start", repr(holder.owner_start or 0.0)]
     if holder.idle_timeout:
         argv += ["--idle-timeout", str(holder.idle_timeout)]
+    if holder.pool:
+        argv += ["--pool"]
     if holder.reaper:
         argv += ["--env-path", holder.env_path, "--registry-lock", holder.registry_lock]
     props = [

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ... import diskcap, sandbox
+from ...config import Config
 from ...container import plan as cplan
 from ...exceptions import (
     CommandNotExecutableError,
@@ -34,11 +35,12 @@ from ...exceptions import (
     ValidationError,
 )
 from ...models import Enforcement, ExecResult, IsolationLevel, ResourceLimits
-from ...registry import EnvRecord, lock_path, state_path
+from ...names import POOL_PREFIX
+from ...registry import EnvRecord, is_pool_stem, lock_path, state_path
 from ...shield import protected, shielded
 from .. import container
 from ..base import CommandSpec, Runtime, UnitView, Usage
-from . import cgroups, plan
+from . import cgroups, plan, pool
 from .booted import systemd_booted
 from .bus import (
     SERVICE,
@@ -209,7 +211,7 @@ class SystemdRuntime(Runtime):
         bus = await self._bus()
         await self.prepare()
         caps = self.capabilities
-        names = UnitNames.of(record.name)
+        names = UnitNames.of(record.stem)
         limits = ResourceLimits.from_dict(record.limits)
         if container.of(record) is not None and limits.max_processes is not None:
             # conmon and runc run in the slice too: the container holds max_processes
@@ -256,7 +258,7 @@ class SystemdRuntime(Runtime):
         (docker's daemon places its containers itself: the engine holds the limits.)"""
         if not container.in_slice(record):
             return await container.start(record)
-        names = UnitNames.of(record.name)
+        names = UnitNames.of(record.stem)
         return await container.start(
             record, cgroup_parent=names.slice,
             oom_cgroup=f"{self._root_cgroup}/{plan.PARENT_SLICE}/{names.slice}")
@@ -267,15 +269,16 @@ class SystemdRuntime(Runtime):
             await bus.reset_failed(unit)
 
     async def stop(self, record: EnvRecord) -> None:
-        await self.stop_units_of(record.name, record.id)
+        await self.stop_units_of(record.stem, record.id)
 
-    async def stop_units_of(self, env_name: str, env_id: str | None = None) -> None:
-        """Stop an env's units; with ``env_id``, only if they are that env's (a create that
-        lost the race for a name must not stop the winner's)."""
+    async def stop_units_of(self, stem: str, env_id: str | None = None) -> None:
+        """Stop the units of an env whose units run under ``stem`` (its name, or its pool
+        unit's); with ``env_id``, only if they are that env's (a create that lost the race
+        for a name must not stop the winner's)."""
         if not systemd_booted():
             return  # nothing of systemd's can be left on a host it does not run
         bus = await self._bus()
-        names = UnitNames.of(env_name)
+        names = UnitNames.of(stem)
         # Its slice and commands end with its own unit (BindsTo=, StopWhenUnneeded=): a unit
         # that is gone, or another env's, leaves nothing of this env to stop.
         if env_id is not None:
@@ -338,7 +341,12 @@ class SystemdRuntime(Runtime):
             if name is None:
                 continue
             env_id = plan.described_as_known(name, unit.description, known)
-            if env_id is not None:
+            if env_id is not None and is_pool_stem(name):
+                # A pooled env's unit: its command line has its pool file, as its Environment
+                # says (whose claim names the env's state file).
+                out[name] = UnitView(state=unit.active_state, env_id=env_id,
+                                     state_file=str(pool.pool_file(name)))
+            elif env_id is not None:
                 folder = folder or state_path(name).parent
                 out[name] = UnitView(state=unit.active_state, env_id=env_id,
                                      state_file=str(state_path(name, folder)))
@@ -350,6 +358,83 @@ class SystemdRuntime(Runtime):
             if view is not None:
                 out[name] = view
         return out
+
+    # -- the pool (see pool.py) ------------------------------------------------------------
+
+    def pool_key(self, record: EnvRecord) -> str:
+        """What a pool unit serving ``record`` must have been started with (plan.pool_key)."""
+        spec = sandbox_spec(record.evolve(path=plan.POOL_PATH))
+        return plan.pool_key(interpreter=record.interpreter, backend=record.backend,
+                             root=str(Path(record.path).parent), user=self.user,
+                             sandbox=plan.sandbox_properties(spec, self.capabilities))
+
+    async def pool_units(self) -> dict[str, str]:
+        """The running pool units of this manager: stem -> env id (one call)."""
+        bus = await self._bus()
+        out = {}
+        for row in await bus.list_units([f"gestvenv-{POOL_PREFIX}*.service"]):
+            stem = plan.env_name_of_unit(row.name)
+            env_id = plan.env_id_of_description(row.description)
+            if stem and env_id and row.active_state in plan.LIVE_UNIT_STATES:
+                out[stem] = env_id
+        return out
+
+    async def start_pool_unit(self, entry: pool.PoolEntry, template: EnvRecord,
+                              config: Config) -> None:
+        """Start an unclaimed pool unit like ``template``'s env unit would be (same key), with
+        no limit on its slice yet, its holder waiting for a claim in its pool file."""
+        bus = await self._bus()
+        await self.prepare()
+        names = UnitNames.of(entry.stem)
+        await self._ensure_parent_slice(bus, self.max_total_memory_mb)
+        record = template.evolve(name=entry.stem, id=entry.id, path=entry.path)
+        holder = plan.HolderArgs(
+            python=_python(), script=_HOLDER, state_file=entry.file, env_id=entry.id,
+            reaper=_REAPER, env_path=entry.path, registry_lock=str(lock_path()), pool=True)
+        env_props = plan.env_properties(
+            names, entry.stem, f"{entry.description}, {entry.path}", pool.backstop(config),
+            holder, self._sandbox(record))
+        # (Its Description says it waits: systemctl shows pool units as such.)
+        env_props = [p if p[0] != "Description" else plan.prop(
+            "Description", plan.pool_description(entry.stem, f"{entry.description}, "
+                                                 f"{entry.path}", entry.id)) for p in env_props]
+        slice_props = plan.slice_properties(names, entry.stem, ResourceLimits(), self.capabilities)
+        slice_props = [p if p[0] != "Description" else plan.prop(
+            "Description", f"gestvenv pool unit {entry.stem}, unclaimed: all its processes")
+            for p in slice_props]
+        result = await bus.start_transient_unit(names.env, env_props,
+                                                aux=[(names.slice, slice_props)])
+        if result != "done":
+            raise SystemdError(f"systemd could not start {names.env} (job {result})",
+                               "job-" + result)
+
+    async def adopt(self, record: EnvRecord) -> None:
+        """Make the pool unit ``record`` claimed its env's: its limits on its slice and its
+        name in the Descriptions, set live (SetUnitProperties); the holder has read (or soon
+        reads) the claim. Raises :class:`pool.PoolUnitGone` if the unit is not running."""
+        bus = await self._bus()
+        await self.prepare()
+        names = UnitNames.of(record.stem)
+        limits = ResourceLimits.from_dict(record.limits)
+        described = plan.claimed_description(
+            record.name, record.stem,
+            f"python {record.python_version}, {record.backend} storage, {record.path}",
+            record.id)
+        outcomes = await asyncio.gather(
+            self._owner(bus, names.env),
+            bus.set_unit_properties(names.slice, plan.live_slice_properties(
+                names, record.name, limits, self.capabilities)),
+            bus.set_unit_properties(names.env, [plan.prop("Description", described)]),
+            return_exceptions=True)
+        owner = outcomes[0]
+        if isinstance(owner, BaseException) or owner is None or owner[1] != record.id \
+                or owner[0] not in ("active", "activating"):
+            raise pool.PoolUnitGone(f"{names.env} is not running")
+        for outcome in outcomes[1:]:
+            if isinstance(outcome, NoSuchUnit):
+                raise pool.PoolUnitGone(f"{names.env} is not running")
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     def guarantees(self) -> Sequence[str]:
         return (
@@ -363,7 +448,7 @@ class SystemdRuntime(Runtime):
 
     async def usage(self, record: EnvRecord) -> Usage:
         bus = await self._bus()
-        names = UnitNames.of(record.name)
+        names = UnitNames.of(record.stem)
         try:
             slice_props = await bus.properties(names.slice, "org.freedesktop.systemd1.Slice")
         except NoSuchUnit:
@@ -395,7 +480,7 @@ class SystemdRuntime(Runtime):
             return await container.run(record, command)
         bus = await self._bus()
         await self.prepare()
-        names = UnitNames.of(record.name)
+        names = UnitNames.of(record.stem)
         unit = names.command(uuid.uuid4().hex[:12])
         spec = sandbox_spec(record)
         # What the command sees of the host (None: all of it, below namespace isolation).
@@ -441,7 +526,7 @@ class SystemdRuntime(Runtime):
         or an env whose unit is gone. The name may have passed to another env since this
         handle was made (ours ended, another registry's took the name): a command must never
         join someone else's env. (Both at once: one round trip.)"""
-        names = UnitNames.of(record.name)
+        names = UnitNames.of(record.stem)
         checked, unit_owner = await asyncio.gather(
             asyncio.to_thread(_check_interpreter, program, cwd),
             self._owner(bus, names.env), return_exceptions=True)
@@ -461,7 +546,7 @@ class SystemdRuntime(Runtime):
                         props: list[Property], pipes: _Pipes,
                         command: CommandSpec, may_run: Awaitable[None]) -> ExecResult:
         changed = asyncio.Event()
-        slice_cgroup = f"{self._root_cgroup}/{plan.PARENT_SLICE}/{UnitNames.of(record.name).slice}"
+        slice_cgroup = f"{self._root_cgroup}/{plan.PARENT_SLICE}/{UnitNames.of(record.stem).slice}"
         keeps_figures = plan.unit_keeps_figures(self.capabilities)
         meter: cgroups.Meter | None = None
         figures: tuple[int | None, float | None] = (None, None)
@@ -500,7 +585,7 @@ class SystemdRuntime(Runtime):
             except NoSuchUnit:  # BindsTo= names the env's unit: it is gone
                 raise EnvironmentClosedError(
                     f"environment {record.name!r} has ended: its unit "
-                    f"{UnitNames.of(record.name).env} is no longer running (TTL, idle timeout, "
+                    f"{UnitNames.of(record.stem).env} is no longer running (TTL, idle timeout, "
                     "its creator exited, or it was stopped)") from None
             pipes.close_passed()  # systemd has its copies: EOF comes when the command ends
             pumps = [asyncio.ensure_future(_pump(name, fd, chunks, command))
