@@ -29,6 +29,7 @@ killed, or failed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -223,10 +224,37 @@ def _await_claim(args: argparse.Namespace) -> bool:
             print(f"claimed by environment {claim.get('name')} (owner {args.owner_pid})",
                   flush=True)
             return True
-        if "idle_until" in data and time.time() >= float(data["idle_until"]):
+        if "idle_until" in data and time.time() >= float(data["idle_until"]) \
+                and _retire(args):
             print("unclaimed for its pool_idle: ending the pool unit", flush=True)
             return False
         time.sleep(PERIOD)
+
+
+def _retire(args: argparse.Namespace) -> bool:
+    """End unclaimed, unless a claim landed: under the registry lock, which every claim is
+    written under, the pool file is looked at once more and, still unclaimed, removed (no
+    create can take this unit any more). False: claimed meanwhile (the caller looks again)."""
+    import fcntl
+
+    fd = os.open(args.registry_lock, os.O_RDWR | os.O_CREAT, 0o600) \
+        if args.registry_lock else None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            data = json.loads(Path(args.pool_file).read_text())
+        except (OSError, ValueError):
+            return True
+        if isinstance(data, dict) and data.get("id") == args.env_id:
+            if isinstance(data.get("claim"), dict):
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.pool_file)
+        return True
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _hold(args: argparse.Namespace) -> int:

@@ -46,18 +46,18 @@ def describe(record: EnvRecord, *, guarantees: bool = True) -> dict[str, Any]:
         "sandbox_uid": record.sandbox_uid,
         "sandbox_expose": record.sandbox_expose,
         "container": record.container or None,
-        "guarantees": runtime_guarantees(record.runtime) if guarantees else [],
+        "guarantees": runtime_guarantees(record) if guarantees else [],
         "notes": record.notes,
     }
 
 
-def runtime_guarantees(runtime: str) -> list[str]:
+def runtime_guarantees(record: EnvRecord) -> list[str]:
     from .runtime import runtime_named
 
     try:
-        return list(runtime_named(runtime).guarantees())
+        return list(runtime_named(record.runtime).guarantees(record))
     except RuntimeUnavailableError:  # a record from another version of gestvenv: still listed
-        return [f"runtime {runtime!r} is not available in this version of gestvenv"]
+        return [f"runtime {record.runtime!r} is not available in this version of gestvenv"]
 
 
 def merge(records: list[EnvRecord], units: Mapping[str, UnitView] | None, *,

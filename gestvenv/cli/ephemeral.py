@@ -232,6 +232,7 @@ def list_(as_json: bool) -> None:
     if as_json:
         echo_json(infos)
         return
+    _say_pool_units()
     if not infos:
         click.echo("no environments")
         return
@@ -239,6 +240,19 @@ def list_(as_json: bool) -> None:
              remaining(i["expires_at"]), str(i["owner_pid"] or "-"),
              ",".join(i["packages"]) or "-") for i in infos]
     table(rows, ("NAME", "STATE", "RUNTIME", "STORAGE", "PYTHON", "TTL LEFT", "OWNER", "PACKAGES"))
+
+
+def _say_pool_units() -> None:
+    """The systemd runtime's unclaimed pool units, which are no environments but are there."""
+    if not systemd_booted():
+        return
+    from ..runtime.systemd.pool import entries
+
+    waiting = [e for e in entries() if e.claim is None]
+    if waiting:
+        click.echo(f"({len(waiting)} pool unit{'s' * (len(waiting) > 1)} waiting to be claimed: "
+                   f"{', '.join(f'gestvenv-{e.stem}.service' for e in waiting)}; each ends "
+                   "after pool_idle, or with `cleanup --all`)", err=True)
 
 
 @ephemeral_group.command("show")

@@ -124,8 +124,9 @@ class Runtime(abc.ABC):
         return list(await asyncio.gather(*(self.usage(r) for r in records)))
 
     @abc.abstractmethod
-    def guarantees(self) -> Sequence[str]:
-        """Human-readable notes on what this runtime cannot guarantee (shown by ``show``)."""
+    def guarantees(self, record: EnvRecord | None = None) -> Sequence[str]:
+        """Human-readable notes on what this runtime cannot guarantee (shown by ``show``), for
+        ``record`` where they depend on how its env was made (a pooled env's TTL)."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections; the environments themselves stay as they are."""

@@ -216,7 +216,7 @@ class LocalRuntime(Runtime):
         await container.stop(record)
         await asyncio.to_thread(processes.kill_marked, processes.ENV_MARKER, record.id)
 
-    def guarantees(self) -> Sequence[str]:
+    def guarantees(self, record: EnvRecord | None = None) -> Sequence[str]:
         return (
             "local runtime: the TTL, idle timeout and a dead creator are handled by the env's "
             "own watchdog process (it then deletes the env's files) and by a per-user one "

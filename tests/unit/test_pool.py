@@ -109,3 +109,50 @@ def test_the_reaper_follows_a_claim_only_into_the_registrys_own_state_dir(
     assert claimed(str(tmp_path / "envs" / ".." / "y.json")) is None
     assert claimed(str(tmp_path / "envs" / "x.json"), owner="b" * 32) is None
     assert pool_claimed_state(tmp_path / "envs" / "x.json", env_id) is None  # not a pool file
+
+
+@pytest.mark.parametrize(("timeout", "expires_at", "limit"), [
+    (None, None, None),          # neither: no RuntimeMaxSec on the command
+    (30.0, None, 30.0),          # a named env: only the command's own timeout
+    (None, 1010.0, 10.0),        # pooled: the TTL left
+    (30.0, 1010.0, 10.0),        # whichever ends first
+    (5.0, 1010.0, 5.0),
+    (None, 990.0, 0.001),        # past its TTL: ended at once, never unlimited
+])
+def test_a_pooled_envs_commands_end_at_its_ttl(timeout: float | None, expires_at: float | None,
+                                               limit: float | None) -> None:
+    """A pool unit's RuntimeMaxSec was set before its env was claimed: each command unit
+    carries the TTL left, so systemd ends the env's code at its TTL whatever its holder does."""
+    assert plan.command_time_limit(timeout, expires_at, 1000.0) == limit
+
+
+def test_discarding_a_pool_entry_deletes_only_its_own_dir(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool file is only a file in gestvenv's runtime dir: the dir it names is removed only
+    if it is that entry's own (its stem and id in its name, claimed by that very pool file, in
+    a marked storage root), never a directory a crafted pool file points at."""
+    monkeypatch.setenv("GESTVENV_RUNTIME_DIR", str(tmp_path / "run"))
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / storage.ROOT_MARK).write_text("")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep")
+    env_id = "b" * 32
+    stem = "gvpool-0badf00d"
+    file = gvpool.pool_file(stem)
+    crafted = entry(stem=stem, id=env_id, path=str(victim), file=str(file))
+    gvpool._write(crafted, file)
+    gvpool._discard(crafted)
+    assert (victim / "precious").read_text() == "keep" and not file.exists()
+    # A dir named right but claimed by another pool file: left alone too.
+    own = root / env_dir_name(stem, env_id)
+    storage.claim_dir(own, tmp_path / "another.json", env_id)
+    gvpool._discard(entry(stem=stem, id=env_id, path=str(own), file=str(file)))
+    assert own.is_dir()
+    # Its own dir, claimed by its pool file: removed.
+    other = root / env_dir_name("gvpool-00c0ffee", env_id)
+    storage.claim_dir(other, gvpool.pool_file("gvpool-00c0ffee"), env_id)
+    gvpool._discard(entry(stem="gvpool-00c0ffee", id=env_id, path=str(other),
+                          file=str(gvpool.pool_file("gvpool-00c0ffee"))))
+    assert not other.exists()

@@ -660,6 +660,19 @@ def command_properties(names: UnitNames, env_name: str, argv: Sequence[str],
     return props
 
 
+def command_time_limit(timeout: float | None, expires_at: float | None,
+                       now: float) -> float | None:
+    """A command unit's RuntimeMaxSec: the command's own ``timeout`` and, for an env whose
+    unit cannot hold its TTL (a pooled env: its unit's RuntimeMaxSec was set before it was
+    claimed), the time left to ``expires_at``, whichever ends first. Then systemd ends every
+    command at the TTL even if the holder, which ends the env itself, was stopped by one of
+    them (its files wait for the pool unit's backstop). None: no limit."""
+    left = None if expires_at is None else max(expires_at - now, 0.001)
+    if timeout is None:
+        return left
+    return timeout if left is None else min(timeout, left)
+
+
 def shares_namespaces(sandbox: Sequence[Property]) -> bool:
     """Whether the env's units share one network and /tmp (JoinsNamespaceOf= its own unit).
 

@@ -172,11 +172,12 @@ def write_claim(entry: PoolEntry, *, name: str, state_file: Path, owner_pid: int
     _write(PoolEntry(**{**asdict(entry), "claim": claim}), Path(entry.file))
 
 
-def forget(stem: str, env_id: str) -> bool:
-    """Remove a pool file if it is still ``env_id``'s."""
+def forget(stem: str, env_id: str, *, claimed_too: bool = True) -> bool:
+    """Remove a pool file if it is still ``env_id``'s (and, without ``claimed_too``, still
+    unclaimed: a drain must not take a unit a create has just claimed)."""
     path = pool_file(stem)
     entry = PoolEntry.from_file(path)
-    if entry is None or entry.id != env_id:
+    if entry is None or entry.id != env_id or (entry.claim is not None and not claimed_too):
         return False
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -232,8 +233,10 @@ async def refill(runtime: SystemdRuntime, config: Config, template: EnvRecord,
             return []
         live = await runtime.pool_units()
         now = time.time()
+        # pool_size bounds the pool as a whole, whatever the keys its units were made for:
+        # envs of several keys (network on and off, two storages) must not multiply it.
         waiting = [e for e in await asyncio.to_thread(entries, folder)
-                   if e.key == key and e.claim is None and e.idle_until - now > CLAIM_MARGIN
+                   if e.claim is None and e.idle_until - now > CLAIM_MARGIN
                    and (live.get(e.stem) == e.id or now - e.created_at < GRACE)]
         root = Path(template.path).parent
         description = f"python {template.python_version}, {template.backend} storage"
@@ -261,9 +264,16 @@ async def refill(runtime: SystemdRuntime, config: Config, template: EnvRecord,
 
 
 def _discard(entry: PoolEntry) -> None:
+    """Forget a pool unit's file and remove its dir: only a dir that is this entry's own (named
+    for its stem and id, claimed by this very pool file, in a marked storage root), whatever
+    the pool file says its path is."""
     forget(entry.stem, entry.id)
     path = Path(entry.path)
     with contextlib.suppress(OSError, UnsafePathError):
+        storage.check_env_dir(path, entry.stem, entry.id)
+        if storage.claim_of(path) != (entry.id, entry.file) or \
+                not storage.is_marked_root(path.parent):
+            return
         storage.remove_tree(path, [path.parent])
 
 
@@ -289,10 +299,14 @@ async def drain(runtime: SystemdRuntime) -> list[str]:
     stopped (its reaper removes its dir), and the dir of one whose unit never ran too."""
     import asyncio
 
-    drained = []
-    for entry in await asyncio.to_thread(entries):
-        if entry.claim is None and await asyncio.to_thread(forget, entry.stem, entry.id):
-            drained.append(entry)
+    from ... import registry
+
+    def unclaimed() -> list[PoolEntry]:
+        with registry.locked():  # (claims are written under it: none lands meanwhile)
+            return [e for e in entries()
+                    if e.claim is None and forget(e.stem, e.id, claimed_too=False)]
+
+    drained = await asyncio.to_thread(unclaimed)
     await asyncio.gather(*(runtime.stop_units_of(e.stem, e.id) for e in drained))
     for entry in drained:
         await asyncio.to_thread(_discard, entry)

@@ -436,11 +436,18 @@ class SystemdRuntime(Runtime):
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    def guarantees(self) -> Sequence[str]:
+    def guarantees(self, record: EnvRecord | None = None) -> Sequence[str]:
+        ttl = ("systemd runtime (a pooled env): the limits are its slice's cgroup settings, "
+               "enforced by systemd and the kernel whatever happens to gestvenv's processes; "
+               "each command's RuntimeMaxSec ends it at the TTL, and the unit's process "
+               "(gestvenv's holder) ends the env then: if that process were stopped, the env's "
+               "files would wait for the pool unit's own RuntimeMaxSec (see its notes)"
+               ) if record is not None and record.pooled else (
+               "systemd runtime: the TTL is the env unit's RuntimeMaxSec and the limits are its "
+               "slice's cgroup settings, enforced by systemd and the kernel whatever happens to "
+               "gestvenv's processes")
         return (
-            "systemd runtime: the TTL is the env unit's RuntimeMaxSec and the limits are its "
-            "slice's cgroup settings, enforced by systemd and the kernel whatever happens to "
-            "gestvenv's processes",
+            ttl,
             "systemd runtime: when the env's unit stops, for whatever reason, its processes end "
             "and its stop action (gestvenv's reaper) deletes its files and state; what a crash "
             "or power loss leaves is removed by gestvenv-cleanup.timer (also at boot)",
@@ -504,8 +511,10 @@ class SystemdRuntime(Runtime):
                 # namespaces (which needs root): argv[0] becomes the program's path.
                 argv = [*plan.setpriv_argv(record.sandbox_uid), program, *argv[1:]]
                 program = plan.SETPRIV
+            limit = plan.command_time_limit(
+                command.timeout, record.expires_at if record.pooled else None, time.time())
             props = plan.command_properties(names, record.name, argv, command.environ,
-                                            cwd, command.timeout,
+                                            cwd, limit,
                                             plan.sandbox_properties(spec, self.capabilities),
                                             pipes.indexes, program=program)
             return await self._run_unit(bus, record, unit, props, pipes, command,

@@ -239,3 +239,40 @@ async def test_a_pooled_env_ends_at_its_ttl(pool_on: None) -> None:
     assert -1.0 <= late <= 1.0
     left = leftovers()
     assert not left["state files"] and record.path not in left["dirs"], leftover_summary(left)
+
+
+FREEZE_HOLDER = """
+import os, signal, sys
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    if int(pid) == os.getpid():
+        continue  # (this script's own command line names holder.py and the id too)
+    try:
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        continue
+    if b"holder.py" in cmdline and sys.argv[1].encode() in cmdline:  # (its --env-id)
+        os.kill(int(pid), signal.SIGSTOP)
+        print("froze", pid)
+"""
+
+
+async def test_a_command_that_freezes_its_holder_still_ends_at_the_ttl(pool_on: None) -> None:
+    """Hostile: the env's own code SIGSTOPs the pool unit's holder, which holds a pooled env's
+    TTL. Its commands still end at the TTL: each carries the TTL left as its RuntimeMaxSec,
+    which systemd holds."""
+    await fill()
+    async with gestvenv.ephemeral("frozen-holder", runtime=SD, ttl=4) as env:
+        record = registry.load("frozen-holder")
+        assert record.pooled and record.expires_at is not None
+        froze = await env.execute(["python", "-c", FREEZE_HOLDER, record.id])
+        assert "froze" in froze.stdout, (froze.stdout, froze.stderr)
+        result = await env.execute(["sleep", "30"])
+        ended = time.time()
+        assert result.killed_by == "ttl", result
+        late = ended - record.expires_at
+        print(f"with its holder frozen, a pooled env's command ended {late:+.2f}s from the TTL")
+        assert -1.0 <= late <= 1.5
+    # Left as it was: the teardown stops the unit (SIGTERM to a stopped process is delivered
+    # when systemd sends SIGCONT with it), and nothing is left.
+    left = leftovers()
+    assert not left["state files"] and record.path not in left["dirs"], leftover_summary(left)
