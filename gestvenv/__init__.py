@@ -137,15 +137,10 @@ __all__ = [
 
 
 if not TYPE_CHECKING:  # (hidden from mypy: a module __getattr__ would type every typo as Any)
-    def __getattr__(name: str) -> object:
-        module = _EXPORTS.get(name)
-        if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        from importlib import import_module
+    from .lazy import exports
 
-        value = getattr(import_module(f".{module}", __name__), name)
-        globals()[name] = value  # once: later lookups are plain attribute reads
-        return value
+    __getattr__ = exports(__name__, _EXPORTS, globals())
+    del exports
 
 
 def __dir__() -> list[str]:
