@@ -217,9 +217,11 @@ class Environment:
             raise ValidationError(f"interval must be positive, not {interval!r}")
         sampler = Sampler()
         while True:
-            started = time.monotonic()
-            yield await sampler.sample_one(self._live_record())
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+            sample = await sampler.sample_one(self._live_record())
+            yield sample
+            # Paced from the reading itself: taking one may cost more the first time (the
+            # runtime's first call), and samples are then still ``interval`` apart.
+            await asyncio.sleep(max(0.0, sample.sampled_at + interval - time.time()))
 
     # --- ending it ---
     @property
