@@ -107,10 +107,12 @@ async def environments(*, guarantees: bool = True) -> list[dict[str, Any]]:
     """Every environment of this user (:func:`merge`), from async code."""
     import asyncio
 
-    from .runtime.systemd import live_units
-
     records = await asyncio.to_thread(registry.list_records)
-    units = await live_units({r.stem: r.id for r in records})  # (one call for every unit)
+    units = None
+    if systemd_booted():  # (else the systemd runtime, and dbus-next, are never imported)
+        from .runtime.systemd import live_units
+
+        units = await live_units({r.stem: r.id for r in records})  # (one call for all units)
     return await asyncio.to_thread(merge, records, units, guarantees=guarantees)
 
 
