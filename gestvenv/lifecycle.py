@@ -123,11 +123,16 @@ async def _create(spec: EnvSpec, config: Config, *, use_pool: bool) -> EnvRecord
     pool_key, take = _pool_take(runtime, spec, record, config, engine is not None,
                                 cap is not None) if use_pool else (None, None)
     stage, path = "reserving its name", Path(record.path)
+    # What the reservation registered when it took a pool unit (another id, dir and stem):
+    # filled by its thread, so that the undo finds it even when this task was cancelled
+    # before the thread's result came back.
+    taken: list[EnvRecord] = []
     async with AsyncExitStack() as undo:
         # The undo is armed before the reservation: a cancellation may land while the reserving
         # thread has already written the state file. destroy() only ever removes this record
         # (matched by id), so a failed reservation (name taken) undoes nothing of another's.
-        undo.push_async_callback(lambda: shielded(destroy(record, config)))
+        undo.push_async_callback(lambda: shielded(destroy(taken[0] if taken else record,
+                                                          config)))
         try:
             # Threads are waited for when cancelled (in_thread), so that the undo runs after
             # the state file or the dir exists, never before it.
@@ -136,7 +141,6 @@ async def _create(spec: EnvSpec, config: Config, *, use_pool: bool) -> EnvRecord
                 # is noticed too. (And again after: a watchdog about to exit may not have seen
                 # it.)
                 await in_thread(ensure_watchdog)
-            taken: list[EnvRecord] = []
             await in_thread(registry.reserve, record, max_concurrent=config.max_concurrent,
                             max_total_memory_mb=config.max_total_memory_mb,
                             **({"take": _taking(take, taken)} if take is not None else {}))
@@ -236,7 +240,7 @@ def _pool_take(runtime: Runtime, spec: EnvSpec, record: EnvRecord, config: Confi
 
 def _taking(take: Callable[[EnvRecord], registry.Taken | None],
             taken: list[EnvRecord]) -> Callable[[EnvRecord], registry.Taken | None]:
-    """``take``, keeping what it took in ``taken`` (the reservation's record)."""
+    """``take``, keeping what it took in ``taken`` (the record the reservation registers)."""
     def wrapped(record: EnvRecord) -> registry.Taken | None:
         result = take(record)
         if result is not None:
