@@ -12,6 +12,7 @@ registering.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import sys
 import time
@@ -96,19 +97,23 @@ def stamp_sweep() -> None:
     os.close(os.open(_swept_path(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
 
 
-def ensure_for_command(config_interval: float, systemd: bool, *, sweeping: bool = False) -> None:
-    """What every command of the CLI does first: :func:`ensure_watchdog` when :func:`needed`."""
+def since_last_sweep() -> float | None:
+    """Seconds since orphans were last swept in this runtime dir, None when never in this boot
+    (a stamp from before it does not count: a runtime dir that is not under /run)."""
     try:
         swept = os.stat(_swept_path()).st_mtime
-        # A stamp from before this boot does not count (a runtime dir that is not under /run).
-        since = None if swept < _boot_time() else time.time() - swept
+        return None if swept < _boot_time() else max(0.0, time.time() - swept)
     except OSError:
-        since = None
+        return None
+
+
+def ensure_for_command(config_interval: float, systemd: bool, *, sweeping: bool = False) -> None:
+    """What every command of the CLI does first: :func:`ensure_watchdog` when :func:`needed`."""
     # (Without systemd every env is local: the state files' names are enough to know.)
     local = registry.any_state_file() if not systemd else \
         any(r.runtime == "local" for r in registry.list_records())
-    if needed(systemd=systemd, local_envs=local, since_sweep=since, interval=config_interval,
-              sweeping=sweeping):
+    if needed(systemd=systemd, local_envs=local, since_sweep=since_last_sweep(),
+              interval=config_interval, sweeping=sweeping):
         ensure_watchdog()
 
 
@@ -128,7 +133,10 @@ async def _watch() -> None:
     if fd is None:
         return
     idle_since = time.monotonic()
-    last_orphan_sweep = 0.0
+    # The orphan sweep keeps its pace across watchdogs: one started for each one-shot `run`
+    # must not walk the container engine each time (`podman info` alone costs seconds of CPU).
+    since = since_last_sweep()
+    last_orphan_sweep = -math.inf if since is None else time.monotonic() - since
     try:
         while True:
             orphans = time.monotonic() - last_orphan_sweep >= config.cleanup_interval

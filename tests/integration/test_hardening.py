@@ -115,6 +115,28 @@ async def test_the_watchdog_sweeps_orphan_dirs_every_cleanup_interval(
         await wait_until(lambda: not orphan.exists(), 4, "the watchdog swept the orphan")
 
 
+@pytest.mark.local_runtime
+async def test_a_new_watchdog_keeps_the_pace_of_the_last_orphan_sweep(
+        monkeypatch: pytest.MonkeyPatch, gv_home: Path) -> None:
+    """Each one-shot `ephemeral run` starts a watchdog; its orphan sweep (the container engine:
+    `podman info` costs seconds of CPU) must wait for cleanup_interval since the last one."""
+    from gestvenv import watchdog
+
+    monkeypatch.setenv("GESTVENV_EPHEMERAL_CLEANUP_INTERVAL", "4")
+    root = storage.storage_root(gestvenv.StorageBackend.DISK, load_config()).path
+    orphan = root / "rebooted-0123abcd"
+    storage.claim_dir(orphan, gv_home / "run" / "envs" / "rebooted.json", "0123abcd" + "0" * 24)
+    old = time.time() - 60
+    os.utime(orphan, (old, old))
+    watchdog.stamp_sweep()  # a sweep just now (by the watchdog of a run that just ended)
+    started = time.monotonic()
+    async with gestvenv.ephemeral("alive"):  # starts a new watchdog
+        await asyncio.sleep(1.5)
+        assert orphan.exists(), "the new watchdog swept orphans again before cleanup_interval"
+        await wait_until(lambda: not orphan.exists(), 6, "the watchdog swept the orphan when due")
+    assert time.monotonic() - started >= 3.5
+
+
 # --- snapshots ---
 
 
