@@ -16,7 +16,8 @@ dir) and then used offline by both (``--find-links``); or ``--wheelhouse DIR``.
 Per env, before its first command: the **private disk** outside the shared cache, the bytes
 allocated to files whose inode is the env's alone (st_nlink 1: copies; a reflink also counts
 as private here, as its extents cannot be told apart by st_nlink), against the bytes of files
-shared with the cache or the snapshot (hardlinks), and where the private bytes are.
+shared with the cache or the snapshot (hardlinks, or an overlay's lower layer: root at process
+isolation), and where the private bytes are.
 
 Targets (issue 15): the full cycle <= 1.0x ``uv run``; <= 2 MB private disk per env.
 
@@ -68,7 +69,10 @@ def private_breakdown(env_path: Path, top: int = 6) -> list[tuple[str, int, int]
     """Where an env's private bytes are: (dir two levels below the env, files, bytes)."""
     by_dir: Counter[str] = Counter()
     files: Counter[str] = Counter()
+    dev = os.lstat(env_path).st_dev
     for dirpath, _dirs, names in os.walk(env_path):
+        if os.lstat(dirpath).st_dev != dev:
+            continue  # an overlay of a snapshot: shared (its upper layer is counted in .gestvenv)
         rel = os.path.relpath(dirpath, env_path).split(os.sep)
         key = "/".join(rel[:4] if rel[:1] == ["lib"] else rel[:2])
         for name in names:

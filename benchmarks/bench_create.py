@@ -836,13 +836,17 @@ def old_hardlinks() -> Iterator[None]:
 
 def own_bytes(root: Path) -> tuple[int, int]:
     """(bytes allocated to files whose inode is the env's alone (st_nlink 1), bytes of files
-    whose inode is shared (hardlinks)), directories and symlinks not counted."""
+    whose inode is shared (hardlinks), or seen through a mount in the env (a root creator's
+    overlay of a snapshot at process isolation: its upper layer, the env's own, is in the env's
+    .gestvenv/overlay and counted there)), directories and symlinks not counted."""
     own = shared = 0
+    dev = os.lstat(root).st_dev
     for dirpath, _dirs, files in os.walk(root):
+        mounted = os.lstat(dirpath).st_dev != dev
         for name in files:
             st = os.lstat(os.path.join(dirpath, name))
             if not os.path.islink(os.path.join(dirpath, name)):
-                if st.st_nlink == 1:
+                if st.st_nlink == 1 and not mounted:
                     own += st.st_blocks * 512
                 else:
                     shared += st.st_blocks * 512

@@ -171,6 +171,9 @@ class Builder:
         # The env's commands run under a uid of their own and cannot write root's read-only
         # files: installed files may be hardlinks of the cache's and the snapshots' (link_mode).
         self.share_read_only = False
+        # Process isolation, root creator: a snapshot's site-packages are mounted as an
+        # overlay's lower layer instead of copied (overlay.chosen).
+        self.overlay = False
         # The package set's snapshot the env was populated from or stored to: (key, its dir).
         self.template: tuple[str, Path] | None = None
         self.templates = TemplateCache(templates_dir(config), config.template_ttl,
@@ -206,7 +209,8 @@ class Builder:
                 progress.step(_cloning(await in_thread(self.templates.contents, template)))
             try:
                 await in_thread(functools.partial(self.templates.clone, template, env_path,
-                                                  share_read_only=self.share_read_only))
+                                                  share_read_only=self.share_read_only,
+                                                  overlay=self.overlay))
                 self.template = (key, template)
                 return
             except OSError as exc:  # a pruned or damaged snapshot: install for real

@@ -123,9 +123,11 @@ OPTIONS: dict[str, Option] = {
     "allow_unenforced_limits": Option(_bool, "create envs even if a limit cannot be enforced"),
     "compile_bytecode": Option(_bool, "write .pyc files when installing packages"),
     "link_mode": Option(_choice("auto", "copy"),
-                        "how installed files are made, never as hardlinks (each env's files are "
-                        "its own): auto: reflink (copy-on-write clone) where the filesystem has "
-                        "them, else copy; copy: always a byte copy"),
+                        "how installed files are made, never as hardlinks the env can write "
+                        "(each env's files are its own): auto: reflink (copy-on-write clone) "
+                        "where the filesystem has them, else copy, and for root at process "
+                        "isolation an overlay of the package set's snapshot; copy: always a "
+                        "byte copy"),
     "template_ttl": Option(_int(0), "seconds a resolved package set is reused (0: never)"),
     "python": Option(_opt_str, "default interpreter (a version like '3.12' or a path)"),
     "storage_root": Option(_opt_path, "directory of disk-backed environments"),

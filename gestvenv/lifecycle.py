@@ -12,23 +12,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-import psutil
-
-from . import diskcap, registry, sandbox, storage
+from . import diskcap, overlay, registry, sandbox, storage
 from .builder import find_interpreter, make_builder, pip_cache_dir
 from .config import Config
-from .container import plan as cplan
-from .container.engine import Engine
 from .exceptions import BuildError, DiskFullError, UnenforceableLimitError, UnsafePathError
 from .inside import InsideInstaller
 from .models import Enforcement, IsolationLevel, ResourceLimits, StorageBackend
+from .reaper import process_started
 from .registry import EnvRecord
-from .runtime import Runtime, container, runtime_named, select_runtime
+from .runtime import Runtime, runtime_named, select_runtime
 from .runtime.systemd.pool import PoolUnitGone
 from .shield import in_thread, shielded
 from .watchdog import ensure_watchdog
 
 if TYPE_CHECKING:
+    from .container.engine import Engine
     from .runtime.systemd import SystemdRuntime
 
 CREATING_VENV = "creating its virtualenv"
@@ -100,7 +98,7 @@ async def _create(spec: EnvSpec, config: Config, *, use_pool: bool) -> EnvRecord
             raise DiskFullError(f"cannot create environment {spec.name!r}: {why}")
     env_id = uuid.uuid4().hex
     builder = make_builder(config, env_id)
-    me = psutil.Process(os.getpid())
+    me, started = os.getpid(), process_started(os.getpid())
     now = time.time()
     record = EnvRecord(
         name=spec.name, id=env_id, path=str(root.path / storage.env_dir_name(spec.name, env_id)),
@@ -109,7 +107,7 @@ async def _create(spec: EnvSpec, config: Config, *, use_pool: bool) -> EnvRecord
         idle_timeout=spec.idle_timeout or None, limits=spec.limits.to_dict(),
         # Every env is owned by its creator while it is being built (a creator killed half-way
         # leaves an orphan the watchdog removes); a kept one is released when ready.
-        enforcement=enforcement.to_dict(), owner_pid=me.pid, owner_started=me.create_time(),
+        enforcement=enforcement.to_dict(), owner_pid=me, owner_started=started,
         last_activity=now,
         builder=builder.name, packages=list(spec.packages),
         notes=[n for n in (root.note, *enforcement.notes) if n], environ=dict(spec.environ),
@@ -117,6 +115,8 @@ async def _create(spec: EnvSpec, config: Config, *, use_pool: bool) -> EnvRecord
     if enforcement.isolation_applied.sandboxed:
         record = await asyncio.to_thread(_with_sandbox, record, config, builder.tools())
     if engine is not None:  # (its unit's reaper removes it; sweeps look for it from now on)
+        from .runtime import container  # (only here: container envs are the rare ones)
+
         record = container.planned(record, engine,
                                    _container_tools(config, builder.tools()))
         await asyncio.to_thread(container.mark_used, config)
@@ -150,6 +150,10 @@ async def _create(spec: EnvSpec, config: Config, *, use_pool: bool) -> EnvRecord
             # Package code runs in the env; before its first command, its files go to its uid.
             builder.inside = InsideInstaller(record, runtime, hand_over_first=True)
             builder.share_read_only = record.sandbox_uid is not None
+            builder.overlay = overlay.chosen(
+                euid=os.geteuid(), sandboxed=enforcement.isolation_applied.sandboxed,
+                link_mode=config.link_mode, runtime=runtime.name,
+                same_mount_ns=runtime.name == "systemd" and overlay.same_mount_ns_as_init())
             if runtime.needs_watchdog:
                 await in_thread(ensure_watchdog)  # from now on a dead creator is noticed
             # Started right after the reservation, before the dir and the build: from here on
@@ -188,6 +192,8 @@ async def _create(spec: EnvSpec, config: Config, *, use_pool: bool) -> EnvRecord
             await builder.inside.hand_over()  # (done already if a build ran inside)
             if engine is not None and builder.template is not None:
                 stage = "making its package set's image"
+                from .runtime import container
+
                 record = await in_thread(container.with_packages_image, record, engine,
                                          *builder.template)
             record = record.evolve(status="ready", last_activity=time.time())
@@ -272,6 +278,9 @@ async def _isolation(runtime: Runtime, spec: EnvSpec,
     found, the strongest sandbox without one (namespace), and the env says so."""
     if spec.isolation.rank < IsolationLevel.CONTAINER.rank:
         return runtime.plan(spec.limits, spec.isolation), None
+    from .container import plan as cplan
+    from .runtime import container
+
     engine, why = await container.choose(config.container_engine)
     if engine is None:
         fallback = runtime.plan(spec.limits, IsolationLevel.NAMESPACE)

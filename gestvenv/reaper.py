@@ -137,6 +137,22 @@ def is_zombie(pid: int) -> bool:
         return True
 
 
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch, as psutil's ``create_time``: the
+    boot time plus its start in clock ticks), None when it is gone or a zombie. With the PID,
+    it names one process across PID reuse (a creator's ``owner_started``)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        if fields[0] in (b"Z", b"X"):
+            return None
+        with open("/proc/stat", "rb") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+
+
 # --- where deleting is allowed ---
 
 def env_dir_name(stem: str, env_id: str) -> str:
@@ -426,14 +442,16 @@ def cgroup_figures(cgroup: str) -> tuple[int | None, float | None]:
 
 def disk_used(path: Path, deadline: float | None = None) -> int | None:
     """Bytes the env's dir holds: its own filesystem's use when it has one (O(1)), else the
-    blocks of its files (each inode once, links not followed); None if it cannot be read, or
-    if the walk is still going at ``deadline`` (time.monotonic())."""
+    blocks of its files (each inode once, links not followed, mounts inside it not entered: an
+    overlay's lower layer is a snapshot's, its upper one is in the dir); None if it cannot be
+    read, or if the walk is still going at ``deadline`` (time.monotonic())."""
     try:
         if os.path.ismount(path):
             st = os.statvfs(path)
             return (st.f_blocks - st.f_bfree) * st.f_frsize
         seen: set[tuple[int, int]] = set()
         total = 0
+        dev = os.lstat(path).st_dev
         for dirpath, dirnames, filenames in os.walk(path):
             if deadline is not None and time.monotonic() > deadline:
                 return None
@@ -441,6 +459,10 @@ def disk_used(path: Path, deadline: float | None = None) -> int | None:
                 try:
                     info = os.lstat(os.path.join(dirpath, name))
                 except OSError:
+                    continue
+                if info.st_dev != dev:
+                    if name in dirnames:
+                        dirnames.remove(name)
                     continue
                 if (info.st_dev, info.st_ino) not in seen:
                     seen.add((info.st_dev, info.st_ino))

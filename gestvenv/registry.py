@@ -102,15 +102,12 @@ class EnvRecord:
         """True if the creating process still runs (same PID and start time), or there is none."""
         if self.owner_pid is None:
             return True
-        import psutil  # (here: ``list`` of envs that no creator owns never loads it)
+        from .reaper import process_started
 
-        try:
-            proc = psutil.Process(self.owner_pid)
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return False
-            return self.owner_started is None or abs(proc.create_time() - self.owner_started) < 0.5
-        except psutil.Error:
+        started = process_started(self.owner_pid)
+        if started is None:
             return False
+        return self.owner_started is None or abs(started - self.owner_started) < 0.5
 
     def state(self, now: float | None = None, *, owner_alive: bool | None = None) -> str:
         """creating, ready, expired, orphaned (its owner died) or destroying. ``owner_alive``:

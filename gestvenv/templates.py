@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from . import overlay as overlays
 from .diskcap import TEMP_NAMES
 from .exceptions import GestvenvError
 from .sandbox import shared_safe
@@ -124,13 +125,16 @@ def template_key(*, interpreter: str, version: str, installer: Mapping[str, obje
 def walk(root: Path, *, topdown: bool = True,
          prune: frozenset[str] | set[str] = frozenset()) -> Iterator[tuple[str, str, bool]]:
     """(path relative to ``root``, full path, is a real directory) for everything below
-    ``root``; symlinks are listed, never followed. Top-level entries named in ``prune`` are
-    left out, with all they hold (``topdown`` only)."""
+    ``root``; symlinks are listed, never followed. Entries named in ``prune`` are left out,
+    with all they hold (``topdown`` only): top-level names, and dirs by their relative path
+    ("lib/python3.12/site-packages")."""
     for dirpath, dirnames, filenames in os.walk(root, topdown=topdown):
         rel = os.path.relpath(dirpath, root)
         if prune and rel == ".":
             dirnames[:] = [d for d in dirnames if d not in prune]
             filenames = [f for f in filenames if f not in prune]
+        elif prune:
+            dirnames[:] = [d for d in dirnames if os.path.join(rel, d) not in prune]
         for name in (*dirnames, *filenames):
             path = os.path.join(dirpath, name)
             is_dir = name in dirnames and not os.path.islink(path)
@@ -230,17 +234,20 @@ class Copier:
 
 
 def _transfer(src_root: Path, dst_root: Path, *, skip: set[str], replace: tuple[bytes, bytes],
-              reflink: bool, share_read_only: bool = False) -> tuple[int, int]:
+              reflink: bool, share_read_only: bool = False,
+              shared: frozenset[str] = frozenset()) -> tuple[int, int]:
     """Recreate ``src_root``'s tree under ``dst_root``, minus the relative paths in ``skip``
     and the environment's private dir: directories made, symlinks recreated, scripts in bin/
     rewritten (``replace``: the interpreter's path for the placeholder or back), other files
     copied (reflinked when ``reflink`` and the filesystem allow); hardlinked only with
-    ``share_read_only``, where the target's commands cannot write them (see Copier).
+    ``share_read_only``, where the target's commands cannot write them (see Copier). The
+    dirs in ``shared`` (relative) are left out: an overlay already shows them (overlay.py).
     Returns (files, bytes) transferred."""
     copier = Copier(reflink=reflink, share_read_only=share_read_only)
     old, new = replace
     files = nbytes = 0
-    for relname, src, is_dir in walk(src_root, prune={PRIVATE_DIR, *TEMP_NAMES.values()}):
+    for relname, src, is_dir in walk(src_root,
+                                     prune={PRIVATE_DIR, *TEMP_NAMES.values(), *shared}):
         dst = os.path.join(dst_root, relname)
         if is_dir:
             os.makedirs(dst, exist_ok=True)  # also a skipped dir: it may hold new files
@@ -303,10 +310,27 @@ class TemplateCache:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def clone(self, template: Path, env_path: Path, *, share_read_only: bool = False) -> None:
+    def clone(self, template: Path, env_path: Path, *, share_read_only: bool = False,
+              overlay: bool = False) -> int:
+        """Recreate the snapshot's files in ``env_path``. With ``overlay`` (overlay.chosen),
+        its site-packages are mounted rather than copied, where the kernel agrees; returns
+        how many were. A failure leaves no mount behind."""
         python = str(env_path / "bin" / "python").encode()
-        _transfer(template, env_path, skip={COMPLETE_MARK}, replace=(PLACEHOLDER, python),
-                  reflink=self.reflink, share_read_only=share_read_only)
+        mounted: list[tuple[int, str]] = []
+        try:
+            if overlay:
+                for index, rel in enumerate(overlays.site_packages(template)):
+                    if overlays.mount(template / rel, env_path, rel, env_path / PRIVATE_DIR,
+                                      index):
+                        mounted.append((index, rel))
+            _transfer(template, env_path, skip={COMPLETE_MARK}, replace=(PLACEHOLDER, python),
+                      reflink=self.reflink, share_read_only=share_read_only,
+                      shared=frozenset(rel for _, rel in mounted))
+        except BaseException:
+            for index, rel in reversed(mounted):
+                overlays.unmount(env_path, rel, env_path / PRIVATE_DIR, index)
+            raise
+        return len(mounted)
 
     def store(self, key: str, env_path: Path, baseline: set[str]) -> None:
         """Snapshot what an install added to ``env_path``; a concurrent twin may win, fine."""
@@ -323,6 +347,8 @@ class TemplateCache:
                                                          "files": files, "bytes": nbytes}))
             final = self.root / key
             if final.exists():  # stale (past max_age) or a twin's: replace it
+                if overlays.in_use(final, overlays.lowers_in_use()):
+                    return  # (a live env's lower layer: never changed under it)
                 self._remove(final)
             os.rename(tmp, final)
         except OSError:
@@ -351,6 +377,7 @@ class TemplateCache:
         except OSError:
             return removed
         now = time.time()
+        lowers: set[str] | None = None  # (read once, when a snapshot is past its age)
         for entry in entries:
             if not _KEY_RE.fullmatch(entry.name):
                 continue
@@ -358,7 +385,11 @@ class TemplateCache:
                 if entry.name.startswith(".tmp-"):
                     stale = now - entry.stat(follow_symlinks=False).st_mtime > 3600
                 else:
-                    stale = self.lookup(entry.name) is None
+                    # (Past its age but the lower layer of a live env's overlay: kept until
+                    # that env is gone, and pruned by a later sweep.)
+                    stale = self.lookup(entry.name) is None and not overlays.in_use(
+                        Path(entry.path), lowers if lowers is not None
+                        else (lowers := overlays.lowers_in_use()))
                 if stale:
                     remove_tree(Path(entry.path), [self.root])
                     removed.append(entry.path)

@@ -105,8 +105,10 @@ def run_foreground(env: Environment, argv: Sequence[str], *, timeout: float | No
         argv = argv[1:]
     if not argv:
         raise UserError("no command given")
-    from ..runtime import SystemdRuntime
     from ..sync import run_soon, run_sync
+
+    if env.runtime == "systemd":  # (not imported otherwise: dbus-next costs ~15 ms to load)
+        from ..runtime import SystemdRuntime
 
     def on_term(signum: int, frame: object) -> None:
         raise Terminated

@@ -15,8 +15,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import psutil
-
 from .. import diskcap
 from .. import sandbox as sandbox_ids
 from ..exceptions import (
@@ -35,7 +33,7 @@ from ..models import (
     network_held,
 )
 from ..registry import EnvRecord, lock_path, state_path
-from . import bwrap, container, processes
+from . import bwrap, processes
 from .base import CommandSpec, Runtime, Usage
 from .spawn import StatusPipe, run_process
 
@@ -56,7 +54,12 @@ def _spawn_holder(record: EnvRecord) -> None:
         argv += ["--idle-timeout", str(record.idle_timeout)]
     if record.expires_at is not None:
         argv += ["--expires-at", repr(record.expires_at)]
-    processes.spawn_detached(argv, {HOLDER_MARKER: record.id, **container.reaper_environ(record)})
+    environ = {HOLDER_MARKER: record.id}
+    if record.container:  # (the container glue is loaded for container envs only: ~10 ms)
+        from . import container
+
+        environ.update(container.reaper_environ(record))
+    processes.spawn_detached(argv, environ)
 
 
 def _user_task_count(uid: int) -> int:
@@ -207,13 +210,18 @@ class LocalRuntime(Runtime):
 
     async def start_container(self, record: EnvRecord) -> EnvRecord:
         """The env's container, with the engine's own limits (no slice holds them here)."""
+        from . import container
+
         return await container.start(record)
 
     async def stop(self, record: EnvRecord) -> None:
         # Its container first (it holds the env's dir bound inside). Its holder is left to
         # leave by itself (within 0.5 s of its state file going): no second scan of /proc on
         # every destroy.
-        await container.stop(record)
+        if record.container:
+            from . import container
+
+            await container.stop(record)
         await asyncio.to_thread(processes.kill_marked, processes.ENV_MARKER, record.id)
 
     def guarantees(self, record: EnvRecord | None = None) -> Sequence[str]:
@@ -248,7 +256,9 @@ class LocalRuntime(Runtime):
         return await asyncio.to_thread(read)
 
     async def run(self, record: EnvRecord, command: CommandSpec) -> ExecResult:
-        if container.of(record) is not None:
+        if record.container:
+            from . import container
+
             return await container.run(record, command)
         box = sandbox_of(record)
         argv: Sequence[str] = command.argv
@@ -268,6 +278,8 @@ def _usage_of(pids: Sequence[int]) -> Usage:
     """Resident memory, peak and CPU time of an env's processes. The peak is the sum of each
     one's own peak (VmHWM): what exited is not in it, and peaks that did not coincide are
     added up, so it is an estimate, said as such (``memory_peak_source``)."""
+    import psutil
+
     memory, peak, cpu, count = 0, 0, 0.0, 0
     for pid in pids:
         try:

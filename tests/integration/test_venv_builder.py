@@ -20,6 +20,7 @@ from gestvenv import builder as builder_mod
 from gestvenv import storage
 from gestvenv.builder import Pip, VenvPipBuilder, find_pip
 from gestvenv.config import load_config
+from gestvenv.reaper import mount_of
 from gestvenv.runtime import bwrap
 from gestvenv.runtime.systemd import systemd_booted
 
@@ -124,9 +125,12 @@ async def test_the_second_env_of_a_set_is_a_clone_without_pip(
         assert env.path.as_posix() in (env.bin_dir / "pip").read_text()
         site = next(env.path.glob("lib/python*/site-packages"))
         mine = (site / "six" / "__init__.py").stat()
-        assert mine.st_nlink == 1
-        assert mine.st_ino != (snapshot / site.relative_to(env.path) / "six" /
-                               "__init__.py").stat().st_ino
+        theirs = (snapshot / site.relative_to(env.path) / "six" / "__init__.py").stat()
+        if mount_of(str(site))[1] == "overlay":  # root, process isolation (test_overlay.py)
+            assert mine.st_dev != theirs.st_dev
+        else:
+            assert mine.st_nlink == 1
+            assert mine.st_ino != theirs.st_ino
         tool = await env.execute("gvtool")
         listed = await env.execute(["pip", "list", "--format", "freeze"])
     assert tool.stdout == "gvtool ran\n"

@@ -169,3 +169,20 @@ def test_the_claim_is_deleted_last(root: Path, registry: Path,
     monkeypatch.setattr(gestvenv.reaper.os, "unlink", unlink)
     assert gestvenv.reaper.remove_tree(path, [root])
     assert unlinked[-1] == gestvenv.reaper.CLAIM and len(unlinked) == 4
+
+
+def test_process_started_names_one_process_as_psutil_does() -> None:
+    import psutil
+
+    from gestvenv.reaper import process_started
+
+    started = process_started(os.getpid())
+    assert started is not None and abs(started - psutil.Process().create_time()) < 0.02
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    pid = child.pid
+    deadline = time.monotonic() + 10
+    while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process_started(pid) is None          # exited, not yet waited for: no creator
+    child.wait()
+    assert process_started(pid) is None          # gone
