@@ -12,20 +12,23 @@ The mount lives in the creator's mount namespace, which is where the env's comma
 children locally; PID 1's under systemd, hence :func:`chosen`'s same-namespace rule). It goes
 with the env's dir: ``reaper.remove_tree`` unmounts what is mounted inside a dir before
 deleting it, whoever removes it (destroy, the undo of a failed create, the reaper, a sweep).
-A snapshot that is the lower layer of a live mount is never pruned (:func:`lowers_in_use`).
+A snapshot that is the lower layer of a live mount is never pruned: each clone leaves a lease in
+it, under a shared lock on the snapshot that prune and store take exclusively (:func:`leased`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 
-from .reaper import unescape_mountinfo
-
 # In the env's private dir (templates.PRIVATE_DIR): one <n>/upper and <n>/work per overlay.
 OVERLAY_DIR = "overlay"
+# In a snapshot: one file per env whose overlay has it as lower layer (its path inside).
+LEASES = ".leases"
 _MS_NOSUID, _MS_NODEV = 2, 4
+_MNT_DETACH = 2
 # What an overlay's mount options cannot carry without escaping (lowerdir takes ":" lists).
 _UNSAFE = frozenset(",:\\\n\t ")
 
@@ -75,71 +78,86 @@ def site_packages(template: Path) -> list[str]:
 
 def mount(lower: Path, env_path: Path, rel: str, private: Path, index: int) -> bool:
     """Mount ``lower`` (a snapshot's ``rel``) over the env's ``rel``, what the env already has
-    there (its venv's own files) becoming the upper layer. False, with nothing changed, when it
-    cannot be done (no overlay, another filesystem's refusal, a path the options cannot carry):
-    the caller copies instead."""
+    there (its venv's own files) becoming the upper layer. False, with the env as it was, when
+    it cannot be done (no overlay, the kernel's refusal, a path the options cannot carry): the
+    caller copies instead."""
     target = env_path / rel
     base = private / OVERLAY_DIR / str(index)
     upper, work = base / "upper", base / "work"
-    opts = options(str(lower), str(upper), str(work))
+    opts = options(os.path.realpath(lower), str(upper), str(work))
     if opts is None or os.path.islink(target) or not target.is_dir():
         return False
     import ctypes  # (only here: a few ms, and only root at process isolation gets here)
 
-    base.mkdir(parents=True, exist_ok=True)
-    work.mkdir()
-    os.rename(target, upper)  # (same filesystem: the env's dir; its baseline files stay)
-    os.mkdir(target)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(b"overlay", str(target).encode(), b"overlay", _MS_NOSUID | _MS_NODEV,
-                  opts.encode()) == 0:
-        return True
-    os.rmdir(target)
-    os.rename(upper, target)
-    os.rmdir(work)
+    moved = False
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        work.mkdir()
+        os.rename(target, upper)  # (same filesystem: the env's dir; its baseline files stay)
+        moved = True
+        os.mkdir(target)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"overlay", str(target).encode(), b"overlay", _MS_NOSUID | _MS_NODEV,
+                      opts.encode()) == 0:
+            return True
+    except OSError:
+        pass
+    if moved:
+        with contextlib.suppress(OSError):
+            os.rmdir(target)
+        os.rename(upper, target)  # (if even this fails, the clone fails: a real install then)
+    for leftover in (work, base, base.parent):
+        with contextlib.suppress(OSError):
+            os.rmdir(leftover)
     return False
 
 
 def unmount(env_path: Path, rel: str, private: Path, index: int) -> None:
     """Undo :func:`mount`: the env's own files back where they were (a clone that failed
-    after mounting, before the env was anyone's)."""
+    after mounting, before the env was anyone's). Best effort, step by step: what is left is
+    the env's dir's, removed with it (reaper.remove_tree unmounts first)."""
     import ctypes
 
     target = env_path / rel
     base = private / OVERLAY_DIR / str(index)
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.umount2(str(target).encode(), 0) != 0:
-        libc.umount2(str(target).encode(), 2)  # MNT_DETACH: busy; never deleted through
-    os.rmdir(target)
-    os.rename(base / "upper", target)
+    if libc.umount2(str(target).encode(), 0) != 0 \
+            and libc.umount2(str(target).encode(), _MNT_DETACH) != 0:
+        return  # still mounted: never moved from under the mount
+    with contextlib.suppress(OSError):
+        os.rmdir(target)
+        os.rename(base / "upper", target)
     for leftover in (base / "work" / "work", base / "work", base):
         with contextlib.suppress(OSError):
             os.rmdir(leftover)
 
 
-def lowers_in_use(mountinfo: str = "/proc/self/mountinfo") -> set[str]:
-    """The lower dirs of the overlays mounted here (in this mount namespace)."""
-    found: set[str] = set()
+def lease(snapshot: Path, env_path: Path) -> None:
+    """Note in ``snapshot`` that ``env_path``'s overlay sits on it (see :func:`leased`)."""
+    leases = snapshot / LEASES
+    leases.mkdir(exist_ok=True)
+    name = hashlib.sha256(str(env_path).encode()).hexdigest()[:32]
+    (leases / name).write_text(str(env_path))
+
+
+def leased(snapshot: Path, private: str) -> bool:
+    """Whether an env's overlay may sit on ``snapshot``: a lease whose env still has its
+    overlay dir (``<env>/<private>/overlay``). A file, not a look at mountinfo: the mount may be
+    in another mount namespace than the sweep's, and its lowerdir spelled through a symlink.
+    Leases of envs that are gone (destroyed, reaped, swept: their dir with them) are removed."""
     try:
-        with open(mountinfo) as f:
-            lines = f.readlines()
+        names = os.listdir(snapshot / LEASES)
     except OSError:
-        return found
-    for line in lines:
-        fields = line.split()
+        return False
+    held = False
+    for name in names:
+        path = snapshot / LEASES / name
         try:
-            sep = fields.index("-")
-        except ValueError:
+            env = Path(path.read_text())
+            if (env / private / OVERLAY_DIR).is_dir():
+                held = True
+                continue
+            os.unlink(path)
+        except OSError:
             continue
-        if fields[sep + 1] != "overlay" or len(fields) < sep + 4:
-            continue
-        for opt in fields[sep + 3].split(","):
-            if opt.startswith("lowerdir="):
-                found.update(unescape_mountinfo(p) for p in opt[len("lowerdir="):].split(":"))
-    return found
-
-
-def in_use(snapshot: Path, lowers: set[str]) -> bool:
-    """Whether ``snapshot`` (or a dir in it) is the lower layer of a live overlay."""
-    prefix = str(snapshot).rstrip("/") + "/"
-    return any(low == str(snapshot) or low.startswith(prefix) for low in lowers)
+    return held

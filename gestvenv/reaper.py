@@ -285,9 +285,7 @@ def remove_tree(path: Path, roots: list[Path]) -> bool:
         return False
     # Mount points are listed by real path: look where the path really is.
     real = os.path.join(os.path.realpath(path.parent), path.name)
-    for mnt in mounts_under(real):
-        if not _umount(mnt):
-            raise UnsafePathError(f"refusing to delete {path}: {mnt} is mounted inside it")
+    _unmount_all(real, str(path))
     parent_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         _remove_at(parent_fd, path.name, os.fstat(parent_fd).st_dev, str(path))
@@ -296,6 +294,21 @@ def remove_tree(path: Path, roots: list[Path]) -> bool:
     finally:
         os.close(parent_fd)
     return True
+
+
+def _unmount_all(real: str, shown: str) -> None:
+    """Unmount everything at or below ``real``, deepest first. A mount hidden under another
+    (code in the env mounted over its overlay's parent) cannot be reached by its path until
+    what covers it is gone: the passes go on while they make progress. Refused when one
+    resists, since nothing is ever deleted through a mount."""
+    left = mounts_under(real)
+    while left:
+        for mnt in left:
+            _umount(mnt)
+        now = mounts_under(real)
+        if len(now) >= len(left):
+            raise UnsafePathError(f"refusing to delete {shown}: {now[0]} is mounted inside it")
+        left = now
 
 
 def _remove_at(parent_fd: int, name: str, dev: int, shown: str) -> None:

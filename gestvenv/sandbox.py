@@ -109,6 +109,12 @@ SHARED_FILES_OWN_UID = (
     "installed files are hardlinks of the cache and snapshots that are root's and read-only to "
     "the env's uid (an edit in place fails: EACCES; a file replaced is the env's own), or "
     "copies; the cache and snapshots are hidden")
+# Every other env: what the creator's uid can write is never shared with anything else.
+SHARED_FILES_COPIES = (
+    "installed files are copies or reflinks, never hardlinks, of the cache and snapshots; a "
+    "root creator's clone at process isolation (link_mode auto) has the snapshot's "
+    "site-packages as the read-only lower layer of an overlay, the env's writes going to its "
+    "own upper layer")
 
 
 def shared_safe(st: os.stat_result) -> bool:

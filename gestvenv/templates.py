@@ -246,8 +246,8 @@ def _transfer(src_root: Path, dst_root: Path, *, skip: set[str], replace: tuple[
     copier = Copier(reflink=reflink, share_read_only=share_read_only)
     old, new = replace
     files = nbytes = 0
-    for relname, src, is_dir in walk(src_root,
-                                     prune={PRIVATE_DIR, *TEMP_NAMES.values(), *shared}):
+    for relname, src, is_dir in walk(src_root, prune={PRIVATE_DIR, overlays.LEASES,
+                                                      *TEMP_NAMES.values(), *shared}):
         dst = os.path.join(dst_root, relname)
         if is_dir:
             os.makedirs(dst, exist_ok=True)  # also a skipped dir: it may hold new files
@@ -266,6 +266,30 @@ def _transfer(src_root: Path, dst_root: Path, *, skip: set[str], replace: tuple[
             copier.copy(src, dst)
             nbytes += os.lstat(dst).st_size
     return files, nbytes
+
+
+@contextlib.contextmanager
+def _locked(snapshot: Path, *, exclusive: bool) -> Iterator[bool | None]:
+    """Hold a snapshot's lock (a flock on its completion mark): shared while a clone leases
+    and mounts it, exclusive while prune or store removes it, so that no removal falls between
+    a clone's lookup and its mount. Yields whether the snapshot is still whole (False: removed
+    meanwhile); a snapshot without its mark (being removed) yields False to a clone and True
+    to a removal; an exclusive lock that another holds yields None at once (never waits: a
+    sweep goes on)."""
+    try:
+        fd = os.open(snapshot / COMPLETE_MARK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        yield exclusive  # (no mark: nothing clones it; removable)
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            yield None
+            return
+        yield os.fstat(fd).st_nlink > 0
+    finally:
+        os.close(fd)
 
 
 class TemplateCache:
@@ -319,10 +343,14 @@ class TemplateCache:
         mounted: list[tuple[int, str]] = []
         try:
             if overlay:
-                for index, rel in enumerate(overlays.site_packages(template)):
-                    if overlays.mount(template / rel, env_path, rel, env_path / PRIVATE_DIR,
-                                      index):
-                        mounted.append((index, rel))
+                with _locked(template, exclusive=False) as whole:
+                    if whole:  # (else pruned meanwhile: copied from, and failing, as before)
+                        for index, rel in enumerate(overlays.site_packages(template)):
+                            if overlays.mount(template / rel, env_path, rel,
+                                              env_path / PRIVATE_DIR, index):
+                                mounted.append((index, rel))
+                        if mounted:  # (under the lock: no removal before the lease is there)
+                            overlays.lease(template, env_path)
             _transfer(template, env_path, skip={COMPLETE_MARK}, replace=(PLACEHOLDER, python),
                       reflink=self.reflink, share_read_only=share_read_only,
                       shared=frozenset(rel for _, rel in mounted))
@@ -346,10 +374,9 @@ class TemplateCache:
             (tmp / COMPLETE_MARK).write_text(json.dumps({"created": time.time(),
                                                          "files": files, "bytes": nbytes}))
             final = self.root / key
-            if final.exists():  # stale (past max_age) or a twin's: replace it
-                if overlays.in_use(final, overlays.lowers_in_use()):
-                    return  # (a live env's lower layer: never changed under it)
-                self._remove(final)
+            # Stale (past max_age) or a twin's: replaced, unless a live env's overlay sits on it.
+            if final.exists() and not self._remove_unleased(final):
+                return
             os.rename(tmp, final)
         except OSError:
             # Not having a snapshot only costs speed; never fail the environment for it.
@@ -377,25 +404,33 @@ class TemplateCache:
         except OSError:
             return removed
         now = time.time()
-        lowers: set[str] | None = None  # (read once, when a snapshot is past its age)
         for entry in entries:
             if not _KEY_RE.fullmatch(entry.name):
                 continue
             try:
                 if entry.name.startswith(".tmp-"):
-                    stale = now - entry.stat(follow_symlinks=False).st_mtime > 3600
-                else:
+                    if now - entry.stat(follow_symlinks=False).st_mtime > 3600:
+                        remove_tree(Path(entry.path), [self.root])
+                        removed.append(entry.path)
+                elif self.lookup(entry.name) is None \
+                        and self._remove_unleased(Path(entry.path)):
                     # (Past its age but the lower layer of a live env's overlay: kept until
                     # that env is gone, and pruned by a later sweep.)
-                    stale = self.lookup(entry.name) is None and not overlays.in_use(
-                        Path(entry.path), lowers if lowers is not None
-                        else (lowers := overlays.lowers_in_use()))
-                if stale:
-                    remove_tree(Path(entry.path), [self.root])
                     removed.append(entry.path)
             except (OSError, GestvenvError):
                 continue
         return removed
+
+    def _remove_unleased(self, snapshot: Path) -> bool:
+        """Remove a snapshot no env's overlay sits on; False (kept) if one does, or if a clone
+        holds it this instant."""
+        with _locked(snapshot, exclusive=True) as whole:
+            if not whole:
+                return False  # (a clone is reading it; or another removal was first)
+            if overlays.leased(snapshot, PRIVATE_DIR):
+                return False
+            remove_tree(snapshot, [self.root])
+            return True
 
     def _remove(self, path: Path) -> None:
         with contextlib.suppress(OSError):

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .. import templates
+from .. import overlay, templates
 from ..diskcap import TEMP_NAMES
 from .engine import LABEL_IMAGE, LABEL_KEY, Engine, EngineError, last_line
 
@@ -649,7 +649,7 @@ def build_args(engine_name: str, ref: str, context: str) -> list[str]:
 # What a snapshot holds besides the venv's files: its completion mark, and (never stored, but
 # pruned as TemplateCache.clone does) an env's private and temp dirs.
 _SNAPSHOT_MARK = templates.COMPLETE_MARK
-_SNAPSHOT_PRUNE = frozenset({templates.PRIVATE_DIR, *TEMP_NAMES.values()})
+_SNAPSHOT_PRUNE = frozenset({templates.PRIVATE_DIR, overlay.LEASES, *TEMP_NAMES.values()})
 
 
 def venv_skeleton(facts: Facts) -> dict[str, Entry]:

@@ -91,9 +91,8 @@ def protections(applied: IsolationLevel, *, root: bool, own_uid: bool,
     boxed = applied.sandboxed
     out = {
         "shared_files": sandbox_ids.SHARED_FILES_OWN_UID if boxed and own_uid else
-                        "installed files are copies or reflinks, never hardlinks, of the cache "
-                        "and snapshots" + ("; gestvenv's dirs but the env's are hidden"
-                                           if boxed else ""),
+                        sandbox_ids.SHARED_FILES_COPIES + ("; gestvenv's dirs but the env's are "
+                                                           "hidden" if boxed else ""),
         "builds": "package code (sdist builds) runs as a command of the env: its limits, "
                   "isolation and network" + (" (bubblewrap)" if boxed else ""),
     }

@@ -129,6 +129,44 @@ async def test_a_snapshot_past_its_age_is_kept_while_an_env_sits_on_it(gv_home: 
     assert cache.prune() == [str(snapshot)]
 
 
+async def test_a_snapshot_reached_through_a_symlink_is_kept_too(
+        gv_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lease is in the snapshot, not read back from mountinfo, where the lowerdir would be
+    spelled as the creator reached it (a review: a cache dir behind a symlink lost its
+    snapshot to the next sweep, and the env every package)."""
+    if not expects_overlay():
+        pytest.skip("this creator is not in PID 1's mount namespace: clones are copies")
+    (tmp_path / "real-cache").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real-cache")
+    monkeypatch.setenv("GESTVENV_EPHEMERAL_CACHE_DIR", str(tmp_path / "link" / "uv"))
+    async with gestvenv.ephemeral("seed", packages=["six"]):
+        pass
+    [snapshot] = snapshots()
+    async with gestvenv.ephemeral("user", packages=["six"]) as env:
+        old = time.time() - 3600
+        os.utime(snapshot / ".gestvenv-template", (old, old))
+        real = TemplateCache(tmp_path / "real-cache" / "gestvenv-templates", max_age=1)
+        assert real.prune() == []                        # the same dir, spelled without the link
+        out = await env.execute(["python", "-c", "import six; print(six.__name__)"])
+        assert out.stdout == "six\n"
+
+
+async def test_code_that_mounts_over_its_overlay_does_not_keep_the_env(gv_home: Path) -> None:
+    """A mount over the overlay's parent hides the overlay from its path: unmounting deepest
+    first failed on it, and the env's dir stayed (a review)."""
+    if not expects_overlay():
+        pytest.skip("this creator is not in PID 1's mount namespace: clones are copies")
+    async with gestvenv.ephemeral("seed", packages=["six"]):
+        pass
+    async with gestvenv.ephemeral("hider", packages=["six"]) as env:
+        hidden = await env.execute(["sh", "-c", 'mount -t tmpfs none "$VIRTUAL_ENV/lib"'])
+        assert hidden.ok, hidden.stderr
+        path = env.path
+        assert len(overlays_under(path)) == 2
+    assert not path.exists()
+    assert overlays_under(path.parent) == []
+
+
 def test_a_sigkilled_creator_leaves_no_mount(gv_home: Path, tmp_path: Path) -> None:
     if not expects_overlay():
         pytest.skip("this creator is not in PID 1's mount namespace: clones are copies")

@@ -3,12 +3,15 @@ mounts)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from gestvenv import overlay
-from gestvenv.templates import walk
+from gestvenv.templates import _MARK, COMPLETE_MARK, PRIVATE_DIR, TemplateCache, _locked, walk
 
 
 @pytest.mark.parametrize(("facts", "expected"), [
@@ -34,21 +37,49 @@ def test_options_refuse_what_they_cannot_carry() -> None:
         assert overlay.options("/c/t", bad, "/e/w") is None
 
 
-def test_lowers_in_use_reads_overlay_mounts_only(tmp_path: Path) -> None:
-    info = tmp_path / "mountinfo"
-    info.write_text(
-        "36 35 98:0 / / rw - ext4 /dev/root rw\n"
-        "40 36 0:40 / /e/lib/site-packages rw,nosuid,nodev - overlay overlay "
-        "rw,lowerdir=/c/tpl/k1/lib/site-packages,upperdir=/e/.gestvenv/overlay/0/upper,"
-        "workdir=/e/.gestvenv/overlay/0/work\n"
-        "41 36 0:41 / /m rw - overlay overlay rw,lowerdir=/a\\040b:/c/d,upperdir=/u,workdir=/w\n"
-        "42 36 0:42 / /t rw - tmpfs tmpfs rw,lowerdir=/not/an/overlay\n")
-    lowers = overlay.lowers_in_use(str(info))
-    assert lowers == {"/c/tpl/k1/lib/site-packages", "/a b", "/c/d"}
-    assert overlay.in_use(Path("/c/tpl/k1"), lowers)
-    assert not overlay.in_use(Path("/c/tpl/k"), lowers)     # a prefix of a name is not a parent
-    assert not overlay.in_use(Path("/c/tpl/k2"), lowers)
-    assert overlay.lowers_in_use(str(tmp_path / "none")) == set()
+def snapshot_with_mark(root: Path, key: str) -> Path:
+    snap = root / key
+    (snap / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
+    (root / _MARK).write_text("gestvenv package-set snapshots\n")  # (prune's: the root is ours)
+    (snap / COMPLETE_MARK).write_text("{}")
+    old = time.time() - 3600
+    os.utime(snap / COMPLETE_MARK, (old, old))  # past any max_age below
+    return snap
+
+
+def test_a_leased_snapshot_is_kept_until_its_env_is_gone(tmp_path: Path) -> None:
+    """No mountinfo involved: the mount may be in another mount namespace than the sweep's,
+    or its lowerdir spelled through a symlink; the lease is in the snapshot itself."""
+    root = tmp_path / "gestvenv-templates"
+    snap = snapshot_with_mark(root, "0" * 32)
+    env = tmp_path / "envs" / "e-01234567"
+    (env / PRIVATE_DIR / overlay.OVERLAY_DIR).mkdir(parents=True)
+    overlay.lease(snap, env)
+    cache = TemplateCache(root, max_age=60)
+    assert cache.prune() == []
+    assert snap.exists() and overlay.leased(snap, PRIVATE_DIR)
+    shutil.rmtree(env)                                   # the env destroyed, reaped or swept
+    assert cache.prune() == [str(snap)]
+    assert not snap.exists()
+
+
+def test_a_stale_lease_is_dropped(tmp_path: Path) -> None:
+    snap = snapshot_with_mark(tmp_path, "1" * 32)
+    overlay.lease(snap, tmp_path / "gone")
+    assert not overlay.leased(snap, PRIVATE_DIR)
+    assert list((snap / overlay.LEASES).iterdir()) == []
+
+
+def test_a_clone_holding_the_snapshot_keeps_prune_off_it(tmp_path: Path) -> None:
+    root = tmp_path / "gestvenv-templates"
+    snap = snapshot_with_mark(root, "2" * 32)
+    cache = TemplateCache(root, max_age=60)
+    with _locked(snap, exclusive=False) as whole:        # a clone between lookup and mount
+        assert whole is True
+        assert cache.prune() == []
+    assert cache.prune() == [str(snap)]
+    with _locked(snap, exclusive=False) as whole:        # pruned: the clone copies, and fails
+        assert whole is False
 
 
 def test_site_packages_dirs_of_a_snapshot(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from ...models import (
     network_held,
 )
 from ...names import RESERVED_NAMES
-from ...sandbox import SHARED_FILES_OWN_UID, is_hidden
+from ...sandbox import SHARED_FILES_COPIES, SHARED_FILES_OWN_UID, is_hidden
 
 PARENT_SLICE = "gestvenv.slice"
 # In the env unit's environment: which env it is, and where its state file is (a name is reused
@@ -295,9 +295,8 @@ def protections(applied: IsolationLevel, caps: Capabilities,
     who = "the creator's uid, unprivileged" if caps.user else "root, as the creator"
     out = {
         "shared_files": SHARED_FILES_OWN_UID if own_uid else
-                        "installed files are copies or reflinks of the cache and snapshots, "
-                        "never hardlinks" + ("; the cache and snapshots are hidden" if boxed
-                                             else ""),
+                        SHARED_FILES_COPIES + ("; the cache and snapshots are hidden" if boxed
+                                               else ""),
         "builds": "package code (sdist builds) runs as a command of the env: its unit, limits, "
                   "isolation and network",
     }
