@@ -95,6 +95,14 @@ def _opt_path(value: Any) -> Path | None:
     return Path(value)
 
 
+def _storage_root(value: Any) -> Path | None:
+    """an absolute path without ':' (each env's bin dir goes on PATH, which ':' splits)"""
+    path = _opt_path(value)
+    if ":" in str(path):
+        raise ValueError
+    return path
+
+
 def _str_list(value: Any) -> tuple[str, ...]:
     """a list of strings (in a variable: separated by spaces)"""
     if isinstance(value, str):
@@ -130,7 +138,7 @@ OPTIONS: dict[str, Option] = {
                         "byte copy"),
     "template_ttl": Option(_int(0), "seconds a resolved package set is reused (0: never)"),
     "python": Option(_opt_str, "default interpreter (a version like '3.12' or a path)"),
-    "storage_root": Option(_opt_path, "directory of disk-backed environments"),
+    "storage_root": Option(_storage_root, "directory of disk-backed environments"),
     "cache_dir": Option(_opt_path, "the shared package cache (keep it on the disk root's FS)"),
     "find_links": Option(_str_list, "extra local dirs or URLs to find packages in"),
     "index_url": Option(_opt_str, "package index URL (default: the installer's)"),

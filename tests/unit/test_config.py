@@ -124,6 +124,7 @@ def test_environment_strings_are_parsed(monkeypatch: pytest.MonkeyPatch, variabl
     ('runtime = "docker"', "runtime", "one of 'auto', 'systemd', 'local'"),
     ('offline = "maybe"', "offline", "true or false"),
     ('storage_root = "relative/dir"', "storage_root", "an absolute path"),
+    ('storage_root = "/srv/a:b"', "storage_root", "an absolute path without ':'"),
     ("find_links = [1, 2]", "find_links", "a list of strings"),
 ])
 def test_bad_file_value_names_file_key_and_allowed(user_file: Path, line: str, key: str,
