@@ -17,7 +17,7 @@ from .registry import EnvRecord
 from .runtime.systemd.booted import systemd_booted
 
 if TYPE_CHECKING:
-    from .runtime.base import UnitView
+    from .runtime.unitview import UnitView
 
 
 def describe(record: EnvRecord, *, guarantees: bool = True) -> dict[str, Any]:
@@ -118,9 +118,18 @@ async def environments(*, guarantees: bool = True) -> list[dict[str, Any]]:
 
 def environments_now(*, guarantees: bool = True) -> list[dict[str, Any]]:
     """:func:`environments` from synchronous code: an event loop only where systemd must be
-    asked (the CLI's ``list`` on a host without systemd starts none)."""
+    asked the hard way. Without systemd, none; with it, the listing without guarantees (the
+    CLI's table) asks through ``busctl`` (units.listed_by_busctl), and falls back to the
+    runtime (dbus-next, in a loop) only when that is not the whole answer."""
     if not systemd_booted():
         return merge(registry.list_records(), None, guarantees=guarantees)
+    if not guarantees:
+        from .runtime.systemd.units import listed_by_busctl
+
+        records = registry.list_records()
+        units = listed_by_busctl({r.stem: r.id for r in records})
+        if units is not None:
+            return merge(records, units, guarantees=False)
     from .sync import run_sync
 
     return run_sync(environments(guarantees=guarantees))

@@ -8,14 +8,15 @@ from ..config import RUNTIMES, Config
 from ..exceptions import RuntimeUnavailableError
 
 if TYPE_CHECKING:
-    from .base import CommandSpec, Runtime, StreamCallback, UnitView, Usage
+    from .base import CommandSpec, Runtime, StreamCallback, Usage
     from .local import LocalRuntime
     from .systemd import SystemdRuntime
+    from .unitview import UnitView
 
 # Loaded on first use (PEP 562): ``gestvenv.runtime.processes`` or ``.systemd.booted`` must not
 # cost the import of every runtime (asyncio, psutil, dbus-next) to a light CLI command.
 _EXPORTS = {"CommandSpec": "base", "Runtime": "base", "StreamCallback": "base",
-            "UnitView": "base", "Usage": "base", "LocalRuntime": "local",
+            "UnitView": "unitview", "Usage": "base", "LocalRuntime": "local",
             "SystemdRuntime": "systemd"}
 
 if not TYPE_CHECKING:  # (hidden from mypy: a module __getattr__ would type every typo as Any)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..models import Enforcement, ExecResult, IsolationLevel, ResourceLimits
 from ..registry import EnvRecord
+from .unitview import UnitView
 
 # Called with ("stdout" | "stderr", text) as output arrives, when streaming.
 StreamCallback = Callable[[str, str], None]
@@ -50,32 +50,6 @@ class Usage:
     # be measured (a user manager without the memory controller).
     memory_peak_bytes: int | None = None
     memory_peak_source: str | None = None
-
-
-@dataclass(frozen=True)
-class UnitView:
-    """An environment's unit as the runtime's manager sees it."""
-
-    state: str                # active, activating, deactivating, failed, inactive...
-    env_id: str | None        # which environment it was started for
-    state_file: str | None    # where that environment's state file was
-
-    @property
-    def ours(self) -> bool:
-        """Started by gestvenv (it says which env): a unit that merely has a gestvenv-like
-        name, someone's own ``gestvenv-web.service``, is never touched."""
-        return bool(self.env_id and self.state_file)
-
-    def orphaned(self) -> bool:
-        """Ours, and its environment's state file is gone or now belongs to another env."""
-        if not self.ours:
-            return False
-        assert self.state_file is not None
-        try:
-            with open(self.state_file) as f:
-                return bool(json.load(f).get("id") != self.env_id)
-        except (OSError, ValueError, AttributeError):
-            return True
 
 
 class Runtime(abc.ABC):

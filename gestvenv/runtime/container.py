@@ -47,10 +47,11 @@ from ..models import ExecResult
 from ..registry import EnvRecord, state_path
 from ..templates import TemplateCache
 from . import processes
-from .base import CommandSpec, UnitView
+from .base import CommandSpec
 from .bwrap import EXEC_FAILED, INIT
 from .spawn import StatusPipe, run_process
 from .systemd.cgroups import OomWatch
+from .unitview import UnitView
 
 # Moves the status pipe to fd 3, where ``podman exec --preserve-fds 1`` passes it on to the
 # sandbox init (bwrap.INIT) that runs the command in the container: bash (dash takes no fd

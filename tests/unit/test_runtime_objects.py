@@ -15,7 +15,7 @@ from gestvenv import registry, runtime
 from gestvenv.config import Config
 from gestvenv.runtime import runtime_key, runtime_named, select_runtime
 from gestvenv.runtime.local import LocalRuntime
-from gestvenv.runtime.systemd import cgroups, plan
+from gestvenv.runtime.systemd import cgroups, plan, units
 from gestvenv.runtime.systemd import runtime as sdruntime
 from gestvenv.runtime.systemd.bus import SERVICE, UNIT, NoSuchUnit, UnitInfo
 from gestvenv.runtime.systemd.runtime import SystemdRuntime, UnitSignals
@@ -129,7 +129,7 @@ def test_select_runtime_reuses_the_object_and_probes_the_manager_once(
 def test_list_tells_every_known_env_unit_apart_in_one_call(manager: FakeManager,
                                                            monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:
-    monkeypatch.setattr(sdruntime, "state_path",
+    monkeypatch.setattr(units, "state_path",
                         lambda name, folder=None: Path(f"/ours/{name}.json"))
     manager.units = dict([env_unit(f"e{i}", f"{i:032x}") for i in range(50)])
     known = {f"e{i}": f"{i:032x}" for i in range(50)}

@@ -16,7 +16,6 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from dbus_next.aio.message_bus import MessageBus
@@ -26,10 +25,11 @@ from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 from ...exceptions import GestvenvError, RuntimeUnavailableError, SystemdError, ValidationError
+from .units import MANAGER as MANAGER
+from .units import MANAGER_PATH as MANAGER_PATH
+from .units import SYSTEMD as SYSTEMD
+from .units import UnitInfo, bus_address
 
-SYSTEMD = "org.freedesktop.systemd1"
-MANAGER_PATH = "/org/freedesktop/systemd1"
-MANAGER = "org.freedesktop.systemd1.Manager"
 UNIT = "org.freedesktop.systemd1.Unit"
 SERVICE = "org.freedesktop.systemd1.Service"
 PROPERTIES = "org.freedesktop.DBus.Properties"
@@ -105,28 +105,6 @@ def _checked(exc: DBusError, what: str) -> Exception:
 def variants(properties: Iterable[Property]) -> list[list[Any]]:
     """Properties as D-Bus ``a(sv)``; dbus-next checks each value against its signature here."""
     return [[k, Variant(sig, value)] for k, sig, value in properties]
-
-
-@dataclass(frozen=True)
-class UnitInfo:
-    """One row of ListUnitsByPatterns."""
-
-    name: str
-    description: str
-    load_state: str
-    active_state: str
-    sub_state: str
-    path: str
-
-
-def bus_address(user: bool) -> str | None:
-    """Where the manager's bus is: the environment's variables, else the usual sockets."""
-    if not user:
-        return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or None  # dbus-next's default otherwise
-    if address := os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
-        return address
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
-    return f"unix:path={runtime}/bus"
 
 
 class SystemdBus:

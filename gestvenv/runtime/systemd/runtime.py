@@ -36,23 +36,24 @@ from ...exceptions import (
 )
 from ...models import Enforcement, ExecResult, IsolationLevel, ResourceLimits
 from ...names import POOL_PREFIX
-from ...registry import EnvRecord, is_pool_stem, lock_path, state_path
+from ...registry import EnvRecord, lock_path, state_path
 from ...shield import protected, shielded
 from .. import container
-from ..base import CommandSpec, Runtime, UnitView, Usage
-from . import cgroups, plan, pool
+from ..base import CommandSpec, Runtime, Usage
+from ..unitview import UnitView
+from . import cgroups, plan, pool, units
 from .booted import systemd_booted
 from .bus import (
     SERVICE,
     UNIT,
     NoSuchUnit,
     SystemdBus,
-    UnitInfo,
     connection,
     unit_path,
     variants,
 )
 from .plan import Capabilities, Property, UnitNames
+from .units import use_user_manager
 
 PIPE_GRACE = 1.0
 # The env unit's process and its stop action (stdlib only, run as files).
@@ -76,10 +77,6 @@ async def live_units(known: Mapping[str, str] | None = None) -> dict[str, UnitVi
         return await runtime_named("systemd").live_environments(known)
     except GestvenvError:
         return None
-
-
-def use_user_manager() -> bool:
-    return os.geteuid() != 0
 
 
 class SystemdRuntime(Runtime):
@@ -333,25 +330,7 @@ class SystemdRuntime(Runtime):
         orphans, units of an older gestvenv) are read one by one, all at once, for the state
         file their Environment names."""
         bus = await self._bus()
-        out: dict[str, UnitView] = {}
-        unread: list[tuple[str, UnitInfo]] = []
-        folder = None
-        for unit in await bus.list_units(["gestvenv-*.service"]):
-            name = plan.env_name_of_unit(unit.name)
-            if name is None:
-                continue
-            env_id = plan.described_as_known(name, unit.description, known)
-            if env_id is not None and is_pool_stem(name):
-                # A pooled env's unit: its command line has its pool file, as its Environment
-                # says (whose claim names the env's state file).
-                out[name] = UnitView(state=unit.active_state, env_id=env_id,
-                                     state_file=str(pool.pool_file(name)))
-            elif env_id is not None:
-                folder = folder or state_path(name).parent
-                out[name] = UnitView(state=unit.active_state, env_id=env_id,
-                                     state_file=str(state_path(name, folder)))
-            else:
-                unread.append((name, unit))
+        out, unread = units.views(await bus.list_units([units.ENV_UNITS]), known)
         views = await asyncio.gather(*(self._view(bus, unit.name, unit.active_state, unit.path)
                                        for _, unit in unread))
         for (name, _), view in zip(unread, views, strict=True):

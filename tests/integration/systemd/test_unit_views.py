@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 
 import gestvenv
-from gestvenv import registry
+from gestvenv import listing, registry
 from gestvenv.context import build_command
 from gestvenv.exceptions import EnvironmentClosedError
 from gestvenv.runtime import runtime_named
 from gestvenv.runtime.systemd import bus as sdbus
-from gestvenv.runtime.systemd import live_units, plan
+from gestvenv.runtime.systemd import live_units, plan, units
 
 from .test_systemd_runtime import SD, run, units_of
 
@@ -69,6 +69,38 @@ async def test_the_listing_asks_systemd_once_for_every_unit(
         assert calls["ListUnitsByPatterns"] == 1 and calls["Get"] == 0
         assert calls["StartTransientUnit"] == 1
     finally:
+        for env in envs:
+            await gestvenv.destroy_environment(env.name)
+
+
+async def test_list_reads_the_same_units_through_busctl(
+        calls: collections.Counter[str]) -> None:
+    """The CLI's table asks through busctl (no dbus-next, no loop): the same views as the
+    runtime's, and the runtime's path only when busctl cannot place a unit."""
+    envs = [await gestvenv.create_environment(f"sd-busctl{i}", runtime=SD, ttl=300)
+            for i in range(3)]
+    env_id = uuid.uuid4().hex
+    try:
+        records = await asyncio.to_thread(registry.list_records)
+        known = {r.stem: r.id for r in records}
+        light = await asyncio.to_thread(units.listed_by_busctl, known)
+        assert light is not None
+        assert light == await live_units(known)
+        assert {e.name for e in envs} <= set(light)
+        calls.clear()
+        table = await asyncio.to_thread(listing.environments_now, guarantees=False)
+        assert calls == {}                                   # no dbus-next call at all
+        assert {e["name"] for e in table} >= {e.name for e in envs}
+        # A unit only its Environment can place (an older gestvenv's): busctl says so, and
+        # the listing asks the runtime, which reads it.
+        await foreign_unit("sd-busctl-old", "gestvenv environment sd-busctl-old (python 3)",
+                           env_id, str(registry.state_path("sd-busctl-old")))
+        assert await asyncio.to_thread(units.listed_by_busctl, known) is None
+        table = await asyncio.to_thread(listing.environments_now, guarantees=False)
+        assert {"sd-busctl-old": "unit-only"}.items() <= \
+            {e["name"]: e["state"] for e in table}.items()
+    finally:
+        await run("systemctl", "stop", "gestvenv-sd-busctl-old.service")
         for env in envs:
             await gestvenv.destroy_environment(env.name)
 
