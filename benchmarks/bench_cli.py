@@ -59,6 +59,7 @@ from benchmarks.bench_create import choose_runtimes, import_names, run_rounds  #
 
 # Imported by a light command only if it needs them (issue 15): reported per command.
 HEAVY = ("asyncio.base_events", "dbus_next", "psutil", "gestvenv.builder")
+STDLIB_FLOOR = "typing, dataclasses, pathlib, json, enum"
 
 
 def entry_point(arg: str | None) -> tuple[str, str]:
@@ -166,6 +167,12 @@ class CliBench:
             return lambda: timed_proc(argv, env)
 
         tools["python -c pass"] = proc([self.python, "-c", "pass"], benchlib.clean_environ())
+        # The floor under any structured Python CLI: what the stdlib modules the listing path
+        # needs cost (dataclasses brings inspect, pathlib brings urllib.parse), then click.
+        tools["  floor: python -c 'import " + STDLIB_FLOOR + "'"] = proc(
+            [self.python, "-c", f"import {STDLIB_FLOOR}"], benchlib.clean_environ())
+        tools["  floor: the same + click"] = proc(
+            [self.python, "-c", f"import {STDLIB_FLOOR}, click"], benchlib.clean_environ())
         tools["gestvenv --help"] = proc(self.gv_argv("--help"), self.home("empty", first))
         tools["gestvenv config show"] = proc(self.gv_argv("config", "show"),
                                              self.home("empty", first))
@@ -301,6 +308,10 @@ def run_startup(bench: CliBench, runs: int) -> None:
         target_line(f"list, {bench.n} envs <= 100 ms ({rt})", full, 0.100,
                     f"{full * 1000:.1f} ms ({(full - empty) * 1000 / bench.n:.2f} ms per env "
                     "over the empty list)")
+    floor = med["  floor: python -c 'import " + STDLIB_FLOOR + "'"]
+    click_floor = med["  floor: the same + click"]
+    print(f"the floor: {STDLIB_FLOOR} alone = {floor / base:.2f}x python -c pass, with click "
+          f"{click_floor / base:.2f}x: what a list costs above that is gestvenv's")
     print(f"\nimports of the light commands (-X importtime, one run each; the sum of the "
           f"modules' own times; heavy: {', '.join(HEAVY)}):")
     for label, count, secs, heavy in bench.import_sets():

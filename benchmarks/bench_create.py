@@ -1062,6 +1062,9 @@ def _cleanup(root: Path, shm_before: set[str] | None, systemd: bool) -> list[str
     """Wait for (or end) our watchdog, check gestvenv left nothing, remove the temp root."""
     leftovers: list[str] = []
     if systemd and systemd_booted():
+        from benchmarks import benchlib  # (not at the top: benchlib imports this module)
+
+        benchlib.drain_pool()
         units = _leftover_units()
         if units:
             leftovers.append(f"systemd units: {units}")

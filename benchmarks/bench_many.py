@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 max_concurrent=args.envs + 10))
         asyncio.run(bench(args, runtimes, root, cache))
     finally:
+        if "systemd" in runtimes:
+            benchlib.drain_pool()  # (in the run's home: its pool)
         os.environ.clear()
         os.environ.update(saved)
         left = benchlib.leftovers(root, [root / "home" / "run"], [root / "home" / "envs"],

@@ -151,6 +151,19 @@ def report(results: Mapping[str, list[float]], reference: str, *, width: int = 5
     return medians
 
 
+def drain_pool() -> None:
+    """End the systemd runtime's waiting pool units of the current home (its environment
+    variables set), as `cleanup --all` does: they are no env's, and would otherwise last
+    pool_idle after the run (their reapers remove their dirs)."""
+    import asyncio
+
+    from gestvenv.runtime import runtime_named
+    from gestvenv.runtime.systemd import pool
+
+    if systemd_booted():
+        asyncio.run(pool.drain(runtime_named("systemd")))  # type: ignore[arg-type]
+
+
 def leftovers(root: Path, runtime_dirs: Iterable[Path], storage_roots: Iterable[Path],
               systemd: bool) -> list[str]:
     """Wait for (or end) the watchdogs of our runtime dirs; what gestvenv left behind in our
