@@ -23,12 +23,13 @@ import hashlib
 import os
 from pathlib import Path
 
+from . import reaper
+
 # In the env's private dir (templates.PRIVATE_DIR): one <n>/upper and <n>/work per overlay.
 OVERLAY_DIR = "overlay"
 # In a snapshot: one file per env whose overlay has it as lower layer (its path inside).
 LEASES = ".leases"
 _MS_NOSUID, _MS_NODEV = 2, 4
-_MNT_DETACH = 2
 # What an overlay's mount options cannot carry without escaping (lowerdir takes ":" lists).
 _UNSAFE = frozenset(",:\\\n\t ")
 
@@ -116,13 +117,9 @@ def unmount(env_path: Path, rel: str, private: Path, index: int) -> None:
     """Undo :func:`mount`: the env's own files back where they were (a clone that failed
     after mounting, before the env was anyone's). Best effort, step by step: what is left is
     the env's dir's, removed with it (reaper.remove_tree unmounts first)."""
-    import ctypes
-
     target = env_path / rel
     base = private / OVERLAY_DIR / str(index)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.umount2(str(target).encode(), 0) != 0 \
-            and libc.umount2(str(target).encode(), _MNT_DETACH) != 0:
+    if not reaper.unmount(str(target)):
         return  # still mounted: never moved from under the mount
     with contextlib.suppress(OSError):
         os.rmdir(target)

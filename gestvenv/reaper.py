@@ -304,7 +304,7 @@ def _unmount_all(real: str, shown: str) -> None:
     left = mounts_under(real)
     while left:
         for mnt in left:
-            _umount(mnt)
+            unmount(mnt)
         now = mounts_under(real)
         if len(now) >= len(left):
             raise UnsafePathError(f"refusing to delete {shown}: {now[0]} is mounted inside it")
@@ -344,7 +344,8 @@ def _remove_at(parent_fd: int, name: str, dev: int, shown: str) -> None:
     os.rmdir(name, dir_fd=parent_fd)
 
 
-def _umount(mnt: str) -> bool:
+def unmount(mnt: str) -> bool:
+    """Unmount ``mnt``; True when nothing is mounted there any more (detached if busy)."""
     import ctypes  # only when a mount is met: it costs a few ms at every reaper's start
 
     libc = ctypes.CDLL(None, use_errno=True)

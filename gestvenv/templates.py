@@ -335,10 +335,10 @@ class TemplateCache:
             return None
 
     def clone(self, template: Path, env_path: Path, *, share_read_only: bool = False,
-              overlay: bool = False) -> int:
+              overlay: bool = False) -> None:
         """Recreate the snapshot's files in ``env_path``. With ``overlay`` (overlay.chosen),
-        its site-packages are mounted rather than copied, where the kernel agrees; returns
-        how many were. A failure leaves no mount behind."""
+        its site-packages are mounted rather than copied, where the kernel agrees. A failure
+        leaves no mount behind."""
         python = str(env_path / "bin" / "python").encode()
         mounted: list[tuple[int, str]] = []
         try:
@@ -358,7 +358,6 @@ class TemplateCache:
             for index, rel in reversed(mounted):
                 overlays.unmount(env_path, rel, env_path / PRIVATE_DIR, index)
             raise
-        return len(mounted)
 
     def store(self, key: str, env_path: Path, baseline: set[str]) -> None:
         """Snapshot what an install added to ``env_path``; a concurrent twin may win, fine."""
