@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .cleanup import CleanupReport, cleanup_environments
     from .config import Config, load_config
     from .context import (
         Environment,
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "BuildError": "exceptions",
+    "CleanupReport": "cleanup",
     "CommandError": "exceptions",
     "CommandNotExecutableError": "exceptions",
     "CommandNotFoundError": "exceptions",
@@ -85,6 +87,7 @@ _EXPORTS = {
     "Usage": "runtime",
     "ValidationError": "exceptions",
     "attach": "context",
+    "cleanup_environments": "cleanup",
     "create_environment": "context",
     "destroy_environment": "context",
     "ephemeral": "context",
@@ -96,6 +99,7 @@ _EXPORTS = {
 
 __all__ = [
     "BuildError",
+    "CleanupReport",
     "CommandError",
     "CommandNotExecutableError",
     "CommandNotFoundError",
@@ -126,6 +130,7 @@ __all__ = [
     "ValidationError",
     "__version__",
     "attach",
+    "cleanup_environments",
     "create_environment",
     "destroy_environment",
     "ephemeral",

@@ -1,32 +1,81 @@
-"""Sweeping: expired, idle and orphaned environments (run by the CLI and by the watchdog)."""
+"""Cleaning up: environments by name or all of them, and sweeps of the expired, idle and orphaned
+ones (:func:`cleanup_environments`, the one entry point of the CLI, the API and the timer; the
+watchdog calls :func:`sweep`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import registry, storage
-from .config import Config
+from .config import Config, load_config
 from .exceptions import GestvenvError
 from .lifecycle import destroy_many
 from .registry import EnvRecord, is_pool_stem
 from .runtime import SystemdRuntime, UnitView, container, processes
 from .runtime.systemd import live_units, pool
+from .runtime.systemd.booted import systemd_booted
 from .runtime.systemd.plan import LIVE_UNIT_STATES
 from .templates import TemplateCache
-
-_ENV_DIR_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}-[0-9a-f]{8}", re.ASCII)  # env_dir_name
+from .watch import stamp_sweep
 
 
 @dataclass
-class SweepReport:
-    removed: dict[str, str] = field(default_factory=dict)   # name -> reason
-    errors: dict[str, str] = field(default_factory=dict)    # name or path -> error
-    orphan_paths: list[str] = field(default_factory=list)   # storage dirs without an env
+class CleanupReport:
+    """What a cleanup did: ``removed`` (env name, pool unit or file -> why), ``errors`` (name
+    or path -> what went wrong; the rest was still cleaned up) and ``orphan_paths`` (storage
+    dirs and cache entries that belonged to no environment)."""
+
+    removed: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    orphan_paths: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"removed": dict(self.removed), "orphan_paths": list(self.orphan_paths),
+                "errors": dict(self.errors)}
+
+    def _merge(self, other: CleanupReport) -> None:
+        self.removed.update(other.removed)
+        self.errors.update(other.errors)
+        self.orphan_paths.extend(other.orphan_paths)
+
+
+async def cleanup_environments(names: Iterable[str] = (), *, all: bool = False,
+                               expired: bool = False, idle: bool = False, orphans: bool = False,
+                               config: Config | None = None) -> CleanupReport:
+    """Destroy this user's environments ``names`` (or ``all`` of them, and the systemd pool's
+    unclaimed units that would serve the next ones), then sweep those ``expired`` (TTL, a dead
+    creator), ``idle`` past their idle timeout, and ``orphans`` (storage dirs, state files,
+    containers and cached package sets that belong to no environment). An unknown name is an
+    error of the report; the others are still cleaned up."""
+    names = list(names)
+    if not (names or all or expired or idle or orphans):
+        raise ValueError("say what to clean up: names, all, expired, idle or orphans")
+    config = config or load_config()
+    report = CleanupReport()
+    records: list[EnvRecord] = await asyncio.to_thread(registry.list_records) if all else []
+    for name in () if all else names:
+        try:
+            records.append(await asyncio.to_thread(registry.load, name))
+        except GestvenvError as exc:
+            report.errors[name] = str(exc)
+    report.errors.update(await destroy_many(records, config))
+    report.removed.update((r.name, "requested") for r in records if r.name not in report.errors)
+    if all and systemd_booted():
+        from .runtime import runtime_named
+
+        drained = await pool.drain(runtime_named("systemd"))  # type: ignore[arg-type]
+        report.removed.update((f"pool unit {stem}", "drained") for stem in drained)
+    if expired or idle or orphans:
+        report._merge(await sweep(config, expired=expired, idle=idle, orphans=orphans))
+        if orphans:
+            await asyncio.to_thread(stamp_sweep)  # (the watchdog's sweep, done: watch.needed)
+    return report
 
 
 def reason_to_remove(record: EnvRecord, now: float, *, expired: bool, idle: bool,
@@ -59,8 +108,8 @@ def reason_to_remove(record: EnvRecord, now: float, *, expired: bool, idle: bool
 
 
 async def sweep(config: Config, *, expired: bool = True, idle: bool = True,
-                orphans: bool = True) -> SweepReport:
-    report = SweepReport()
+                orphans: bool = True) -> CleanupReport:
+    report = CleanupReport()
     now = time.time()
     doomed = []
     records = await asyncio.to_thread(registry.list_records)
@@ -85,7 +134,7 @@ async def sweep(config: Config, *, expired: bool = True, idle: bool = True,
     return report
 
 
-async def _stop_unit_only(units: dict[str, UnitView], report: SweepReport) -> None:
+async def _stop_unit_only(units: dict[str, UnitView], report: CleanupReport) -> None:
     """gestvenv units whose state file is gone (or now another env's): stopped. A unit of
     another registry (another runtime dir of the same user) still has its state file."""
     runtime = SystemdRuntime()
@@ -100,7 +149,7 @@ async def _stop_unit_only(units: dict[str, UnitView], report: SweepReport) -> No
             report.errors[stem] = str(exc)
 
 
-def _sweep_orphans(config: Config, report: SweepReport, kept: dict[str, str]) -> None:
+def _sweep_orphans(config: Config, report: CleanupReport, kept: dict[str, str]) -> None:
     """Storage dirs that no state file claims, and state files nobody can read. ``kept``: the
     paths (and ids) of the environments that remain: their dirs are never orphans, whatever
     their claim says (an env's commands may have rewritten it), nor are their processes."""
@@ -119,7 +168,7 @@ def _sweep_orphans(config: Config, report: SweepReport, kept: dict[str, str]) ->
         except OSError:
             continue
         for entry in entries:
-            if not _ENV_DIR_RE.fullmatch(entry.name):
+            if not storage.is_env_dir_name(entry.name):
                 continue  # only names gestvenv gives its dirs: "<name>-<8 hex>"
             try:
                 if str(root / entry.name) in kept and not entry.is_symlink():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shlex
 import shutil
@@ -178,7 +179,8 @@ class Environment:
                       env: Mapping[str, str] | None = None,
                       input: str | bytes | None = None, check: bool = False,
                       shell: bool = False, capture: bool = True,
-                      stream: bool | StreamCallback = False) -> ExecResult:
+                      stream: bool | StreamCallback = False,
+                      output_limit: int | None = None) -> ExecResult:
         """Run a command in the environment, as if it were activated, and wait for it.
 
         A string is split with :func:`shlex.split` and never given to a shell unless
@@ -186,12 +188,18 @@ class Environment:
         ``capture=False`` the command shares our stdin/stdout/stderr; ``stream=True`` (or a
         callback ``(name, text)``) shows output as it comes while still capturing it. A timeout
         kills the whole process tree and the result says so (``killed_by="timeout"``).
+        ``output_limit``: at most that many bytes of stdout, and of stderr, kept in the result
+        (a stream still shows all of it).
         """
         if timeout is not None and timeout <= 0:
             raise ValidationError(f"timeout must be positive, not {timeout!r}")
+        if output_limit is not None and output_limit < 0:
+            raise ValidationError(f"output_limit must be 0 or more, not {output_limit!r}")
         record = self._live_record()
         command = build_command(record, cmd, shell=shell, env=env, cwd=cwd, input=input,
                                 timeout=timeout, capture=capture, stream=_stream(stream))
+        if output_limit is not None:
+            command = dataclasses.replace(command, output_limit=output_limit)
         runtime = runtime_named(record.runtime)
         await asyncio.to_thread(registry.touch, record.name, record.id)
         try:

@@ -23,7 +23,6 @@ from .registry import EnvRecord
 from .runtime import Runtime, runtime_named, select_runtime
 from .runtime.systemd.pool import PoolUnitGone
 from .shield import in_thread, shielded
-from .watchdog import ensure_watchdog
 
 if TYPE_CHECKING:
     from .container.engine import Engine
@@ -136,11 +135,9 @@ async def _create(spec: EnvSpec, config: Config, *, use_pool: bool) -> EnvRecord
         try:
             # Threads are waited for when cancelled (in_thread), so that the undo runs after
             # the state file or the dir exists, never before it.
-            if runtime.needs_watchdog:
-                # Running before the state file exists: a creator killed right after reserving
-                # is noticed too. (And again after: a watchdog about to exit may not have seen
-                # it.)
-                await in_thread(ensure_watchdog)
+            # Before the state file exists: a creator killed right after reserving is
+            # noticed too. (And again after: a watchdog about to exit may not have seen it.)
+            await in_thread(runtime.watch_creators)
             await in_thread(registry.reserve, record, max_concurrent=config.max_concurrent,
                             max_total_memory_mb=config.max_total_memory_mb,
                             **({"take": _taking(take, taken)} if take is not None else {}))
@@ -154,8 +151,7 @@ async def _create(spec: EnvSpec, config: Config, *, use_pool: bool) -> EnvRecord
                 euid=os.geteuid(), sandboxed=enforcement.isolation_applied.sandboxed,
                 link_mode=config.link_mode, runtime=runtime.name,
                 same_mount_ns=runtime.name == "systemd" and overlay.same_mount_ns_as_init())
-            if runtime.needs_watchdog:
-                await in_thread(ensure_watchdog)  # from now on a dead creator is noticed
+            await in_thread(runtime.watch_creators)  # from now on a dead creator is noticed
             # Started right after the reservation, before the dir and the build: from here on
             # the env's end (its files' too) is systemd's to guarantee, whatever becomes of us.
             state_file = registry.state_path(record.name)

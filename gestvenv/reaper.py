@@ -162,6 +162,33 @@ def env_dir_name(stem: str, env_id: str) -> str:
     return f"{stem}-{env_id[:8]}"
 
 
+_STEM = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # a name (gestvenv.names) or a pool unit's stem
+_ENV_DIR_RE = re.compile(_STEM + r"-[0-9a-f]{8}", re.ASCII)
+
+
+def is_env_dir_name(name: str) -> bool:
+    """Whether ``name`` is one :func:`env_dir_name` gives (for some stem and id): the only
+    entries of a storage root a sweep may look at."""
+    return _ENV_DIR_RE.fullmatch(name) is not None
+
+
+def stem_of_env_dir(name: str, env_id: str) -> str | None:
+    """The stem for which ``name`` is :func:`env_dir_name` (stem, ``env_id``); None when it is
+    no such dir's name (another id, a short id, no valid stem)."""
+    stem = name.removesuffix(env_dir_name("", env_id))
+    if len(env_id) < 8 or stem == name or re.fullmatch(_STEM, stem, re.ASCII) is None:
+        return None
+    return stem
+
+
+def names_env(state: object, env_id: str) -> bool:
+    """Whether a state file's (or a pool file's) content still names the environment
+    ``env_id``: a name is reused by the next environment, so the id in it says whose it is
+    now. Every place that acts on an env through its file asks this (the holder keeps a copy
+    of its own: it runs as a bare file, without this module, until it reaps)."""
+    return bool(env_id) and isinstance(state, dict) and state.get("id") == env_id
+
+
 POOL_DIR = "pool"  # <runtime dir>/pool/<stem>.json: the pool units' files (gestvenv.pool)
 STATE_DIR = "envs"  # <runtime dir>/envs/<name>.json: the state files (gestvenv.registry)
 
@@ -175,7 +202,7 @@ def pool_claimed_state(pool_file: Path, env_id: str) -> Path | None:
     try:
         data = json.loads(pool_file.read_text())
         claim = data.get("claim") if isinstance(data, dict) else None
-        if data.get("id") != env_id or not isinstance(claim, dict):
+        if not names_env(data, env_id) or not isinstance(claim, dict):
             return None
         state = Path(str(claim["state_file"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -502,7 +529,7 @@ def human_bytes(n: int) -> str:
 def end_report(path: Path, env_id: str, cgroup: str | None = None) -> str | None:
     """One phrase for the journal: what the env used over its life, as far as it can be read
     (``cgroup``: the env's slice, default: found beside this process's own cgroup)."""
-    name = path.name.removesuffix(env_dir_name("", env_id))  # its units' stem
+    name = stem_of_env_dir(path.name, env_id) or path.name  # its units' stem
     if cgroup is None:
         cgroup = slice_cgroup(name, own_cgroup())
     parts = []
@@ -535,7 +562,7 @@ def forget(state_file: Path, env_id: str, lock: Path) -> bool:
             return False
         except (OSError, ValueError):
             return False  # unreadable: the orphan sweep's to judge
-        if not isinstance(current, dict) or current.get("id") != env_id:
+        if not names_env(current, env_id):
             return False
         with contextlib.suppress(FileNotFoundError):
             state_file.unlink()
@@ -565,10 +592,7 @@ def reap(path: Path, env_id: str, state_file: Path, lock: Path,
             done.append(report)
     if killed:
         done.append(f"killed {killed} leftover process(es) of the environment")
-    stem = path.name.removesuffix(env_dir_name("", env_id))
-    if len(env_id) < 8 or stem == path.name \
-            or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", stem) \
-            or path.name != env_dir_name(stem, env_id):
+    if stem_of_env_dir(path.name, env_id) is None:
         raise UnsafePathError(f"refusing to delete {path}: not the directory of env {env_id}")
     root = Path(os.path.abspath(path)).parent
     if not is_marked_root(root):

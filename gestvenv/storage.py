@@ -30,13 +30,25 @@ from .reaper import (  # the deletion code, shared with the env unit's stop acti
     check_inside_roots,
     disk_used,
     env_dir_name,
+    is_env_dir_name,
     is_marked_root,
     mount_of,
+    names_env,
     remove_tree,
+    stem_of_env_dir,
 )
 
-__all__ = ["CLAIM", "ROOT_MARK", "check_inside_roots", "env_dir_name", "is_marked_root",
-           "remove_tree"]
+__all__ = [
+    "CLAIM",
+    "ROOT_MARK",
+    "check_inside_roots",
+    "env_dir_name",
+    "is_env_dir_name",
+    "is_marked_root",
+    "names_env",
+    "remove_tree",
+    "stem_of_env_dir",
+]
 
 # Root's dirs (other users' are under their XDG dirs): also what the packaged tmpfiles.d file
 # creates at boot (gestvenv.distfiles).
@@ -227,7 +239,7 @@ def claim_of(path: Path) -> tuple[str, str] | None:
         return None
     finally:
         os.close(fd)
-    if not Path(path).name.endswith(env_dir_name("", env_id)) or len(env_id) < 8:
+    if stem_of_env_dir(Path(path).name, env_id) is None:
         return None
     return env_id, state_file
 
@@ -241,7 +253,7 @@ def is_claimed(path: Path) -> bool | None:
         return None
     env_id, state_file = claim
     try:
-        return bool(json.loads(_read_small(state_file)).get("id") == env_id)
+        return names_env(json.loads(_read_small(state_file)), env_id)
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -148,10 +148,12 @@ class SyncEnvironment:
     def execute(self, cmd: Command, *, timeout: float | None = None,
                 cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
                 input: str | bytes | None = None, check: bool = False, shell: bool = False,
-                capture: bool = True, stream: bool | StreamCallback = False) -> ExecResult:
+                capture: bool = True, stream: bool | StreamCallback = False,
+                output_limit: int | None = None) -> ExecResult:
         return _portal.call(self._env.execute(cmd, timeout=timeout, cwd=cwd, env=env,
                                               input=input, check=check, shell=shell,
-                                              capture=capture, stream=stream))
+                                              capture=capture, stream=stream,
+                                              output_limit=output_limit))
 
     def usage(self) -> EnvUsage:
         return _portal.call(self._env.usage())

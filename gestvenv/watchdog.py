@@ -1,120 +1,28 @@
 """The local watchdog: what ends environments when no systemd does.
 
 Without systemd nothing outlives a killed process by itself, so gestvenv starts one small
-watchdog process per user and runtime dir (``python -m gestvenv.watchdog``). While environments
-exist it sweeps every half second (TTL, idle timeout, dead creators) and every
-``cleanup_interval`` seconds for orphans too; then it exits. A ``flock`` makes it unique; the
-hand-over (a new env appearing while the watchdog is about to exit) is safe because the watchdog
-drops the lock *before* its last look at the registry and creators look at the lock *after*
-registering.
+watchdog process per user and runtime dir (``python -m gestvenv.watchdog``, started by
+:func:`gestvenv.watch.ensure_watchdog`). While environments exist it sweeps every half second
+(TTL, idle timeout, dead creators) and every ``cleanup_interval`` seconds for orphans too; then
+it exits. A ``flock`` makes it unique; the hand-over (a new env appearing while the watchdog is
+about to exit) is safe because the watchdog drops the lock *before* its last look at the
+registry and creators look at the lock *after* registering.
 """
 
 from __future__ import annotations
 
-import fcntl
+import asyncio
 import math
 import os
-import sys
 import time
 
-from . import registry, storage
+from . import registry
+from .cleanup import sweep
+from .config import load_config
+from .watch import since_last_sweep, stamp_sweep, try_lock
 
 PERIOD = 0.5
 LINGER = 2.0
-
-
-def _lock_path() -> str:
-    return str(storage.runtime_dir() / "watchdog.lock")
-
-
-def _try_lock() -> int | None:
-    fd = os.open(_lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def watchdog_running() -> bool:
-    fd = _try_lock()
-    if fd is None:
-        return True
-    os.close(fd)
-    return False
-
-
-# When this process last started a watchdog, per runtime dir: a create asks before and after
-# its reservation, and the one started a moment ago (not holding its lock yet) will see it.
-_started: dict[str, float] = {}
-_FRESH = 1.0  # well under LINGER: a watchdog this young has not given up yet
-
-
-def ensure_watchdog() -> None:
-    """Start the watchdog unless one runs. Call after the env's state file is written (a call
-    before it too makes a creator killed in between noticed)."""
-    runtime = str(storage.runtime_dir())
-    started = _started.get(runtime)
-    if (started is not None and time.monotonic() - started < _FRESH) or watchdog_running():
-        return
-    from .runtime.processes import spawn_detached
-
-    spawn_detached([sys.executable, "-m", "gestvenv.watchdog"],
-                             {"GESTVENV_RUNTIME_DIR": runtime})
-    _started[runtime] = time.monotonic()
-
-
-def _swept_path() -> str:
-    return str(storage.runtime_dir() / "watchdog.swept")
-
-
-def needed(*, systemd: bool, local_envs: bool, since_sweep: float | None,
-           interval: float, sweeping: bool = False) -> bool:
-    """Whether a gestvenv command must make sure the watchdog runs: local envs to watch, or,
-    without systemd (and so without its timer), an orphan sweep not done for ``interval``
-    seconds (``since_sweep``: None when never, in this runtime dir: after a reboot, /run is
-    empty). A crash's leftovers are then swept by the first command after a reboot and at most
-    ``interval`` later otherwise, without a watchdog started by every ``list``. A command that
-    is ``sweeping`` itself (``cleanup``) does not start one to sweep alongside it (two sweeps
-    at once would split what was removed between two reports)."""
-    if local_envs:
-        return True
-    return not systemd and not sweeping and (since_sweep is None or since_sweep >= interval)
-
-
-def _boot_time() -> float:
-    """When this host booted (the kernel's ``btime``)."""
-    with open("/proc/stat", "rb") as f:
-        for line in f:
-            if line.startswith(b"btime "):
-                return float(line.split()[1])
-    raise OSError("no btime in /proc/stat")
-
-
-def stamp_sweep() -> None:
-    """Note that orphans were just swept (the file's time is the stamp: see :func:`needed`)."""
-    os.close(os.open(_swept_path(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-
-
-def since_last_sweep() -> float | None:
-    """Seconds since orphans were last swept in this runtime dir, None when never in this boot
-    (a stamp from before it does not count: a runtime dir that is not under /run)."""
-    try:
-        swept = os.stat(_swept_path()).st_mtime
-        return None if swept < _boot_time() else max(0.0, time.time() - swept)
-    except OSError:
-        return None
-
-
-def ensure_for_command(config_interval: float, systemd: bool, *, sweeping: bool = False) -> None:
-    """What every command of the CLI does first: :func:`ensure_watchdog` when :func:`needed`."""
-    # (Without systemd every env is local: the state files' names are enough to know.)
-    local = registry.any_state_file() if not systemd else \
-        any(r.runtime == "local" for r in registry.list_records())
-    if needed(systemd=systemd, local_envs=local, since_sweep=since_last_sweep(),
-              interval=config_interval, sweeping=sweeping):
-        ensure_watchdog()
 
 
 def _watched() -> bool:
@@ -123,13 +31,8 @@ def _watched() -> bool:
 
 
 async def _watch() -> None:
-    import asyncio
-
-    from .cleanup import sweep
-    from .config import load_config
-
     config = load_config()
-    fd = _try_lock()
+    fd = try_lock()
     if fd is None:
         return
     idle_since = time.monotonic()
@@ -151,7 +54,7 @@ async def _watch() -> None:
                 fd = None
                 if not _watched():
                     return
-                fd = _try_lock()  # someone registered meanwhile: keep watching, if still ours
+                fd = try_lock()  # someone registered meanwhile: keep watching, if still ours
                 if fd is None:
                     return
                 idle_since = time.monotonic()
@@ -162,6 +65,4 @@ async def _watch() -> None:
 
 
 if __name__ == "__main__":
-    import asyncio
-
     asyncio.run(_watch())

@@ -12,10 +12,9 @@ import click
 
 from .. import registry
 from ..config import RUNTIMES, load_config
-from ..exceptions import GestvenvError
 from ..models import NOT_HELD, IsolationLevel, ResourceLimits, StorageBackend, in_threat_order
 from ..runtime.systemd.booted import systemd_booted
-from ..watchdog import ensure_for_command, stamp_sweep
+from ..watch import ensure_for_command
 from ._common import (
     F,
     UserError,
@@ -448,39 +447,14 @@ def cleanup(names: tuple[str, ...], all_: bool, expired: bool, idle: bool, orpha
     """Destroy environments: by NAME, --all, --expired, --idle, --orphans."""
     if not (names or all_ or expired or idle or orphans):
         raise UserError("say what to clean up: NAME..., --all, --expired, --idle or --orphans")
-    from ..cleanup import sweep
-    from ..lifecycle import destroy_many
+    from ..cleanup import cleanup_environments
     from ..sync import run_sync
 
-    config = load_config()
-    removed: dict[str, str] = {}
-    errors: dict[str, str] = {}
-    orphan_paths: list[str] = []
-    records: list[EnvRecord] = registry.list_records() if all_ else []
-    for name in () if all_ else names:
-        try:  # an unknown name is reported; the others are still cleaned up
-            records.append(registry.load(name))
-        except GestvenvError as exc:
-            errors[name] = str(exc)
-    for failed, error in run_sync(destroy_many(records, config)):
-        errors[failed] = error
-    removed.update({r.name: "requested" for r in records if r.name not in errors})
-    if all_ and systemd_booted():
-        # Every environment, and the warm pool units that would serve the next ones.
-        from ..runtime import runtime_named
-        from ..runtime.systemd.pool import drain
-
-        removed.update((f"pool unit {stem}", "drained") for stem in run_sync(
-            drain(runtime_named("systemd"))))  # type: ignore[arg-type]
-    if expired or idle or orphans:
-        report = run_sync(sweep(config, expired=expired, idle=idle, orphans=orphans))
-        if orphans:
-            stamp_sweep()  # (the watchdog's sweep, done: see watchdog.needed)
-        removed.update(report.removed)
-        errors.update(report.errors)
-        orphan_paths = report.orphan_paths
+    report = run_sync(cleanup_environments(names, all=all_, expired=expired, idle=idle,
+                                           orphans=orphans, config=load_config()))
+    removed, errors, orphan_paths = report.removed, report.errors, report.orphan_paths
     if as_json:
-        echo_json({"removed": removed, "orphan_paths": orphan_paths, "errors": errors})
+        echo_json(report.to_dict())
     else:
         for name, reason in removed.items():
             click.echo(f"removed {name} ({reason})")

@@ -35,6 +35,18 @@ class CommandSpec:
     # Variables set for this command on purpose (by the caller, the env's creation, an
     # installer), even where they equal ours: a container passes only those, and its terminal's.
     passed: tuple[str, ...] = ()
+    # At most this many bytes of stdout, and of stderr, kept for the result (a ``stream``
+    # still gets every byte): a command that prints without end costs its caller no memory.
+    output_limit: int | None = None
+
+    def kept(self, chunks: list[bytes], data: bytes) -> None:
+        """Keep ``data`` of one stream for the result, within :attr:`output_limit`."""
+        if self.output_limit is None:
+            chunks.append(data)
+            return
+        room = self.output_limit - sum(map(len, chunks))
+        if room > 0:
+            chunks.append(data[:room])
 
 
 @dataclass(frozen=True)
@@ -54,12 +66,14 @@ class Usage:
 
 class Runtime(abc.ABC):
     name: str
-    # Whether gestvenv's own watchdog must hold the TTL, idle timeout and a dead creator
-    # (systemd holds them itself).
-    needs_watchdog: bool = True
 
     async def prepare(self) -> None:  # noqa: B027 - optional hook
         """Connect and probe what the host can enforce; called before :meth:`plan`."""
+
+    def watch_creators(self) -> None:  # noqa: B027 - optional hook
+        """Make sure something outside this process holds the TTL, the idle timeout and a
+        dead creator of this runtime's environments (blocking; called in a thread before and
+        after a new env's state file is written). systemd holds them itself: nothing to do."""
 
     async def live_environments(self, known: Mapping[str, str] | None = None
                                 ) -> dict[str, UnitView] | None:

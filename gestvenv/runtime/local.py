@@ -147,6 +147,13 @@ class LocalRuntime(Runtime):
     def __init__(self, note: str | None = None) -> None:
         self.note = note  # why "auto" chose this runtime, when it had a choice
 
+    def watch_creators(self) -> None:
+        """The per-user watchdog holds TTL, idle timeout and dead creators: started unless
+        one runs."""
+        from ..watch import ensure_watchdog
+
+        ensure_watchdog()
+
     def plan(self, limits: ResourceLimits, isolation: IsolationLevel) -> Enforcement:
         creator = os.geteuid()
         root = creator == 0

@@ -181,7 +181,7 @@ async def _collect(proc: asyncio.subprocess.Process, command: CommandSpec,
         # Incremental: a UTF-8 character split across two reads is shown whole.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while data := await reader.read(65536):
-            chunks[name].append(data)
+            command.kept(chunks[name], data)
             if stream is not None:
                 stream(name, decoder.decode(data))
         if stream is not None and (tail := decoder.decode(b"", final=True)):

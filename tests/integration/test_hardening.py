@@ -120,7 +120,7 @@ async def test_a_new_watchdog_keeps_the_pace_of_the_last_orphan_sweep(
         monkeypatch: pytest.MonkeyPatch, gv_home: Path) -> None:
     """Each one-shot `ephemeral run` starts a watchdog; its orphan sweep (the container engine:
     `podman info` costs seconds of CPU) must wait for cleanup_interval since the last one."""
-    from gestvenv import watchdog
+    from gestvenv import watch
 
     monkeypatch.setenv("GESTVENV_EPHEMERAL_CLEANUP_INTERVAL", "4")
     root = storage.storage_root(gestvenv.StorageBackend.DISK, load_config()).path
@@ -128,7 +128,7 @@ async def test_a_new_watchdog_keeps_the_pace_of_the_last_orphan_sweep(
     storage.claim_dir(orphan, gv_home / "run" / "envs" / "rebooted.json", "0123abcd" + "0" * 24)
     old = time.time() - 60
     os.utime(orphan, (old, old))
-    watchdog.stamp_sweep()  # a sweep just now (by the watchdog of a run that just ended)
+    watch.stamp_sweep()  # a sweep just now (by the watchdog of a run that just ended)
     started = time.monotonic()
     async with gestvenv.ephemeral("alive"):  # starts a new watchdog
         await asyncio.sleep(1.5)

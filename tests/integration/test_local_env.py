@@ -158,6 +158,26 @@ async def test_stdout_and_stderr_are_captured_separately() -> None:
     assert result.stderr == "to err\n"
 
 
+async def test_output_limit_keeps_that_much_and_the_stream_gets_everything() -> None:
+    """A command that prints 3 MB: the result keeps 1000 bytes of each stream, the stream
+    callback sees all of it (the API streams output and keeps little)."""
+    seen = {"stdout": 0, "stderr": 0}
+
+    def count(name: str, text: str) -> None:
+        seen[name] += len(text)
+
+    async with gestvenv.ephemeral("bounded-output") as env:
+        result = await env.execute(
+            ["python", "-c", "import sys; sys.stdout.write('x' * 3_000_000); "
+                             "sys.stderr.write('y' * 5000)"],
+            stream=count, output_limit=1000)
+        with pytest.raises(gestvenv.ValidationError, match="output_limit"):
+            await env.execute(["true"], output_limit=-1)
+    assert result.ok
+    assert result.stdout == "x" * 1000 and result.stderr == "y" * 1000
+    assert seen == {"stdout": 3_000_000, "stderr": 5000}
+
+
 async def test_stream_callback_sees_output_and_it_is_still_captured() -> None:
     seen: list[tuple[str, str]] = []
     async with gestvenv.ephemeral("streaming") as env:

@@ -186,3 +186,35 @@ def test_process_started_names_one_process_as_psutil_does() -> None:
     assert process_started(pid) is None          # exited, not yet waited for: no creator
     child.wait()
     assert process_started(pid) is None          # gone
+
+
+@pytest.mark.parametrize(("name", "env_id", "stem"), [
+    ("web-0123abcd", "0123abcd" + "0" * 24, "web"),
+    ("a.b_c-d-0123abcd", "0123abcdffff", "a.b_c-d"),
+    ("gvpool-deadbeef-0123abcd", "0123abcd", "gvpool-deadbeef"),
+    ("web-0123abcd", "0123abce", None),          # another env's id
+    ("web-0123abcd", "0123abc", None),           # an id too short to say whose
+    ("-0123abcd", "0123abcd", None),             # no stem
+    (".hidden-0123abcd", "0123abcd", None),      # not a name gestvenv gives
+    ("../x-0123abcd", "0123abcd", None),
+])
+def test_the_dir_name_rule_is_one_rule(name: str, env_id: str, stem: str | None) -> None:
+    """env_dir_name, its inverse and the sweep's filter agree (they were three copies)."""
+    assert gestvenv.reaper.stem_of_env_dir(name, env_id) == stem
+    if stem is not None:
+        assert gestvenv.reaper.env_dir_name(stem, env_id) == name
+        assert gestvenv.reaper.is_env_dir_name(name)
+    assert gestvenv.reaper.is_env_dir_name(name) == (
+        name.startswith(("web", "a.b", "gvpool")) and not name.startswith("../"))
+
+
+@pytest.mark.parametrize(("state", "env_id", "names"), [
+    ({"id": "abc12345"}, "abc12345", True),
+    ({"id": "abc12345"}, "abc12346", False),     # the name now another env's
+    ({"id": ""}, "", False),                     # an empty id names nobody
+    (["abc12345"], "abc12345", False),           # not a state file's shape
+    (None, "abc12345", False),
+])
+def test_whether_a_state_file_still_names_an_env(state: object, env_id: str,
+                                                  names: bool) -> None:
+    assert gestvenv.reaper.names_env(state, env_id) is names

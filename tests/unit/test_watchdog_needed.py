@@ -1,10 +1,10 @@
-"""When a CLI command must make sure the per-user watchdog runs (watchdog.needed): pure."""
+"""When a CLI command must make sure the per-user watchdog runs (watch.needed): pure."""
 
 from __future__ import annotations
 
 import pytest
 
-from gestvenv.watchdog import needed
+from gestvenv.watch import needed
 
 
 @pytest.mark.parametrize("systemd", [False, True])

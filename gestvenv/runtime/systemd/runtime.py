@@ -81,7 +81,6 @@ async def live_units(known: Mapping[str, str] | None = None) -> dict[str, UnitVi
 
 class SystemdRuntime(Runtime):
     name = "systemd"
-    needs_watchdog = False
     # Units of commands that share our terminal (capture=False), per manager: they are not in
     # our terminal's process group, so its Ctrl-C reaches them through signal_foreground().
     _foreground: ClassVar[set[tuple[bool, str]]] = set()
@@ -834,7 +833,7 @@ async def _pump(name: str, fd: int, chunks: dict[str, list[bytes]],
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     try:
         while data := await reader.read(65536):
-            chunks[name].append(data)
+            command.kept(chunks[name], data)
             if command.stream is not None:
                 command.stream(name, decoder.decode(data))
         if command.stream is not None and (tail := decoder.decode(b"", final=True)):
