@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .api.client import connect
     from .cleanup import CleanupReport, cleanup_environments
     from .config import Config, load_config
     from .context import (
@@ -88,6 +89,7 @@ _EXPORTS = {
     "ValidationError": "exceptions",
     "attach": "context",
     "cleanup_environments": "cleanup",
+    "connect": "api.client",
     "create_environment": "context",
     "destroy_environment": "context",
     "ephemeral": "context",
@@ -131,6 +133,7 @@ __all__ = [
     "__version__",
     "attach",
     "cleanup_environments",
+    "connect",
     "create_environment",
     "destroy_environment",
     "ephemeral",

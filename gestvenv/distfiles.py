@@ -5,7 +5,10 @@
 - ``gestvenv.slice``: the parent of every environment's slice, with the global caps (the
   config's ``max_total_memory_mb``; a different configured value is applied at run time);
 - ``gestvenv.tmpfiles`` (installed as ``/usr/lib/tmpfiles.d/gestvenv.conf``): root's dirs,
-  created private at boot.
+  created private at boot;
+- ``gestvenv-api.socket`` and ``.service``: ``gestvenv serve``, socket-activated, for the
+  system manager (``/run/gestvenv/api.sock``) and user managers
+  (``$XDG_RUNTIME_DIR/gestvenv/api.sock``: ``%t`` is either); shipped, not enabled.
 
 They are rendered here from the same constants the code uses, and a unit test compares the
 checked-in files byte for byte. Regenerate them with ``python -m gestvenv.distfiles --write
@@ -60,6 +63,50 @@ def render_tmpfiles() -> str:
     )
 
 
+API_SOCKET, API_SERVICE = "gestvenv-api.socket", "gestvenv-api.service"
+API_IDLE_EXIT = 60  # seconds without a request or a connection before the service exits
+
+
+def render_api_socket() -> str:
+    return (
+        "[Unit]\n"
+        "Description=gestvenv REST API socket\n"
+        "Documentation=man:gestvenv-serve(1)\n"
+        "\n"
+        "[Socket]\n"
+        "# /run/gestvenv/api.sock for the system manager, $XDG_RUNTIME_DIR/gestvenv/api.sock\n"
+        "# for a user's. Who connects is known by its peer credentials (SO_PEERCRED); the\n"
+        "# service acts on its own user's environments only, and refuses other callers.\n"
+        "ListenStream=%t/gestvenv/api.sock\n"
+        "SocketMode=0600\n"
+        "DirectoryMode=0700\n"
+        "Accept=no\n"
+        "\n"
+        "[Install]\n"
+        "WantedBy=sockets.target\n"
+    )
+
+
+def render_api_service(gestvenv: str = "/usr/bin/gestvenv") -> str:
+    return (
+        "[Unit]\n"
+        "Description=gestvenv REST API\n"
+        "Documentation=man:gestvenv-serve(1)\n"
+        f"Requires={API_SOCKET}\n"
+        f"After={API_SOCKET}\n"
+        "# It exits when idle and the socket starts it again: that must never count as a\n"
+        "# restart loop (start-limit-hit would leave the socket failed).\n"
+        "StartLimitIntervalSec=0\n"
+        "\n"
+        "[Service]\n"
+        "Type=exec\n"
+        f"ExecStart={gestvenv} serve --idle-exit {API_IDLE_EXIT}\n"
+        "# Environments run in units of their own (the systemd runtime): stopping this\n"
+        "# service ends the streams it holds, and the environments those held with them.\n"
+        "TimeoutStopSec=2min\n"
+    )
+
+
 def distro_files() -> dict[str, str]:
     """Every file of ``systemd/``, by name."""
     config = Config()
@@ -68,6 +115,10 @@ def distro_files() -> dict[str, str]:
         SLICE_UNIT: _HEADER.format(what="The parent slice of gestvenv's environments")
         + render_slice(config.max_total_memory_mb),
         TMPFILES: _HEADER.format(what="gestvenv's tmpfiles.d file") + render_tmpfiles(),
+        API_SOCKET: _HEADER.format(what="The socket of gestvenv's REST API")
+        + render_api_socket(),
+        API_SERVICE: _HEADER.format(what="gestvenv's REST API (`gestvenv serve`)")
+        + render_api_service(),
     }
 
 

@@ -10,13 +10,21 @@ from ._complete import complete_env_name
 from .config import config_group
 from .ephemeral import ephemeral_group
 from .images import images_group
+from .manifest import manifest_command
+from .serve import serve_command
 from .timer import timer_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gestvenv")
-def cli() -> None:
+@click.option("--host", metavar="URL",
+              help="Act through a gestvenv service (`gestvenv serve`), e.g. "
+                   "unix:///run/gestvenv/api.sock; default: GESTVENV_HOST, else this machine.")
+@click.pass_context
+def cli(ctx: click.Context, host: str | None) -> None:
     """Ephemeral Python environments, destroyed with a guarantee."""
+    if host:
+        ctx.meta["gestvenv.host"] = host
 
 
 # Everything after the options is the command's, "--" or not: "run --env x python --help".
@@ -38,6 +46,10 @@ def run_command(env_name: str, timeout: float | None, cwd: str | None,
     \b
     Example: gestvenv run --env ci-test -- pytest tests/
     """
+    from . import remote
+
+    if remote.host() is not None:
+        raise SystemExit(remote.execute(env_name, command, timeout=timeout, cwd=cwd))
     from ..context import attach
 
     raise SystemExit(run_foreground(attach(env_name), command, timeout=timeout, cwd=cwd))
@@ -45,8 +57,10 @@ def run_command(env_name: str, timeout: float | None, cwd: str | None,
 
 ephemeral_group.add_command(timer_group)  # gestvenv ephemeral timer install|uninstall|status
 ephemeral_group.add_command(images_group)  # gestvenv ephemeral images [prune|save|load]
+ephemeral_group.add_command(manifest_command)  # gestvenv ephemeral manifest NAME
 cli.add_command(ephemeral_group)
 cli.add_command(config_group)
+cli.add_command(serve_command)  # gestvenv serve: the REST API
 
 
 def main() -> None:

@@ -22,6 +22,9 @@ def _target(system: bool):  # type: ignore[no-untyped-def]
 @click.group("config")
 def config_group() -> None:
     """Show and edit configuration (comments in the files are kept)."""
+    from .remote import refuse
+
+    refuse("config")
 
 
 @config_group.command("show")

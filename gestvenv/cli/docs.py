@@ -621,6 +621,11 @@ ENVIRONMENT = (
     ("SHELL", "The shell `gestvenv ephemeral create --interactive` opens (default `/bin/sh`)."),
     ("PYTHONPATH", "If set, `gestvenv ephemeral timer install` writes it into the cleanup "
                    "service's command, so that the service finds the same gestvenv."),
+    ("GESTVENV_HOST", "A gestvenv service to act through, as `--host` gives it: "
+                      "`unix:///run/gestvenv/api.sock` (`gestvenv serve`'s socket)."),
+    ("LISTEN_PID, LISTEN_FDS", "Set by systemd for `gestvenv serve` when its socket unit "
+                               "starts it: the socket it serves (then removed from its "
+                               "environment)."),
     ("UV_*", "uv's own settings apply when uv builds environments; they are part of what "
              "identifies a reusable set of installed packages."),
 )

@@ -15,6 +15,7 @@ from ..config import RUNTIMES, load_config
 from ..models import NOT_HELD, IsolationLevel, ResourceLimits, StorageBackend, in_threat_order
 from ..runtime.systemd.booted import systemd_booted
 from ..watch import ensure_for_command
+from . import remote
 from ._common import (
     F,
     UserError,
@@ -39,6 +40,8 @@ if TYPE_CHECKING:  # What a command runs is imported when it runs: `list`, `show
 @handle_errors
 def ephemeral_group(ctx: click.Context) -> None:
     """Create, inspect and destroy ephemeral environments."""
+    if remote.host() is not None:
+        return  # (the service's machine sweeps its own)
     config = load_config()  # a bad setting is reported by every command, not only those using it
     # Without systemd (and its cleanup timer), commands make sure the watchdog runs: it sweeps
     # orphans at once, restarts the watch of local envs if it was killed, and exits by itself
@@ -141,6 +144,11 @@ def env_request(options: dict[str, Any]) -> dict[str, Any]:
 @handle_errors
 def create(name: str | None, interactive: bool, as_json: bool, **options: Any) -> None:
     """Create environment NAME (a generated name if omitted); it lives until its TTL."""
+    if remote.host() is not None:
+        if interactive:
+            raise UserError("--interactive opens a shell here: not taken with --host")
+        remote.create(name, env_request(options), as_json=as_json)
+        return
     from .. import progress
     from ..context import create_environment
     from ..sync import run_sync
@@ -199,6 +207,9 @@ def run(name: str | None, timeout: float | None, cwd: str | None, quiet: bool,
     \b
     Example: gestvenv ephemeral run -p six -- python -c 'import six'
     """
+    if remote.host() is not None:
+        raise SystemExit(remote.run_once(name, env_request(options), command,
+                                         timeout=timeout, cwd=cwd))
     from .. import progress
     from ..sync import ephemeral_sync
 
@@ -225,6 +236,9 @@ def _summary(info: dict[str, Any]) -> str:
 @handle_errors
 def list_(as_json: bool) -> None:
     """Environments of this user, from every process (running scripts' too)."""
+    if remote.host() is not None:
+        remote.list_(as_json)
+        return
     from ..listing import environments_now
 
     infos = environments_now(guarantees=as_json)  # (the table does not print them)
@@ -265,6 +279,11 @@ def _say_pool_units() -> None:
 @handle_errors
 def show(name: str, as_json: bool, watch: bool, interval: float) -> None:
     """Everything about environment NAME: limits really applied, usage, guarantees."""
+    if remote.host() is not None:
+        if watch:
+            raise UserError("--watch is not taken with --host (a service's env: show, again)")
+        remote.show(name, as_json=as_json)
+        return
     from ..listing import describe, environments
     from ..monitor import Sampler
     from ..names import validate_name
@@ -343,6 +362,7 @@ def show(name: str, as_json: bool, watch: bool, interval: float) -> None:
 def top(interval: float, once: bool, as_json: bool) -> None:
     """Live usage of every environment against its limits: CPU % over the last interval,
     memory (now and peak), disk, processes, TTL left and idle time; refreshed until Ctrl-C."""
+    remote.refuse("ephemeral top")
     _watch(None, interval, once=once or as_json, as_json=as_json)
 
 
@@ -425,6 +445,8 @@ def _print_usage(samples: list[EnvUsage], *, clear: bool) -> None:
 @handle_errors
 def exec_(name: str, timeout: float | None, cwd: str | None, command: tuple[str, ...]) -> None:
     """Run COMMAND in environment NAME; exit with the command's status."""
+    if remote.host() is not None:
+        raise SystemExit(remote.execute(name, command, timeout=timeout, cwd=cwd))
     from ..context import attach
 
     raise SystemExit(run_foreground(attach(name), command, timeout=timeout, cwd=cwd))
@@ -447,6 +469,12 @@ def cleanup(names: tuple[str, ...], all_: bool, expired: bool, idle: bool, orpha
     """Destroy environments: by NAME, --all, --expired, --idle, --orphans."""
     if not (names or all_ or expired or idle or orphans):
         raise UserError("say what to clean up: NAME..., --all, --expired, --idle or --orphans")
+    if remote.host() is not None:
+        if all_ or expired or idle or orphans:
+            raise UserError("with --host, cleanup takes NAME... only (the service's machine "
+                            "sweeps its own)")
+        remote.cleanup(names, as_json=as_json, quiet=quiet)
+        return
     from ..cleanup import cleanup_environments
     from ..sync import run_sync
 

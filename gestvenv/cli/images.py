@@ -19,6 +19,9 @@ from ._common import UserError, echo_json, handle_errors, human_bytes, table
 def images_group(ctx: click.Context, as_json: bool) -> None:
     """The images of container isolation: a base image per interpreter and one per package
     set, generated here (no registry). Without a subcommand: list them."""
+    from .remote import refuse
+
+    refuse("ephemeral images")
     from ..container import images
     from ..runtime import container
 

@@ -40,6 +40,9 @@ def _describe(status: TimerStatus) -> str:
 @click.group("timer")
 def timer_group() -> None:
     """The systemd timer that runs `cleanup --expired --idle --orphans` (also at boot)."""
+    from .remote import refuse
+
+    refuse("ephemeral timer")
 
 
 @timer_group.command("install")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -18,7 +19,16 @@ from ..registry import EnvRecord
 from .unitview import UnitView
 
 # Called with ("stdout" | "stderr", text) as output arrives, when streaming.
-StreamCallback = Callable[[str, str], None]
+# (stream name, text); a callback that returns an awaitable is awaited before more is read:
+# the command then waits on its pipe (backpressure), as it would for a slow terminal.
+StreamCallback = Callable[[str, str], object]
+
+
+async def streamed(stream: StreamCallback, name: str, text: str) -> None:
+    """Give ``text`` to ``stream``, waiting for it when it asks to (see StreamCallback)."""
+    result = stream(name, text)
+    if inspect.isawaitable(result):
+        await result
 
 
 @dataclass(frozen=True)

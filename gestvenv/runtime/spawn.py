@@ -20,7 +20,7 @@ from ..models import ExecResult
 from ..registry import EnvRecord
 from ..shield import shielded
 from . import processes
-from .base import CommandSpec
+from .base import CommandSpec, streamed
 
 PIPE_GRACE = 1.0
 
@@ -183,9 +183,9 @@ async def _collect(proc: asyncio.subprocess.Process, command: CommandSpec,
         while data := await reader.read(65536):
             command.kept(chunks[name], data)
             if stream is not None:
-                stream(name, decoder.decode(data))
+                await streamed(stream, name, decoder.decode(data))
         if stream is not None and (tail := decoder.decode(b"", final=True)):
-            stream(name, tail)
+            await streamed(stream, name, tail)
 
     async def feed() -> None:
         if proc.stdin is None:

@@ -39,7 +39,7 @@ from ...names import POOL_PREFIX
 from ...registry import EnvRecord, lock_path, state_path
 from ...shield import protected, shielded
 from .. import container
-from ..base import CommandSpec, Runtime, Usage
+from ..base import CommandSpec, Runtime, Usage, streamed
 from ..unitview import UnitView
 from . import cgroups, plan, pool, units
 from .booted import systemd_booted
@@ -835,9 +835,9 @@ async def _pump(name: str, fd: int, chunks: dict[str, list[bytes]],
         while data := await reader.read(65536):
             command.kept(chunks[name], data)
             if command.stream is not None:
-                command.stream(name, decoder.decode(data))
+                await streamed(command.stream, name, decoder.decode(data))
         if command.stream is not None and (tail := decoder.decode(b"", final=True)):
-            command.stream(name, tail)
+            await streamed(command.stream, name, tail)
     finally:
         transport.close()
 
