@@ -87,7 +87,8 @@ def render_api_socket() -> str:
     )
 
 
-def render_api_service(gestvenv: str = "/usr/bin/gestvenv") -> str:
+def render_api_service(gestvenv: str = "/usr/bin/gestvenv", idle_exit: float = API_IDLE_EXIT
+                       ) -> str:
     return (
         "[Unit]\n"
         "Description=gestvenv REST API\n"
@@ -100,7 +101,7 @@ def render_api_service(gestvenv: str = "/usr/bin/gestvenv") -> str:
         "\n"
         "[Service]\n"
         "Type=exec\n"
-        f"ExecStart={gestvenv} serve --idle-exit {API_IDLE_EXIT}\n"
+        f"ExecStart={gestvenv} serve --idle-exit {idle_exit:g}\n"
         "# Environments run in units of their own (the systemd runtime): stopping this\n"
         "# service ends the streams it holds, and the environments those held with them.\n"
         "TimeoutStopSec=2min\n"
