@@ -390,14 +390,14 @@ def record_env(record: EnvRecord) -> dict[str, str]:
 
 # --- the entry points ---
 
-def _resolve_spec(config: Config, name: str | None, *, packages: Iterable[str],
-                  requirements: str | os.PathLike[str] | None, python: str | None,
-                  resource_limits: ResourceLimits | None,
-                  isolation_level: IsolationLevel | str | None,
-                  storage_backend: StorageBackend | str | None, ttl: int | None,
-                  idle_timeout: int | None, allow_unenforced: bool | None,
-                  runtime: str | None, owned: bool,
-                  env: Mapping[str, str] | None) -> EnvSpec:
+def resolve_spec(config: Config, name: str | None, *, packages: Iterable[str],
+                 requirements: str | os.PathLike[str] | None, python: str | None,
+                 resource_limits: ResourceLimits | None,
+                 isolation_level: IsolationLevel | str | None,
+                 storage_backend: StorageBackend | str | None, ttl: int | None,
+                 idle_timeout: int | None, allow_unenforced: bool | None,
+                 runtime: str | None, owned: bool,
+                 env: Mapping[str, str] | None) -> EnvSpec:
     if resource_limits is not None and not isinstance(resource_limits, ResourceLimits):
         raise ValidationError("resource_limits must be a ResourceLimits")
     for label, value in (("ttl", ttl), ("idle_timeout", idle_timeout)):
@@ -472,7 +472,7 @@ def ephemeral(name: str | None = None, *, packages: Iterable[str] = (),
     here, before anything is created.
     """
     config = config or load_config()
-    spec = _resolve_spec(config, name, packages=packages, requirements=requirements,
+    spec = resolve_spec(config, name, packages=packages, requirements=requirements,
                          python=python, resource_limits=resource_limits,
                          isolation_level=isolation_level, storage_backend=storage_backend,
                          ttl=ttl, idle_timeout=idle_timeout, allow_unenforced=allow_unenforced,
@@ -492,7 +492,7 @@ async def create_environment(name: str | None = None, *, packages: Iterable[str]
                              config: Config | None = None) -> Environment:
     """Create an environment that outlives this process (until its TTL or a cleanup)."""
     config = config or load_config()
-    spec = _resolve_spec(config, name, packages=packages, requirements=requirements,
+    spec = resolve_spec(config, name, packages=packages, requirements=requirements,
                          python=python, resource_limits=resource_limits,
                          isolation_level=isolation_level, storage_backend=storage_backend,
                          ttl=ttl, idle_timeout=idle_timeout, allow_unenforced=allow_unenforced,

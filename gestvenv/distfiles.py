@@ -50,6 +50,11 @@ def render_slice(max_total_memory_mb: int) -> str:
     )
 
 
+def root_dir_mode(path: Path) -> int:
+    """Root's dirs are private; its runtime dir holds the system API's socket too."""
+    return 0o711 if path == storage.ROOT_RUNTIME_DIR else 0o700
+
+
 def render_tmpfiles() -> str:
     return (
         "# Type Path                Mode User Group Age\n"
@@ -57,7 +62,11 @@ def render_tmpfiles() -> str:
         "# cache (uv cache, disk-backed envs): created private at boot, before any user could\n"
         "# take a name first (/dev/shm is world-writable). No age: environments end by their\n"
         "# own units and the cleanup timer, never by systemd-tmpfiles-clean.\n"
-        + "".join(f"d     {path!s:<21}0700 root root  -\n" for path in ROOT_DIRS)
+        + "# The runtime dir is 0711: anyone may reach the API's socket in it (api.sock, 0666:\n"
+        "# its peer credentials say who calls), nobody else may list it, and what is in it is\n"
+        "# root's own (0700 dirs, 0600 files).\n"
+        + "".join(f"d     {path!s:<21}{root_dir_mode(path):04o} root root  -\n"
+                  for path in ROOT_DIRS)
         + "# A user's runtime dir when there is no $XDG_RUNTIME_DIR: never aged while envs live.\n"
         f"x     {storage.USER_TMP_RUNTIME_PREFIX}*\n"
     )
@@ -75,12 +84,14 @@ def render_api_socket() -> str:
         "\n"
         "[Socket]\n"
         "# /run/gestvenv/api.sock for the system manager, $XDG_RUNTIME_DIR/gestvenv/api.sock\n"
-        "# for a user's. Who connects is known by its peer credentials (SO_PEERCRED); the\n"
-        "# service acts on its own user's environments only, and refuses other callers.\n"
+        "# for a user's (in the user's 0700 runtime dir: the user's only). Who connects is\n"
+        "# known by its peer credentials (SO_PEERCRED): root's service gives each user\n"
+        "# environments of its own, run as that user; a user's service serves its user only.\n"
         "ListenStream=%t/gestvenv/api.sock\n"
-        "SocketMode=0600\n"
-        "DirectoryMode=0700\n"
+        "SocketMode=0666\n"
+        "DirectoryMode=0711\n"
         "Accept=no\n"
+        "RemoveOnStop=yes\n"
         "\n"
         "[Install]\n"
         "WantedBy=sockets.target\n"

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, cast
 from . import diskcap, overlay, registry, sandbox, storage
 from .builder import find_interpreter, make_builder, pip_cache_dir
 from .config import Config
-from .exceptions import BuildError, DiskFullError, UnenforceableLimitError, UnsafePathError
+from .exceptions import (
+    BuildError,
+    DiskFullError,
+    UnenforceableLimitError,
+    UnsafePathError,
+    ValidationError,
+)
 from .inside import InsideInstaller
 from .models import Enforcement, IsolationLevel, ResourceLimits, StorageBackend
 from .reaper import process_started
@@ -48,6 +54,26 @@ class EnvSpec:
     owned: bool  # destroyed when its creator exits (the context manager), or kept (CLI create)
     runtime: str | None = None
     environ: tuple[tuple[str, str], ...] = ()  # variables for every command
+    # A root creator's, for a caller of that uid (gestvenv serve): the env's commands (and
+    # its builds) run as this uid, not one of the env's own; namespace isolation or more.
+    run_as: int | None = None
+
+
+def check_run_as(run_as: int | None, creator: int, applied: IsolationLevel) -> None:
+    """An environment run as another uid: only a root creator switches uids, and only in a
+    sandbox (its dir is under root's storage, which only the sandbox shows it; process
+    isolation would show it nothing, or everything). Pure: tests/unit/test_run_as.py."""
+    if run_as is None:
+        return
+    if creator != 0:
+        raise ValidationError(f"only root creates environments that run as another uid "
+                              f"({run_as}); this process is uid {creator}")
+    if run_as == 0 or run_as < 0:
+        raise ValidationError(f"run_as must be a user's uid, not {run_as}")
+    if not applied.sandboxed:
+        raise UnenforceableLimitError(
+            f"an environment that runs as uid {run_as} needs namespace isolation or more "
+            f"(here: {applied.value}): its commands reach their dir through the sandbox only")
 
 
 def check_enforcement(enforcement: Enforcement, allow_unenforced: bool) -> None:
@@ -88,6 +114,7 @@ async def _create(spec: EnvSpec, config: Config, *, use_pool: bool) -> EnvRecord
                               await asyncio.to_thread(diskcap.probe), facts)
     enforcement = diskcap.with_status(enforcement, disk)
     check_enforcement(enforcement, spec.allow_unenforced)
+    check_run_as(spec.run_as, os.geteuid(), enforcement.isolation_applied)
     cap = diskcap.cap_of(enforcement)  # MB, when a filesystem of its own holds max_disk
     interpreter = await asyncio.to_thread(find_interpreter, spec.python)
     root = await asyncio.to_thread(storage.storage_root, spec.backend, config)
@@ -107,12 +134,14 @@ async def _create(spec: EnvSpec, config: Config, *, use_pool: bool) -> EnvRecord
         # Every env is owned by its creator while it is being built (a creator killed half-way
         # leaves an orphan the watchdog removes); a kept one is released when ready.
         enforcement=enforcement.to_dict(), owner_pid=me, owner_started=started,
+        caller_uid=spec.run_as,
         last_activity=now,
         builder=builder.name, packages=list(spec.packages),
         notes=[n for n in (root.note, *enforcement.notes) if n], environ=dict(spec.environ),
     )
     if enforcement.isolation_applied.sandboxed:
-        record = await asyncio.to_thread(_with_sandbox, record, config, builder.tools())
+        record = await asyncio.to_thread(_with_sandbox, record, config, builder.tools(),
+                                         spec.run_as)
     if engine is not None:  # (its unit's reaper removes it; sweeps look for it from now on)
         from .runtime import container  # (only here: container envs are the rare ones)
 
@@ -313,12 +342,15 @@ def _container_tools(config: Config, tools: list[str]) -> list[str]:
     return [*tools, *local]
 
 
-def _with_sandbox(record: EnvRecord, config: Config, tools: list[str]) -> EnvRecord:
-    """The env's sandbox: its own uid (a root creator's), what its commands must not see
-    (gestvenv's dirs) and what they need from hidden trees (the interpreter, the builder's
-    ``tools``: uv, or the pip its pip runs)."""
-    uid = None
-    if sandbox.needs_own_uid(os.geteuid(), record.enforcement_record.isolation_applied):
+def _with_sandbox(record: EnvRecord, config: Config, tools: list[str],
+                  run_as: int | None = None) -> EnvRecord:
+    """The env's sandbox: its own uid (a root creator's; ``run_as``: a caller's, for whom a
+    service creates it), what its commands must not see (gestvenv's dirs) and what they need
+    from hidden trees (the interpreter, the builder's ``tools``: uv, or the pip its pip
+    runs)."""
+    uid = run_as
+    if uid is None and sandbox.needs_own_uid(os.geteuid(),
+                                             record.enforcement_record.isolation_applied):
         taken = {r.sandbox_uid for r in registry.list_records() if r.sandbox_uid is not None}
         uid = sandbox.uid_for(record.id, taken)
     dirs = [str(storage.runtime_dir_path()), str(storage.uv_cache_dir(config)),

@@ -44,6 +44,7 @@ def describe(record: EnvRecord, *, guarantees: bool = True) -> dict[str, Any]:
         "limits": record.limits,
         "enforcement": record.enforcement,
         "sandbox_uid": record.sandbox_uid,
+        "caller_uid": record.caller_uid,
         "sandbox_expose": record.sandbox_expose,
         "container": record.container or None,
         "guarantees": runtime_guarantees(record) if guarantees else [],

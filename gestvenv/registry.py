@@ -75,6 +75,9 @@ class EnvRecord:
     # The stem its systemd units run under when it is not its name: a pooled env keeps its
     # pool unit's (``gvpool-<hex8>``: gestvenv-gvpool-<hex8>.service, its slice, its dir).
     unit_stem: str = ""
+    # The uid a service (gestvenv serve, as root) created it for: its commands run as that
+    # uid (sandbox_uid), and through the API only that uid (or root) sees and acts on it.
+    caller_uid: int | None = None
     version: int = STATE_VERSION
 
     @property

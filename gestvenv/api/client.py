@@ -237,15 +237,18 @@ class RemoteContext:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-        if self._response is not None:
-            self._response.close()  # the stream's end: the service destroys the env
-        if self.env is not None:
-            # ... and waits for it, so that the block's exit means "gone" as in the library.
-            with contextlib.suppress(GestvenvError):
-                await self._client.destroy_environment(self.env.name)
-            self.env._ended = True
+        try:
+            if self.env is not None:
+                # Destroyed, and waited for, so that the block's exit means "gone" as in the
+                # library: this env only (its id), never a later one of its name.
+                with contextlib.suppress(GestvenvError):
+                    await self.env.aclose()
+        finally:
+            if self._reader is not None:
+                self._reader.cancel()
+            if self._response is not None:
+                self._response.close()  # (the stream's end: had the DELETE failed, the
+                #                          service destroys the env anyway)
 
 
 class RemoteEnvironment:
@@ -271,7 +274,9 @@ class RemoteEnvironment:
         return f"<RemoteEnvironment {self.name!r} at {self._client.url}>"
 
     def _at(self, suffix: str = "") -> str:
-        return f"/envs/{quote(self.name, safe='')}{suffix}"
+        """This environment's route, with its id: the service refuses it (410) once the
+        name is another environment's."""
+        return f"/envs/{quote(self.name, safe='')}{suffix}?id={quote(self.id, safe='')}"
 
     async def execute(self, cmd: str | list[str], *, timeout: float | None = None,
                       cwd: str | None = None, env: Mapping[str, str] | None = None,
@@ -368,7 +373,10 @@ class RemoteEnvironment:
             raise ValidationError(exc.detail) from None
 
     async def aclose(self) -> None:
-        await self._client.destroy_environment(self.name)
+        """Destroy it (this one: not another made since under its name). Idempotent."""
+        if not self._ended:
+            with contextlib.suppress(EnvironmentClosedError):
+                await self._client._json("DELETE", self._at())
         self._ended = True
 
 

@@ -38,15 +38,17 @@ NDJSON = "application/x-ndjson"
 PROBLEM = "application/problem+json"
 
 # Bounds (the service's own; each refusal is a problem document that says which).
-MAX_JSON_BODY = 1 << 20          # a create or exec request, requirements included
+MAX_JSON_BODY = 1 << 20          # a create or exec request, requirements and stdin included
 MAX_UPLOAD = 256 << 20           # one file sent into an environment
-MAX_STDIN = 16 << 20             # an exec's standard input (sent with the request)
+MAX_STDIN = 512 << 10            # an exec's standard input (more: upload a file, redirect it)
 MAX_PENDING_OUTPUT = 8 << 20     # output produced but not yet taken by the client
 KEPT_OUTPUT = 1 << 20            # of stdout and of stderr, kept for the final result
 WRITE_TIMEOUT = 30.0             # a client that takes nothing for this long is dropped
-HEADER_TIMEOUT = 10.0            # a connection that sends no complete request in time
+HEADER_TIMEOUT = 10.0            # a request's head, a JSON body, or an upload's next piece,
+                                 # that takes longer: the connection is dropped
 KEEPALIVE = 0.25                 # seconds between two events of a quiet stream
-MAX_STREAMS = 64                 # exec and held-create streams at once
+MAX_STREAMS = 256                # exec and held-create streams at once (a held env: one, and
+                                 # one more per command running in it)
 MAX_CONNECTIONS = 256
 
 
@@ -210,9 +212,11 @@ def create_request(body: object) -> CreateRequest:
         if name in fields:
             kwargs[name] = fields[name]
     if "packages" in fields:
-        kwargs["packages"] = _strings(fields["packages"], "packages")
+        kwargs["packages"] = _specs(_strings(fields["packages"], "packages"), "packages")
     if "env" in fields:
-        kwargs["env"] = _string_map(fields["env"], "env")
+        kwargs["env"] = _variables(fields["env"], "env")
+    if "name" in fields:
+        _no_nul(fields["name"], "name")
     if "python" in fields:
         if not _PYTHON_RE.fullmatch(fields["python"]):
             raise ApiError(400, "Invalid request",
@@ -229,8 +233,8 @@ def create_request(body: object) -> CreateRequest:
         except ValidationError as exc:
             raise ApiError(400, "Invalid request", str(exc), field="resource_limits") from exc
     requirements = fields.get("requirements")
-    if requirements is not None and "\0" in requirements:
-        raise ApiError(400, "Invalid request", "'requirements' holds a NUL byte")
+    if requirements is not None:
+        _specs(requirements.splitlines(), "requirements")
     return CreateRequest(kwargs, requirements, bool(fields.get("hold", False)))
 
 
@@ -255,6 +259,10 @@ def exec_request(body: object) -> ExecRequest:
     command = fields["command"]
     if isinstance(command, list):
         command = _strings(command, "command")
+        for arg in command:
+            _no_nul(arg, "command")
+    else:
+        _no_nul(command, "command")
     stdin: bytes | None = None
     if "stdin" in fields and "stdin_base64" in fields:
         raise ApiError(400, "Invalid request", "give 'stdin' or 'stdin_base64', not both")
@@ -273,7 +281,7 @@ def exec_request(body: object) -> ExecRequest:
     if timeout is not None and not timeout > 0:
         raise ApiError(400, "Invalid request", "'timeout' must be positive", field="timeout")
     return ExecRequest(command=command, shell=fields.get("shell", False),
-                       cwd=fields.get("cwd"), env=_string_map(fields.get("env", {}), "env"),
+                       cwd=fields.get("cwd"), env=_variables(fields.get("env", {}), "env"),
                        timeout=None if timeout is None else float(timeout), stdin=stdin)
 
 
@@ -283,10 +291,13 @@ _INSTALL = {"packages": (list, "a list of package specs"),
 
 def install_request(body: object) -> tuple[list[str], str | None]:
     fields = _object(body, _INSTALL)
-    packages = _strings(fields.get("packages", []), "packages")
-    if not packages and not fields.get("requirements"):
+    packages = _specs(_strings(fields.get("packages", []), "packages"), "packages")
+    requirements = fields.get("requirements")
+    if requirements is not None:
+        _specs(requirements.splitlines(), "requirements")
+    if not packages and not requirements:
         raise ApiError(400, "Invalid request", "give 'packages' or 'requirements'")
-    return packages, fields.get("requirements")
+    return packages, requirements
 
 
 def json_body(raw: bytes) -> object:
@@ -294,6 +305,54 @@ def json_body(raw: bytes) -> object:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "Malformed JSON", f"the body is not JSON: {exc}") from exc
+    except RecursionError:
+        raise ApiError(400, "Malformed JSON", "the body nests too deep") from None
+
+
+def _no_nul(value: str, name: str) -> str:
+    if "\0" in value:
+        raise ApiError(400, "Invalid request", f"{name!r} holds a NUL character", field=name)
+    return value
+
+
+def _variables(value: dict[str, Any], name: str) -> dict[str, str]:
+    """Environment variables: names without '=' or NUL, values without NUL (what a process's
+    environment can hold)."""
+    value = _string_map(value, name)
+    for key, text in value.items():
+        if not key or "=" in key or "\0" in key or "\0" in text:
+            raise ApiError(400, "Invalid request",
+                           f"{name!r}: {key!r} is not a variable an environment can hold",
+                           field=name)
+    return value
+
+
+def _specs(lines: list[str], name: str) -> list[str]:
+    """Package specs and requirement lines as the service takes them: no installer options
+    (``-r``, ``-c``, ``-e``, ``--index-url``: they would read files or choose indexes as the
+    service) and no local paths or ``file:`` URLs (read as the service, not the caller)."""
+    for line in lines:
+        text = _no_nul(line, name).strip()
+        if not text or text.startswith("#"):
+            continue
+        if text.startswith(("-", "/", ".", "~")) or "file:" in text.lower():
+            raise ApiError(400, "Invalid request",
+                           f"{name!r}: {text!r}: installer options and local paths are not "
+                           "taken through the API (packages come from the service's index)",
+                           field=name)
+    return lines
+
+
+# --- names: a user of root's service has its own ---
+
+def scoped_name(uid: int, name: str) -> str:
+    """The name of a user's environment in root's registry (and its units'): ``u<uid>-``
+    before the name the user gave (so that no user can take, or learn, another's names)."""
+    return f"u{uid}-{name}"
+
+
+def unscoped_name(uid: int, name: str) -> str:
+    return name.removeprefix(f"u{uid}-")
 
 
 # --- files ---

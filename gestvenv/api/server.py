@@ -6,10 +6,12 @@ an inherited socket as it is (``SockSite``: systemd's, without unlinking its pat
 gives the handler the connection's socket (``SO_PEERCRED``: who the caller is; ASGI servers do
 not pass it through), and Debian packages it (python3-aiohttp, which the .deb depends on).
 
-Who may do what: on the unix socket the caller is its peer credentials' uid. The service acts
-on the environments of its own user; a caller of another uid (root excepted) is refused:
-environments run as the caller (``User=``) through the system service are not built yet, and
-acting as the service's user for them would hand that user's environments to anyone.
+Who may do what: on the unix socket the caller is its peer credentials' uid. A user's own
+service serves that user (and root). Root's service serves root's environments to root, and
+gives every other user environments of its own (:func:`access`): they run as that user, in a
+sandbox, in the system manager's slices (``EnvSpec.run_as``), under names of their own
+(``protocol.scoped_name``); the user sees those only, and its files are read and written by a
+helper running as the user (:mod:`.files`).
 
 Bounds: request bodies, uploads, the output a client has not taken yet, concurrent streams and
 connections are bounded; a connection that sends no request in time and a client that takes no
@@ -21,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
+import inspect
 import json
 import os
 import shutil
@@ -33,18 +37,22 @@ import time
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from .. import registry
 from ..config import Config, load_config
-from ..context import attach, create_environment, destroy_environment, ephemeral
-from ..exceptions import GestvenvError
+from ..context import Environment, EphemeralContext, destroy_environment, resolve_spec
+from ..exceptions import EnvironmentClosedError, EnvironmentNotFoundError, GestvenvError
+from ..lifecycle import create as create_record
 from ..listing import environments
-from . import protocol
+from ..models import IsolationLevel
+from ..names import generate_name, validate_name
+from . import files, protocol
 from .protocol import NDJSON, PROBLEM, ApiError, event
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -70,6 +78,9 @@ class Caller:
     uid: int
     pid: int | None
     via: str  # "unix"
+    # A user of root's service: it sees and acts on the environments made for it only, by
+    # their names without its prefix (protocol.scoped_name); they run as its uid.
+    scoped: bool = False
 
 
 @dataclass
@@ -113,10 +124,16 @@ def peer_credentials(request: web.Request) -> Caller:
     return Caller(uid=uid, pid=pid, via="unix")
 
 
-def may_act(caller_uid: int, service_uid: int) -> bool:
-    """Whether a caller may see and act on the service's environments: its own user's
-    service, or root. (Pure: tested in tests/unit/test_api_protocol.py.)"""
-    return caller_uid in (service_uid, 0)
+def access(caller_uid: int, service_uid: int) -> str | None:
+    """What a caller may do: ``"service"``, act on the service user's environments (the
+    service's own user, or root); ``"user"``, a user of root's service, on the environments
+    made for it (they run as its uid); None: refused (another user of a user's service).
+    (Pure: tests/unit/test_api_protocol.py.)"""
+    if caller_uid in (service_uid, 0):
+        return "service"
+    if service_uid == 0:
+        return "user"
+    return None
 
 
 # --- middleware: identity, accounting, problems ---
@@ -140,17 +157,20 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise ApiError(503, "Too many connections",
                            f"the service takes {service.limits.max_connections} at most")
         caller = peer_credentials(request)
-        if not may_act(caller.uid, service.uid):
+        granted = access(caller.uid, service.uid)
+        if granted is None:
             raise ApiError(403, "Forbidden",
                            f"uid {caller.uid} may not act on the environments of uid "
-                           f"{service.uid}: this service creates environments as its own "
-                           "user; environments run as another user through the system "
-                           "service are not built yet (use your own user's service: "
-                           "$XDG_RUNTIME_DIR/gestvenv/api.sock)")
+                           f"{service.uid} (this is that user's own service; yours is "
+                           "$XDG_RUNTIME_DIR/gestvenv/api.sock, or the system's)")
+        caller.scoped = granted == "user"
         request["caller"] = caller
         return await handler(request)
     except ApiError as exc:
-        return _problem_response(exc)
+        response = _problem_response(exc)
+        if request.get("close"):
+            response.force_close()
+        return response
     except GestvenvError as exc:
         return _problem_response(protocol.error_of(exc))
     except web.HTTPException as exc:
@@ -187,15 +207,29 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 # --- request bodies ---
 
 async def read_json(request: web.Request) -> object:
-    limit = _service(request).limits.max_json_body
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, "Body too large", f"a request body is limited to {limit} bytes",
-                       limit=limit)
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise ApiError(413, "Body too large", f"a request body is limited to {limit} bytes",
-                       limit=limit)
+    """The whole body (however many pieces it comes in), at most ``max_json_body`` bytes
+    and ``header_timeout`` seconds."""
+    limits = _service(request).limits
+    too_large = ApiError(413, "Body too large",
+                         f"a request body is limited to {limits.max_json_body} bytes",
+                         limit=limits.max_json_body)
+    if request.content_length is not None and request.content_length > limits.max_json_body:
+        raise too_large
+    try:
+        async with asyncio.timeout(limits.header_timeout):
+            raw = await request.read()  # (bounded: the app's client_max_size)
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None
+    except TimeoutError:
+        raise _slow_body(request, limits) from None
     return protocol.json_body(raw)
+
+
+def _slow_body(request: web.Request, limits: Limits) -> ApiError:
+    """A body that does not come: its connection is closed after the answer."""
+    request["close"] = True
+    return ApiError(408, "Request timeout",
+                    f"the request body did not arrive within {limits.header_timeout:g} s")
 
 
 @contextlib.contextmanager
@@ -216,6 +250,15 @@ def _requirements_file(content: str | None) -> Any:
 
 def _env_name(request: web.Request) -> str:
     return request.match_info["name"]
+
+
+def _spec_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """resolve_spec's keywords, those the request left out as None (the config's then)."""
+    names = ("packages", "python", "resource_limits", "isolation_level", "storage_backend",
+             "ttl", "idle_timeout", "allow_unenforced", "env")
+    out: dict[str, Any] = {n: kwargs.get(n) for n in names}
+    out["packages"] = out["packages"] or ()
+    return out
 
 
 # --- streams ---
@@ -250,11 +293,15 @@ class Outbox:
         return data
 
 
-async def _open_stream(request: web.Request) -> web.StreamResponse:
-    service = _service(request)
+def _take_stream(service: Service) -> None:
+    """Count one more stream, or refuse it (before anything is started for it)."""
     if service.streams >= service.limits.max_streams:
         raise ApiError(429, "Too many streams",
                        f"the service runs {service.limits.max_streams} streams at most")
+    service.streams += 1
+
+
+async def _open_stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers={"Content-Type": NDJSON,
                                                        "Cache-Control": "no-store"})
     request["stream"] = response
@@ -274,72 +321,147 @@ async def _stream_task(service: Service, response: web.StreamResponse, outbox: O
     """Send what ``task`` produces as it comes (and a keepalive when quiet) until it ends.
     Raises ConnectionResetError / TimeoutError when the client goes; the caller then ends
     the task."""
-    while not task.done():
+    task.add_done_callback(lambda _: outbox.ready.set())  # the exit goes out at once
+    while not task.done() and not service.stopping.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(outbox.ready.wait(), service.limits.keepalive)
         data = outbox.take()
-        await _send(service, response, data or event("keepalive"))
+        if data or not task.done():
+            await _send(service, response, data or event("keepalive"))
 
 
 # --- handlers ---
 
+def _public(info: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """An environment as the caller names it."""
+    if not caller.scoped:
+        return info
+    return {**info, "name": protocol.unscoped_name(caller.uid, info["name"])}
+
+
+def _load(name: str, caller: Caller, env_id: str | None = None) -> registry.EnvRecord:
+    """The caller's environment ``name`` (a scoped caller's: made for its uid, or none);
+    with ``env_id`` (the client's ``?id=``), only if it is still that environment: a name is
+    reused, and a client acts on the env it made, never on a later one of the same name."""
+    validate_name(name)
+    try:
+        record: registry.EnvRecord | None = registry.load(
+            protocol.scoped_name(caller.uid, name) if caller.scoped else name)
+    except EnvironmentNotFoundError:
+        record = None
+    if record is None or (caller.scoped and record.caller_uid != caller.uid):
+        raise EnvironmentNotFoundError(f"no environment named {name!r}")
+    if env_id is not None and record.id != env_id:
+        raise EnvironmentClosedError(f"environment {name!r} ({env_id}) has ended; another "
+                                     "of that name exists now")
+    return record
+
+
+async def _env_of(request: web.Request) -> tuple[Environment, registry.EnvRecord]:
+    record = await asyncio.to_thread(_load, _env_name(request), request["caller"],
+                                     request.query.get("id"))
+    return Environment(record, _service(request).config, owned=False), record
+
+
 async def list_envs(request: web.Request) -> web.Response:
-    return web.json_response(await environments())
+    caller: Caller = request["caller"]
+    listed = await environments()
+    if caller.scoped:
+        listed = [_public(i, caller) for i in listed if i.get("caller_uid") == caller.uid]
+    return web.json_response(listed)
 
 
 async def show_env(request: web.Request) -> web.Response:
-    env = await asyncio.to_thread(attach, _env_name(request))
-    return web.json_response(env.info())
+    env, _ = await _env_of(request)
+    return web.json_response(_public(env.info(), request["caller"]))
 
 
 async def usage(request: web.Request) -> web.Response:
-    env = await asyncio.to_thread(attach, _env_name(request))
-    return web.json_response((await env.usage()).to_dict())
+    env, _ = await _env_of(request)
+    return web.json_response(_public((await env.usage()).to_dict(), request["caller"]))
 
 
 async def stats(request: web.Request) -> web.Response:
     from ..monitor import global_stats
 
+    if request["caller"].scoped:
+        raise ApiError(403, "Forbidden", "the service's totals are its own user's: list your "
+                       "environments, and each one's usage, instead")
     return web.json_response((await global_stats(_service(request).config)).to_dict())
 
 
 async def destroy(request: web.Request) -> web.Response:
-    await destroy_environment(_env_name(request), config=_service(request).config)
+    _, record = await _env_of(request)
+    await destroy_environment(record.name, config=_service(request).config)
     return web.Response(status=204)
 
 
 async def create(request: web.Request) -> web.StreamResponse:
     service = _service(request)
     spec = protocol.create_request(await read_json(request))
-    if spec.hold and service.streams >= service.limits.max_streams:
-        raise ApiError(429, "Too many streams",
-                       f"the service runs {service.limits.max_streams} streams at most")
+    caller: Caller = request["caller"]
+    kwargs = dict(spec.kwargs)
+    name = kwargs.pop("name", None)
+    if caller.scoped:
+        # Its own namespace of names, and a sandbox that runs it as the caller (its dir is
+        # under root's storage: only a sandbox shows it to the caller's uid).
+        name = protocol.scoped_name(caller.uid, validate_name(name) if name is not None
+                                    else generate_name())
+        kwargs.setdefault("isolation_level", IsolationLevel.NAMESPACE.value)
     with _requirements_file(spec.requirements) as requirements:
-        kwargs = {**spec.kwargs, "requirements": requirements, "config": service.config}
+        resolved = replace(resolve_spec(service.config, name, requirements=requirements,
+                                        owned=spec.hold, runtime=None,
+                                        **_spec_defaults(kwargs)),
+                           run_as=caller.uid if caller.scoped else None)
         if not spec.hold:
-            env = await create_environment(**kwargs)
-            return web.json_response(env.info(), status=201)
+            record = await create_record(resolved, service.config)
+            env = Environment(record, service.config, owned=False)
+            return web.json_response(_public(env.info(), caller), status=201)
+        _take_stream(service)
         # Held: the environment is this request's. The response stays open with a keepalive
         # every `keepalive` seconds; when the client goes (its process killed, its
         # connection cut), a write fails and the block's exit destroys the environment. If
         # this service dies instead, the env's creator (this process) is dead: its unit's
         # holder ends it, as for any creator.
-        context = ephemeral(**kwargs)
-        env = await context.__aenter__()
-    service.streams += 1
+        context = EphemeralContext(resolved, service.config)
+        try:
+            env = await context.__aenter__()
+        except BaseException:
+            service.streams -= 1
+            raise
     try:
         response = await _open_stream(request)
-        await _send(service, response, event("created", environment=env.info()))
+        await _send(service, response, event("created",
+                                             environment=_public(env.info(), caller)))
+        tick = 0
         while not service.stopping.is_set():
             await asyncio.sleep(service.limits.keepalive)
-            if env.closed:
+            tick += 1
+            # Ended otherwise (a DELETE, a cleanup, its TTL): said, and the stream ends.
+            if tick % 4 == 0 and not await asyncio.to_thread(_still, env.name, env.id):
+                await _send(service, response, event("ended", reason="the environment was "
+                                                     "destroyed (a DELETE, a cleanup, its TTL)"))
                 break
             await _send(service, response, event("keepalive"))
+        else:
+            await _send(service, response, event("ended", reason="the service is stopping"))
         await response.write_eof()
         return response
+    except (ConnectionResetError, TimeoutError):
+        # The client went: that is how a held env ends (not an error of anyone's).
+        if request.transport is not None:
+            request.transport.close()
+        return request.get("stream") or web.Response(status=204)
     finally:  # the client gone (a failed write), the service stopping, or the env ended
         service.streams -= 1
         await context.__aexit__(None, None, None)
+
+
+def _still(name: str, env_id: str) -> bool:
+    try:
+        return registry.load(name).id == env_id
+    except EnvironmentNotFoundError:
+        return False
 
 
 def _cwd(env_path: str, cwd: str | None) -> str:
@@ -351,7 +473,7 @@ def _cwd(env_path: str, cwd: str | None) -> str:
 async def execute(request: web.Request) -> web.StreamResponse:
     service = _service(request)
     spec = protocol.exec_request(await read_json(request))
-    env = await asyncio.to_thread(attach, _env_name(request))
+    env, _ = await _env_of(request)
     cwd = _cwd(str(env.path), spec.cwd)
     outbox = Outbox(service.limits.max_pending_output)
     sent = {"stdout": 0, "stderr": 0}
@@ -363,13 +485,14 @@ async def execute(request: web.Request) -> web.StreamResponse:
         for start in range(0, len(text), 8192):
             await outbox.put(event(name, data=text[start:start + 8192]))
 
+    _take_stream(service)
     # Resolved before the stream opens: a bad command is a plain error response.
     task = asyncio.ensure_future(env.execute(
         spec.command, shell=spec.shell, cwd=cwd, env=spec.env, timeout=spec.timeout,
         input=spec.stdin, stream=on_output, output_limit=service.limits.kept_output))
     exec_id = uuid.uuid4().hex[:16]
     service.execs[exec_id] = (env.name, task)
-    service.streams += 1
+    response: web.StreamResponse | None = None
     try:
         # The command is resolved (found, its cwd checked) before the task's first await: a
         # bad one is a plain error response, not a stream.
@@ -379,6 +502,14 @@ async def execute(request: web.Request) -> web.StreamResponse:
         response = await _open_stream(request)
         await _send(service, response, event("start", exec_id=exec_id, command=spec.command))
         await _stream_task(service, response, outbox, task)
+        if not task.done():  # the service is stopping: the command ends with it
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            await _send(service, response, event("error", problem=protocol.problem(
+                503, "Service stopping", "the service stopped: the command was killed")))
+            await response.write_eof()
+            return response
         tail = outbox.take()
         if tail:
             await _send(service, response, tail)
@@ -387,6 +518,14 @@ async def execute(request: web.Request) -> web.StreamResponse:
         except GestvenvError as exc:
             await _send(service, response, event("error", problem=protocol.error_of(exc)
                                                  .problem()))
+        except asyncio.CancelledError:
+            await _send(service, response, event("error", problem=protocol.problem(
+                409, "Command killed", "the command was killed (a KILL signal)")))
+        except Exception as exc:  # the stream is open: said there, not as a second status
+            traceback.print_exc(file=sys.stderr)
+            await _send(service, response, event("error", problem=protocol.problem(
+                500, "Internal error", f"{type(exc).__name__}: the service's journal has "
+                "the details")))
         else:
             await _send(service, response, event("exit", result={
                 "argv": list(result.argv), "returncode": result.returncode,
@@ -416,8 +555,9 @@ async def signal_exec(request: web.Request) -> web.Response:
                        f"SIG{name} is not delivered: the API ends a running command with "
                        "KILL only (its whole process tree, as the library's cancellation "
                        "does); other signals are not built yet")
+    _, record = await _env_of(request)
     found = service.execs.get(request.match_info["exec_id"])
-    if found is None or found[0] != _env_name(request):
+    if found is None or found[0] != record.name:
         raise ApiError(404, "No such command",
                        "no running command with that id in that environment")
     found[1].cancel()
@@ -426,130 +566,216 @@ async def signal_exec(request: web.Request) -> web.Response:
 
 async def install(request: web.Request) -> web.Response:
     packages, requirements = protocol.install_request(await read_json(request))
-    env = await asyncio.to_thread(attach, _env_name(request))
+    env, _ = await _env_of(request)
     with _requirements_file(requirements) as path:
         await env.install(packages, requirements=path)
-    return web.json_response(env.info())
+    return web.json_response(_public(env.info(), request["caller"]))
 
 
-# --- files: inside the env's dir only, never through a symlink ---
+# --- files: inside the env's dir only, never through a symlink, checked as the caller ---
 
-def _walk(env_path: str, parts: list[str], *, create: bool) -> int:
-    """An fd of the dir that holds the file ``parts`` name, reached component by component
-    with O_NOFOLLOW from the env's own dir (a symlink anywhere on the way is refused)."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(env_path, flags)
-    try:
-        for part in parts[:-1]:
-            try:
-                nxt = os.open(part, flags, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    raise
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                nxt = os.open(part, flags, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _path_error(path: str, exc: OSError) -> ApiError:
-    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+def _path_error(path: str, err: int | None, strerror: str | None = None) -> ApiError:
+    if err in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
         return ApiError(403, "Unsafe path", f"{path!r}: a symlink or a non-directory is on the "
                         "way: files are reached inside the environment's dir only")
-    if exc.errno == errno.ENOENT:
+    if err == errno.ENOENT:
         return ApiError(404, "No such file", f"{path!r} does not exist in the environment")
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if err in (errno.ENOSPC, errno.EDQUOT):
         return ApiError(507, "Disk full", f"{path!r}: the environment's disk is full")
-    if exc.errno == errno.EISDIR:
+    if err == errno.EISDIR:
         return ApiError(409, "Is a directory", f"{path!r} is a directory")
-    return ApiError(403 if exc.errno in (errno.EACCES, errno.EPERM) else 500,
-                    "File error", f"{path!r}: {exc.strerror}")
+    if err in (errno.EPERM, errno.ENXIO):
+        return ApiError(403, "Unsafe path", f"{path!r} is not a regular file")
+    return ApiError(403 if err == errno.EACCES else 500, "File error",
+                    f"{path!r}: {strerror or os.strerror(err or 0)}")
+
+
+def _env_dir(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+_FILES_PYTHON = "/usr/bin/python3"  # stdlib only: any user can run it (a venv's may be hidden)
+
+
+@functools.cache
+def _files_source() -> str:
+    return Path(files.__file__).read_text()
+
+
+async def _as_caller(uid: int, op: str, env_path: str, path: str, limit: int,
+                     ) -> asyncio.subprocess.Process:
+    """files.py run as ``uid`` (and its gid, no other group) on the env's dir, handed as an
+    fd: every check on the way is the caller's, not root's."""
+    source = _files_source()
+    dirfd = _env_dir(env_path)
+    try:
+        python = _FILES_PYTHON if os.access(_FILES_PYTHON, os.X_OK) else sys.executable
+        return await asyncio.create_subprocess_exec(
+            python, "-I", "-S", "-c", source, op, str(dirfd), path, str(limit),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, pass_fds=(dirfd,), user=uid, group=uid,
+            extra_groups=[], env={"PATH": "/usr/bin:/bin"}, cwd="/")
+    finally:
+        os.close(dirfd)
+
+
+def _child_error(path: str, stderr: bytes, limit: int) -> ApiError:
+    text = stderr.decode(errors="replace").strip()
+    return _path_error(path, int(text)) if text.isdigit() else \
+        ApiError(500, "File error", f"{path!r}: the file helper failed")
+
+
+async def _body_chunks(request: web.Request) -> AsyncIterator[bytes]:
+    """An upload's body as it comes; each piece within ``header_timeout`` (a client that
+    stops sending is dropped, not waited for)."""
+    limits = _service(request).limits
+    while True:
+        try:
+            async with asyncio.timeout(limits.header_timeout):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise _slow_body(request, limits) from None
+        if not chunk:
+            return
+        yield chunk
 
 
 async def put_file(request: web.Request) -> web.Response:
     service = _service(request)
     path = request.match_info["path"]
     parts = protocol.relative_parts(path)
-    env = await asyncio.to_thread(attach, _env_name(request))
-    record = registry.load(env.name)
+    env, record = await _env_of(request)
     limit = service.limits.max_upload
+    too_large = ApiError(413, "Upload too large", f"a file is limited to {limit} bytes",
+                         limit=limit)
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, "Upload too large", f"a file is limited to {limit} bytes",
-                       limit=limit)
-    try:
-        dir_fd = _walk(str(env.path), parts, create=True)
-    except OSError as exc:
-        raise _path_error(path, exc) from exc
-    try:
+        raise too_large
+    written = 0
+    if request["caller"].scoped:
+        # Written by a helper running as the caller: it commits only a complete, framed body.
+        child = await _as_caller(request["caller"].uid, "put", str(env.path), path, limit)
+        assert child.stdin is not None
+        complete = False
         try:
-            fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                         | os.O_NONBLOCK | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
-        except OSError as exc:
-            raise _path_error(path, exc) from exc
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device planted there
-                raise ApiError(403, "Unsafe path", f"{path!r} is not a regular file")
-            if record.sandbox_uid is not None:  # its commands' own uid may change it
-                os.fchown(fd, record.sandbox_uid, record.sandbox_uid)
-            written = 0
-            async for chunk in request.content.iter_chunked(1 << 16):
+            async for chunk in _body_chunks(request):
                 written += len(chunk)
                 if written > limit:
-                    raise ApiError(413, "Upload too large", f"a file is limited to {limit} "
-                                   "bytes", limit=limit)
-                try:
-                    os.write(fd, chunk)
-                except OSError as exc:
-                    raise _path_error(path, exc) from exc
-        except BaseException:
+                    break
+                child.stdin.write(files.frame(chunk))
+                await child.stdin.drain()
+            else:
+                child.stdin.write(files.frame(b""))
+                await child.stdin.drain()
+                complete = True
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # (the helper stopped: its status says why)
+        finally:  # (closed before the last frame: the helper abandons the upload)
             with contextlib.suppress(OSError):
-                os.unlink(parts[-1], dir_fd=dir_fd)
+                child.stdin.close()
+            _, err = await child.communicate()
+        if not complete and written <= limit and child.returncode == files.ABANDONED:
+            raise ConnectionResetError("the upload's body ended before its end")
+        if written > limit or child.returncode == files.TOO_LARGE:
+            raise too_large
+        if child.returncode != 0:
+            raise _child_error(path, err, limit)
+    else:
+        try:
+            dirfd = _env_dir(str(env.path))
+            try:
+                folder, fd, temp = files.open_upload(dirfd, parts, record.sandbox_uid)
+            finally:
+                os.close(dirfd)
+        except OSError as exc:
+            raise _path_error(path, exc.errno, exc.strerror) from exc
+        try:
+            try:
+                async for chunk in _body_chunks(request):
+                    written += len(chunk)
+                    if written > limit:
+                        raise too_large
+                    os.write(fd, chunk)
+                os.close(fd)
+                fd = -1
+                files.commit(folder, temp, parts[-1])
+            except OSError as exc:
+                raise _path_error(path, exc.errno, exc.strerror) from exc
+        except BaseException:
+            files.abandon(folder, temp)  # (the file it would replace is left as it was)
             raise
         finally:
-            os.close(fd)
-    finally:
-        os.close(dir_fd)
+            if fd >= 0:
+                os.close(fd)
+            os.close(folder)
     await asyncio.to_thread(registry.touch, record.name, record.id)
     return web.json_response({"path": path, "bytes": written}, status=201)
 
 
 async def get_file(request: web.Request) -> web.StreamResponse:
+    service = _service(request)
     path = request.match_info["path"]
     parts = protocol.relative_parts(path)
-    env = await asyncio.to_thread(attach, _env_name(request))
-    try:
-        dir_fd = _walk(str(env.path), parts, create=False)
+    env, _ = await _env_of(request)
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    if request["caller"].scoped:
+        child = await _as_caller(request["caller"].uid, "get", str(env.path), path, 0)
+        assert child.stdout is not None and child.stdin is not None
+        child.stdin.close()
+        first = await child.stdout.read(1 << 16)
+        if not first:
+            _, err = await child.communicate()
+            if child.returncode != 0:
+                raise _child_error(path, err, 0)
+        request["stream"] = response  # (chunked: its end says it is whole)
+        await response.prepare(request)
         try:
-            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=dir_fd)
+            chunk = first
+            while chunk:
+                await _send(service, response, chunk)
+                chunk = await child.stdout.read(1 << 16)
+            await child.wait()
+            if child.returncode != 0:
+                _abort(request)  # a cut body, never one that looks whole
+                return response
         finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        raise _path_error(path, exc) from exc
+            if child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.kill()
+                await child.wait()
+        await response.write_eof()
+        return response
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ApiError(403, "Unsafe path", f"{path!r} is not a regular file")
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        response.content_length = info.st_size
+        dirfd = _env_dir(str(env.path))
+        try:
+            fd = files.open_file(dirfd, parts)
+        finally:
+            os.close(dirfd)
+    except OSError as exc:
+        raise _path_error(path, exc.errno, exc.strerror) from exc
+    try:
+        size = os.fstat(fd).st_size
+        response.content_length = size
         request["stream"] = response
         await response.prepare(request)
-        left = info.st_size
+        left = size
         while left > 0:
             chunk = os.read(fd, min(left, 1 << 16))
             if not chunk:
-                break
+                # The file shrank while it was sent (the env's code may do that): the
+                # connection is cut, so that what follows is never taken for the file's rest.
+                _abort(request)
+                return response
             left -= len(chunk)
-            await _send(_service(request), response, chunk)
+            await _send(service, response, chunk)
         await response.write_eof()
         return response
     finally:
         os.close(fd)
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -645,6 +871,15 @@ async def _watch_connections(service: Service) -> None:
             service.stopping.set()
 
 
+def _quiet_client_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A client gone in the middle of a write is one line for the journal, not a traceback
+    (aiohttp 3.8 leaves such a write's future unretrieved)."""
+    if isinstance(context.get("exception"), ConnectionError):
+        print(f"gestvenv serve: a client went: {context['exception']!r}", file=sys.stderr)
+        return
+    loop.default_exception_handler(context)
+
+
 async def serve(sockets: list[socket.socket], *, config: Config | None = None,
                 idle_exit: float | None = None, limits: Limits | None = None,
                 ready: Callable[[], None] | None = None) -> None:
@@ -655,14 +890,28 @@ async def serve(sockets: list[socket.socket], *, config: Config | None = None,
     service = Service(config=config or load_config(), limits=limits or Limits(),
                       idle_exit=idle_exit)
     app = make_app(service)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           keepalive_timeout=15.0)
+    # Stopping waits this long for handlers: every stream ends at once when the service
+    # stops (its loops look at `stopping`), so a short wait is enough.
+    # After an answer to a request whose body was not read (refused, or slow), aiohttp reads
+    # what is left for `lingering_time` (10 s by default): a client that sends nothing more
+    # would hold its connection that long.
+    options: dict[str, Any] = {"access_log": None, "handle_signals": False,
+                               "keepalive_timeout": 15.0, "lingering_time": 1.0}
+    site_options: dict[str, Any] = {}
+    # (aiohttp >= 3.9: the runner's; before, the site's: the runner would pass it on to
+    # each connection's handler, which refuses it)
+    if "shutdown_timeout" in inspect.signature(web.AppRunner.__init__).parameters:
+        options["shutdown_timeout"] = 5.0
+    else:
+        site_options["shutdown_timeout"] = 5.0
+    runner = web.AppRunner(app, **options)
     await runner.setup()
     service.runner = runner
     for sock in sockets:
         sock.setblocking(False)
-        await web.SockSite(runner, sock).start()
+        await web.SockSite(runner, sock, **site_options).start()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_quiet_client_errors)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, service.stopping.set)
     watcher = asyncio.ensure_future(_watch_connections(service))

@@ -340,6 +340,36 @@ def test_the_second_env_of_a_package_set_is_fast_without_uv(host: SystemdHost) -
     assert timed["second"] < timed["first"], timed
 
 
+@pytest.mark.usefixtures("configured")
+def test_the_system_api_socket_serves_root_and_each_user(host: SystemdHost) -> None:
+    """The packaged gestvenv-api.socket (Debian's aiohttp): the README's example through
+    --host as root, and a user's own environment, run as that user, through the same socket."""
+    sock = ["gestvenv", "--host", "unix:///run/gestvenv/api.sock"]
+    run(host, "systemctl", "start", "gestvenv-api.socket")
+    try:
+        run(host, *sock, "ephemeral", "create", "api-pkg", "-p", "six>=1.0", "--ttl", "600")
+        out = run(host, *sock, "run", "--env", "api-pkg", "--", "python", "-c",
+                  "import six; print(six.__version__)").stdout
+        assert out.startswith("1.16.0"), out
+        service = show(host, "gestvenv-api.service", "ActiveState", "TriggeredBy",
+                       "FragmentPath")
+        assert service == {"ActiveState": "active", "TriggeredBy": "gestvenv-api.socket",
+                           "FragmentPath": "/lib/systemd/system/gestvenv-api.service"}
+        uid = run(host, "id", "-u", USER).stdout.strip()
+        assert "api-pkg" not in run(host, *sock, "ephemeral", "list", user=USER).stdout
+        run(host, *sock, "ephemeral", "create", "mine", "--ttl", "600", user=USER)
+        out = run(host, *sock, "run", "--env", "mine", "--", "python", "-c",
+                  "import os; print(os.getuid())", user=USER).stdout
+        assert out.strip() == uid, out
+        assert f"u{uid}-mine" in run(host, "gestvenv", "ephemeral", "list").stdout
+        run(host, *sock, "ephemeral", "cleanup", "mine", user=USER)
+        run(host, *sock, "ephemeral", "cleanup", "api-pkg")
+        assert "api-pkg" not in run(host, "gestvenv", "ephemeral", "list").stdout
+    finally:
+        run(host, "systemctl", "stop", "gestvenv-api.socket", "gestvenv-api.service",
+            ok=False)
+
+
 def test_a_user_cannot_start_the_system_units(host: SystemdHost, installed: list[str]) -> None:
     for unit in ("gestvenv-cleanup.service", "gestvenv-cleanup.timer", "gestvenv.slice"):
         done = run(host, "systemctl", "start", unit, user=USER, ok=False)

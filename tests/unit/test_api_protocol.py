@@ -84,12 +84,20 @@ def test_library_errors_round_trip_through_problem_documents() -> None:
     assert isinstance(unknown, protocol.RemoteError) and unknown.status == 413
 
 
-def test_only_the_service_s_user_and_root_may_act() -> None:
+def test_who_may_do_what() -> None:
     pytest.importorskip("aiohttp")
-    from gestvenv.api.server import may_act
+    from gestvenv.api.server import access
 
-    assert may_act(1000, 1000) and may_act(0, 1000) and may_act(0, 0)
-    assert not may_act(1001, 1000) and not may_act(1000, 0)
+    assert access(1000, 1000) == access(0, 1000) == access(0, 0) == "service"
+    assert access(1000, 0) == access(4242, 0) == "user"  # root's service: their own envs
+    assert access(1001, 1000) is None  # a user's service is that user's
+
+
+def test_a_user_of_root_s_service_has_names_of_its_own() -> None:
+    assert protocol.scoped_name(4242, "job") == "u4242-job"
+    assert protocol.unscoped_name(4242, "u4242-job") == "job"
+    assert protocol.scoped_name(1, "job") != protocol.scoped_name(11, "job")
+    gestvenv.names.validate_name(protocol.scoped_name(4242, "a" * 50))  # still a name
 
 
 def test_the_openapi_document_names_every_route_and_refuses_extra_fields() -> None:
@@ -101,3 +109,43 @@ def test_the_openapi_document_names_every_route_and_refuses_extra_fields() -> No
     schemas = document["components"]["schemas"]
     assert schemas["CreateRequest"]["additionalProperties"] is False
     assert set(schemas["CreateRequest"]["properties"]) == set(protocol._CREATE)
+
+
+@pytest.mark.parametrize("body", [
+    {"command": ["echo", "a\0b"]},
+    {"command": "echo \0", "shell": True},
+    {"command": ["true"], "env": {"A": "x\0y"}},
+    {"command": ["true"], "env": {"A=B": "x"}},
+    {"command": ["true"], "env": {"": "x"}},
+])
+def test_what_no_process_can_take_is_refused_before_it_runs(body: object) -> None:
+    with pytest.raises(ApiError) as caught:
+        protocol.exec_request(body)
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("specs", [
+    ["-r /etc/shadow"], ["--index-url https://evil.example/simple"], ["-e ."],
+    ["/root/secret.whl"], ["./local"], ["~/pkg"], ["pkg @ file:///etc/passwd"],
+    ["six\0"],
+])
+def test_installer_options_and_local_paths_are_not_taken(specs: list[str]) -> None:
+    with pytest.raises(ApiError):
+        protocol.create_request({"packages": specs})
+    with pytest.raises(ApiError):
+        protocol.create_request({"requirements": "\n".join(["six", *specs])})
+    with pytest.raises(ApiError):
+        protocol.install_request({"packages": specs})
+
+
+def test_ordinary_specs_and_comments_are_taken() -> None:
+    request = protocol.create_request({
+        "packages": ["six>=1.0", "requests[socks]==2.32.3", "pkg @ https://example.org/p.whl"],
+        "requirements": "# pinned\nsix==1.16.0\n\nattrs ; python_version >= '3.8'\n"})
+    assert request.kwargs["packages"][0] == "six>=1.0"
+
+
+def test_deep_json_is_malformed_not_a_crash() -> None:
+    with pytest.raises(ApiError) as caught:
+        protocol.json_body(b"[" * 100_000)
+    assert caught.value.status == 400

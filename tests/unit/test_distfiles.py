@@ -70,7 +70,10 @@ def test_tmpfiles_creates_roots_dirs_private() -> None:
               storage.storage_root(StorageBackend.MEMORY, config).path,
               storage.cache_base(config)}
     assert set(created) == wanted
-    assert all(owner == ["0700", "root", "root"] for owner in created.values())
+    # Private, but for the runtime dir: traversable (not listable) to reach the API's socket.
+    assert {path: owner for path, owner in created.items()} == {
+        path: ["0711" if path == storage.runtime_dir() else "0700", "root", "root"]
+        for path in wanted}
     # Nothing is ever aged away: no age column, and the users' /tmp fallback is excluded.
     assert all(len(r) <= 6 and r[-1] == "-" for r in rules if r[0] == "d")
     assert ["x", "/tmp/gestvenv-*"] in rules

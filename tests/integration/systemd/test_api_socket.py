@@ -6,6 +6,7 @@ again by the next connection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -49,6 +50,11 @@ def api_units() -> Iterator[None]:
               if k.startswith(("GESTVENV_", "UV_")) or k == "XDG_CONFIG_HOME"}
     service += "".join(f'Environment="{k}={v}"\n' for k, v in sorted(passed.items()))
     service += f"WorkingDirectory={os.getcwd()}\nEnvironment=PYTHONPATH={os.getcwd()}\n"
+    # As the packaged tmpfiles.d makes it at boot (here a test may have made it 0700 first).
+    run_dir = Path(SOCKET).parent
+    mode = run_dir.stat().st_mode & 0o777 if run_dir.exists() else None
+    if mode is not None:
+        run_dir.chmod(distfiles.root_dir_mode(run_dir))
     (UNITS / distfiles.API_SOCKET).write_text(distfiles.render_api_socket())
     (UNITS / distfiles.API_SERVICE).write_text(service)
     subprocess.run(["systemctl", "daemon-reload"], check=True)
@@ -61,6 +67,8 @@ def api_units() -> Iterator[None]:
             (UNITS / name).unlink(missing_ok=True)
         subprocess.run(["systemctl", "daemon-reload"], check=True)
         subprocess.run(["systemctl", "reset-failed"], capture_output=True)
+        if mode is not None:
+            run_dir.chmod(mode)
 
 
 async def _flow() -> str:
@@ -84,7 +92,7 @@ async def _flow() -> str:
 def test_the_socket_activates_the_service_which_serves_then_exits_when_idle() -> None:
     assert show(distfiles.API_SOCKET, "ActiveState")["ActiveState"] == "active"
     assert show(distfiles.API_SERVICE, "ActiveState")["ActiveState"] == "inactive"
-    assert oct(os.stat(SOCKET).st_mode & 0o777) == "0o600"
+    assert oct(os.stat(SOCKET).st_mode & 0o777) == "0o666"  # peer credentials decide
     uid = asyncio.run(_flow())  # the first connection starts the service
     assert uid == "0"
     service = show(distfiles.API_SERVICE, "ActiveState", "TriggeredBy", "MainPID")
@@ -108,3 +116,32 @@ def test_the_socket_activates_the_service_which_serves_then_exits_when_idle() ->
     journal = subprocess.run(["journalctl", "-u", distfiles.API_SERVICE, "--no-pager", "-o",
                               "cat"], capture_output=True, text=True).stdout
     assert "Traceback" not in journal, journal
+
+
+@pytest.mark.usefixtures("api_units")
+def test_a_user_through_the_system_socket_gets_its_memory_limit_enforced() -> None:
+    """gvtest, whose own manager has no memory controller on this hybrid host, asks root's
+    service through /run/gestvenv/api.sock: its env runs as gvtest in the system manager's
+    slice, where a 2x allocation is killed by the kernel and reported as such."""
+    from tests.integration.test_api_users import as_user, events
+
+    gvtest = 4242
+    try:
+        created, ran, who, listed = as_user(
+            gvtest, Path(SOCKET),
+            ("POST", "/v1/envs", {"name": "capped", "ttl": 300,
+                                  "resource_limits": {"max_memory": 64}}),
+            ("POST", "/v1/envs/capped/exec", {"command": [
+                "python", "-c", "b = bytearray(128 * 2**20); b[::4096] = b'x' * len(b[::4096])"]}),
+            ("POST", "/v1/envs/capped/exec", {"command": [
+                "python", "-c", "import os; print(*os.getresuid(), *os.getresgid())"]}),
+            ("GET", "/v1/envs", None))
+        assert created[0] == 201, created
+        assert created[1]["enforcement"]["limits"]["max_memory"]["enforced"] is True
+        assert events(ran[1])["exit"]["killed_by"] == "memory", ran
+        assert events(who[1])["stdout"].split() == [str(gvtest)] * 6, who
+        assert [e["name"] for e in listed[1]] == ["capped"]
+        assert registry.load(f"u{gvtest}-capped").caller_uid == gvtest
+    finally:
+        with contextlib.suppress(gestvenv.EnvironmentNotFoundError):
+            asyncio.run(gestvenv.destroy_environment(f"u{gvtest}-capped"))
