@@ -43,6 +43,7 @@ from .runtime import (
     StreamCallback,
     runtime_named,
 )
+from .runtime.base import console_stream
 from .runtime.processes import ENV_MARKER, EXEC_MARKER
 from .shield import HeldInterrupts, protected, shielded
 
@@ -197,7 +198,8 @@ class Environment:
             raise ValidationError(f"output_limit must be 0 or more, not {output_limit!r}")
         record = self._live_record()
         command = build_command(record, cmd, shell=shell, env=env, cwd=cwd, input=input,
-                                timeout=timeout, capture=capture, stream=_stream(stream))
+                                timeout=timeout, capture=capture,
+                                stream=console_stream(stream))
         if output_limit is not None:
             command = dataclasses.replace(command, output_limit=output_limit)
         runtime = runtime_named(record.runtime)
@@ -279,18 +281,6 @@ class Environment:
 
 async def _wait(future: asyncio.Future[None]) -> None:
     await future
-
-
-def _stream(stream: bool | StreamCallback) -> StreamCallback | None:
-    if stream is True:
-        import sys
-
-        def write(name: str, text: str) -> None:
-            out = sys.stdout if name == "stdout" else sys.stderr
-            out.write(text)
-            out.flush()
-        return write
-    return stream or None
 
 
 def _requirements(requirements: str | os.PathLike[str] | None) -> tuple[Path, ...]:

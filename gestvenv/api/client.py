@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import os
-import sys
 import time
 from collections.abc import Iterable, Mapping
 from types import TracebackType
@@ -25,6 +24,7 @@ from urllib.parse import quote, urlsplit
 
 from ..exceptions import EnvironmentClosedError, GestvenvError, ValidationError
 from ..models import ExecResult, IsolationLevel, ResourceLimits, StorageBackend
+from ..runtime.base import console_stream
 from . import protocol
 
 StreamCallback = Any  # (name, text) -> None, as for Environment.execute
@@ -51,10 +51,11 @@ def _import_aiohttp() -> Any:
 
 class Client:
     """A connection to a gestvenv service: ``unix:///path/to/api.sock`` (``unix:`` alone: the
-    local service's default socket) or ``http://host:port`` (loopback only: TCP is not served
-    yet)."""
+    local service's default socket), or ``https://host:port`` with a bearer token
+    (``http://`` to a loopback address only)."""
 
-    def __init__(self, url: str, token: str | None = None) -> None:
+    def __init__(self, url: str, token: str | None = None, *,
+                 cafile: str | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme == "unix":
             self._socket: str | None = parts.path or default_socket()
@@ -62,10 +63,14 @@ class Client:
         elif parts.scheme in ("http", "https"):
             self._socket = None
             self._base = f"{parts.scheme}://{parts.netloc}"
+            if parts.scheme == "http" and token and \
+                    not protocol.is_loopback(parts.hostname or ""):
+                raise ValidationError(f"{url!r}: a token is sent over https only (or to a "
+                                      "loopback address)")
         else:
             raise ValidationError(f"{url!r}: a gestvenv URL is unix:///path/to/api.sock or "
                                   "http(s)://host:port")
-        self.url, self._token = url, token
+        self.url, self._token, self._cafile = url, token, cafile
         self._session: Any = None
 
     # --- plumbing ---
@@ -74,7 +79,13 @@ class Client:
         aiohttp = _import_aiohttp()
         if self._session is None or self._session.closed or \
                 self._session._loop is not asyncio.get_running_loop():
-            connector = aiohttp.UnixConnector(path=self._socket) if self._socket else None
+            if self._socket:
+                connector = aiohttp.UnixConnector(path=self._socket)
+            else:
+                import ssl
+
+                connector = aiohttp.TCPConnector(
+                    ssl=ssl.create_default_context(cafile=self._cafile))
             headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
             self._session = aiohttp.ClientSession(
                 connector=connector, headers=headers,
@@ -303,7 +314,7 @@ class RemoteEnvironment:
             body["stdin"] = input
         elif input is not None:
             body["stdin_base64"] = base64.b64encode(input).decode()
-        show = _stream(stream)
+        show = console_stream(stream)
         started = time.monotonic()
         response = await self._client._check(
             await self._client._request("POST", self._at("/exec"), json_body=body))
@@ -385,21 +396,15 @@ async def _readline(response: Any) -> bytes:
     return bytes(await response.content.readline())
 
 
-def _stream(stream: bool | StreamCallback) -> StreamCallback | None:
-    if stream is True:
-        def write(name: str, text: str) -> None:
-            out = sys.stdout if name == "stdout" else sys.stderr
-            out.write(text)
-            out.flush()
-        return write
-    return stream or None
-
-
-def connect(url: str | None = None, token: str | None = None) -> Client:
+def connect(url: str | None = None, token: str | None = None, *,
+            cafile: str | None = None) -> Client:
     """A client of the gestvenv service at ``url`` (default: ``GESTVENV_HOST``, else the local
     service's socket), with the library's API (``ephemeral``, ``create_environment``,
-    ``attach``, ``list_environments``, ``destroy_environment``)."""
+    ``attach``, ``list_environments``, ``destroy_environment``). Over TCP: ``token``
+    (default: ``GESTVENV_TOKEN``), and ``cafile`` (default: ``GESTVENV_CAFILE``) for a
+    service whose certificate the system does not trust."""
     url = url or os.environ.get("GESTVENV_HOST") or f"unix://{default_socket()}"
     if "://" not in url and url.startswith("/"):
         url = f"unix://{url}"
-    return Client(url, token)
+    return Client(url, token or os.environ.get("GESTVENV_TOKEN") or None,
+                  cafile=cafile or os.environ.get("GESTVENV_CAFILE") or None)

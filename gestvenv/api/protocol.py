@@ -343,6 +343,17 @@ def _specs(lines: list[str], name: str) -> list[str]:
     return lines
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (TCP in clear is served, and a token sent, to
+    those only)."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 # --- names: a user of root's service has its own ---
 
 def scoped_name(uid: int, name: str) -> str:

@@ -11,7 +11,8 @@ service serves that user (and root). Root's service serves root's environments t
 gives every other user environments of its own (:func:`access`): they run as that user, in a
 sandbox, in the system manager's slices (``EnvSpec.run_as``), under names of their own
 (``protocol.scoped_name``); the user sees those only, and its files are read and written by a
-helper running as the user (:mod:`.files`).
+helper running as the user (:mod:`.files`). Over TCP (``--listen``), a bearer token whose
+hash the service holds (:mod:`.tokens`) acts as the service's user; TLS unless on loopback.
 
 Bounds: request bodies, uploads, the output a client has not taken yet, concurrent streams and
 connections are bounded; a connection that sends no request in time and a client that takes no
@@ -29,6 +30,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import stat
 import struct
 import sys
@@ -52,7 +54,7 @@ from ..lifecycle import create as create_record
 from ..listing import environments
 from ..models import IsolationLevel
 from ..names import generate_name, validate_name
-from . import files, protocol
+from . import files, protocol, tokens
 from .protocol import NDJSON, PROBLEM, ApiError, event
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -94,6 +96,7 @@ class Service:
     last_activity: float = field(default_factory=time.monotonic)
     execs: dict[str, tuple[str, asyncio.Task[Any]]] = field(default_factory=dict)
     runner: web.AppRunner | None = None
+    token_hashes: frozenset[str] = frozenset()  # (tokens.parse: the TCP callers' tokens)
     served: set[int] = field(default_factory=set)  # connections that sent a whole request
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -112,12 +115,20 @@ def _service(request: web.Request) -> Service:
 # --- identity ---
 
 def peer_credentials(request: web.Request) -> Caller:
-    """The caller: its uid from SO_PEERCRED on the unix socket. Anything else is refused (TCP
-    is not served)."""
+    """The caller: on the unix socket, its uid from SO_PEERCRED; over TCP, a bearer token
+    whose hash the service holds, which acts as the service's own user."""
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        raise ApiError(403, "Forbidden", "only unix-socket callers are served")
+    if sock is None:
+        raise ApiError(403, "Forbidden", "no connection to identify")
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        if not tokens.accepted(request.headers.get("Authorization"),
+                               _service(request).token_hashes):
+            raise ApiError(401, "Unauthorized", "a valid bearer token is required over TCP "
+                           "(Authorization: Bearer <token>)")
+        return Caller(uid=_service(request).uid, pid=None, via="tcp")
+    if sock.family != socket.AF_UNIX:
+        raise ApiError(403, "Forbidden", "only unix-socket and TCP callers are served")
     size = struct.calcsize("3i")
     pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                          size))
@@ -844,6 +855,25 @@ def bind_unix(path: str, mode: int = 0o600) -> socket.socket:
     return sock
 
 
+def bind_tcp(address: str) -> socket.socket:
+    """A listening TCP socket for ``tcp://HOST:PORT`` (``[v6]`` in brackets)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address)
+    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        raise GestvenvError(f"{address!r}: a TCP address is tcp://HOST:PORT")
+    family = socket.AF_INET6 if ":" in parts.hostname else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((parts.hostname, parts.port))
+    except OSError as exc:
+        sock.close()
+        raise GestvenvError(f"cannot listen on {address}: {exc.strerror}") from None
+    sock.listen(128)
+    return sock
+
+
 async def _watch_connections(service: Service) -> None:
     """Idle exit, and connections that send no complete request in time (slowloris): aiohttp
     has no timeout for a request's head."""
@@ -880,15 +910,32 @@ def _quiet_client_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any
     loop.default_exception_handler(context)
 
 
+def check_tcp(sock: socket.socket, tls: bool, token_hashes: frozenset[str]) -> None:
+    """A TCP socket is served with tokens, and with TLS unless it listens on loopback only:
+    refused before anything is served."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    host = sock.getsockname()[0]
+    if not token_hashes:
+        raise GestvenvError(f"TCP ({host}) needs bearer tokens: --tokens FILE (make one with "
+                            "`gestvenv serve --new-token FILE`)")
+    if not tls and not protocol.is_loopback(host):
+        raise GestvenvError(f"TCP on {host} needs TLS (--tls-cert and --tls-key): only "
+                            "loopback is served in clear")
+
+
 async def serve(sockets: list[socket.socket], *, config: Config | None = None,
                 idle_exit: float | None = None, limits: Limits | None = None,
-                ready: Callable[[], None] | None = None) -> None:
+                ready: Callable[[], None] | None = None, tls: ssl.SSLContext | None = None,
+                token_hashes: frozenset[str] = frozenset()) -> None:
     """Serve the API on ``sockets`` until SIGTERM/SIGINT, or ``idle_exit`` seconds without a
     request or a connection (socket activation starts it again on the next one)."""
     import signal
 
+    for sock in sockets:
+        check_tcp(sock, tls is not None, token_hashes)
     service = Service(config=config or load_config(), limits=limits or Limits(),
-                      idle_exit=idle_exit)
+                      idle_exit=idle_exit, token_hashes=token_hashes)
     app = make_app(service)
     # Stopping waits this long for handlers: every stream ends at once when the service
     # stops (its loops look at `stopping`), so a short wait is enough.
@@ -909,7 +956,9 @@ async def serve(sockets: list[socket.socket], *, config: Config | None = None,
     service.runner = runner
     for sock in sockets:
         sock.setblocking(False)
-        await web.SockSite(runner, sock, **site_options).start()
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        await web.SockSite(runner, sock, ssl_context=tls if tcp else None,
+                           **site_options).start()
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_client_errors)
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -623,6 +623,10 @@ ENVIRONMENT = (
                    "service's command, so that the service finds the same gestvenv."),
     ("GESTVENV_HOST", "A gestvenv service to act through, as `--host` gives it: "
                       "`unix:///run/gestvenv/api.sock` (`gestvenv serve`'s socket)."),
+    ("GESTVENV_TOKEN", "The bearer token `--host` sends to a service over TCP "
+                       "(`gestvenv serve --new-token` makes one)."),
+    ("GESTVENV_CAFILE", "The CA certificates `--host` trusts for a service over TLS, "
+                        "instead of the system's."),
     ("LISTEN_PID, LISTEN_FDS", "Set by systemd for `gestvenv serve` when its socket unit "
                                "starts it: the socket it serves (then removed from its "
                                "environment)."),

@@ -106,11 +106,7 @@ def run_once(name: str | None, request: dict[str, Any], argv: Sequence[str], *,
         async with c.ephemeral(name, **request) as env:
             return await env.execute(list(argv), timeout=timeout, cwd=cwd, stream=True)
 
-    result = _run(run)
-    if result.killed_by is not None:
-        click.echo(f"gestvenv: {argv[0]} {result.describe()}", err=True)
-    sys.stdout.flush()
-    return exit_status(result)
+    return _status(_run(run), argv)
 
 
 def execute(name: str, argv: Sequence[str], *, timeout: float | None,
@@ -125,7 +121,11 @@ def execute(name: str, argv: Sequence[str], *, timeout: float | None,
         env = await c.attach(name)
         return await env.execute(list(argv), timeout=timeout, cwd=cwd, stream=True)
 
-    result = _run(run)
+    return _status(_run(run), argv)
+
+
+def _status(result: Any, argv: Sequence[str]) -> int:
+    """What a shell would say of the command's end (as run_foreground does)."""
     if result.killed_by is not None:
         click.echo(f"gestvenv: {argv[0]} {result.describe()}", err=True)
     sys.stdout.flush()

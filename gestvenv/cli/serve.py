@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ._common import UserError, handle_errors
@@ -9,9 +11,22 @@ from ._common import UserError, handle_errors
 
 @click.command("serve")
 @click.option("--socket", "socket_path", metavar="PATH",
-              help="Bind this unix socket (default: the socket systemd passed when "
+              help="Bind this unix socket (default: the sockets systemd passed when "
                    "socket-activated, else /run/gestvenv/api.sock for root and "
                    "$XDG_RUNTIME_DIR/gestvenv/api.sock for a user).")
+@click.option("--listen", "listen", multiple=True, metavar="tcp://HOST:PORT",
+              help="Also serve TCP there: bearer tokens (--tokens) always, TLS (--tls-cert, "
+                   "--tls-key) unless HOST is loopback. Repeatable.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
+              help="The TLS certificate (chain) for TCP, PEM.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False),
+              help="The TLS certificate's private key, PEM.")
+@click.option("--tokens", "tokens_file", type=click.Path(exists=True, dir_okay=False),
+              help="The hashes of the bearer tokens TCP callers may send (one sha256:<hex> "
+                   "per line: --new-token makes them).")
+@click.option("--new-token", "new_token", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Make a bearer token, add its hash to FILE (created 0600), print the token "
+                   "(shown once, kept nowhere), and exit.")
 @click.option("--idle-exit", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Exit after this long without a request or a connection (default: 60 "
                    "when socket-activated, never otherwise).")
@@ -19,33 +34,54 @@ from ._common import UserError, handle_errors
               help="Override one of the service's bounds, e.g. write_timeout=10 (the fields of "
                    "gestvenv.api.server.Limits; repeatable).")
 @handle_errors
-def serve_command(socket_path: str | None, idle_exit: float | None,
-                  limits: tuple[str, ...]) -> None:
+def serve_command(socket_path: str | None, listen: tuple[str, ...], tls_cert: str | None,
+                  tls_key: str | None, tokens_file: str | None, new_token: str | None,
+                  idle_exit: float | None, limits: tuple[str, ...]) -> None:
     """Serve the REST API (under /v1; its OpenAPI document at /v1/openapi.json) on a unix
-    socket: each caller is known by its uid (SO_PEERCRED) and acts on this user's
-    environments only. Usually started by systemd: gestvenv-api.socket."""
+    socket, where each caller is known by its uid (SO_PEERCRED), and optionally over TCP,
+    with bearer tokens and TLS. Usually started by systemd: gestvenv-api.socket."""
     import asyncio
 
     from .remote import refuse
 
     refuse("serve")
     try:
-        from ..api import server
+        from ..api import server, tokens
     except ImportError as exc:
         raise UserError(f"gestvenv serve needs aiohttp ({exc}): reinstall gestvenv "
                         "or apt install python3-aiohttp") from None
     from ..api.client import default_socket
 
+    if new_token:
+        click.echo(tokens.new_token(Path(new_token)))
+        return
     bounds = server.Limits()
     for item in limits:
         key, _, value = item.partition("=")
         if not hasattr(bounds, key):
             raise UserError(f"--limit {item!r}: no such bound")
         setattr(bounds, key, type(getattr(bounds, key))(value))
-    sockets = [] if socket_path else server.inherited_sockets()
+    hashes: frozenset[str] = frozenset()
+    if tokens_file:
+        try:
+            hashes = tokens.parse(Path(tokens_file).read_text())
+        except ValueError as exc:
+            raise UserError(f"{tokens_file}: {exc}") from None
+    tls = None
+    if tls_cert or tls_key:
+        if not (tls_cert and tls_key):
+            raise UserError("TLS needs both --tls-cert and --tls-key")
+        import ssl
+
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        tls.load_cert_chain(tls_cert, tls_key)
+    sockets = [] if (socket_path or listen) else server.inherited_sockets()
     activated = bool(sockets)
     if not sockets:
-        sockets = [server.bind_unix(socket_path or default_socket())]
+        if socket_path or not listen:
+            sockets.append(server.bind_unix(socket_path or default_socket()))
+        sockets += [server.bind_tcp(address) for address in listen]
     if idle_exit is None and activated:
         idle_exit = 60.0
 
@@ -54,4 +90,5 @@ def serve_command(socket_path: str | None, idle_exit: float | None,
         click.echo(f"gestvenv: serving the API on {where}"
                    + (f" (exits after {idle_exit:g} s idle)" if idle_exit else ""), err=True)
 
-    asyncio.run(server.serve(sockets, idle_exit=idle_exit, limits=bounds, ready=ready))
+    asyncio.run(server.serve(sockets, idle_exit=idle_exit, limits=bounds, ready=ready,
+                             tls=tls, token_hashes=hashes))

@@ -24,6 +24,20 @@ from .unitview import UnitView
 StreamCallback = Callable[[str, str], object]
 
 
+def console_stream(stream: bool | StreamCallback) -> StreamCallback | None:
+    """``execute(stream=...)``'s value as a callback: True writes each piece to our stdout
+    or stderr as it comes (the library's and the API client's)."""
+    if stream is True:
+        import sys
+
+        def write(name: str, text: str) -> None:
+            out = sys.stdout if name == "stdout" else sys.stderr
+            out.write(text)
+            out.flush()
+        return write
+    return stream or None
+
+
 async def streamed(stream: StreamCallback, name: str, text: str) -> None:
     """Give ``text`` to ``stream``, waiting for it when it asks to (see StreamCallback)."""
     result = stream(name, text)
