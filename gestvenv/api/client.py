@@ -179,6 +179,11 @@ class Client:
         connection: ``ephemeral()``'s parameters."""
         return RemoteContext(self, create_body(name, hold=True, **kwargs))
 
+    def ephemeral_sync(self, name: str | None = None, **kwargs: Any) -> SyncRemoteContext:
+        """:meth:`ephemeral` for a ``with`` block, without asyncio (as
+        ``gestvenv.ephemeral_sync``): on the library's blocking portal."""
+        return SyncRemoteContext(self.ephemeral(name, **kwargs))
+
 
 def _read_text(path: str | os.PathLike[str]) -> str:
     """A requirements file, sent as its content (small: the service takes 1 MiB at most)."""
@@ -408,3 +413,66 @@ def connect(url: str | None = None, token: str | None = None, *,
         url = f"unix://{url}"
     return Client(url, token or os.environ.get("GESTVENV_TOKEN") or None,
                   cafile=cafile or os.environ.get("GESTVENV_CAFILE") or None)
+
+
+class SyncRemoteContext:
+    """``with client.ephemeral_sync(...) as env``: the async context, driven from the
+    library's blocking portal (one event loop in a helper thread)."""
+
+    def __init__(self, context: RemoteContext) -> None:
+        self._context = context
+
+    def __enter__(self) -> SyncRemoteEnvironment:
+        from ..sync import _portal
+
+        return SyncRemoteEnvironment(_portal.call(self._context.__aenter__()))
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        from ..sync import _portal
+
+        _portal.call(self._context.__aexit__(exc_type, exc, tb), shield=True)
+
+
+class SyncRemoteEnvironment:
+    """:class:`RemoteEnvironment`'s methods, blocking; ``aio`` is the async one."""
+
+    def __init__(self, env: RemoteEnvironment) -> None:
+        self.aio = env
+
+    @property
+    def name(self) -> str:
+        return self.aio.name
+
+    @property
+    def id(self) -> str:
+        return self.aio.id
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.aio.info
+
+    def execute(self, cmd: str | list[str], **kwargs: Any) -> ExecResult:
+        from ..sync import _portal
+
+        return _portal.call(self.aio.execute(cmd, **kwargs))
+
+    def install(self, packages: Iterable[str] = (), **kwargs: Any) -> None:
+        from ..sync import _portal
+
+        _portal.call(self.aio.install(packages, **kwargs))
+
+    def usage(self) -> dict[str, Any]:
+        from ..sync import _portal
+
+        return _portal.call(self.aio.usage())
+
+    def upload(self, path: str, data: bytes) -> None:
+        from ..sync import _portal
+
+        _portal.call(self.aio.upload(path, data))
+
+    def download(self, path: str) -> bytes:
+        from ..sync import _portal
+
+        return _portal.call(self.aio.download(path))

@@ -316,6 +316,18 @@ def test_the_cli_example_runs_through_host(service: Path) -> None:
     assert local_only.returncode == 1 and "no --host form" in local_only.stderr
 
 
+def test_the_blocking_variant(service: Path) -> None:
+    """client.ephemeral_sync: the same environment, from code without asyncio."""
+    client = connect(f"unix://{service}")
+    with client.ephemeral_sync("api-sync", ttl=300) as env:
+        env.upload("x.py", b"print(1 + 1)")
+        assert env.execute(["python", "x.py"]).stdout == "2\n"
+        assert env.download("x.py") == b"print(1 + 1)"
+        assert registry.load("api-sync").id == env.id
+    with pytest.raises(gestvenv.EnvironmentNotFoundError):
+        registry.load("api-sync")
+
+
 def test_openapi_document(service: Path) -> None:
     status, _, document = asyncio.run(raw(service, "GET", "/v1/openapi.json"))
     assert status == 200 and document["openapi"].startswith("3.")
