@@ -327,31 +327,64 @@ def _variables(value: dict[str, Any], name: str) -> dict[str, str]:
     return value
 
 
+_ARCHIVE = (".whl", ".tar.gz", ".zip", ".tar.bz2", ".tgz")
+
+
+def bad_spec(text: str) -> str | None:
+    """Why a package spec (or requirement line) is not taken through the API, or None. Only
+    index requirements (a name, extras, versions, markers) and ``name @ https://...``: no
+    installer option (``-r``, ``-c``, ``-e``, ``--index-url``), no path, ``file:`` URL or
+    archive name (read as the service, not the caller, and relative to nothing the caller
+    knows), no ``$`` (an installer expands ``${VAR}`` from the service's environment). Pure:
+    tests/unit/test_api_protocol.py."""
+    if "\0" in text or "\\" in text or "$" in text:
+        return "a NUL, a backslash or a '$'"
+    line = text.strip()
+    if line.startswith(("-", ".", "~", "/")):
+        return "an installer option or a path"
+    name, at, url = line.partition("@")
+    if at:
+        url = url.strip()
+        if not url.startswith(("https://", "git+https://")):
+            return "a direct reference that is not an https URL"
+        if "/" in name:
+            return "a path"
+        return None
+    if "/" in line or "file:" in line.lower():
+        return "a path or a file: URL"
+    if line.split(";")[0].strip().lower().endswith(_ARCHIVE):
+        return "an archive's file name"
+    return None
+
+
 def _specs(lines: list[str], name: str) -> list[str]:
-    """Package specs and requirement lines as the service takes them: no installer options
-    (``-r``, ``-c``, ``-e``, ``--index-url``: they would read files or choose indexes as the
-    service) and no local paths or ``file:`` URLs (read as the service, not the caller)."""
+    """Package specs or requirement lines as the service takes them (:func:`bad_spec`)."""
     for line in lines:
-        text = _no_nul(line, name).strip()
+        text = line.strip()
         if not text or text.startswith("#"):
             continue
-        if text.startswith(("-", "/", ".", "~")) or "file:" in text.lower():
+        why = bad_spec(text)
+        if why is not None:
             raise ApiError(400, "Invalid request",
-                           f"{name!r}: {text!r}: installer options and local paths are not "
-                           "taken through the API (packages come from the service's index)",
+                           f"{name!r}: {text!r}: {why}; the API takes index requirements and "
+                           "https URLs only (packages come from the service's index)",
                            field=name)
     return lines
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback address (TCP in clear is served, and a token sent, to
-    those only)."""
+    """Whether ``host`` is a loopback address, or ``localhost`` (TCP in clear is served, and
+    a token sent, to those only)."""
     import ipaddress
 
+    if host.lower() in ("localhost", "localhost."):
+        return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 # --- names: a user of root's service has its own ---

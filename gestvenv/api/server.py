@@ -49,11 +49,16 @@ from aiohttp import web
 from .. import registry
 from ..config import Config, load_config
 from ..context import Environment, EphemeralContext, destroy_environment, resolve_spec
-from ..exceptions import EnvironmentClosedError, EnvironmentNotFoundError, GestvenvError
+from ..exceptions import (
+    EnvironmentClosedError,
+    EnvironmentNotFoundError,
+    GestvenvError,
+    InvalidNameError,
+)
 from ..lifecycle import create as create_record
 from ..listing import environments
 from ..models import IsolationLevel
-from ..names import generate_name, validate_name
+from ..names import MAX_NAME_LENGTH, generate_name, validate_name
 from . import files, protocol, tokens
 from .protocol import NDJSON, PROBLEM, ApiError, event
 
@@ -416,8 +421,8 @@ async def create(request: web.Request) -> web.StreamResponse:
     if caller.scoped:
         # Its own namespace of names, and a sandbox that runs it as the caller (its dir is
         # under root's storage: only a sandbox shows it to the caller's uid).
-        name = protocol.scoped_name(caller.uid, validate_name(name) if name is not None
-                                    else generate_name())
+        _no_variables(kwargs.get("env"))
+        name = _scoped(caller.uid, name if name is not None else generate_name())
         kwargs.setdefault("isolation_level", IsolationLevel.NAMESPACE.value)
     with _requirements_file(spec.requirements) as requirements:
         resolved = replace(resolve_spec(service.config, name, requirements=requirements,
@@ -468,6 +473,27 @@ async def create(request: web.Request) -> web.StreamResponse:
         await context.__aexit__(None, None, None)
 
 
+def _no_variables(env: dict[str, str] | None) -> None:
+    """A user of root's service sets no variable of a command's: they would reach the
+    sandbox's launcher (setpriv, bwrap), which starts as root (LD_PRELOAD: root's code)."""
+    if env:
+        raise ApiError(400, "Invalid request",
+                       "'env' is not taken from users of root's service (the sandbox's "
+                       "launcher starts as root, with a command's variables): set them inside "
+                       "the command (env NAME=VALUE ...)", field="env")
+
+
+def _scoped(uid: int, name: str) -> str:
+    """A user's name in root's registry; its limit said in the user's terms."""
+    validate_name(name)
+    scoped = protocol.scoped_name(uid, name)
+    room = MAX_NAME_LENGTH - (len(scoped) - len(name))
+    if len(scoped) > MAX_NAME_LENGTH:
+        raise InvalidNameError(f"environment name is {len(name)} characters long; at most "
+                               f"{room} through root's service")
+    return scoped
+
+
 def _still(name: str, env_id: str) -> bool:
     try:
         return registry.load(name).id == env_id
@@ -484,6 +510,8 @@ def _cwd(env_path: str, cwd: str | None) -> str:
 async def execute(request: web.Request) -> web.StreamResponse:
     service = _service(request)
     spec = protocol.exec_request(await read_json(request))
+    if request["caller"].scoped:
+        _no_variables(spec.env)
     env, _ = await _env_of(request)
     cwd = _cwd(str(env.path), spec.cwd)
     outbox = Outbox(service.limits.max_pending_output)
@@ -934,6 +962,10 @@ async def serve(sockets: list[socket.socket], *, config: Config | None = None,
 
     for sock in sockets:
         check_tcp(sock, tls is not None, token_hashes)
+    # Run from an empty dir of its own: nothing a request names can resolve against the
+    # service's working dir (an installer takes a bare existing path as a local project).
+    workdir = tempfile.mkdtemp(prefix="gestvenv-serve-")
+    os.chdir(workdir)
     service = Service(config=config or load_config(), limits=limits or Limits(),
                       idle_exit=idle_exit, token_hashes=token_hashes)
     app = make_app(service)
@@ -972,3 +1004,5 @@ async def serve(sockets: list[socket.socket], *, config: Config | None = None,
         watcher.cancel()
         # Held environments end with their streams (their blocks exit); commands are ended.
         await runner.cleanup()
+        os.chdir("/")
+        shutil.rmtree(workdir, ignore_errors=True)

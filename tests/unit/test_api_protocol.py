@@ -127,7 +127,9 @@ def test_what_no_process_can_take_is_refused_before_it_runs(body: object) -> Non
 @pytest.mark.parametrize("specs", [
     ["-r /etc/shadow"], ["--index-url https://evil.example/simple"], ["-e ."],
     ["/root/secret.whl"], ["./local"], ["~/pkg"], ["pkg @ file:///etc/passwd"],
-    ["six\0"],
+    ["six\0"], ["secret @ /root/x.whl"], ["secret@/root/x.whl"], ["x @ ../../tmp/x.whl"],
+    ["tmp/pytest-of-root/x.whl"], ["x.whl"], ["x @ ${SECRET}"], ["six==${V}"],
+    ["pkg @ http://example.org/p.whl"], ["pkg\\x"],
 ])
 def test_installer_options_and_local_paths_are_not_taken(specs: list[str]) -> None:
     with pytest.raises(ApiError):
