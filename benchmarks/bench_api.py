@@ -27,11 +27,11 @@ Where the overhead goes, measured in the same rounds:
   the service for the API), for both;
 * CPU time per cycle: this process (the library, or the N clients) and the service process;
 * a diagnostic row in the floor: the API against a second service started with ``--limit
-  keepalive=0.01`` (an exec stream's end is sent at the service's next keepalive tick, 0.25 s by
-  default);
+  keepalive=0.01`` (the keepalive's own cost: a quiet stream's tick; before the fix, an exec's
+  end waited for it);
 * last, one untimed round of N API clients against a third service at its **default** bounds
-  (``max_streams`` 64: N held creates plus N exec streams are more than that): how many cycles
-  it refuses, and why. The measured service runs with ``--limit max_streams=2N+16``.
+  (N held creates plus N exec streams against ``max_streams``): how many cycles it refuses,
+  and why. The measured service runs with ``--limit max_streams=max(2N+16, the default)``.
 
 Usage (from anywhere; the repository root is put on sys.path)::
 
@@ -653,8 +653,7 @@ def report(n: int, rounds: int, rows: dict[str, list[Row]], seq: dict[str, list[
           f"{pct(floor_seq, 50) * 1000:.2f}, p99 {pct(floor_seq, 99) * 1000:.2f}; {n} clients "
           f"at once (new connections) p50 {pct(floor_conc, 50) * 1000:.1f}, p99 "
           f"{pct(floor_conc, 99) * 1000:.1f}, wall {statistics.median(floor_walls) * 1000:.1f}")
-    print("  (a cycle is 3 requests: the held create, the exec stream, the DELETE; "
-          "the exec stream ends at the service's next keepalive tick)")
+    print("  (a cycle is 3 requests: the held create, the exec stream, the DELETE)")
 
 
 if __name__ == "__main__":

@@ -215,11 +215,12 @@ def test_the_system_timer_is_enabled_and_active(host: SystemdHost,
     assert (status["source"], status["unit_file"], status["enabled"], status["active"],
             status["interval"]) == ("package", "/lib/systemd/system/gestvenv-cleanup.timer",
                                     "enabled", "active", 60)
-    # tmpfiles.d made root's dirs private at install.
+    # tmpfiles.d made root's dirs private at install (the runtime dir traversable, not
+    # listable: the system API's socket is in it).
     modes = run(host, "stat", "-c", "%n %a %U", "/run/gestvenv", "/dev/shm/gestvenv",
                 "/var/cache/gestvenv").stdout.splitlines()
-    assert modes == [f"{p} 700 root" for p in
-                     ("/run/gestvenv", "/dev/shm/gestvenv", "/var/cache/gestvenv")]
+    assert modes == ["/run/gestvenv 711 root", "/dev/shm/gestvenv 700 root",
+                     "/var/cache/gestvenv 700 root"]
 
 
 def test_the_user_timer_is_enabled_for_every_user_and_runs_in_a_running_manager(
@@ -368,6 +369,28 @@ def test_the_system_api_socket_serves_root_and_each_user(host: SystemdHost) -> N
     finally:
         run(host, "systemctl", "stop", "gestvenv-api.socket", "gestvenv-api.service",
             ok=False)
+
+
+def test_a_user_s_own_api_socket_serves_that_user(host: SystemdHost,
+                                                  installed: list[str]) -> None:
+    """The same packaged units in a user's manager: $XDG_RUNTIME_DIR/gestvenv/api.sock, that
+    user's own environments."""
+    uid = run(host, "id", "-u", USER).stdout.strip()
+    sock = ["gestvenv", "--host", f"unix:///run/user/{uid}/gestvenv/api.sock"]
+    run(host, "systemctl", "--user", "start", "gestvenv-api.socket", user=USER)
+    try:
+        run(host, *sock, "ephemeral", "create", "api-own", "--ttl", "600", user=USER)
+        out = run(host, *sock, "run", "--env", "api-own", "--", "python", "-c",
+                  "import os; print(os.getuid())", user=USER).stdout
+        assert out.strip() == uid, out
+        assert "api-own" in run(host, "gestvenv", "ephemeral", "list", user=USER).stdout
+        service = show(host, "gestvenv-api.service", "ActiveState", "FragmentPath", user=USER)
+        assert service == {"ActiveState": "active",
+                           "FragmentPath": "/usr/lib/systemd/user/gestvenv-api.service"}
+        run(host, *sock, "ephemeral", "cleanup", "api-own", user=USER)
+    finally:
+        run(host, "systemctl", "--user", "stop", "gestvenv-api.socket", "gestvenv-api.service",
+            user=USER, ok=False)
 
 
 def test_a_user_cannot_start_the_system_units(host: SystemdHost, installed: list[str]) -> None:
