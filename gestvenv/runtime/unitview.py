@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from ..reaper import names_env
+
 
 @dataclass(frozen=True)
 class UnitView:
@@ -28,6 +30,6 @@ class UnitView:
         assert self.state_file is not None
         try:
             with open(self.state_file) as f:
-                return bool(json.load(f).get("id") != self.env_id)
+                return not names_env(json.load(f), self.env_id or "")
         except (OSError, ValueError, AttributeError):
             return True
