@@ -658,7 +658,7 @@ async def _as_caller(uid: int, op: str, env_path: str, path: str, limit: int,
         os.close(dirfd)
 
 
-def _child_error(path: str, stderr: bytes, limit: int) -> ApiError:
+def _child_error(path: str, stderr: bytes) -> ApiError:
     text = stderr.decode(errors="replace").strip()
     return _path_error(path, int(text)) if text.isdigit() else \
         ApiError(500, "File error", f"{path!r}: the file helper failed")
@@ -717,7 +717,7 @@ async def put_file(request: web.Request) -> web.Response:
         if written > limit or child.returncode == files.TOO_LARGE:
             raise too_large
         if child.returncode != 0:
-            raise _child_error(path, err, limit)
+            raise _child_error(path, err)
     else:
         try:
             dirfd = _env_dir(str(env.path))
@@ -764,7 +764,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         if not first:
             _, err = await child.communicate()
             if child.returncode != 0:
-                raise _child_error(path, err, 0)
+                raise _child_error(path, err)
         request["stream"] = response  # (chunked: its end says it is whole)
         await response.prepare(request)
         try:
