@@ -47,11 +47,14 @@ test-vm: $(VENV)/.installed
 
 # Tools some tests use and skip without (zsh and fish completion, rpmbuild, bubblewrap for the
 # local runtime's namespace isolation, podman with runc and catatonit, and docker.io's daemon
-# for container isolation): installed when root (the package lists refreshed once if stale).
+# for container isolation; fuse-overlayfs for podman inside the test hosts, whose root is an
+# overlay, where the kernel's overlay cannot stack and the store on the host's "/" already says
+# "overlay"; podman only recommends it): installed when root (the package lists refreshed once
+# if stale).
 APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
-TOOL_PACKAGES = zsh fish rpm bubblewrap podman runc catatonit uidmap docker.io
+TOOL_PACKAGES = zsh fish rpm bubblewrap podman runc catatonit uidmap fuse-overlayfs docker.io
 tools:
-	@if [ "$$(id -u)" = 0 ]; then for tool in zsh fish rpmbuild bwrap podman runc dockerd; do \
+	@if [ "$$(id -u)" = 0 ]; then for tool in zsh fish rpmbuild bwrap podman runc fuse-overlayfs dockerd; do \
 	    command -v $$tool >/dev/null || { $(APT_INSTALL) $(TOOL_PACKAGES) >/dev/null 2>&1 || \
 	        { apt-get update -qq && $(APT_INSTALL) $(TOOL_PACKAGES) >/dev/null; }; break; }; \
 	done; fi
