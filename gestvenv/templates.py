@@ -338,26 +338,35 @@ class TemplateCache:
               overlay: bool = False) -> None:
         """Recreate the snapshot's files in ``env_path``. With ``overlay`` (overlay.chosen),
         its site-packages are mounted rather than copied, where the kernel agrees. A failure
-        leaves no mount behind."""
+        leaves no mount behind.
+
+        The whole clone holds the snapshot's shared lock: a removal (prune, or a store
+        replacing a stale twin) never runs while it is read. Copied from a snapshot being
+        removed, a walk saw only what was not removed yet and the env was silently partial
+        (requests without urllib3). A snapshot removed since its lookup is FileNotFoundError
+        (the builder then installs for real)."""
         python = str(env_path / "bin" / "python").encode()
         mounted: list[tuple[int, str]] = []
-        try:
-            if overlay:
-                with _locked(template, exclusive=False) as whole:
-                    if whole:  # (else pruned meanwhile: copied from, and failing, as before)
-                        for index, rel in enumerate(overlays.site_packages(template)):
-                            if overlays.mount(template / rel, env_path, rel,
-                                              env_path / PRIVATE_DIR, index):
-                                mounted.append((index, rel))
-                        if mounted:  # (under the lock: no removal before the lease is there)
-                            overlays.lease(template, env_path)
-            _transfer(template, env_path, skip={COMPLETE_MARK}, replace=(PLACEHOLDER, python),
-                      reflink=self.reflink, share_read_only=share_read_only,
-                      shared=frozenset(rel for _, rel in mounted))
-        except BaseException:
-            for index, rel in reversed(mounted):
-                overlays.unmount(env_path, rel, env_path / PRIVATE_DIR, index)
-            raise
+        with _locked(template, exclusive=False) as whole:
+            if not whole:
+                raise FileNotFoundError(errno.ENOENT, "package-set snapshot removed meanwhile",
+                                        str(template))
+            try:
+                if overlay:
+                    for index, rel in enumerate(overlays.site_packages(template)):
+                        if overlays.mount(template / rel, env_path, rel,
+                                          env_path / PRIVATE_DIR, index):
+                            mounted.append((index, rel))
+                    if mounted:
+                        overlays.lease(template, env_path)
+                _transfer(template, env_path, skip={COMPLETE_MARK},
+                          replace=(PLACEHOLDER, python), reflink=self.reflink,
+                          share_read_only=share_read_only,
+                          shared=frozenset(rel for _, rel in mounted))
+            except BaseException:
+                for index, rel in reversed(mounted):
+                    overlays.unmount(env_path, rel, env_path / PRIVATE_DIR, index)
+                raise
 
     def store(self, key: str, env_path: Path, baseline: set[str]) -> None:
         """Snapshot what an install added to ``env_path``; a concurrent twin may win, fine."""
@@ -373,7 +382,10 @@ class TemplateCache:
             (tmp / COMPLETE_MARK).write_text(json.dumps({"created": time.time(),
                                                          "files": files, "bytes": nbytes}))
             final = self.root / key
-            # Stale (past max_age) or a twin's: replaced, unless a live env's overlay sits on it.
+            if self.lookup(key) is not None:
+                return  # a twin's, stored first and fresh: kept (ours is the same set)
+            # Stale (past max_age): replaced, unless a clone reads it or a live env's overlay
+            # sits on it.
             if final.exists() and not self._remove_unleased(final):
                 return
             os.rename(tmp, final)

@@ -78,7 +78,7 @@ def test_a_clone_holding_the_snapshot_keeps_prune_off_it(tmp_path: Path) -> None
         assert whole is True
         assert cache.prune() == []
     assert cache.prune() == [str(snap)]
-    with _locked(snap, exclusive=False) as whole:        # pruned: the clone copies, and fails
+    with _locked(snap, exclusive=False) as whole:        # pruned: the clone fails
         assert whole is False
 
 
