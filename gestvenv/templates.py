@@ -292,6 +292,19 @@ def _locked(snapshot: Path, *, exclusive: bool) -> Iterator[bool | None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def reading(snapshot: Path) -> Iterator[None]:
+    """Hold ``snapshot`` whole while it is read (a clone, a container image's layer): a
+    removal (prune, or a store replacing a stale snapshot) never runs meanwhile. A walk of a
+    snapshot being removed sees only what is left: silently partial (CI: an env with requests
+    and without urllib3). FileNotFoundError if it was removed since its lookup."""
+    with _locked(snapshot, exclusive=False) as whole:
+        if not whole:
+            raise FileNotFoundError(errno.ENOENT, "package-set snapshot removed meanwhile",
+                                    str(snapshot))
+        yield
+
+
 class TemplateCache:
     def __init__(self, root: Path, max_age: int, *, reflink: bool = True) -> None:
         self.root = root
@@ -338,19 +351,12 @@ class TemplateCache:
               overlay: bool = False) -> None:
         """Recreate the snapshot's files in ``env_path``. With ``overlay`` (overlay.chosen),
         its site-packages are mounted rather than copied, where the kernel agrees. A failure
-        leaves no mount behind.
-
-        The whole clone holds the snapshot's shared lock: a removal (prune, or a store
-        replacing a stale twin) never runs while it is read. Copied from a snapshot being
-        removed, a walk saw only what was not removed yet and the env was silently partial
-        (requests without urllib3). A snapshot removed since its lookup is FileNotFoundError
-        (the builder then installs for real)."""
+        leaves no mount behind. The whole clone, copy included, is :func:`reading` the
+        snapshot (removed since its lookup: FileNotFoundError, and the builder installs for
+        real)."""
         python = str(env_path / "bin" / "python").encode()
         mounted: list[tuple[int, str]] = []
-        with _locked(template, exclusive=False) as whole:
-            if not whole:
-                raise FileNotFoundError(errno.ENOENT, "package-set snapshot removed meanwhile",
-                                        str(template))
+        with reading(template):
             try:
                 if overlay:
                     for index, rel in enumerate(overlays.site_packages(template)):

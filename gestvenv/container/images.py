@@ -747,7 +747,8 @@ def ensure_packages(engine: Engine, base: str, key: str, template: Path,
     facts = interpreter_facts(interpreter)
     with tempfile.TemporaryDirectory(prefix="gestvenv-packages-") as tmp:
         try:
-            with open(os.path.join(tmp, "venv.tar"), "wb") as out:
+            # (Read whole: an image of a snapshot being pruned would be partial, and kept.)
+            with templates.reading(template), open(os.path.join(tmp, "venv.tar"), "wb") as out:
                 write_tar(venv_entries(facts, template), out)
             Path(tmp, "Containerfile").write_text(
                 containerfile(base, key, labels.get(LABEL_KEY, ""), str(template.parent)))

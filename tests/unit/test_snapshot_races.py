@@ -130,3 +130,17 @@ def test_a_snapshot_removed_since_its_lookup_fails_the_clone_and_adds_nothing(
     with pytest.raises(FileNotFoundError, match="removed meanwhile"):
         cache.clone(snapshot, clone)
     assert list(clone.iterdir()) == []
+
+
+def test_reading_a_snapshot_keeps_removals_off_it(
+        stored: tuple[TemplateCache, Path, set[str]]) -> None:
+    """What a container image's layer is read under (images.ensure_packages), as a clone."""
+    cache, snapshot, _ = stored
+    old = time.time() - 7200
+    os.utime(snapshot / COMPLETE_MARK, (old, old))
+    with templates.reading(snapshot):
+        assert cache.prune() == []
+        assert snapshot.is_dir()
+    assert cache.prune() == [str(snapshot)]
+    with pytest.raises(FileNotFoundError), templates.reading(snapshot):
+        pass
