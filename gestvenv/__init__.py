@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         CommandError,
         CommandNotExecutableError,
         CommandNotFoundError,
+        CommandNotRunningError,
         ConfigError,
         DiskFullError,
         EnvironmentClosedError,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
         UnsafePathError,
         ValidationError,
     )
+    from .handle import CommandHandle
     from .models import (
         Enforcement,
         ExecResult,
@@ -60,8 +62,10 @@ _EXPORTS = {
     "BuildError": "exceptions",
     "CleanupReport": "cleanup",
     "CommandError": "exceptions",
+    "CommandHandle": "handle",
     "CommandNotExecutableError": "exceptions",
     "CommandNotFoundError": "exceptions",
+    "CommandNotRunningError": "exceptions",
     "Config": "config",
     "ConfigError": "exceptions",
     "DiskFullError": "exceptions",
@@ -103,8 +107,10 @@ __all__ = [
     "BuildError",
     "CleanupReport",
     "CommandError",
+    "CommandHandle",
     "CommandNotExecutableError",
     "CommandNotFoundError",
+    "CommandNotRunningError",
     "Config",
     "ConfigError",
     "DiskFullError",

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import diskcap, registry
 from .builder import Interpreter, make_builder
@@ -46,6 +46,9 @@ from .runtime import (
 from .runtime.base import console_stream
 from .runtime.processes import ENV_MARKER, EXEC_MARKER
 from .shield import HeldInterrupts, protected, shielded
+
+if TYPE_CHECKING:
+    from .handle import CommandHandle
 
 Command = str | Sequence[str | os.PathLike[str]]
 _SCRUBBED = ("PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX", "__PYVENV_LAUNCHER__", ENV_MARKER,
@@ -181,7 +184,8 @@ class Environment:
                       input: str | bytes | None = None, check: bool = False,
                       shell: bool = False, capture: bool = True,
                       stream: bool | StreamCallback = False,
-                      output_limit: int | None = None) -> ExecResult:
+                      output_limit: int | None = None,
+                      handle: CommandHandle | None = None) -> ExecResult:
         """Run a command in the environment, as if it were activated, and wait for it.
 
         A string is split with :func:`shlex.split` and never given to a shell unless
@@ -190,8 +194,11 @@ class Environment:
         callback ``(name, text)``) shows output as it comes while still capturing it. A timeout
         kills the whole process tree and the result says so (``killed_by="timeout"``).
         ``output_limit``: at most that many bytes of stdout, and of stderr, kept in the result
-        (a stream still shows all of it).
+        (a stream still shows all of it). ``handle`` (a :class:`CommandHandle`): signals
+        sent to the command while it runs.
         """
+        if handle is not None and handle.running:
+            raise ValidationError("this CommandHandle is running another command")
         if timeout is not None and timeout <= 0:
             raise ValidationError(f"timeout must be positive, not {timeout!r}")
         if output_limit is not None and output_limit < 0:
@@ -202,6 +209,8 @@ class Environment:
                                 stream=console_stream(stream))
         if output_limit is not None:
             command = dataclasses.replace(command, output_limit=output_limit)
+        if handle is not None:
+            command = dataclasses.replace(command, handle=handle)
         runtime = runtime_named(record.runtime)
         await asyncio.to_thread(registry.touch, record.name, record.id)
         try:

@@ -115,5 +115,9 @@ class CommandError(GestvenvError):
         self.result = result
 
 
+class CommandNotRunningError(GestvenvError):
+    """A signal for a command (:class:`CommandHandle`) that has not started or has ended."""
+
+
 class UnsafePathError(GestvenvError):
     """Cleanup refused to touch a path outside gestvenv's storage roots (or through a symlink)."""

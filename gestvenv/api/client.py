@@ -14,18 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
+import signal
 import time
 from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from ..exceptions import EnvironmentClosedError, GestvenvError, ValidationError
 from ..models import ExecResult, IsolationLevel, ResourceLimits, StorageBackend
 from ..runtime.base import console_stream
 from . import protocol
+
+if TYPE_CHECKING:
+    from ..handle import CommandHandle
 
 StreamCallback = Any  # (name, text) -> None, as for Environment.execute
 
@@ -297,10 +302,11 @@ class RemoteEnvironment:
     async def execute(self, cmd: str | list[str], *, timeout: float | None = None,
                       cwd: str | None = None, env: Mapping[str, str] | None = None,
                       input: str | bytes | None = None, check: bool = False,
-                      shell: bool = False, stream: bool | StreamCallback = False
-                      ) -> ExecResult:
+                      shell: bool = False, stream: bool | StreamCallback = False,
+                      handle: CommandHandle | None = None) -> ExecResult:
         """Run a command in the environment, its output streamed as it comes; ``cwd`` is
-        relative to the environment's dir."""
+        relative to the environment's dir; ``handle``: signals sent to it while it runs (as
+        the library's)."""
         import base64
 
         from ..exceptions import CommandError
@@ -325,11 +331,16 @@ class RemoteEnvironment:
             await self._client._request("POST", self._at("/exec"), json_body=body))
         out: dict[str, list[str]] = {"stdout": [], "stderr": []}
         final: dict[str, Any] | None = None
+        if handle is not None and handle.running:
+            response.release()
+            raise ValidationError("this CommandHandle is running another command")
         try:
             while line := await _readline(response):
                 message = json.loads(line)
                 kind = message.get("event")
-                if kind in ("stdout", "stderr"):
+                if kind == "start" and handle is not None:
+                    handle._arm(functools.partial(self._signal, str(message["exec_id"])))
+                elif kind in ("stdout", "stderr"):
                     out[kind].append(message["data"])
                     if show is not None:
                         show(kind, message["data"])
@@ -338,6 +349,8 @@ class RemoteEnvironment:
                 elif kind == "error":
                     raise protocol.library_error(message["problem"])
         finally:
+            if handle is not None and handle.running:
+                handle._disarm()
             response.release()
         if final is None:
             raise GestvenvError(f"the service ended the command's stream without its result "
@@ -352,6 +365,11 @@ class RemoteEnvironment:
         if check and not result.ok:
             raise CommandError(result)
         return result
+
+    async def _signal(self, exec_id: str, signum: int) -> None:
+        await self._client._json(
+            "POST", self._at(f"/execs/{quote(exec_id, safe='')}/signal"),
+            {"signal": signal.Signals(signum).name.removeprefix("SIG")})
 
     async def install(self, packages: Iterable[str] = (), *,
                       requirements: str | os.PathLike[str] | None = None) -> None:

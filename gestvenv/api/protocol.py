@@ -20,6 +20,7 @@ from ..exceptions import (
     BuildError,
     CommandNotExecutableError,
     CommandNotFoundError,
+    CommandNotRunningError,
     DiskFullError,
     EnvironmentClosedError,
     EnvironmentExistsError,
@@ -84,6 +85,7 @@ _ERRORS: tuple[tuple[type[GestvenvError], int, str], ...] = (
     (UnsafePathError, 403, "Unsafe path"),
     (RuntimeUnavailableError, 503, "Runtime unavailable"),
     (BuildError, 422, "Build failed"),
+    (CommandNotRunningError, 409, "Command not running"),
     (ValidationError, 400, "Invalid request"),
 )
 
@@ -498,7 +500,9 @@ def openapi() -> dict[str, Any]:
                 "post": op("Run a command; output streamed as it comes", {"200": stream},
                            body="ExecRequest", params=name)},
             f"{PREFIX}/envs/{{name}}/execs/{{exec_id}}/signal": {
-                "post": op("End a running command (KILL: its whole process tree)",
+                "post": op("Send a signal to a running command: {\"signal\": \"TERM\"} "
+                           "(HUP, INT, QUIT, TERM, USR1, USR2, CONT, STOP, TSTP, WINCH, "
+                           "ALRM: to each of its processes; KILL: its whole tree, ended)",
                            {"204": {"description": "Sent"}},
                            params=[*name, {"name": "exec_id", "in": "path", "required": True,
                                            "schema": {"type": "string"}}])},

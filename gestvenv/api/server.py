@@ -29,6 +29,7 @@ import inspect
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import stat
@@ -55,6 +56,7 @@ from ..exceptions import (
     GestvenvError,
     InvalidNameError,
 )
+from ..handle import CommandHandle, signal_number
 from ..lifecycle import create as create_record
 from ..listing import environments
 from ..models import IsolationLevel
@@ -99,7 +101,8 @@ class Service:
     active: int = 0
     streams: int = 0
     last_activity: float = field(default_factory=time.monotonic)
-    execs: dict[str, tuple[str, asyncio.Task[Any]]] = field(default_factory=dict)
+    # exec id -> (env name, the command's task, its handle: signals)
+    execs: dict[str, tuple[str, asyncio.Task[Any], CommandHandle]] = field(default_factory=dict)
     runner: web.AppRunner | None = None
     token_hashes: frozenset[str] = frozenset()  # (tokens.parse: the TCP callers' tokens)
     served: set[int] = field(default_factory=set)  # connections that sent a whole request
@@ -526,11 +529,13 @@ async def execute(request: web.Request) -> web.StreamResponse:
 
     _take_stream(service)
     # Resolved before the stream opens: a bad command is a plain error response.
+    handle = CommandHandle()
     task = asyncio.ensure_future(env.execute(
         spec.command, shell=spec.shell, cwd=cwd, env=spec.env, timeout=spec.timeout,
-        input=spec.stdin, stream=on_output, output_limit=service.limits.kept_output))
+        input=spec.stdin, stream=on_output, output_limit=service.limits.kept_output,
+        handle=handle))
     exec_id = uuid.uuid4().hex[:16]
-    service.execs[exec_id] = (env.name, task)
+    service.execs[exec_id] = (env.name, task, handle)
     response: web.StreamResponse | None = None
     try:
         # The command is resolved (found, its cwd checked) before the task's first await: a
@@ -584,22 +589,23 @@ async def execute(request: web.Request) -> web.StreamResponse:
 
 
 async def signal_exec(request: web.Request) -> web.Response:
+    """A signal for a running command: KILL ends its whole tree (the library's cancellation);
+    any other sendable signal goes to each of its processes, which may handle it."""
     service = _service(request)
     body = await read_json(request)
-    if not isinstance(body, dict) or set(body) - {"signal"}:
-        raise ApiError(400, "Invalid request", "the body is {\"signal\": \"KILL\"}")
-    name = str(body.get("signal", "KILL")).upper().removeprefix("SIG")
-    if name != "KILL":
-        raise ApiError(501, "Signal not supported",
-                       f"SIG{name} is not delivered: the API ends a running command with "
-                       "KILL only (its whole process tree, as the library's cancellation "
-                       "does); other signals are not built yet")
+    if not isinstance(body, dict) or set(body) - {"signal"} or \
+            not isinstance(body.get("signal", "KILL"), str | int):
+        raise ApiError(400, "Invalid request", "the body is {\"signal\": \"TERM\"}")
+    signum = signal_number(body.get("signal", "KILL"))  # (ValidationError: 400, says which)
     _, record = await _env_of(request)
     found = service.execs.get(request.match_info["exec_id"])
     if found is None or found[0] != record.name:
         raise ApiError(404, "No such command",
                        "no running command with that id in that environment")
-    found[1].cancel()
+    if signum == signal.SIGKILL:
+        found[1].cancel()
+    else:
+        await found[2].signal(signum)
     return web.Response(status=204)
 
 
@@ -958,8 +964,6 @@ async def serve(sockets: list[socket.socket], *, config: Config | None = None,
                 token_hashes: frozenset[str] = frozenset()) -> None:
     """Serve the API on ``sockets`` until SIGTERM/SIGINT, or ``idle_exit`` seconds without a
     request or a connection (socket activation starts it again on the next one)."""
-    import signal
-
     for sock in sockets:
         check_tcp(sock, tls is not None, token_hashes)
     # Run from an empty dir of its own: nothing a request names can resolve against the

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ._common import UserError, echo_json, exit_status, remaining, table
+
+if TYPE_CHECKING:
+    from ..handle import CommandHandle
 
 HOST_ENV = "GESTVENV_HOST"
 
@@ -104,7 +107,8 @@ def run_once(name: str | None, request: dict[str, Any], argv: Sequence[str], *,
 
     async def run(c: Any) -> Any:
         async with c.ephemeral(name, **request) as env:
-            return await env.execute(list(argv), timeout=timeout, cwd=cwd, stream=True)
+            return await _forwarded(lambda handle: env.execute(
+                list(argv), timeout=timeout, cwd=cwd, stream=True, handle=handle))
 
     return _status(_run(run), argv)
 
@@ -119,9 +123,49 @@ def execute(name: str, argv: Sequence[str], *, timeout: float | None,
 
     async def run(c: Any) -> Any:
         env = await c.attach(name)
-        return await env.execute(list(argv), timeout=timeout, cwd=cwd, stream=True)
+        return await _forwarded(lambda handle: env.execute(
+            list(argv), timeout=timeout, cwd=cwd, stream=True, handle=handle))
 
     return _status(_run(run), argv)
+
+
+async def _forwarded(run: Callable[[CommandHandle], Awaitable[Any]]) -> Any:
+    """The remote command run with this process's INT, TERM and HUP sent on to it, as a
+    command in a terminal's foreground gets them (it may handle them). A second INT, or one
+    before the command has started, ends it whole: the stream is dropped, the service kills
+    its tree."""
+    import asyncio
+    import signal
+
+    from ..handle import CommandHandle
+
+    handle = CommandHandle()
+    task = asyncio.ensure_future(run(handle))
+    loop = asyncio.get_running_loop()
+    interrupts = 0
+
+    def forward(signum: int) -> None:
+        nonlocal interrupts
+        interrupts += signum == signal.SIGINT
+        if interrupts > 1 or not handle.running:
+            task.cancel()
+            return
+        sending = asyncio.ensure_future(handle.signal(signum))
+        # (A command that ended meanwhile: nothing to say.)
+        sending.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for signum in caught:
+        loop.add_signal_handler(signum, forward, signum)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if task.cancelled():
+            raise SystemExit(130) from None
+        raise
+    finally:
+        for signum in caught:
+            loop.remove_signal_handler(signum)
 
 
 def _status(result: Any, argv: Sequence[str]) -> int:

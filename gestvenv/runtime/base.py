@@ -12,11 +12,15 @@ import abc
 import asyncio
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..models import Enforcement, ExecResult, IsolationLevel, ResourceLimits
 from ..registry import EnvRecord
 from .unitview import UnitView
+
+if TYPE_CHECKING:
+    from ..handle import CommandHandle
 
 # Called with ("stdout" | "stderr", text) as output arrives, when streaming.
 # (stream name, text); a callback that returns an awaitable is awaited before more is read:
@@ -62,6 +66,8 @@ class CommandSpec:
     # At most this many bytes of stdout, and of stderr, kept for the result (a ``stream``
     # still gets every byte): a command that prints without end costs its caller no memory.
     output_limit: int | None = None
+    # Armed by the runtime while the command runs: signals sent to it (gestvenv.handle).
+    handle: CommandHandle | None = field(default=None, compare=False)
 
     def kept(self, chunks: list[bytes], data: bytes) -> None:
         """Keep ``data`` of one stream for the result, within :attr:`output_limit`."""

@@ -10,12 +10,18 @@ import asyncio
 import codecs
 import contextlib
 import errno
+import functools
 import os
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 
-from ..exceptions import CommandNotExecutableError, CommandNotFoundError
+from ..exceptions import (
+    CommandNotExecutableError,
+    CommandNotFoundError,
+    CommandNotRunningError,
+    GestvenvError,
+)
 from ..models import ExecResult
 from ..registry import EnvRecord
 from ..shield import shielded
@@ -105,6 +111,8 @@ async def run_process(record: EnvRecord, command: CommandSpec, argv: Sequence[st
         processes.kill_marked(processes.EXEC_MARKER, exec_id)
         processes.kill_pipe_holders(pipes)
 
+    if command.handle is not None:
+        command.handle._arm(functools.partial(_signal, exec_id, pipes, command.argv[0]))
     try:
         done, _ = await asyncio.wait({collector}, timeout=timeout)
         if not done:
@@ -125,6 +133,9 @@ async def run_process(record: EnvRecord, command: CommandSpec, argv: Sequence[st
             status.close()
         await shielded(asyncio.to_thread(kill_tree))
         raise
+    finally:
+        if command.handle is not None:
+            command.handle._disarm()
     stdout, stderr = b"".join(chunks["stdout"]), b"".join(chunks["stderr"])
     duration = time.monotonic() - started
     returncode = proc.returncode if proc.returncode is not None else await proc.wait()
@@ -137,6 +148,16 @@ async def run_process(record: EnvRecord, command: CommandSpec, argv: Sequence[st
                       stdout=stdout.decode(errors="replace"),
                       stderr=stderr.decode(errors="replace"),
                       duration=duration, killed_by=killed_by)
+
+
+async def _signal(exec_id: str, pipes: set[str], program: str, signum: int) -> None:
+    """A command's signal (CommandHandle), to each process of its tree."""
+    sent, refused = await asyncio.to_thread(processes.signal_command, exec_id, pipes, signum)
+    if not sent and refused:
+        raise GestvenvError(f"signal {signum} to {program}: not permitted (its processes run "
+                            "under uids this process cannot signal)")
+    if not sent:
+        raise CommandNotRunningError(f"{program}: no process of the command is left")
 
 
 def _deadline(record: EnvRecord, timeout: float | None) -> tuple[str, float | None]:

@@ -316,6 +316,78 @@ def test_the_cli_example_runs_through_host(service: Path) -> None:
     assert local_only.returncode == 1 and "no --host form" in local_only.stderr
 
 
+_TRAPS = ("import signal, sys, time\n"
+          "def ended(signum, _):\n"
+          "    print('handled', signal.Signals(signum).name, flush=True)\n"
+          "    sys.exit(3)\n"
+          "for s in (signal.SIGTERM, signal.SIGINT):\n"
+          "    signal.signal(s, ended)\n"
+          "print('ready', flush=True)\n"
+          "time.sleep(60)\n")
+
+
+async def test_signals_reach_a_running_command(client: gestvenv.api.client.Client,
+                                               service: Path) -> None:
+    async with client.ephemeral("api-signals", ttl=300) as env:
+        # Through the client: its handle, as the library's.
+        handle = gestvenv.CommandHandle()
+        ready = asyncio.Event()
+        task = asyncio.ensure_future(env.execute(
+            ["python", "-c", _TRAPS], handle=handle,
+            stream=lambda _name, text: ready.set() if "ready" in text else None))
+        await asyncio.wait_for(ready.wait(), 30)
+        await handle.signal("TERM")
+        result = await task
+        assert result.returncode == 3 and result.stdout.endswith("handled SIGTERM\n"), result
+        with pytest.raises(gestvenv.CommandNotRunningError):
+            await handle.signal("TERM")
+
+        # Raw: refused, and the command runs on: a signal that is no command's to get, a
+        # body that is not one, another env's name for this command; then INT, handled.
+        connector = aiohttp.UnixConnector(path=str(service))
+        async with aiohttp.ClientSession(connector=connector) as session, session.post(
+                f"http://gestvenv/v1/envs/api-signals/exec?id={env.id}",
+                json={"command": ["python", "-c", _TRAPS]}) as stream:
+            events = stream.content
+            exec_id = json.loads(await events.readline())["exec_id"]
+            while "ready" not in json.loads(await events.readline()).get("data", ""):
+                pass
+            route = f"/v1/envs/api-signals/execs/{exec_id}/signal"
+            for body, status in ((b'{"signal": "SEGV"}', 400), (b'{"signal": ["TERM"]}', 400),
+                                 (b'{"signal": "TERM", "unit": "x"}', 400)):
+                code, _, problem = await raw(service, "POST", route, body)
+                assert code == status, (body, problem)
+            code, _, _ = await raw(service, "POST", f"/v1/envs/api-other/execs/{exec_id}/signal",
+                                   b'{"signal": "TERM"}')
+            assert code == 404
+            code, _, _ = await raw(service, "POST", route, b'{"signal": "SIGINT"}')
+            assert code == 204
+            rest = [json.loads(line) async for line in events if line.strip()]
+        assert {"event": "stdout", "data": "handled SIGINT\n"} in rest, rest
+        assert rest[-1]["event"] == "exit" and rest[-1]["result"]["returncode"] == 3, rest
+
+
+def test_ctrl_c_at_the_cli_reaches_the_remote_command(service: Path) -> None:
+    """``gestvenv --host URL ephemeral exec``: an INT to the CLI is the remote command's INT
+    (which may handle it), as in a terminal; the CLI exits with the command's status."""
+    gv = [sys.executable, "-m", "gestvenv", "--host", f"unix://{service}"]
+    subprocess.run([*gv, "ephemeral", "create", "api-ctrl-c", "--ttl", "300"], check=True,
+                   capture_output=True, timeout=120)
+    try:
+        proc = subprocess.Popen([*gv, "ephemeral", "exec", "api-ctrl-c", "--", "python",
+                                 "-c", _TRAPS],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert out == "handled SIGINT\n", (out, err)
+        assert proc.returncode == 3, err
+    finally:
+        subprocess.run([*gv, "ephemeral", "cleanup", "api-ctrl-c"], capture_output=True,
+                       timeout=120)
+
+
 def test_the_blocking_variant(service: Path) -> None:
     """client.ephemeral_sync: the same environment, from code without asyncio."""
     client = connect(f"unix://{service}")

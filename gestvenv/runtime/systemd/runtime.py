@@ -551,6 +551,7 @@ class SystemdRuntime(Runtime):
             self._overlapped.update(running | {unit})
         running.add(unit)
         signals = UnitSignals(changed)
+        armed = False
         try:
             # Watched before it starts, so that no change is missed (asked while the checks
             # run); the OOM watch is opened before too, so that an OOM kill in the first
@@ -582,6 +583,9 @@ class SystemdRuntime(Runtime):
                                                          command.input or b"")))
             if result != "done":
                 await _raise_if_not_started(bus, unit, result, command.argv[0])
+            if command.handle is not None:  # (its signals: to every process of its unit)
+                command.handle._arm(functools.partial(bus.kill_unit, unit))
+                armed = True
             # Its end, from its signals (its exit status comes with them); a signal missed (a
             # manager re-executing itself) costs a second, then it is asked.
             while signals.final is None:
@@ -618,6 +622,8 @@ class SystemdRuntime(Runtime):
             await shielded(bus.stop_unit(unit))
             raise
         finally:
+            if armed and command.handle is not None:
+                command.handle._disarm()
             self._foreground.discard(foreground)
             running.discard(unit)
             if not running:

@@ -1,0 +1,76 @@
+"""A running command's handle: signals sent to it while it runs.
+
+``execute(..., handle=h)`` arms ``h`` once the command has started and disarms it when the
+command ends; :meth:`CommandHandle.signal` then delivers a signal to the command's processes,
+by the runtime's own means: its transient unit's cgroup (systemd's ``KillUnit``, every process
+of the unit), or every process carrying the command's marker and holding its output pipes
+(the local runtime, bubblewrap, a container's ``exec``). A signal is the command's to handle:
+``TERM`` that it traps is not an end; a deadline or a cancellation still ends the whole tree.
+"""
+
+from __future__ import annotations
+
+import signal as signals
+from collections.abc import Awaitable, Callable
+
+from .exceptions import CommandNotRunningError, ValidationError
+
+# What a caller may send. Not KILL's stand-ins for stopping a tree (cancel does that, whole)
+# nor signals that mean a fault (SEGV, BUS...): a command's own signals and job control.
+SENDABLE = frozenset({"HUP", "INT", "QUIT", "TERM", "USR1", "USR2", "KILL", "CONT", "STOP",
+                      "TSTP", "WINCH", "ALRM"})
+
+Deliver = Callable[[int], Awaitable[None]]
+
+
+def signal_number(sig: int | str) -> int:
+    """The number of a sendable signal given as a number, ``"TERM"`` or ``"SIGTERM"``
+    (ValidationError otherwise)."""
+    if isinstance(sig, bool):
+        raise ValidationError(f"not a signal: {sig!r}")
+    if isinstance(sig, int):
+        try:
+            name = signals.Signals(sig).name.removeprefix("SIG")
+        except ValueError:
+            raise ValidationError(f"not a signal number: {sig!r}") from None
+    elif isinstance(sig, str):
+        name = sig.strip().upper().removeprefix("SIG")
+    else:
+        raise ValidationError(f"not a signal: {sig!r}")
+    if name not in SENDABLE:
+        raise ValidationError(f"signal {sig!r} cannot be sent to a command; one of: "
+                              + ", ".join(sorted(SENDABLE)))
+    return int(getattr(signals, f"SIG{name}"))
+
+
+class CommandHandle:
+    """Pass to :meth:`Environment.execute` (``handle=``) to signal the command while it runs:
+    ``await handle.signal("TERM")``. One command at a time; reusable once it has ended."""
+
+    def __init__(self) -> None:
+        self._deliver: Deliver | None = None
+        self._ended = False
+
+    @property
+    def running(self) -> bool:
+        """True between the command's start and its end."""
+        return self._deliver is not None
+
+    async def signal(self, sig: int | str) -> None:
+        """Send ``sig`` (a number, ``"TERM"`` or ``"SIGTERM"``) to the command's processes.
+        :class:`CommandNotRunningError` if it has not started yet or has ended."""
+        number = signal_number(sig)
+        deliver = self._deliver
+        if deliver is None:
+            raise CommandNotRunningError(
+                "the command has ended" if self._ended else "the command has not started")
+        await deliver(number)
+
+    # (The runtimes' side.)
+    def _arm(self, deliver: Deliver) -> None:
+        if self._deliver is not None:
+            raise ValidationError("this CommandHandle is already running a command")
+        self._deliver, self._ended = deliver, False
+
+    def _disarm(self) -> None:
+        self._deliver, self._ended = None, True
