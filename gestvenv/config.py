@@ -121,6 +121,9 @@ class Option:
 OPTIONS: dict[str, Option] = {
     "default_ttl": Option(_int(0), "seconds an environment lives at most (0: no TTL)"),
     "idle_timeout": Option(_int(0), "seconds without a command before an env is removed (0: off)"),
+    "max_ttl": Option(_int(0), "seconds an env may live with its TTL extended (0: a TTL is fixed; "
+                               "above it, systemd's RuntimeMaxSec is this and the TTL is held "
+                               "by the env's holder)"),
     "max_concurrent": Option(_int(1), "environments a user may have at once"),
     "max_total_memory_mb": Option(_int(1), "sum of max_memory over a user's environments"),
     "storage_backend": Option(_enum(StorageBackend), "where environments live by default"),
@@ -159,6 +162,7 @@ class Config:
 
     default_ttl: int = 3600
     idle_timeout: int = 0
+    max_ttl: int = 0
     max_concurrent: int = 50
     max_total_memory_mb: int = 8192
     storage_backend: StorageBackend = StorageBackend.DISK

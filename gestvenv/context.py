@@ -46,6 +46,7 @@ from .runtime import (
 from .runtime.base import console_stream
 from .runtime.processes import ENV_MARKER, EXEC_MARKER
 from .shield import HeldInterrupts, protected, shielded
+from .ttl import extended_ttl
 
 if TYPE_CHECKING:
     from .handle import CommandHandle
@@ -273,6 +274,16 @@ class Environment:
         self._record = await asyncio.to_thread(_release, record)
         self._kept, self._owned = True, False
 
+    async def extend_ttl(self, seconds: float) -> float:
+        """Move the environment's end ``seconds`` later (its TTL grows by that much), within
+        the ``max_ttl`` it was made with (:mod:`gestvenv.ttl`); returns its new end (as
+        :attr:`expires_at`). Commands running now get the time too."""
+        record = self._live_record()
+        self._record = await asyncio.to_thread(_extend, record, seconds)
+        expires_at = self._record.expires_at
+        assert expires_at is not None
+        return expires_at
+
     async def aclose(self) -> None:
         """Destroy the environment (processes, files, state). Idempotent; survives cancellation."""
         if self._closing is None:
@@ -317,6 +328,23 @@ def _release(record: EnvRecord) -> EnvRecord:
         released = current.evolve(owner_pid=None, owner_started=None)
         registry.save(released)
     return released
+
+
+def _extend(record: EnvRecord, seconds: float) -> EnvRecord:
+    """The state with its TTL extended (gestvenv.ttl's rule), written where its holder reads
+    it (under the local runtime, and under systemd for an env made with max_ttl)."""
+    with registry.locked():
+        try:
+            current = registry.load(record.name)
+        except EnvironmentNotFoundError:
+            current = None
+        if current is None or current.id != record.id or current.status != "ready":
+            raise EnvironmentClosedError(f"environment {record.name!r} has ended")
+        ttl = extended_ttl(current.name, current.ttl, current.max_ttl, current.created_at,
+                           seconds, time.time())
+        extended = current.evolve(ttl=ttl)
+        registry.save(extended)
+    return extended
 
 
 def _record_packages(record: EnvRecord, specs: Sequence[str]) -> None:

@@ -17,7 +17,9 @@ A pool unit's holder (``--pool``: ``--state-file`` is its pool file, see
 ends when the file is gone or after its idle lifetime unclaimed (``idle_until``), and once
 claimed holds the env the claim names: its owner, its idle timeout, and its TTL
 (``expires_at``: exact, as under the local runtime; the unit's RuntimeMaxSec, which cannot be
-changed once it runs, is only systemd's backstop).
+changed once it runs, is only systemd's backstop). An env made with ``max_ttl`` has its TTL
+held so too (``--expires-at``, RuntimeMaxSec being max_ttl). A held TTL follows the state file,
+where an extension writes it (gestvenv.ttl).
 
 Whenever it ends (one of those, or SIGTERM: the TTL, a cleanup, ``systemctl stop``, a shutdown,
 all of which stop the env's commands first), it reaps the environment on its way out
@@ -107,6 +109,16 @@ def _read_state(state_file: str, env_id: str) -> dict[str, object] | None:
     if not isinstance(data, dict) or data.get("id") != env_id:
         return None
     return data
+
+
+def _expires_at(state: dict[str, object], held: float) -> float:
+    """The end the state file gives (``created_at + ttl``: an extended TTL is written there,
+    gestvenv.ttl), else the one held so far."""
+    created, ttl = state.get("created_at"), state.get("ttl")
+    if isinstance(created, int | float) and isinstance(ttl, int) and not isinstance(ttl, bool) \
+            and ttl > 0:
+        return float(created) + ttl
+    return held
 
 
 def _state_gone(state_file: str, env_id: str) -> bool:
@@ -299,6 +311,8 @@ def _hold(args: argparse.Namespace) -> int:
         if owner is not None and _released(state):
             os.close(owner)  # built and kept (``ephemeral create``): it outlives its creator
             owner = None
+        if args.expires_at and state is not None:
+            args.expires_at = _expires_at(state, args.expires_at)
         last = float(str(state.get("last_activity") or 0.0)) if state else None
         if args.idle_timeout:
             now = time.time()

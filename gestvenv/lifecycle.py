@@ -29,6 +29,8 @@ from .registry import EnvRecord
 from .runtime import Runtime, runtime_named, select_runtime
 from .runtime.systemd.pool import PoolUnitGone
 from .shield import in_thread, shielded
+from .ttl import extension_cap
+from .ttl import note as ttl_note
 
 if TYPE_CHECKING:
     from .container.engine import Engine
@@ -130,6 +132,7 @@ async def _create(spec: EnvSpec, config: Config, *, use_pool: bool) -> EnvRecord
         name=spec.name, id=env_id, path=str(root.path / storage.env_dir_name(spec.name, env_id)),
         backend=spec.backend.value, runtime=runtime.name, interpreter=interpreter.path,
         python_version=interpreter.version, created_at=now, ttl=spec.ttl or None,
+        max_ttl=extension_cap(config.max_ttl, spec.ttl),
         idle_timeout=spec.idle_timeout or None, limits=spec.limits.to_dict(),
         # Every env is owned by its creator while it is being built (a creator killed half-way
         # leaves an orphan the watchdog removes); a kept one is released when ready.
@@ -137,7 +140,9 @@ async def _create(spec: EnvSpec, config: Config, *, use_pool: bool) -> EnvRecord
         caller_uid=spec.run_as,
         last_activity=now,
         builder=builder.name, packages=list(spec.packages),
-        notes=[n for n in (root.note, *enforcement.notes) if n], environ=dict(spec.environ),
+        notes=[n for n in (root.note, *enforcement.notes,
+                           ttl_note(extension_cap(config.max_ttl, spec.ttl))) if n],
+        environ=dict(spec.environ),
     )
     if enforcement.isolation_applied.sandboxed:
         record = await asyncio.to_thread(_with_sandbox, record, config, builder.tools(),
@@ -252,7 +257,9 @@ def _pool_take(runtime: Runtime, spec: EnvSpec, record: EnvRecord, config: Confi
     limit = pool.backstop(config)
 
     def take(reserving: EnvRecord) -> registry.Taken | None:
-        entry = pool.take(key, reserving.ttl, time.time())
+        # (An extendable TTL may run to max_ttl: a unit whose backstop ends sooner cannot
+        # serve it.)
+        entry = pool.take(key, reserving.max_ttl or reserving.ttl, time.time())
         if entry is None:
             return None
         claimed = reserving.evolve(id=entry.id, path=entry.path, unit_stem=entry.stem,

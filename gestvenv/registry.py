@@ -78,6 +78,8 @@ class EnvRecord:
     # The uid a service (gestvenv serve, as root) created it for: its commands run as that
     # uid (sandbox_uid), and through the API only that uid (or root) sees and acts on it.
     caller_uid: int | None = None
+    # The lifetime its TTL may be extended to (gestvenv.ttl); None: its TTL is fixed.
+    max_ttl: int | None = None
     version: int = STATE_VERSION
 
     @property

@@ -163,6 +163,10 @@ class SyncEnvironment:
         until its TTL."""
         _portal.call(self._env.keep())
 
+    def extend_ttl(self, seconds: float) -> float:
+        """:meth:`Environment.extend_ttl`: its end, ``seconds`` later; returns it."""
+        return _portal.call(self._env.extend_ttl(seconds))
+
     def close(self) -> None:
         _portal.call(self._env.aclose(), shield=True)
 

@@ -366,6 +366,12 @@ class RemoteEnvironment:
             raise CommandError(result)
         return result
 
+    async def extend_ttl(self, seconds: float) -> float:
+        """The environment's end, ``seconds`` later (as the library's); returns it."""
+        shown = await self._client._json("POST", self._at("/ttl"), {"extend": seconds})
+        self.info = shown
+        return float(shown["expires_at"])
+
     async def _signal(self, exec_id: str, signum: int) -> None:
         await self._client._json(
             "POST", self._at(f"/execs/{quote(exec_id, safe='')}/signal"),
@@ -479,6 +485,11 @@ class SyncRemoteEnvironment:
         from ..sync import _portal
 
         _portal.call(self.aio.install(packages, **kwargs))
+
+    def extend_ttl(self, seconds: float) -> float:
+        from ..sync import _portal
+
+        return _portal.call(self.aio.extend_ttl(seconds))
 
     def usage(self) -> dict[str, Any]:
         from ..sync import _portal

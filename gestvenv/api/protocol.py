@@ -302,6 +302,18 @@ def install_request(body: object) -> tuple[list[str], str | None]:
     return packages, requirements
 
 
+_TTL = {"extend": ((int, float), "a number of seconds, more than 0")}
+
+
+def ttl_request(body: object) -> float:
+    """How many seconds later the environment should end (checked again by gestvenv.ttl)."""
+    fields = _object(body, _TTL)
+    extend = fields.get("extend")
+    if extend is None:
+        raise ApiError(400, "Invalid request", "give 'extend': seconds", field="extend")
+    return float(extend)
+
+
 def json_body(raw: bytes) -> object:
     try:
         return json.loads(raw)
@@ -506,6 +518,10 @@ def openapi() -> dict[str, Any]:
                            {"204": {"description": "Sent"}},
                            params=[*name, {"name": "exec_id", "in": "path", "required": True,
                                            "schema": {"type": "string"}}])},
+            f"{PREFIX}/envs/{{name}}/ttl": {
+                "post": op("Extend the TTL: the environment ends `extend` seconds later, "
+                           "within the max_ttl it was made with", {"200": env_response},
+                           body="TtlRequest", params=name)},
             f"{PREFIX}/envs/{{name}}/install": {
                 "post": op("Install packages", {"200": env_response}, body="InstallRequest",
                            params=name)},
@@ -529,6 +545,8 @@ def openapi() -> dict[str, Any]:
                             "required": ["command"], "additionalProperties": False},
             "InstallRequest": {"type": "object", "properties": _props(_INSTALL),
                                "additionalProperties": False},
+            "TtlRequest": {"type": "object", "properties": _props(_TTL),
+                           "required": ["extend"], "additionalProperties": False},
             "Environment": {"type": "object", "description": "As `gestvenv ephemeral show "
                             "--json` prints it"},
             "Event": {"type": "object", "required": ["event"], "properties": {

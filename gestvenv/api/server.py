@@ -609,6 +609,13 @@ async def signal_exec(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def extend_ttl(request: web.Request) -> web.Response:
+    seconds = protocol.ttl_request(await read_json(request))
+    env, _ = await _env_of(request)
+    await env.extend_ttl(seconds)
+    return web.json_response(_public(env.info(), request["caller"]))
+
+
 async def install(request: web.Request) -> web.Response:
     packages, requirements = protocol.install_request(await read_json(request))
     env, _ = await _env_of(request)
@@ -839,6 +846,7 @@ def make_app(service: Service) -> web.Application:
     app.router.add_get(f"{p}/envs/{{name}}/usage", usage)
     app.router.add_post(f"{p}/envs/{{name}}/exec", execute)
     app.router.add_post(f"{p}/envs/{{name}}/execs/{{exec_id}}/signal", signal_exec)
+    app.router.add_post(f"{p}/envs/{{name}}/ttl", extend_ttl)
     app.router.add_post(f"{p}/envs/{{name}}/install", install)
     app.router.add_put(f"{p}/envs/{{name}}/files/{{path:.+}}", put_file)
     app.router.add_get(f"{p}/envs/{{name}}/files/{{path:.+}}", get_file)

@@ -452,6 +452,23 @@ def exec_(name: str, timeout: float | None, cwd: str | None, command: tuple[str,
     raise SystemExit(run_foreground(attach(name), command, timeout=timeout, cwd=cwd))
 
 
+@ephemeral_group.command("extend")
+@click.argument("name", shell_complete=complete_env_name)
+@click.argument("seconds", type=click.FloatRange(min=0, min_open=True))
+@handle_errors
+def extend(name: str, seconds: float) -> None:
+    """Make environment NAME end SECONDS later (its TTL extended, within the max_ttl it was
+    made with)."""
+    if remote.host() is not None:
+        remote.extend(name, seconds)
+        return
+    from ..context import attach
+    from ..sync import run_sync
+
+    expires_at = run_sync(attach(name).extend_ttl(seconds))
+    click.echo(f"extended {name}: it ends in {remaining(expires_at)}")
+
+
 @ephemeral_group.command("cleanup")
 @click.argument("names", nargs=-1, shell_complete=complete_env_name)
 @click.option("--all", "all_", is_flag=True,

@@ -1,5 +1,5 @@
 """``--host URL`` (or ``GESTVENV_HOST``): the commands that act through a gestvenv service
-(``gestvenv serve``) instead of this machine's library: create, list, show, exec, run and
+(``gestvenv serve``) instead of this machine's library: create, list, show, exec, run, extend and
 cleanup by name, with the same options and output. Each goes through the client
 (:mod:`gestvenv.api.client`), as a program would; the others say they are local-only."""
 
@@ -90,6 +90,14 @@ def show(name: str, *, as_json: bool) -> None:
                f"{usage.get('memory_bytes')} bytes memory, {usage.get('disk_bytes')} bytes disk")
     for line in (*info.get("notes", []), *info.get("guarantees", [])):
         click.echo(f"{'note:':<13}{line}")
+
+
+def extend(name: str, seconds: float) -> None:
+    async def extended(c: Any) -> float:
+        env = await c.attach(name)
+        return float(await env.extend_ttl(seconds))
+
+    click.echo(f"extended {name}: it ends in {remaining(_run(extended))} (through {host()})")
 
 
 def stats() -> None:

@@ -115,6 +115,16 @@ async def run_process(record: EnvRecord, command: CommandSpec, argv: Sequence[st
         command.handle._arm(functools.partial(_signal, exec_id, pipes, command.argv[0]))
     try:
         done, _ = await asyncio.wait({collector}, timeout=timeout)
+        while not done and deadline_kind == "ttl" and record.max_ttl:
+            # An extendable TTL may have moved meanwhile (Environment.extend_ttl): its state
+            # file says; gone, the env has ended.
+            fresh = await asyncio.to_thread(_current, record)
+            if fresh is None or fresh.expires_at == record.expires_at:
+                break
+            record = fresh
+            deadline_kind, timeout = _deadline(record, command.timeout,
+                                               time.monotonic() - started)
+            done, _ = await asyncio.wait({collector}, timeout=timeout)
         if not done:
             killed_by = deadline_kind
             await asyncio.to_thread(kill_tree)
@@ -160,14 +170,30 @@ async def _signal(exec_id: str, pipes: set[str], program: str, signum: int) -> N
         raise CommandNotRunningError(f"{program}: no process of the command is left")
 
 
-def _deadline(record: EnvRecord, timeout: float | None) -> tuple[str, float | None]:
-    """The earlier of the command's timeout and the environment's TTL, and which one it is."""
+def _deadline(record: EnvRecord, timeout: float | None,
+              elapsed: float = 0.0) -> tuple[str, float | None]:
+    """The earlier of the command's timeout (``elapsed`` of it spent) and the environment's
+    TTL, and which one it is."""
+    if timeout is not None:
+        timeout = max(0.0, timeout - elapsed)
     if record.expires_at is None:
         return "timeout", timeout
     remaining = max(0.0, record.expires_at - time.time())
     if timeout is not None and timeout <= remaining:
         return "timeout", timeout
     return "ttl", remaining
+
+
+def _current(record: EnvRecord) -> EnvRecord | None:
+    """The environment's state as its file says now; None if it is gone (or another's)."""
+    from .. import registry
+    from ..exceptions import EnvironmentNotFoundError
+
+    try:
+        current = registry.load(record.name)
+    except EnvironmentNotFoundError:
+        return None
+    return current if current.id == record.id else None
 
 
 def _sandboxed_status(status_r: int, returncode: int, program: str) -> tuple[int, bool]:

@@ -100,7 +100,7 @@ def test_bash_completes_commands_and_options(scripts: dict[str, Path],
     assert set(bash_complete(bash, "gestvenv ephemeral timer ", shell_env)) == \
         {"install", "uninstall", "status"}
     assert bash_complete(bash, "gestvenv ephemeral create --runtime s", shell_env) == ["systemd"]
-    assert bash_complete(bash, "gestvenv config set max_t", shell_env) == ["max_total_memory_mb"]
+    assert bash_complete(bash, "gestvenv config set max_to", shell_env) == ["max_total_memory_mb"]
     assert len(bash_complete(bash, "gestvenv config get ", shell_env)) == len(config.OPTIONS)
 
 
@@ -227,7 +227,8 @@ def test_every_parameter_naming_an_existing_env_completes_names() -> None:
     hooked = {(n.name, p.name) for n in docs.walk() for p in n.command.params
               if getattr(p, "_custom_shell_complete", None) is complete_env_name}
     assert hooked == {("gestvenv run", "env_name"), ("gestvenv ephemeral show", "name"),
-                      ("gestvenv ephemeral exec", "name"), ("gestvenv ephemeral cleanup", "names")}
+                      ("gestvenv ephemeral exec", "name"), ("gestvenv ephemeral cleanup", "names"),
+                      ("gestvenv ephemeral extend", "name")}
 
 
 # --- zsh and fish ----------------------------------------------------------------------------

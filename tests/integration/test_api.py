@@ -388,6 +388,35 @@ def test_ctrl_c_at_the_cli_reaches_the_remote_command(service: Path) -> None:
                        timeout=120)
 
 
+@pytest.fixture
+def extendable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For the service started after it: envs may live 600 s with their TTL extended."""
+    monkeypatch.setenv("GESTVENV_EPHEMERAL_MAX_TTL", "600")
+
+
+async def test_a_ttl_is_extended_through_the_api(extendable: None, service: Path) -> None:
+    client = connect(f"unix://{service}")
+    async with client.ephemeral("api-ttl", ttl=60) as env:
+        first = registry.load("api-ttl").expires_at
+        assert first is not None
+        end = await env.extend_ttl(120)
+        assert end == pytest.approx(first + 120) == registry.load("api-ttl").expires_at
+        with pytest.raises(gestvenv.ValidationError, match="max_ttl"):
+            await env.extend_ttl(1000)
+        for body in (b'{"extend": "10"}', b'{"extend": -1}', b'{}', b'{"extend": 10, "x": 1}',
+                     b'{"extend": true}'):
+            code, _, problem = await raw(service, "POST", f"/v1/envs/api-ttl/ttl?id={env.id}",
+                                         body)
+            assert code == 400, (body, problem)
+        assert registry.load("api-ttl").expires_at == pytest.approx(end)
+        gv = [sys.executable, "-m", "gestvenv", "--host", f"unix://{service}"]
+        done = await asyncio.to_thread(subprocess.run, [*gv, "ephemeral", "extend", "api-ttl",
+                                                        "30"], capture_output=True, text=True)
+        assert done.returncode == 0 and "extended api-ttl" in done.stdout, done
+        assert registry.load("api-ttl").expires_at == pytest.approx(end + 30)
+    await client.aclose()
+
+
 def test_the_blocking_variant(service: Path) -> None:
     """client.ephemeral_sync: the same environment, from code without asyncio."""
     client = connect(f"unix://{service}")

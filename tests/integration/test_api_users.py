@@ -135,8 +135,11 @@ def test_no_user_reaches_root_s_or_another_user_s_env(shared: Path, tmp_path: Pa
                 ("PUT", f"/v1/envs/{other}/files/planted.py", "print('x')"),
                 ("GET", f"/v1/envs/{other}/files/planted.py", None),
                 ("POST", f"/v1/envs/{other}/install", {"packages": ["six"]}),
+                ("POST", f"/v1/envs/{other}/ttl", {"extend": 60}),
+                ("POST", f"/v1/envs/{other}/execs/0123456789abcdef/signal",
+                 {"signal": "TERM"}),
                 ("DELETE", f"/v1/envs/{other}", None))
-            assert [a[0] for a in answers] == [404] * 7, (uid, other, answers)
+            assert [a[0] for a in answers] == [404] * 9, (uid, other, answers)
             assert all(a[1]["type"] == "urn:gestvenv:problem:no-such-environment"
                        for a in answers)
             listed, stats = as_user(uid, shared, ("GET", "/v1/envs", None),
@@ -144,6 +147,7 @@ def test_no_user_reaches_root_s_or_another_user_s_env(shared: Path, tmp_path: Pa
             assert [e["name"] for e in listed[1]] == (["alices"] if uid == ALICE else [])
             assert stats[0] == 403
         assert registry.load("roots") and registry.load(f"u{ALICE}-alices")
+        assert registry.load("roots").ttl == 300  # (not extended by another user)
         assert not (Path(registry.load("roots").path) / "planted.py").exists()
     finally:
         for name in ("roots", f"u{ALICE}-alices"):

@@ -538,6 +538,8 @@ class HolderArgs:
     registry_lock: str = ""  # from the state file
     environ: tuple[str, ...] = ()  # more of the unit's variables (the container engine's)
     pool: bool = False       # a pool unit: ``state_file`` is its pool file (holder --pool)
+    # An extendable TTL (gestvenv.ttl): the holder holds it, from the state file.
+    expires_at: float | None = None
 
 
 def env_properties(names: UnitNames, env_name: str, description: str, ttl: int | None,
@@ -551,6 +553,8 @@ def env_properties(names: UnitNames, env_name: str, description: str, ttl: int |
                  "--owner-start", repr(holder.owner_start or 0.0)]
     if holder.idle_timeout:
         argv += ["--idle-timeout", str(holder.idle_timeout)]
+    if holder.expires_at is not None:
+        argv += ["--expires-at", repr(holder.expires_at)]
     if holder.pool:
         argv += ["--pool"]
     if holder.reaper:
@@ -670,6 +674,17 @@ def command_time_limit(timeout: float | None, expires_at: float | None,
     if timeout is None:
         return left
     return timeout if left is None else min(timeout, left)
+
+
+def command_end(expires_at: float | None, pooled: bool,
+                extendable_until: float | None) -> float | None:
+    """The ``expires_at`` a command unit's limit (:func:`command_time_limit`) is held to: for
+    an extendable TTL (max_ttl), its backstop, ``extendable_until``, since the TTL, held by the
+    holder, may move later while the command runs; else a pooled env's TTL; else None (the
+    env's unit's RuntimeMaxSec ends its commands with it)."""
+    if extendable_until is not None:
+        return extendable_until
+    return expires_at if pooled else None
 
 
 def shares_namespaces(sandbox: Sequence[Property]) -> bool:

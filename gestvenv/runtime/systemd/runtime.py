@@ -221,10 +221,12 @@ class SystemdRuntime(Runtime):
             owner_pid=record.owner_pid, owner_start=record.owner_started,
             idle_timeout=record.idle_timeout, reaper=_REAPER, env_path=record.path,
             registry_lock=str(lock_path()),
-            environ=tuple(f"{k}={v}" for k, v in container.reaper_environ(record).items()))
+            environ=tuple(f"{k}={v}" for k, v in container.reaper_environ(record).items()),
+            expires_at=record.expires_at if record.max_ttl else None)
         description = f"python {record.python_version}, {record.backend} storage, {record.path}"
-        env_props = plan.env_properties(names, record.name, description, record.ttl, holder,
-                                        sandbox)
+        # An extendable TTL: RuntimeMaxSec is max_ttl, systemd's backstop (gestvenv.ttl).
+        env_props = plan.env_properties(names, record.name, description,
+                                        record.max_ttl or record.ttl, holder, sandbox)
         slice_props = plan.slice_properties(names, record.name, limits, caps)
         try:
             result = await bus.start_transient_unit(names.env, env_props,
@@ -489,8 +491,10 @@ class SystemdRuntime(Runtime):
                 # namespaces (which needs root): argv[0] becomes the program's path.
                 argv = [*plan.setpriv_argv(record.sandbox_uid), program, *argv[1:]]
                 program = plan.SETPRIV
-            limit = plan.command_time_limit(
-                command.timeout, record.expires_at if record.pooled else None, time.time())
+            end = plan.command_end(record.expires_at, record.pooled,
+                                   record.created_at + record.max_ttl if record.max_ttl
+                                   else None)
+            limit = plan.command_time_limit(command.timeout, end, time.time())
             props = plan.command_properties(names, record.name, argv, command.environ,
                                             cwd, limit,
                                             plan.sandbox_properties(spec, self.capabilities),
