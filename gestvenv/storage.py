@@ -15,6 +15,7 @@ them; environments on a tmpfs get copies (a hardlink cannot cross filesystems).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -188,17 +189,54 @@ def all_roots(config: Config) -> list[Path]:
 
 # --- claiming: an env dir names the state file that owns it ---
 
+def create_whole(path: Path, data: bytes, mode: int = 0o644) -> bool:
+    """Create the file ``path`` holding ``data``, whole or not at all: an unnamed file
+    (O_TMPFILE) linked into place once written, so that a process killed meanwhile leaves
+    nothing, never a half-written file nor a temporary one. FileExistsError if ``path``
+    exists; False, having done nothing, where its filesystem has no unnamed files."""
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode, dir_fd=folder)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                return False
+            raise
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            # (The way open(2) gives: linkat() of its /proc link, followed, which os.link
+            # does when given a dir fd. No /proc: not linked, and nothing left.)
+            try:
+                os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=folder)
+            except FileNotFoundError:
+                if os.path.isdir("/proc/self/fd"):
+                    raise
+                return False
+        finally:
+            os.close(fd)
+    finally:
+        os.close(folder)
+    return True
 
 
 def claim_dir(path: Path, state_file: Path, env_id: str) -> None:
-    """Create an environment's dir with a note of its owner, so any sweep can tell an orphan."""
+    """Create an environment's dir with a note of its owner, so any sweep can tell an orphan.
+    The claim appears whole or not at all: a creator killed meanwhile leaves the dir empty
+    (:func:`left_before_its_claim`), never with a claim no sweep can read."""
     path.mkdir(mode=0o755)
-    write_claim(path, state_file, env_id)
+    if not create_whole(path / CLAIM, _claim(state_file, env_id)):
+        write_claim(path, state_file, env_id)
 
 
 def write_claim(path: Path, state_file: Path, env_id: str) -> None:
     """The claim in ``path`` (again on top of a filesystem of the env's own, once mounted)."""
-    (path / CLAIM).write_text(json.dumps({"id": env_id, "state_file": str(state_file)}))
+    (path / CLAIM).write_bytes(_claim(state_file, env_id))
+
+
+def _claim(state_file: Path, env_id: str) -> bytes:
+    return json.dumps({"id": env_id, "state_file": str(state_file)}).encode()
 
 
 # A claim or a state file is a few hundred bytes; what is bigger is not one.
@@ -242,6 +280,29 @@ def claim_of(path: Path) -> tuple[str, str] | None:
     if stem_of_env_dir(Path(path).name, env_id) is None:
         return None
     return env_id, state_file
+
+
+def left_before_its_claim(path: Path) -> bool:
+    """Whether ``path`` is a dir (not a link) that its creator left before its claim was
+    whole: nothing in it, or nothing but a claim file of ours that does not read as one
+    (half-written, where the filesystem has no O_TMPFILE)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        names = os.listdir(fd)
+        if names and names != [CLAIM]:
+            return False
+        if names:
+            st = os.stat(CLAIM, dir_fd=fd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return claim_of(path) is None
 
 
 def is_claimed(path: Path) -> bool | None:

@@ -20,6 +20,11 @@ pool_idle``, is only systemd's backstop, and a request whose TTL would outlast i
 pooled. An unclaimed unit ends by itself after ``pool_idle`` seconds, or when its pool file is
 gone; its reaper removes its dir and pool file (and, claimed, the env's state file).
 
+A refill (:func:`refill`, a creator's background task) makes pool files and dirs, under its
+lock, before it starts their units: one cut short (its process killed) leaves them without a
+unit, a dir maybe without its claim yet. A drain (:func:`drain`, which waits for that lock)
+removes them at once, the sweep after :data:`GRACE`.
+
 What a pool unit can serve (:func:`refusal`, :func:`serves`): the systemd runtime, an env its
 creator owns (``ephemeral()``, ``ephemeral run``, the pytest fixtures; ``ephemeral create``
 keeps named units), no container, no max_disk, no uid of its own, and the same key
@@ -33,9 +38,12 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
+import stat
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +62,12 @@ if TYPE_CHECKING:
 GRACE = 5.0
 # A unit this close to its idle end is not claimed: its holder may be ending it.
 CLAIM_MARGIN = 1.0
+# In the pool dir: held by a refill while it makes pool files and dirs, and by a drain.
+REFILL_LOCK = ".refill.lock"
+# Seconds a drain waits for a refill to have made its files (a few ms, unless it is stopped).
+REFILL_WAIT = 5.0
+# A pool file's temporary name while it is (re)written (:func:`_write`).
+_TEMP = re.compile(rf"\.{POOL_PREFIX}[0-9a-f]{{8}}\.json\.[0-9]+\.[0-9]+\.tmp", re.ASCII)
 
 
 class PoolUnitGone(Exception):
@@ -153,6 +167,13 @@ def _write(entry: PoolEntry, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _create(entry: PoolEntry) -> None:
+    """A new pool file, whole or not at all: a refill killed meanwhile leaves nothing of it."""
+    path = Path(entry.file)
+    if not storage.create_whole(path, entry.to_json().encode(), 0o600):
+        _write(entry, path)  # (a temporary file, renamed: the sweep removes one left)
+
+
 def take(key: str, ttl: int | None, now: float) -> PoolEntry | None:
     """An unclaimed pool unit that serves ``key`` (the oldest): the caller holds the registry
     lock, under which every claim is written."""
@@ -201,7 +222,8 @@ _REFILLING: set[Any] = set()  # (tasks referenced until done)
 
 def refill_soon(runtime: SystemdRuntime, config: Config, template: EnvRecord, key: str) -> None:
     """Refill the pool in the background. Not waited for: a process that exits meanwhile cuts
-    it short, which leaves a pool file and dir without a unit for the sweep (written first)."""
+    it short, which leaves a pool file and dir without a unit (written first) for a drain or
+    the sweep."""
     import asyncio
 
     task = asyncio.ensure_future(refill(runtime, config, template, key))
@@ -224,8 +246,7 @@ async def refill(runtime: SystemdRuntime, config: Config, template: EnvRecord,
     from ...exceptions import GestvenvError
 
     folder = await asyncio.to_thread(storage.pool_dir)
-    fd = os.open(folder / ".refill.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    new: list[PoolEntry] = []
+    fd = os.open(folder / REFILL_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -240,16 +261,20 @@ async def refill(runtime: SystemdRuntime, config: Config, template: EnvRecord,
                    and (live.get(e.stem) == e.id or now - e.created_at < GRACE)]
         root = Path(template.path).parent
         description = f"python {template.python_version}, {template.backend} storage"
+        planned = []
         for _ in range(config.pool_size - len(waiting)):
             entry = new_entry(key, root, description, config, now)
-            entry = PoolEntry(**{**asdict(entry), "file": str(pool_file(entry.stem, folder))})
-            # The pool file, then the dir (its claim names the pool file), then the unit.
-            await asyncio.to_thread(_write, entry, Path(entry.file))
-            new.append(entry)
-            await asyncio.to_thread(storage.claim_dir, Path(entry.path), Path(entry.file),
-                                    entry.id)
+            planned.append(PoolEntry(**{**asdict(entry),
+                                        "file": str(pool_file(entry.stem, folder))}))
+        # Made by a thread that keeps the lock until they all exist (it closes it): cancelled
+        # meanwhile, this task would let go at once, not the thread, and a drain (which takes
+        # the lock) must find all it makes. (Submitted at once: no cancellation in between.)
+        making = asyncio.get_running_loop().run_in_executor(None, _make, planned, fd)
+        fd = -1
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
+    new = await making
     results = await asyncio.gather(*(runtime.start_pool_unit(e, template, config)
                                      for e in new), return_exceptions=True)
     started = []
@@ -263,25 +288,60 @@ async def refill(runtime: SystemdRuntime, config: Config, template: EnvRecord,
     return started
 
 
+def _make(planned: list[PoolEntry], lock: int) -> list[PoolEntry]:
+    """Each entry's pool file, then its dir (whose claim names the pool file): its unit comes
+    after. In a thread holding the refill lock (``lock``), which it closes when done. What it
+    could not make all of is discarded, and the error raised."""
+    made: list[PoolEntry] = []
+    try:
+        for entry in planned:
+            made.append(entry)
+            _create(entry)
+            storage.claim_dir(Path(entry.path), Path(entry.file), entry.id)
+    except Exception:
+        for entry in made:
+            _discard(entry)
+        raise
+    finally:
+        os.close(lock)
+    return made
+
+
 def _discard(entry: PoolEntry) -> None:
     """Forget a pool unit's file and remove its dir: only a dir that is this entry's own (named
-    for its stem and id, claimed by this very pool file, in a marked storage root), whatever
-    the pool file says its path is."""
+    for its stem and id, in a marked storage root, and claimed by this very pool file, or left
+    empty by a refill cut short before its claim), whatever the pool file says its path is."""
     forget(entry.stem, entry.id)
     path = Path(entry.path)
     with contextlib.suppress(OSError, UnsafePathError):
         storage.check_env_dir(path, entry.stem, entry.id)
-        if storage.claim_of(path) != (entry.id, entry.file) or \
-                not storage.is_marked_root(path.parent):
+        if not storage.is_marked_root(path.parent):
+            return
+        # Unclaimed, its dir holds nothing but its claim, and only its refill makes a dir of
+        # that name (a stem and an id of its own): one without a claim is that refill's, cut
+        # short between the mkdir and the claim.
+        if storage.claim_of(path) != (entry.id, entry.file) and \
+                not storage.left_before_its_claim(path):
             return
         storage.remove_tree(path, [path.parent])
 
 
 def sweep_files(live: dict[str, str], now: float | None = None) -> dict[str, str]:
     """Pool files whose unit is not running (``live``: stem -> env id of the running pool
-    units), older than :data:`GRACE`: removed (their dirs are then orphans). Returns what."""
+    units), older than :data:`GRACE`: removed (their dirs are then orphans), and so are the
+    temporary files of pool files never finished. Returns what."""
     now = time.time() if now is None else now
     removed = {}
+    folder = storage.pool_dir()
+    for path in folder.glob(f".{POOL_PREFIX}*.tmp"):
+        try:
+            st = path.lstat()
+            if _TEMP.fullmatch(path.name) and stat.S_ISREG(st.st_mode) \
+                    and now - st.st_mtime >= GRACE:
+                path.unlink()
+                removed[path.name] = "a pool file its writer never finished"
+        except FileNotFoundError:
+            continue
     for entry in entries():
         if live.get(entry.stem) == entry.id:
             continue
@@ -302,7 +362,10 @@ async def drain(runtime: SystemdRuntime) -> list[str]:
     from ... import registry
 
     def unclaimed() -> list[PoolEntry]:
-        with registry.locked():  # (claims are written under it: none lands meanwhile)
+        # A refill holds its lock until it has made all its pool files and dirs: waited for,
+        # they are drained too (the units it starts afterwards find their pool files gone and
+        # end at once). (Claims are written under the registry lock: none lands meanwhile.)
+        with _refill_lock(REFILL_WAIT), registry.locked():
             return [e for e in entries()
                     if e.claim is None and forget(e.stem, e.id, claimed_too=False)]
 
@@ -311,6 +374,26 @@ async def drain(runtime: SystemdRuntime) -> list[str]:
     for entry in drained:
         await asyncio.to_thread(_discard, entry)
     return [e.stem for e in drained]
+
+
+@contextlib.contextmanager
+def _refill_lock(wait: float) -> Iterator[None]:
+    """The refill lock, waited for up to ``wait`` seconds (a refill stopped for longer is not:
+    what it made so far is drained, the units it starts later end at once)."""
+    fd = os.open(storage.pool_dir() / REFILL_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)
 
 
 def claim_note(stem: str, limit: int | None) -> str:
