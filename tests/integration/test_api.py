@@ -316,9 +316,9 @@ def test_the_cli_example_runs_through_host(service: Path) -> None:
     assert local_only.returncode == 1 and "no --host form" in local_only.stderr
 
 
-_TRAPS = ("import signal, sys, time\n"
+_TRAPS = ("import os, signal, sys, time\n"  # (os.write: a print() in a handler may reenter)
           "def ended(signum, _):\n"
-          "    print('handled', signal.Signals(signum).name, flush=True)\n"
+          "    os.write(1, f'handled {signal.Signals(signum).name}\\n'.encode())\n"
           "    sys.exit(3)\n"
           "for s in (signal.SIGTERM, signal.SIGINT):\n"
           "    signal.signal(s, ended)\n"

@@ -15,13 +15,15 @@ from gestvenv import CommandHandle, CommandNotRunningError, IsolationLevel, Vali
 
 from .support import env_pids
 
+# (The handlers write with os.write: a print() in a handler that lands while the main code is
+# still in its own print() raises "reentrant call" and the command exits 1.)
 TRAPS_TERM = """
-import signal, sys, time
+import os, signal, sys, time
 def ended(signum, _):
-    print("handled", signum, flush=True)
+    os.write(1, b"handled %d\\n" % signum)
     sys.exit(3)
 signal.signal(signal.SIGTERM, ended)
-signal.signal(signal.SIGUSR1, lambda signum, _: print("usr1", flush=True))
+signal.signal(signal.SIGUSR1, lambda signum, _: os.write(1, b"usr1\\n"))
 print("ready", flush=True)
 while True:
     time.sleep(0.05)
