@@ -198,8 +198,6 @@ class Environment:
         (a stream still shows all of it). ``handle`` (a :class:`CommandHandle`): signals
         sent to the command while it runs.
         """
-        if handle is not None and handle.running:
-            raise ValidationError("this CommandHandle is running another command")
         if timeout is not None and timeout <= 0:
             raise ValidationError(f"timeout must be positive, not {timeout!r}")
         if output_limit is not None and output_limit < 0:
@@ -213,11 +211,17 @@ class Environment:
         if handle is not None:
             command = dataclasses.replace(command, handle=handle)
         runtime = runtime_named(record.runtime)
-        await asyncio.to_thread(registry.touch, record.name, record.id)
+        if handle is not None:
+            handle._take()  # (before any await: two calls never share it)
         try:
-            result = await runtime.run(record, command)
-        finally:
             await asyncio.to_thread(registry.touch, record.name, record.id)
+            try:
+                result = await runtime.run(record, command)
+            finally:
+                await asyncio.to_thread(registry.touch, record.name, record.id)
+        finally:
+            if handle is not None:
+                handle._disarm()
         if check and not result.ok:
             raise CommandError(result)
         return result

@@ -10,6 +10,7 @@ of the unit), or every process carrying the command's marker and holding its out
 
 from __future__ import annotations
 
+import asyncio
 import signal as signals
 from collections.abc import Awaitable, Callable
 
@@ -43,34 +44,63 @@ def signal_number(sig: int | str) -> int:
     return int(getattr(signals, f"SIG{name}"))
 
 
+# Seconds a signal sent while the command is being started waits for it to be running.
+START_WAIT = 30.0
+
+
 class CommandHandle:
     """Pass to :meth:`Environment.execute` (``handle=``) to signal the command while it runs:
     ``await handle.signal("TERM")``. One command at a time; reusable once it has ended."""
 
     def __init__(self) -> None:
         self._deliver: Deliver | None = None
-        self._ended = False
+        # idle (never used), starting (execute() called: taken), running, ended
+        self._state = "idle"
+        self._changed: asyncio.Event | None = None
 
     @property
     def running(self) -> bool:
-        """True between the command's start and its end."""
-        return self._deliver is not None
+        """True from the call of ``execute()`` that took it to the command's end."""
+        return self._state in ("starting", "running")
 
     async def signal(self, sig: int | str) -> None:
-        """Send ``sig`` (a number, ``"TERM"`` or ``"SIGTERM"``) to the command's processes.
-        :class:`CommandNotRunningError` if it has not started yet or has ended."""
+        """Send ``sig`` (a number, ``"TERM"`` or ``"SIGTERM"``) to the command's processes; sent
+        while the command is being started, it is delivered once it runs.
+        :class:`CommandNotRunningError` if no command was started or it has ended."""
         number = signal_number(sig)
+        if self._state == "starting":
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._changed.wait(), START_WAIT)
+            except TimeoutError:
+                raise CommandNotRunningError(
+                    f"the command has not started in {START_WAIT:g} s") from None
         deliver = self._deliver
         if deliver is None:
             raise CommandNotRunningError(
-                "the command has ended" if self._ended else "the command has not started")
+                "the command has ended" if self._state == "ended" else
+                "the command has not started")
         await deliver(number)
 
-    # (The runtimes' side.)
+    # (The side of execute() and the runtimes: taken at the call, so that two commands never
+    # share it; running once started; ended whatever happened.)
+    def _take(self) -> None:
+        if self.running:
+            raise ValidationError("this CommandHandle is running another command")
+        self._state, self._deliver = "starting", None
+
     def _arm(self, deliver: Deliver) -> None:
-        if self._deliver is not None:
-            raise ValidationError("this CommandHandle is already running a command")
-        self._deliver, self._ended = deliver, False
+        if self._state == "running":
+            raise ValidationError("this CommandHandle is running another command")
+        self._deliver, self._state = deliver, "running"
+        self._wake()
 
     def _disarm(self) -> None:
-        self._deliver, self._ended = None, True
+        self._deliver, self._state = None, "ended"
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None

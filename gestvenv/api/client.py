@@ -327,14 +327,14 @@ class RemoteEnvironment:
             body["stdin_base64"] = base64.b64encode(input).decode()
         show = console_stream(stream)
         started = time.monotonic()
-        response = await self._client._check(
-            await self._client._request("POST", self._at("/exec"), json_body=body))
+        if handle is not None:
+            handle._take()  # (before the request: a busy handle starts nothing)
         out: dict[str, list[str]] = {"stdout": [], "stderr": []}
         final: dict[str, Any] | None = None
-        if handle is not None and handle.running:
-            response.release()
-            raise ValidationError("this CommandHandle is running another command")
+        response: Any = None
         try:
+            response = await self._client._check(
+                await self._client._request("POST", self._at("/exec"), json_body=body))
             while line := await _readline(response):
                 message = json.loads(line)
                 kind = message.get("event")
@@ -349,9 +349,10 @@ class RemoteEnvironment:
                 elif kind == "error":
                     raise protocol.library_error(message["problem"])
         finally:
-            if handle is not None and handle.running:
+            if handle is not None:
                 handle._disarm()
-            response.release()
+            if response is not None:
+                response.release()
         if final is None:
             raise GestvenvError(f"the service ended the command's stream without its result "
                                 f"(environment {self.name!r})")

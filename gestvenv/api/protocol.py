@@ -10,6 +10,7 @@ config, an interpreter path or a runtime of its choosing).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -311,7 +312,14 @@ def ttl_request(body: object) -> float:
     extend = fields.get("extend")
     if extend is None:
         raise ApiError(400, "Invalid request", "give 'extend': seconds", field="extend")
-    return float(extend)
+    try:
+        seconds = float(extend)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ApiError(400, "Invalid request", "'extend' is a positive number of seconds",
+                       field="extend")
+    return seconds
 
 
 def json_body(raw: bytes) -> object:

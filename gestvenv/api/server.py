@@ -103,6 +103,10 @@ class Service:
     last_activity: float = field(default_factory=time.monotonic)
     # exec id -> (env name, the command's task, its handle: signals)
     execs: dict[str, tuple[str, asyncio.Task[Any], CommandHandle]] = field(default_factory=dict)
+    # Signals being sent: one per command at a time, a few at once in all (each may scan
+    # /proc in a worker thread: a caller's flood must not take the threads every request uses).
+    signalling: set[str] = field(default_factory=set)
+    signal_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
     runner: web.AppRunner | None = None
     token_hashes: frozenset[str] = frozenset()  # (tokens.parse: the TCP callers' tokens)
     served: set[int] = field(default_factory=set)  # connections that sent a whole request
@@ -602,10 +606,19 @@ async def signal_exec(request: web.Request) -> web.Response:
     if found is None or found[0] != record.name:
         raise ApiError(404, "No such command",
                        "no running command with that id in that environment")
+    exec_id = request.match_info["exec_id"]
     if signum == signal.SIGKILL:
         found[1].cancel()
-    else:
-        await found[2].signal(signum)
+        return web.Response(status=204)
+    if exec_id in service.signalling:
+        raise ApiError(429, "Signal in progress", "a signal for this command is still being "
+                       "sent: send the next one once it is answered")
+    service.signalling.add(exec_id)
+    try:
+        async with service.signal_slots:
+            await found[2].signal(signum)
+    finally:
+        service.signalling.discard(exec_id)
     return web.Response(status=204)
 
 

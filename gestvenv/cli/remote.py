@@ -143,6 +143,7 @@ async def _forwarded(run: Callable[[CommandHandle], Awaitable[Any]]) -> Any:
     before the command has started, ends it whole: the stream is dropped, the service kills
     its tree."""
     import asyncio
+    import functools
     import signal
 
     from ..handle import CommandHandle
@@ -159,8 +160,16 @@ async def _forwarded(run: Callable[[CommandHandle], Awaitable[Any]]) -> Any:
             task.cancel()
             return
         sending = asyncio.ensure_future(handle.signal(signum))
-        # (A command that ended meanwhile: nothing to say.)
-        sending.add_done_callback(lambda done: done.cancelled() or done.exception())
+        sending.add_done_callback(functools.partial(_said, signum))
+
+    def _said(signum: int, sending: asyncio.Future[None]) -> None:
+        """A signal that did not reach the command, said (one that ended meanwhile: not)."""
+        from ..exceptions import CommandNotRunningError
+
+        failed = None if sending.cancelled() else sending.exception()
+        if failed is not None and not isinstance(failed, CommandNotRunningError):
+            click.echo(f"gestvenv: {signal.Signals(signum).name} not delivered to the "
+                       f"command: {failed}", err=True)
 
     caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     for signum in caught:

@@ -288,7 +288,8 @@ async def run(record: EnvRecord, command: CommandSpec) -> ExecResult:
             # a destroy) ends it too, should its creator die while it waits on the container.
             result = await run_process(record, command, argv, exec_id=exec_id, cwd="/",
                                        status=status, environ={**engine.env(), **values,
-                                                               processes.ENV_MARKER: record.id})
+                                                               processes.ENV_MARKER: record.id},
+                                       wrapped=True)
             if status is None:
                 result = _reported(result, command.argv[0])
         except (CommandNotFoundError, CommandNotExecutableError) as exc:

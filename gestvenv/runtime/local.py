@@ -277,7 +277,7 @@ class LocalRuntime(Runtime):
             argv = _sandboxed_argv(record, box, command, status.writer)
             cwd, preexec = "/", None
         return await run_process(record, command, argv, exec_id=exec_id, cwd=cwd,
-                                 preexec=preexec, status=status)
+                                 preexec=preexec, status=status, wrapped=box is not None)
 
 
 def _usage_of(pids: Sequence[int]) -> Usage:

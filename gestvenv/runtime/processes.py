@@ -73,53 +73,93 @@ def kill_pipe_holders(pipes: set[str]) -> int:
     return killed
 
 
-# What runs a command without being it: the sandbox (bwrap, and its pid 1), the engine's CLI
-# and monitor of a container's exec. They carry the command's marker and hold its pipes.
-WRAPPERS = frozenset({"bwrap", "podman", "docker", "conmon"})
+def is_wrapper(pid: int, ppid: int, exe: str, argv: Sequence[bytes], launcher: int | None,
+               init: bytes) -> bool:
+    """Whether a process of a command's tree is a wrapper of it rather than the command (a
+    signal is the command's to handle; USR1 to bwrap would end it): the process gestvenv
+    started when it is not the command itself (``launcher``: bwrap, the engine's ``exec``),
+    bwrap's own pid 1 (a bwrap child of it), the sandbox's init (``python -c INIT``,
+    :data:`bwrap.INIT`, which forks the command and reports its status), podman's monitor.
+    By pid where gestvenv knows it: a command that is itself named bwrap or docker is the
+    command."""
+    if launcher is not None and (pid == launcher or
+                                 (ppid == launcher and os.path.basename(exe) == "bwrap")):
+        return True
+    return os.path.basename(exe) == "conmon" or init in argv
 
 
-def is_wrapper(exe: str, argv: Sequence[bytes], init: bytes) -> bool:
-    """Whether a process of a command's tree is a wrapper of it rather than the command: by
-    its executable, or the sandbox's init (``python -c INIT``, :data:`bwrap.INIT`), which
-    forks the command and reports its status (a TERM to it would orphan the command)."""
-    return os.path.basename(exe) in WRAPPERS or init in argv
-
-
-def _identity(pid: int) -> tuple[str, list[bytes]]:
+def _identity(pid: int) -> tuple[int, str, list[bytes], bytes] | None:
+    """(ppid, executable, argv, environ) of ``pid``, as /proc says now; None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read()
+    except (OSError, IndexError, ValueError):
+        return None
     try:
         exe = os.readlink(f"/proc/{pid}/exe")
     except OSError:
         exe = ""
+    return ppid, exe, argv, environ
+
+
+def _holds(pid: int, pipes: set[str]) -> bool:
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
+        fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
-        argv = []
-    return exe, argv
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in pipes:
+                return True
+        except OSError:
+            continue
+    return False
 
 
-def signal_command(exec_id: str, pipes: set[str], signum: int) -> tuple[int, int]:
+def signal_command(exec_id: str, pipes: set[str], signum: int,
+                   launcher: int | None = None) -> tuple[int, int]:
     """Send ``signum`` once to a command's processes: those marked with its ``exec_id`` and
     those holding its output ``pipes`` (as :func:`kill_marked` and :func:`kill_pipe_holders`
-    find them to end it), but its wrappers (:func:`is_wrapper`): a signal is the command's to
-    handle, and USR1 to bwrap would end it. Returns (signalled, refused: EPERM, as a rootless
-    container's processes under subordinate uids)."""
+    find them to end it), but its wrappers (:func:`is_wrapper`). Each is signalled through a
+    pidfd opened first and checked again: a PID found by the scan and reused meanwhile (the
+    command's code can end its processes, and slow the scan, at will) is another process,
+    never signalled. Returns (signalled, refused: EPERM, as a rootless container's processes
+    under subordinate uids)."""
     from .bwrap import INIT
 
     init = INIT.encode()
+    mark = f"{EXEC_MARKER}={exec_id}".encode()
     pids = {p for p in marked_pids(EXEC_MARKER, exec_id) if not is_zombie(p)}
     pids |= {p for p in pipe_holders(pipes) if not is_zombie(p)}
     sent = refused = 0
     for pid in sorted(pids):
-        if is_wrapper(*_identity(pid), init):
-            continue
         try:
-            os.kill(pid, signum)
+            handle = os.pidfd_open(pid)
+        except OSError:
+            continue  # (gone)
+        try:
+            # Through the pidfd the process is pinned: if /proc/PID is still the command's
+            # now, the pidfd is that process (a PID reused after this check: ESRCH below).
+            seen = _identity(pid)
+            if seen is None:
+                continue
+            ppid, exe, argv, environ = seen
+            if mark not in environ.split(b"\0") and not _holds(pid, pipes):
+                continue
+            if is_wrapper(pid, ppid, exe, argv, launcher, init):
+                continue
+            signal.pidfd_send_signal(handle, signum)
             sent += 1
         except PermissionError:
             refused += 1
         except ProcessLookupError:
             continue
+        finally:
+            os.close(handle)
     return sent, refused
 
 

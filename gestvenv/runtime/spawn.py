@@ -64,10 +64,13 @@ async def run_process(record: EnvRecord, command: CommandSpec, argv: Sequence[st
                       exec_id: str, cwd: str | None,
                       preexec: Callable[[], None] | None = None,
                       status: StatusPipe | None = None,
-                      environ: dict[str, str] | None = None) -> ExecResult:
+                      environ: dict[str, str] | None = None,
+                      wrapped: bool = False) -> ExecResult:
     """Run ``argv`` for ``command`` as our child and wait: its output, its timeout (or the
     env's TTL: ``killed_by``), and on cancellation nothing of it left. Its tree is found by
-    ``exec_id`` in the environment of each process (and by the output pipes it holds)."""
+    ``exec_id`` in the environment of each process (and by the output pipes it holds).
+    ``wrapped``: ``argv`` runs the command rather than being it (bwrap, an engine's exec):
+    never signalled for it."""
     environ = {**(command.environ if environ is None else environ),
                processes.EXEC_MARKER: exec_id}
     deadline_kind, timeout = _deadline(record, command.timeout)
@@ -111,9 +114,10 @@ async def run_process(record: EnvRecord, command: CommandSpec, argv: Sequence[st
         processes.kill_marked(processes.EXEC_MARKER, exec_id)
         processes.kill_pipe_holders(pipes)
 
-    if command.handle is not None:
-        command.handle._arm(functools.partial(_signal, exec_id, pipes, command.argv[0]))
     try:
+        if command.handle is not None:
+            command.handle._arm(functools.partial(
+                _signal, exec_id, pipes, command.argv[0], proc, proc.pid if wrapped else None))
         done, _ = await asyncio.wait({collector}, timeout=timeout)
         while not done and deadline_kind == "ttl" and record.max_ttl:
             # An extendable TTL may have moved meanwhile (Environment.extend_ttl): its state
@@ -160,14 +164,26 @@ async def run_process(record: EnvRecord, command: CommandSpec, argv: Sequence[st
                       duration=duration, killed_by=killed_by)
 
 
-async def _signal(exec_id: str, pipes: set[str], program: str, signum: int) -> None:
-    """A command's signal (CommandHandle), to each process of its tree."""
-    sent, refused = await asyncio.to_thread(processes.signal_command, exec_id, pipes, signum)
-    if not sent and refused:
-        raise GestvenvError(f"signal {signum} to {program}: not permitted (its processes run "
-                            "under uids this process cannot signal)")
-    if not sent:
-        raise CommandNotRunningError(f"{program}: no process of the command is left")
+# Seconds a signal waits for the command behind a wrapper to exist (bwrap and its init start
+# it a few ms after the launcher).
+SIGNAL_START_WAIT = 2.0
+
+
+async def _signal(exec_id: str, pipes: set[str], program: str,
+                  proc: asyncio.subprocess.Process, launcher: int | None, signum: int) -> None:
+    """A command's signal (CommandHandle), to each process of its tree: once it exists."""
+    deadline = time.monotonic() + SIGNAL_START_WAIT
+    while True:
+        sent, refused = await asyncio.to_thread(processes.signal_command, exec_id, pipes,
+                                                signum, launcher)
+        if sent:
+            return
+        if refused:
+            raise GestvenvError(f"signal {signum} to {program}: not permitted (its processes "
+                                "run under uids this process cannot signal)")
+        if proc.returncode is not None or launcher is None or time.monotonic() >= deadline:
+            raise CommandNotRunningError(f"{program}: no process of the command is left")
+        await asyncio.sleep(0.01)  # (only its wrappers yet: the command is being started)
 
 
 def _deadline(record: EnvRecord, timeout: float | None,

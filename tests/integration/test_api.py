@@ -404,7 +404,8 @@ async def test_a_ttl_is_extended_through_the_api(extendable: None, service: Path
         with pytest.raises(gestvenv.ValidationError, match="max_ttl"):
             await env.extend_ttl(1000)
         for body in (b'{"extend": "10"}', b'{"extend": -1}', b'{}', b'{"extend": 10, "x": 1}',
-                     b'{"extend": true}'):
+                     b'{"extend": true}', b'{"extend": 1' + b'0' * 400 + b'}',
+                     b'{"extend": 1e999}'):
             code, _, problem = await raw(service, "POST", f"/v1/envs/api-ttl/ttl?id={env.id}",
                                          body)
             assert code == 400, (body, problem)

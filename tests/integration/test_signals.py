@@ -6,7 +6,9 @@ the command, and only those."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +137,45 @@ def _comm(pid: int) -> str:
 def _state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.parametrize("isolation", [IsolationLevel.PROCESS, IsolationLevel.NAMESPACE])
+async def test_a_signal_sent_before_the_command_runs_reaches_it(
+        isolation: IsolationLevel) -> None:
+    """Sent as execute() is called (before its unit, or bwrap's init, has started it): held
+    until the command runs, then delivered; never lost."""
+    async with gestvenv.ephemeral("sig-early", isolation_level=isolation) as env:
+        for _ in range(3):
+            handle = CommandHandle()
+            task = asyncio.ensure_future(env.execute(["sleep", "20"], handle=handle))
+            await asyncio.sleep(0)                   # execute() has taken the handle
+            assert handle.running
+            await handle.signal("TERM")
+            result = await asyncio.wait_for(task, 15)
+            assert result.returncode == -signal.SIGTERM, result
+
+
+async def test_a_busy_handle_starts_no_second_command(tmp_path: Path) -> None:
+    flag = tmp_path / "ran"
+    async with gestvenv.ephemeral("sig-shared") as env:
+        handle = CommandHandle()
+        first = asyncio.ensure_future(env.execute(["sleep", "20"], handle=handle))
+        second = asyncio.ensure_future(env.execute(["touch", str(flag)], handle=handle))
+        with pytest.raises(ValidationError, match="running another command"):
+            await second
+        await handle.signal("TERM")
+        assert (await first).returncode == -signal.SIGTERM
+    assert not flag.exists(), "the refused command ran"
+
+
+async def test_a_command_named_like_a_wrapper_is_signalled(tmp_path: Path) -> None:
+    """Wrappers are told by their PID, not their name: a command of its own called docker (a
+    CI step) gets its signals."""
+    async with gestvenv.ephemeral("sig-named") as env:
+        docker = env.path / "bin" / "docker"
+        shutil.copy2("/bin/sleep", docker)            # (its /proc/PID/exe says docker)
+        handle = CommandHandle()
+        task = asyncio.ensure_future(env.execute(["docker", "20"], handle=handle))
+        await asyncio.sleep(0.5)
+        await handle.signal("TERM")
+        assert (await asyncio.wait_for(task, 15)).returncode == -signal.SIGTERM

@@ -3,12 +3,14 @@ tree are its wrappers (never signalled)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import subprocess
 
 import pytest
 
-from gestvenv.exceptions import ValidationError
-from gestvenv.handle import signal_number
+from gestvenv.exceptions import CommandNotRunningError, ValidationError
+from gestvenv.handle import CommandHandle, signal_number
 from gestvenv.runtime.bwrap import INIT
 from gestvenv.runtime.processes import is_wrapper
 
@@ -29,10 +31,67 @@ def test_other_signals_are_refused(given: object) -> None:
 
 def test_wrappers_are_told_from_the_command() -> None:
     init = INIT.encode()
-    assert is_wrapper("/usr/bin/bwrap", [b"bwrap", b"--unshare-pid"], init)
-    assert is_wrapper("/usr/bin/podman", [b"podman", b"exec"], init)
-    assert is_wrapper("/usr/bin/python3.11", [b"python", b"-I", b"-S", b"-B", b"-c", init,
-                                              b"5"], init)
-    assert not is_wrapper("/usr/bin/python3.11", [b"python", b"-c", b"print(1)"], init)
-    assert not is_wrapper("/usr/bin/sleep", [b"sleep", b"60"], init)
-    assert not is_wrapper("", [], init)  # (gone meanwhile: signalled, and nothing happens)
+    launcher = 100
+    assert is_wrapper(100, 1, "/usr/bin/bwrap", [b"bwrap"], launcher, init)       # launched
+    assert is_wrapper(101, 100, "/usr/bin/bwrap", [b"bwrap"], launcher, init)     # its pid 1
+    assert is_wrapper(100, 1, "/usr/bin/podman", [b"podman", b"exec"], launcher, init)
+    assert is_wrapper(102, 101, "/usr/bin/python3.11",
+                      [b"python", b"-I", b"-S", b"-B", b"-c", init, b"5"], launcher, init)
+    assert is_wrapper(7, 1, "/usr/bin/conmon", [b"conmon"], launcher, init)
+    assert not is_wrapper(103, 102, "/usr/bin/python3.11", [b"python", b"-c", b"print(1)"],
+                          launcher, init)
+    # A command that is itself named bwrap or docker is the command: by pid, not by name.
+    assert not is_wrapper(104, 103, "/env/bin/docker", [b"docker", b"build"], launcher, init)
+    assert not is_wrapper(105, 104, "/usr/bin/bwrap", [b"bwrap"], launcher, init)
+    # Bare (no launcher): the process gestvenv started is the command.
+    assert not is_wrapper(100, 1, "/usr/bin/sleep", [b"sleep", b"60"], None, init)
+    assert not is_wrapper(100, 1, "/usr/bin/bwrap", [b"bwrap"], None, init)
+
+
+def test_a_signal_sent_while_the_command_starts_waits_for_it() -> None:
+    asyncio.run(_states())
+
+
+async def _states() -> None:
+    """The handle's states (the runtimes' side faked: this is the handle's own logic)."""
+    handle = CommandHandle()
+    got: list[int] = []
+
+    async def deliver(signum: int) -> None:
+        got.append(signum)
+
+    handle._take()
+    assert handle.running
+    with pytest.raises(ValidationError, match="running another command"):
+        handle._take()                              # (a second execute() with it)
+    early = asyncio.ensure_future(handle.signal("TERM"))
+    await asyncio.sleep(0.05)
+    assert not early.done() and got == []           # waits for the command to run
+    handle._arm(deliver)
+    await early
+    assert got == [signal.SIGTERM]
+    handle._disarm()
+    with pytest.raises(CommandNotRunningError, match="has ended"):
+        await handle.signal("TERM")
+    handle._take()                                  # reusable once ended
+    late = asyncio.ensure_future(handle.signal("INT"))
+    await asyncio.sleep(0)
+    handle._disarm()                                # ended before it ran: said
+    with pytest.raises(CommandNotRunningError, match="has ended"):
+        await late
+
+
+def test_a_pid_found_by_the_scan_but_not_the_command_s_is_never_signalled(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PID the scan found and that is now another process (reused): the check through its
+    pidfd sees no mark of the command, and it is not signalled."""
+    from gestvenv.runtime import processes
+
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        monkeypatch.setattr(processes, "marked_pids", lambda key, value: [other.pid])
+        assert processes.signal_command("0" * 32, set(), signal.SIGTERM) == (0, 0)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()

@@ -417,6 +417,15 @@ class SystemdRuntime(Runtime):
                 raise outcome
 
     def guarantees(self, record: EnvRecord | None = None) -> Sequence[str]:
+        if record is not None and record.max_ttl:
+            return (
+                "systemd runtime (an extendable TTL, max_ttl): the limits are its slice's "
+                "cgroup settings, enforced by systemd and the kernel whatever happens to "
+                "gestvenv's processes; the TTL is held by the env unit's process (gestvenv's "
+                "holder, exact, following extensions): were that process stopped, the env "
+                f"would end at its unit's RuntimeMaxSec, {record.max_ttl} s from its start, "
+                "and each command at the same time",
+                *self.guarantees(None)[1:])
         ttl = ("systemd runtime (a pooled env): the limits are its slice's cgroup settings, "
                "enforced by systemd and the kernel whatever happens to gestvenv's processes; "
                "each command's RuntimeMaxSec ends it at the TTL, and the unit's process "
@@ -660,8 +669,8 @@ class SystemdRuntime(Runtime):
             killed_by = "timeout"
         elif svc_result == "oom-kill" or (oom_fired and returncode == -9 and not overlapped):
             killed_by = "memory"
-        elif returncode < 0 and record.expires_at is not None \
-                and time.time() >= record.expires_at - 0.25:
+        elif returncode < 0 and (ends := await _ends_at(record)) is not None \
+                and time.time() >= ends - 0.25:
             killed_by = "ttl"  # stopped with the env's unit at its RuntimeMaxSec
         return ExecResult(argv=command.argv, returncode=returncode,
                           stdout=b"".join(chunks["stdout"]).decode(errors="replace"),
@@ -913,3 +922,19 @@ class _Pipes:
         for fd in [*self.readers.values(), *([self.writer] if self.writer is not None else [])]:
             os.close(fd)
         self.readers, self.writer = {}, None
+
+
+async def _ends_at(record: EnvRecord) -> float | None:
+    """The env's end as its state file says now: an extendable TTL may have moved since the
+    command started (a caller's signal after an extension is not a TTL kill); the record's
+    own otherwise, or if the state is gone."""
+    if not record.max_ttl:
+        return record.expires_at
+    from ... import registry
+    from ...exceptions import EnvironmentNotFoundError
+
+    try:
+        current = await asyncio.to_thread(registry.load, record.name)
+    except EnvironmentNotFoundError:
+        return record.expires_at
+    return current.expires_at if current.id == record.id else record.expires_at
