@@ -73,23 +73,35 @@ def kill_pipe_holders(pipes: set[str]) -> int:
     return killed
 
 
+# The engine's helpers between its exec and the command (its monitor, its OCI runtime while
+# it sets the process up): told by name, as gestvenv starts none of them itself.
+ENGINE_HELPERS = frozenset({"conmon", "runc", "crun"})
+
+
 def is_wrapper(pid: int, ppid: int, exe: str, argv: Sequence[bytes], launcher: int | None,
-               init: bytes) -> bool:
+               init: bytes, parent_exe: str = "") -> bool:
     """Whether a process of a command's tree is a wrapper of it rather than the command (a
     signal is the command's to handle; USR1 to bwrap would end it): the process gestvenv
     started when it is not the command itself (``launcher``: bwrap, the engine's ``exec``),
-    bwrap's own pid 1 (a bwrap child of it), the sandbox's init (``python -c INIT``,
-    :data:`bwrap.INIT`, which forks the command and reports its status), podman's monitor.
+    bwrap's own pid 1 (a bwrap child of it) and what it forks on the way to the init (a bwrap
+    or setpriv child of a bwrap), the sandbox's init (``python -c INIT``, :data:`bwrap.INIT`,
+    which forks the command and reports its status), the engine's helpers.
     By pid where gestvenv knows it: a command that is itself named bwrap or docker is the
     command."""
-    if launcher is not None and (pid == launcher or
-                                 (ppid == launcher and os.path.basename(exe) == "bwrap")):
+    # bwrap's pid 1, and what it forks on the way to the init: a bwrap not yet exec'd, the
+    # setpriv that drops to the env's uid (bwrap ... -- setpriv ... python INIT).
+    chain = os.path.basename(exe) in ("bwrap", "setpriv")
+    if launcher is not None and (pid == launcher or (chain and ppid == launcher) or
+                                 (chain and os.path.basename(parent_exe) == "bwrap")):
         return True
-    return os.path.basename(exe) == "conmon" or init in argv
+    return os.path.basename(exe) in ENGINE_HELPERS or init in argv
 
 
 def _identity(pid: int) -> tuple[int, str, list[bytes], bytes] | None:
-    """(ppid, executable, argv, environ) of ``pid``, as /proc says now; None if unreadable."""
+    """(ppid, executable, argv, environ) of ``pid``, as /proc says now; None if unreadable or
+    if it exec'd meanwhile (its executable read before and after differ: its argv may be the
+    old program's; bwrap's child becoming the sandbox's init was taken for the command)."""
+    exe = _exe(pid)
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
@@ -99,11 +111,16 @@ def _identity(pid: int) -> tuple[int, str, list[bytes], bytes] | None:
             environ = f.read()
     except (OSError, IndexError, ValueError):
         return None
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        exe = ""
+    if _exe(pid) != exe:
+        return None
     return ppid, exe, argv, environ
+
+
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
 
 
 def _holds(pid: int, pipes: set[str]) -> bool:
@@ -150,7 +167,7 @@ def signal_command(exec_id: str, pipes: set[str], signum: int,
             ppid, exe, argv, environ = seen
             if mark not in environ.split(b"\0") and not _holds(pid, pipes):
                 continue
-            if is_wrapper(pid, ppid, exe, argv, launcher, init):
+            if is_wrapper(pid, ppid, exe, argv, launcher, init, _exe(ppid)):
                 continue
             signal.pidfd_send_signal(handle, signum)
             sent += 1

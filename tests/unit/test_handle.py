@@ -38,6 +38,14 @@ def test_wrappers_are_told_from_the_command() -> None:
     assert is_wrapper(102, 101, "/usr/bin/python3.11",
                       [b"python", b"-I", b"-S", b"-B", b"-c", init, b"5"], launcher, init)
     assert is_wrapper(7, 1, "/usr/bin/conmon", [b"conmon"], launcher, init)
+    assert is_wrapper(8, 7, "/usr/sbin/runc", [b"runc", b"init"], launcher, init)
+    # bwrap's pid 1 forked, not yet exec'd into the init: a bwrap child of a bwrap.
+    assert is_wrapper(106, 101, "/usr/bin/bwrap", [b"bwrap"], launcher, init,
+                      parent_exe="/usr/bin/bwrap")
+    assert is_wrapper(106, 101, "/usr/bin/setpriv", [b"setpriv", b"--reuid=4242"], launcher,
+                      init, parent_exe="/usr/bin/bwrap")       # (then exec'd into the init)
+    assert not is_wrapper(107, 102, "/usr/bin/setpriv", [b"setpriv"], launcher, init,
+                          parent_exe="/usr/bin/python3.11")    # the command's own setpriv
     assert not is_wrapper(103, 102, "/usr/bin/python3.11", [b"python", b"-c", b"print(1)"],
                           launcher, init)
     # A command that is itself named bwrap or docker is the command: by pid, not by name.
