@@ -440,10 +440,13 @@ def test_purge_leaves_nothing_behind(host: SystemdHost, installed: list[str],
             "--isolation", "container", "--ttl", "600")
         assert labelled(host, engine, "ps -a", "io.gestvenv.env-id"), "no container env"
         base = labelled(host, engine, "images", "io.gestvenv.image")[0]
-        run(host, engine, "run", "-d", "--label", "io.gestvenv.env-id=crashed", "--label",
-            "gv.test=orphan", base, "/bin/sh", "-c", "while :; do sleep 1; done")
-        run(host, engine, "run", "-d", "--name", "not-gestvenvs", base, "/bin/sh", "-c",
+        # (No network: podman's bridge turns ip_forward on, and the test host's /proc/sys is
+        # read-only; these containers only have to exist.)
+        run(host, engine, "run", "-d", "--network", "none", "--label",
+            "io.gestvenv.env-id=crashed", "--label", "gv.test=orphan", base, "/bin/sh", "-c",
             "while :; do sleep 1; done")
+        run(host, engine, "run", "-d", "--network", "none", "--name", "not-gestvenvs", base,
+            "/bin/sh", "-c", "while :; do sleep 1; done")
     assert len(root_mounts(host)) == len(CAPPED_BACKENDS), root_mounts(host)
     loops = host.loop_devices()
     assert len(loops) == 1, loops  # alive-disk's image
