@@ -338,11 +338,8 @@ def _extend(record: EnvRecord, seconds: float) -> EnvRecord:
     """The state with its TTL extended (gestvenv.ttl's rule), written where its holder reads
     it (under the local runtime, and under systemd for an env made with max_ttl)."""
     with registry.locked():
-        try:
-            current = registry.load(record.name)
-        except EnvironmentNotFoundError:
-            current = None
-        if current is None or current.id != record.id or current.status != "ready":
+        current = registry.current(record)
+        if current is None or current.status != "ready":
             raise EnvironmentClosedError(f"environment {record.name!r} has ended")
         ttl = extended_ttl(current.name, current.ttl, current.max_ttl, current.created_at,
                            seconds, time.time())

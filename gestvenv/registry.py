@@ -277,6 +277,16 @@ def load(name: str) -> EnvRecord:
         raise EnvironmentNotFoundError(f"state file {path} is unreadable: {exc}") from None
 
 
+def current(record: EnvRecord) -> EnvRecord | None:
+    """The environment's state as its file says now; None if it is gone, unreadable, or now
+    another environment's (the name reused)."""
+    try:
+        now = load(record.name)
+    except EnvironmentNotFoundError:
+        return None
+    return now if now.id == record.id else None
+
+
 def remove(record: EnvRecord) -> None:
     """Forget an environment, unless the name was reused by another one meanwhile."""
     path = state_path(record.name)

@@ -43,22 +43,8 @@ def pipe_holders(pipes: set[str]) -> set[int]:
     if not pipes:
         return set()
     me = os.getpid()
-    found = set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            fds = os.listdir(f"/proc/{entry.name}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{entry.name}/fd/{fd}") in pipes:
-                    found.add(int(entry.name))
-                    break
-            except OSError:
-                continue
-    return found
+    return {int(entry.name) for entry in os.scandir("/proc")
+            if entry.name.isdigit() and int(entry.name) != me and _holds(int(entry.name), pipes)}
 
 
 def kill_pipe_holders(pipes: set[str]) -> int:

@@ -122,7 +122,9 @@ async def run_process(record: EnvRecord, command: CommandSpec, argv: Sequence[st
         while not done and deadline_kind == "ttl" and record.max_ttl:
             # An extendable TTL may have moved meanwhile (Environment.extend_ttl): its state
             # file says; gone, the env has ended.
-            fresh = await asyncio.to_thread(_current, record)
+            from .. import registry
+
+            fresh = await asyncio.to_thread(registry.current, record)
             if fresh is None or fresh.expires_at == record.expires_at:
                 break
             record = fresh
@@ -198,18 +200,6 @@ def _deadline(record: EnvRecord, timeout: float | None,
     if timeout is not None and timeout <= remaining:
         return "timeout", timeout
     return "ttl", remaining
-
-
-def _current(record: EnvRecord) -> EnvRecord | None:
-    """The environment's state as its file says now; None if it is gone (or another's)."""
-    from .. import registry
-    from ..exceptions import EnvironmentNotFoundError
-
-    try:
-        current = registry.load(record.name)
-    except EnvironmentNotFoundError:
-        return None
-    return current if current.id == record.id else None
 
 
 def _sandboxed_status(status_r: int, returncode: int, program: str) -> tuple[int, bool]:

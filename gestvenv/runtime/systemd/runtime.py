@@ -931,10 +931,6 @@ async def _ends_at(record: EnvRecord) -> float | None:
     if not record.max_ttl:
         return record.expires_at
     from ... import registry
-    from ...exceptions import EnvironmentNotFoundError
 
-    try:
-        current = await asyncio.to_thread(registry.load, record.name)
-    except EnvironmentNotFoundError:
-        return record.expires_at
-    return current.expires_at if current.id == record.id else record.expires_at
+    current = await asyncio.to_thread(registry.current, record)
+    return record.expires_at if current is None else current.expires_at
