@@ -32,6 +32,7 @@ import signal
 import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 try:
@@ -108,10 +109,58 @@ def marked_pids_of(key: str, values: set[str]) -> dict[str, list[int]]:
     return found
 
 
+def is_marked(pid: int, key: str, value: str) -> bool:
+    """Whether ``pid``'s initial environment has ``key=value`` now (as :func:`marked_pids_of`
+    reads it: the first definition of ``key``)."""
+    prefix = f"{key}=".encode()
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    for var in data.split(b"\0"):
+        if var.startswith(prefix):
+            return var[len(prefix):] == value.encode()
+    return False
+
+
+def kill_checked(pid: int, still_ours: Callable[[int], bool]) -> bool:
+    """SIGKILL ``pid`` if ``still_ours(pid)`` holds once it is pinned by a pidfd: a PID found
+    by a scan of /proc may have ended and been reused since (an environment's code ends its
+    processes, and slows the scan, at will), and a reused PID is another process, never
+    killed. Whether it was killed."""
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:  # (a kernel before 5.3: the check, then kill(2))
+            return False
+        if not still_ours(pid):
+            return False
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
+    try:
+        # Pinned: if /proc/PID is still ours now, the pidfd is that process (a PID reused
+        # after this check is not the pidfd's: ESRCH below).
+        if not still_ours(pid):
+            return False
+        signal.pidfd_send_signal(handle, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(handle)
+
+
 def kill_marked(key: str, value: str, *, passes: int = 50) -> int:
     """SIGKILL every process marked ``key=value`` until none is left; return how many were hit.
 
-    Several passes because a process may fork while we kill its parent.
+    Several passes because a process may fork while we kill its parent. Each is checked
+    again through a pidfd (:func:`kill_checked`).
     """
     killed: set[int] = set()
     for _ in range(passes):
@@ -119,11 +168,8 @@ def kill_marked(key: str, value: str, *, passes: int = 50) -> int:
         if not pids:
             break
         for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
+            if kill_checked(pid, lambda p: is_marked(p, key, value)):
                 killed.add(pid)
-            except ProcessLookupError:
-                pass
         time.sleep(0.005)
     return len(killed)
 

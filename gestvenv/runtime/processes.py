@@ -7,6 +7,7 @@ setsid() or were reparented to init. Reading /proc/PID/environ finds them all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from ..reaper import (  # shared with the env unit's stop action (stdlib only)
     ENV_MARKER,
     EXEC_MARKER,
     is_zombie,
+    kill_checked,
     kill_marked,
     marked_pids,
     marked_pids_of,
@@ -48,14 +50,13 @@ def pipe_holders(pipes: set[str]) -> set[int]:
 
 
 def kill_pipe_holders(pipes: set[str]) -> int:
-    """SIGKILL every process (but us) that holds one of ``pipes`` open."""
+    """SIGKILL every process (but us) that holds one of ``pipes`` open, each checked again
+    through a pidfd (:func:`~gestvenv.reaper.kill_checked`: a PID reused since the scan is
+    another process)."""
     killed = 0
     for pid in pipe_holders(pipes):
-        try:
-            os.kill(pid, signal.SIGKILL)
-            killed += 1
-        except OSError:
-            continue
+        with contextlib.suppress(PermissionError):
+            killed += kill_checked(pid, lambda p: _holds(p, pipes))
     return killed
 
 
