@@ -68,6 +68,13 @@ class CommandHandle:
         while the command is being started, it is delivered once it runs.
         :class:`CommandNotRunningError` if no command was started or it has ended."""
         number = signal_number(sig)
+        deliver = await self._once_running()
+        await deliver(number)
+
+    async def _once_running(self) -> Deliver:
+        """What delivers a signal to the command, once it runs (waited for while it starts,
+        :data:`START_WAIT` at most). Apart from the delivery, so that a service bounds the
+        deliveries (each a walk of /proc), not the waits."""
         if self._state == "starting":
             if self._changed is None:
                 self._changed = asyncio.Event()
@@ -81,7 +88,7 @@ class CommandHandle:
             raise CommandNotRunningError(
                 "the command has ended" if self._state == "ended" else
                 "the command has not started")
-        await deliver(number)
+        return deliver
 
     # (The side of execute() and the runtimes: taken at the call, so that two commands never
     # share it; running once started; ended whatever happened.)

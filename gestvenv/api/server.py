@@ -615,8 +615,11 @@ async def signal_exec(request: web.Request) -> web.Response:
                        "sent: send the next one once it is answered")
     service.signalling.add(exec_id)
     try:
+        # A command still starting is waited for outside the slots: two of them would
+        # otherwise hold every other command's signals for up to START_WAIT.
+        deliver = await found[2]._once_running()
         async with service.signal_slots:
-            await found[2].signal(signum)
+            await deliver(signum)
     finally:
         service.signalling.discard(exec_id)
     return web.Response(status=204)

@@ -89,6 +89,27 @@ async def _states() -> None:
         await late
 
 
+def test_what_delivers_is_given_once_running_and_delivers_nothing_itself() -> None:
+    """The service waits for a starting command with this, outside its delivery slots."""
+    async def main() -> None:
+        handle = CommandHandle()
+        got: list[int] = []
+
+        async def deliver(signum: int) -> None:
+            got.append(signum)
+
+        with pytest.raises(CommandNotRunningError, match="not started"):
+            await handle._once_running()
+        handle._take()
+        waiting = asyncio.ensure_future(handle._once_running())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        handle._arm(deliver)
+        assert await waiting is deliver and got == []
+
+    asyncio.run(main())
+
+
 def test_a_pid_found_by_the_scan_but_not_the_command_s_is_never_signalled(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A PID the scan found and that is now another process (reused): the check through its
