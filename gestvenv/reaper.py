@@ -120,57 +120,139 @@ def is_marked(pid: int, key: str, value: str) -> bool:
         return False
     for var in data.split(b"\0"):
         if var.startswith(prefix):
-            return var[len(prefix):] == value.encode()
+            return var[len(prefix):].decode(errors="replace") == value
     return False
 
 
-def kill_checked(pid: int, still_ours: Callable[[int], bool]) -> bool:
-    """SIGKILL ``pid`` if ``still_ours(pid)`` holds once it is pinned by a pidfd: a PID found
-    by a scan of /proc may have ended and been reused since (an environment's code ends its
-    processes, and slows the scan, at will), and a reused PID is another process, never
-    killed. Whether it was killed."""
+def kill_checked(pid: int, still_ours: Callable[[int], bool], *,
+                 exiting: list[int] | None = None) -> bool:
+    """SIGKILL ``pid`` if ``still_ours(pid)`` holds once a pidfd pins the process: whether it
+    was killed.
+
+    A PID read from /proc may have ended and been reused since (an environment's code ends its
+    processes, and slows a scan, at will). Pinned first, then checked: if the pidfd's process
+    ended before the check, a signal through it fails (ESRCH) whatever /proc shows; if it
+    lives, /proc/PID is that process, unless this /proc is another PID namespace's, which the
+    pidfd's own ``Pid:`` tells. Without pidfds (a kernel before 5.3, a seccomp filter that
+    refuses them, no fd left), checked then kill(2), as before them. EPERM from a process we
+    may not signal propagates, as from kill(2). With ``exiting``, the pidfd of a process
+    killed through it is appended there, open, for :func:`wait_exited`."""
     try:
         handle = os.pidfd_open(pid)
     except ProcessLookupError:
         return False
-    except OSError as exc:
-        if exc.errno != errno.ENOSYS:  # (a kernel before 5.3: the check, then kill(2))
-            return False
-        if not still_ours(pid):
+    except (OSError, AttributeError):
+        return still_ours(pid) and _kill(pid)
+    try:
+        if not still_ours(pid) or pidfd_pid(handle) not in (pid, None):
             return False
         try:
-            os.kill(pid, signal.SIGKILL)
+            signal.pidfd_send_signal(handle, signal.SIGKILL)
         except ProcessLookupError:
             return False
+        except (OSError, AttributeError):  # (the call refused by a filter: kill(2))
+            return pidfd_pid(handle) in (pid, None) and _kill(pid)
+        if exiting is not None:
+            exiting.append(handle)
+            handle = -1
         return True
+    finally:
+        if handle >= 0:
+            os.close(handle)
+
+
+# Seconds the kill paths wait for what they killed to have exited: a SIGKILLed process still
+# holds its mounts, namespaces (a sandbox's: a DISK env's loop device goes with its last
+# mount) and memory until it is through exit(), some milliseconds after the kill; one stuck
+# in the kernel (D state) is not waited for longer.
+EXIT_WAIT = 5.0
+
+
+def wait_exited(handles: list[int], timeout: float = EXIT_WAIT) -> int:
+    """Wait until each pidfd's process has exited (a pidfd reads as ready then: its exit is
+    done, its namespaces and mounts released), ``timeout`` seconds at most; close them all.
+    How many had not exited."""
+    import select
+
+    poller = select.poll()
+    left = set(handles)
+    for handle in left:
+        poller.register(handle, select.POLLIN)
+    deadline = time.monotonic() + timeout
     try:
-        # Pinned: if /proc/PID is still ours now, the pidfd is that process (a PID reused
-        # after this check is not the pidfd's: ESRCH below).
-        if not still_ours(pid):
-            return False
-        signal.pidfd_send_signal(handle, signal.SIGKILL)
-        return True
+        while left:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for handle, _ in poller.poll(remaining * 1000):
+                poller.unregister(handle)
+                left.discard(handle)
+        return len(left)
+    finally:
+        for handle in handles:
+            os.close(handle)
+
+
+def _kill(pid: int) -> bool:
+    try:
+        os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return False
-    finally:
-        os.close(handle)
+    return True
+
+
+def pidfd_pid(handle: int) -> int | None:
+    """The PID of a pidfd's process as this /proc numbers it (-1 once it has ended, 0 if it is
+    not in this /proc's namespace); None if not said (an older kernel)."""
+    try:
+        with open(f"/proc/self/fdinfo/{handle}", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def kill_where(still_ours: Callable[[int], bool], *,
+               exiting: list[int] | None = None) -> set[int]:
+    """One walk of /proc: SIGKILL each process (but us) for which ``still_ours`` holds, each
+    pinned before it is looked at (:func:`kill_checked`), so that the look and the kill are of
+    the same process. The PIDs killed."""
+    me = os.getpid()
+    killed = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and int(entry.name) != me and \
+                kill_checked(int(entry.name), still_ours, exiting=exiting):
+            killed.add(int(entry.name))
+    return killed
 
 
 def kill_marked(key: str, value: str, *, passes: int = 50) -> int:
     """SIGKILL every process marked ``key=value`` until none is left; return how many were hit.
 
-    Several passes because a process may fork while we kill its parent. Each is checked
-    again through a pidfd (:func:`kill_checked`).
+    Several passes because a process may fork while we kill its parent. Returns once those
+    it killed have exited (:func:`wait_exited`).
     """
     killed: set[int] = set()
-    for _ in range(passes):
-        pids = [p for p in marked_pids(key, value) if not is_zombie(p)]
-        if not pids:
-            break
-        for pid in pids:
-            if kill_checked(pid, lambda p: is_marked(p, key, value)):
-                killed.add(pid)
-        time.sleep(0.005)
+    seen: set[int] = set()  # (this pass's: killed, or gone as it was)
+
+    def marked(pid: int) -> bool:
+        if is_marked(pid, key, value) and not is_zombie(pid):
+            seen.add(pid)
+            return True
+        return False
+
+    exiting: list[int] = []
+    try:
+        for _ in range(passes):
+            seen.clear()
+            killed |= kill_where(marked, exiting=exiting)
+            if not seen:
+                break
+            time.sleep(0.005)
+    finally:
+        wait_exited(exiting)  # (gone for good when this returns: see EXIT_WAIT)
     return len(killed)
 
 

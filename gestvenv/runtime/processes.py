@@ -21,6 +21,8 @@ from ..reaper import (  # shared with the env unit's stop action (stdlib only)
     kill_marked,
     marked_pids,
     marked_pids_of,
+    pidfd_pid,
+    wait_exited,
 )
 
 __all__ = ["ENV_MARKER", "EXEC_MARKER", "is_zombie", "kill_marked", "marked_pids",
@@ -50,13 +52,22 @@ def pipe_holders(pipes: set[str]) -> set[int]:
 
 
 def kill_pipe_holders(pipes: set[str]) -> int:
-    """SIGKILL every process (but us) that holds one of ``pipes`` open, each checked again
-    through a pidfd (:func:`~gestvenv.reaper.kill_checked`: a PID reused since the scan is
-    another process)."""
+    """SIGKILL every process (but us) that holds one of ``pipes`` open, each pinned by a pidfd
+    before it is looked at (:func:`~gestvenv.reaper.kill_checked`: a PID reused meanwhile is
+    another process); returns once they have exited."""
+    if not pipes:
+        return 0
+    me = os.getpid()
     killed = 0
-    for pid in pipe_holders(pipes):
-        with contextlib.suppress(PermissionError):
-            killed += kill_checked(pid, lambda p: _holds(p, pipes))
+    exiting: list[int] = []
+    try:
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit() and int(entry.name) != me:
+                with contextlib.suppress(OSError):  # (EPERM: not ours to kill, as before)
+                    killed += kill_checked(int(entry.name), lambda pid: _holds(pid, pipes),
+                                           exiting=exiting)
+    finally:
+        wait_exited(exiting)
     return killed
 
 
@@ -155,6 +166,8 @@ def signal_command(exec_id: str, pipes: set[str], signum: int,
             if mark not in environ.split(b"\0") and not _holds(pid, pipes):
                 continue
             if is_wrapper(pid, ppid, exe, argv, launcher, init, _exe(ppid)):
+                continue
+            if pidfd_pid(handle) not in (pid, None):  # (a /proc of another PID namespace)
                 continue
             signal.pidfd_send_signal(handle, signum)
             sent += 1
