@@ -504,11 +504,15 @@ def unmount(mnt: str) -> bool:
     import ctypes  # only when a mount is met: it costs a few ms at every reaper's start
 
     libc = ctypes.CDLL(None, use_errno=True)
+    loop = _autoclear_loop_of(mnt)
     # A plain unmount first: done, the filesystem (an env's cap, and its loop device) is gone
-    # at once. Busy (a process outside the env still has a file or its cwd there): detached
+    # at once (its loop device a moment later: waited for). Busy (a process outside the env
+    # still has a file or its cwd there): detached
     # all the same, so that nothing is ever deleted through it; the filesystem, and a cap's
     # loop device and image blocks, then last until that process lets go (docs/storage.md).
     if libc.umount2(mnt.encode(), 0) == 0:
+        if loop is not None:
+            _wait_loop_cleared(*loop)
         return True
     if ctypes.get_errno() == errno.EBUSY and libc.umount2(mnt.encode(), _MNT_DETACH) == 0:
         print(f"gestvenv: {mnt} was still in use: detached; what is mounted there lasts until "
@@ -517,6 +521,51 @@ def unmount(mnt: str) -> bool:
     # Not mounted, or gone with its dir: another reaper of the same env (its holder, during a
     # destroy) was first. Done, if mountinfo agrees.
     return ctypes.get_errno() in (errno.EINVAL, errno.ENOENT) and mnt not in mounts_under(mnt)
+
+
+# Seconds an unmount waits for the loop device of the filesystem it unmounted to be cleared:
+# the kernel clears an autoclear loop device after the unmount has returned (measured: up to
+# ~10 ms under load), and an env is not over while its loop device is still attached.
+LOOP_CLEAR_WAIT = 2.0
+
+
+def _autoclear_loop_of(mnt: str) -> tuple[str, str] | None:
+    """(loop device name, its backing file) if what is mounted at ``mnt`` (the topmost mount
+    there) is on an autoclear loop device (an env's DISK cap: gestvenv.diskcap); else None."""
+    source = ""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if unescape_mountinfo(fields[4]) == mnt:
+                    after = fields[fields.index("-") + 1:]
+                    source = unescape_mountinfo(after[1]) if len(after) > 1 else ""
+        name = os.path.basename(source)
+        if not source.startswith("/dev/loop") or not name[4:].isdigit():
+            return None
+        with open(f"/sys/block/{name}/loop/autoclear") as f:
+            if f.read().strip() != "1":
+                return None
+        with open(f"/sys/block/{name}/loop/backing_file") as f:
+            return name, f.read().rstrip("\n")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _wait_loop_cleared(name: str, backing: str, timeout: float = LOOP_CLEAR_WAIT) -> bool:
+    """Wait until loop device ``name`` no longer has ``backing`` (cleared, or already bound
+    to another file by someone else), ``timeout`` seconds at most. Whether it was."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                if f.read().rstrip("\n") != backing:
+                    return True
+        except OSError:  # (no backing_file: cleared)
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
 
 
 # --- what the environment used, said at its end ---
