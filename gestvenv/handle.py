@@ -11,8 +11,9 @@ of the unit), or every process carrying the command's marker and holding its out
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal as signals
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from .exceptions import CommandNotRunningError, ValidationError
 
@@ -57,6 +58,10 @@ class CommandHandle:
         # idle (never used), starting (execute() called: taken), running, ended
         self._state = "idle"
         self._changed: asyncio.Event | None = None
+        # Shared by a service's handles: how many walks of /proc (each in a worker thread) its
+        # callers' signals may make at once. Taken per walk, not while a delivery waits for a
+        # wrapped command to appear: a waiting delivery holds no one else's signals.
+        self._walks: asyncio.Semaphore | None = None
 
     @property
     def running(self) -> bool:
@@ -69,12 +74,20 @@ class CommandHandle:
         :class:`CommandNotRunningError` if no command was started or it has ended."""
         number = signal_number(sig)
         deliver = await self._once_running()
-        await deliver(number)
+        await deliver(number)  # (at once: a command that ends meanwhile is its delivery's)
+
+    @contextlib.asynccontextmanager
+    async def _walk_slot(self) -> AsyncIterator[None]:
+        """Held by a delivery for each walk of /proc (see ``_walks``)."""
+        if self._walks is None:
+            yield
+            return
+        async with self._walks:
+            yield
 
     async def _once_running(self) -> Deliver:
         """What delivers a signal to the command, once it runs (waited for while it starts,
-        :data:`START_WAIT` at most). Apart from the delivery, so that a service bounds the
-        deliveries (each a walk of /proc), not the waits."""
+        :data:`START_WAIT` at most)."""
         if self._state == "starting":
             if self._changed is None:
                 self._changed = asyncio.Event()

@@ -534,6 +534,7 @@ async def execute(request: web.Request) -> web.StreamResponse:
     _take_stream(service)
     # Resolved before the stream opens: a bad command is a plain error response.
     handle = CommandHandle()
+    handle._walks = service.signal_slots
     task = asyncio.ensure_future(env.execute(
         spec.command, shell=spec.shell, cwd=cwd, env=spec.env, timeout=spec.timeout,
         input=spec.stdin, stream=on_output, output_limit=service.limits.kept_output,
@@ -615,11 +616,10 @@ async def signal_exec(request: web.Request) -> web.Response:
                        "sent: send the next one once it is answered")
     service.signalling.add(exec_id)
     try:
-        # A command still starting is waited for outside the slots: two of them would
-        # otherwise hold every other command's signals for up to START_WAIT.
-        deliver = await found[2]._once_running()
-        async with service.signal_slots:
-            await deliver(signum)
+        # (Its walks of /proc take the service's slots, each on its own: see the handle made
+        # in exec_command. A command still starting, or whose wrapper has not yet started
+        # it, is waited for holding none.)
+        await found[2].signal(signum)
     finally:
         service.signalling.discard(exec_id)
     return web.Response(status=204)

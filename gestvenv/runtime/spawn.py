@@ -22,6 +22,7 @@ from ..exceptions import (
     CommandNotRunningError,
     GestvenvError,
 )
+from ..handle import CommandHandle
 from ..models import ExecResult
 from ..registry import EnvRecord
 from ..shield import shielded
@@ -117,7 +118,8 @@ async def run_process(record: EnvRecord, command: CommandSpec, argv: Sequence[st
     try:
         if command.handle is not None:
             command.handle._arm(functools.partial(
-                _signal, exec_id, pipes, command.argv[0], proc, proc.pid if wrapped else None))
+                _signal, exec_id, pipes, command.argv[0], proc, proc.pid if wrapped else None,
+                command.handle))
         done, _ = await asyncio.wait({collector}, timeout=timeout)
         while not done and deadline_kind == "ttl" and record.max_ttl:
             # An extendable TTL may have moved meanwhile (Environment.extend_ttl): its state
@@ -172,12 +174,14 @@ SIGNAL_START_WAIT = 2.0
 
 
 async def _signal(exec_id: str, pipes: set[str], program: str,
-                  proc: asyncio.subprocess.Process, launcher: int | None, signum: int) -> None:
+                  proc: asyncio.subprocess.Process, launcher: int | None,
+                  handle: CommandHandle, signum: int) -> None:
     """A command's signal (CommandHandle), to each process of its tree: once it exists."""
     deadline = time.monotonic() + SIGNAL_START_WAIT
     while True:
-        sent, refused = await asyncio.to_thread(processes.signal_command, exec_id, pipes,
-                                                signum, launcher)
+        async with handle._walk_slot():
+            sent, refused = await asyncio.to_thread(processes.signal_command, exec_id, pipes,
+                                                    signum, launcher)
         if sent:
             return
         if refused:

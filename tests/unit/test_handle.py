@@ -110,6 +110,54 @@ def test_what_delivers_is_given_once_running_and_delivers_nothing_itself() -> No
     asyncio.run(main())
 
 
+def test_a_delivery_waiting_for_its_command_holds_no_one_else_s_walk_slot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service shares its walk slots among its handles (two for the API's): a wrapped
+    command whose real command has not appeared is looked for again and again, and between
+    walks holds no slot, so another command's signal is not held up. (The walks faked: a
+    command that never appears behind its wrapper.)"""
+    import time
+    from types import SimpleNamespace
+
+    from gestvenv.runtime import spawn
+
+    walks: list[str] = []
+
+    def signal_command(exec_id: str, pipes: set[str], signum: int,
+                       launcher: int | None = None) -> tuple[int, int]:
+        walks.append(exec_id)
+        time.sleep(0.002)
+        return (1, 0) if exec_id == "runs" else (0, 0)  # (only its wrappers yet)
+
+    monkeypatch.setattr(spawn.processes, "signal_command", signal_command)
+    monkeypatch.setattr(spawn, "SIGNAL_START_WAIT", 1.0)
+
+    async def main() -> float:
+        slots = asyncio.Semaphore(1)
+        handles = [CommandHandle() for _ in range(3)]
+        for handle in handles:
+            handle._walks = slots
+        proc = SimpleNamespace(returncode=None)  # (the wrapper runs on)
+
+        def deliver(exec_id: str, handle: CommandHandle) -> asyncio.Future[None]:
+            return asyncio.ensure_future(spawn._signal(exec_id, set(), "cmd", proc,  # type: ignore[arg-type]
+                                                       4242, handle, signal.SIGTERM))
+
+        waiting = [deliver("never-1", handles[0]), deliver("never-2", handles[1])]
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await deliver("runs", handles[2])
+        took = time.monotonic() - started
+        for late in waiting:
+            with pytest.raises(CommandNotRunningError, match="no process of the command"):
+                await late
+        return took
+
+    took = asyncio.run(main())
+    assert took < 0.25, took
+    assert walks.count("runs") == 1 and walks.count("never-1") > 10
+
+
 def test_a_pid_found_by_the_scan_but_not_the_command_s_is_never_signalled(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A PID the scan found and that is now another process (reused): the check through its
