@@ -136,7 +136,8 @@ def kill_checked(pid: int, still_ours: Callable[[int], bool], *,
     pidfd's own ``Pid:`` tells. Without pidfds (a kernel before 5.3, a seccomp filter that
     refuses them, no fd left), checked then kill(2), as before them. EPERM from a process we
     may not signal propagates, as from kill(2). With ``exiting``, the pidfd of a process
-    killed through it is appended there, open, for :func:`wait_exited`."""
+    killed through it is appended there, open, for :func:`wait_exited` (up to
+    :data:`EXIT_WAIT_MAX` of them)."""
     try:
         handle = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -152,7 +153,7 @@ def kill_checked(pid: int, still_ours: Callable[[int], bool], *,
             return False
         except (OSError, AttributeError):  # (the call refused by a filter: kill(2))
             return pidfd_pid(handle) in (pid, None) and _kill(pid)
-        if exiting is not None:
+        if exiting is not None and len(exiting) < _exit_wait_max():
             exiting.append(handle)
             handle = -1
         return True
@@ -166,6 +167,18 @@ def kill_checked(pid: int, still_ours: Callable[[int], bool], *,
 # mount) and memory until it is through exit(), some milliseconds after the kill; one stuck
 # in the kernel (D state) is not waited for longer.
 EXIT_WAIT = 5.0
+# At most so many pidfds kept open for that wait, and a quarter of the fd limit (a fork bomb's
+# thousands would take every fd, and the walk still has to open each process's files to look
+# at it): the rest are killed all the same, not waited for.
+EXIT_WAIT_MAX = 256
+
+
+def _exit_wait_max() -> int:
+    """:data:`EXIT_WAIT_MAX`, or a quarter of this process's fd limit if that is lower."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return EXIT_WAIT_MAX if soft == resource.RLIM_INFINITY else min(EXIT_WAIT_MAX, soft // 4)
 
 
 def wait_exited(handles: list[int], timeout: float = EXIT_WAIT) -> int:

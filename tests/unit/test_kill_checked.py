@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 
@@ -219,3 +220,29 @@ def test_wait_exited_gives_up_at_its_timeout_and_closes_every_pidfd(
     for handle in handles:
         with pytest.raises(OSError, match="Bad file descriptor"):
             os.fstat(handle)
+
+
+def test_a_kill_of_more_processes_than_the_fd_limit_kills_them_all() -> None:
+    """The pidfds kept for the wait are capped under the fd limit: the walk still opens each
+    process's files to look at it (a fork bomb's thousands, under a limit of 1024)."""
+    script = textwrap.dedent(f"""
+        import os, resource, subprocess, sys
+        from gestvenv import reaper
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(
+            resource.RLIMIT_NOFILE)[1]))
+        env = {{**os.environ, "{reaper.ENV_MARKER}": "envMany"}}
+        procs = [subprocess.Popen(["sleep", "60"], env=env, close_fds=True)
+                 for _ in range(150)]
+        try:
+            killed = reaper.kill_marked("{reaper.ENV_MARKER}", "envMany")
+            codes = [proc.wait(10) for proc in procs]
+            print(killed, sum(code == -9 for code in codes))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.split() == ["150", "150"], out
