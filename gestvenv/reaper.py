@@ -31,6 +31,7 @@ import re
 import signal
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,43 +90,90 @@ def marked_pids(key: str, value: str) -> list[int]:
 def marked_pids_of(key: str, values: set[str]) -> dict[str, list[int]]:
     """For each of ``values``, the PIDs whose initial environment has ``key=value``: one walk
     of /proc for many environments (only processes we may read)."""
-    prefix = f"{key}=".encode()
     me = os.getpid()
     found: dict[str, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        for var in data.split(b"\0"):
-            if var.startswith(prefix):
-                value = var[len(prefix):].decode(errors="replace")
-                if value in values:
-                    found.setdefault(value, []).append(int(entry.name))
-                break  # (the first definition is the one getenv() sees)
+        value = _marker(_environ(int(entry.name)), key)
+        if value is not None and value in values:
+            found.setdefault(value, []).append(int(entry.name))
     return found
 
 
 def is_marked(pid: int, key: str, value: str) -> bool:
     """Whether ``pid``'s initial environment has ``key=value`` now (as :func:`marked_pids_of`
     reads it: the first definition of ``key``)."""
+    return _marker(_environ(pid), key) == value
+
+
+def _marker(environ: bytes, key: str) -> str | None:
     prefix = f"{key}=".encode()
+    for var in environ.split(b"\0"):
+        if var.startswith(prefix):  # (the first definition is the one getenv() sees)
+            return var[len(prefix):].decode(errors="replace")
+    return None
+
+
+# Running out of descriptors must not read as "not ours": a kill would skip the process.
+OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+
+
+def _environ(pid: int) -> bytes:
+    """``pid``'s initial environment (empty if unreadable), through a live thread of it if its
+    main thread has exited while others run on (the process then reads as a zombie, its own
+    environ as empty or gone, and it would escape a kill)."""
+    data = _read_environ(f"/proc/{pid}")
+    if not data:  # (a kernel thread, a zombie, or that)
+        for where in proc_dirs(pid)[1:]:
+            data = _read_environ(where)
+            if data:
+                break
+    return data
+
+
+def _read_environ(where: str) -> bytes:
     try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    for var in data.split(b"\0"):
-        if var.startswith(prefix):
-            return var[len(prefix):].decode(errors="replace") == value
-    return False
+        with open(f"{where}/environ", "rb") as f:
+            return f.read()
+    except OSError as exc:
+        if exc.errno in OUT_OF_FDS:
+            raise
+        return b""
+
+
+def proc_dirs(pid: int) -> list[str]:
+    """Where /proc shows ``pid``'s process: its own dir, or, if its main thread has exited
+    while others run on, theirs (task/TID)."""
+    own = f"/proc/{pid}"
+    if _state(own) != b"Z":
+        return [own]
+    try:
+        tasks = [t for t in os.listdir(f"{own}/task") if t != str(pid)]
+    except OSError as exc:
+        if exc.errno in OUT_OF_FDS:
+            raise
+        return [own]
+    return [own] + [f"{own}/task/{t}" for t in tasks if _state(f"{own}/task/{t}") not in
+                    (b"Z", b"X", None)]
+
+
+def _state(where: str) -> bytes | None:
+    """The state letter in ``where``/stat (None if unreadable: gone)."""
+    try:
+        with open(f"{where}/stat", "rb") as f:
+            # The state follows the command name, which is in parentheses and may contain spaces.
+            return f.read().rsplit(b")", 1)[1].split()[0]
+    except OSError as exc:
+        if exc.errno in OUT_OF_FDS:
+            raise
+        return None
+    except IndexError:
+        return None
 
 
 def kill_checked(pid: int, still_ours: Callable[[int], bool], *,
-                 exiting: list[int] | None = None) -> bool:
+                 exiting: Exits | None = None) -> bool:
     """SIGKILL ``pid`` if ``still_ours(pid)`` holds once a pidfd pins the process: whether it
     was killed.
 
@@ -134,15 +182,19 @@ def kill_checked(pid: int, still_ours: Callable[[int], bool], *,
     ended before the check, a signal through it fails (ESRCH) whatever /proc shows; if it
     lives, /proc/PID is that process, unless this /proc is another PID namespace's, which the
     pidfd's own ``Pid:`` tells. Without pidfds (a kernel before 5.3, a seccomp filter that
-    refuses them, no fd left), checked then kill(2), as before them. EPERM from a process we
-    may not signal propagates, as from kill(2). With ``exiting``, the pidfd of a process
-    killed through it is appended there, open, for :func:`wait_exited` (up to
-    :data:`EXIT_WAIT_MAX` of them)."""
+    refuses them), checked then kill(2), as before them. EPERM from a process we may not
+    signal propagates, as from kill(2), and so does running out of descriptors (EMFILE: a
+    check that cannot look must not pass for "not ours"). With ``exiting``, the pidfd of a
+    process it killed is kept there, to wait for its exit."""
     try:
         handle = os.pidfd_open(pid)
     except ProcessLookupError:
         return False
-    except (OSError, AttributeError):
+    except OSError as exc:
+        if exc.errno in OUT_OF_FDS:
+            raise
+        return still_ours(pid) and _kill(pid)
+    except AttributeError:
         return still_ours(pid) and _kill(pid)
     try:
         if not still_ours(pid) or pidfd_pid(handle) not in (pid, None):
@@ -152,57 +204,14 @@ def kill_checked(pid: int, still_ours: Callable[[int], bool], *,
         except ProcessLookupError:
             return False
         except (OSError, AttributeError):  # (the call refused by a filter: kill(2))
-            return pidfd_pid(handle) in (pid, None) and _kill(pid)
-        if exiting is not None and len(exiting) < _exit_wait_max():
-            exiting.append(handle)
-            handle = -1
+            if pidfd_pid(handle) not in (pid, None) or not _kill(pid):
+                return False
+        if exiting is not None:
+            kept, handle = handle, -1  # (never closed twice: kept's owner is Exits now)
+            exiting.keep(kept)
         return True
     finally:
         if handle >= 0:
-            os.close(handle)
-
-
-# Seconds the kill paths wait for what they killed to have exited: a SIGKILLed process still
-# holds its mounts, namespaces (a sandbox's: a DISK env's loop device goes with its last
-# mount) and memory until it is through exit(), some milliseconds after the kill; one stuck
-# in the kernel (D state) is not waited for longer.
-EXIT_WAIT = 5.0
-# At most so many pidfds kept open for that wait, and a quarter of the fd limit (a fork bomb's
-# thousands would take every fd, and the walk still has to open each process's files to look
-# at it): the rest are killed all the same, not waited for.
-EXIT_WAIT_MAX = 256
-
-
-def _exit_wait_max() -> int:
-    """:data:`EXIT_WAIT_MAX`, or a quarter of this process's fd limit if that is lower."""
-    import resource
-
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return EXIT_WAIT_MAX if soft == resource.RLIM_INFINITY else min(EXIT_WAIT_MAX, soft // 4)
-
-
-def wait_exited(handles: list[int], timeout: float = EXIT_WAIT) -> int:
-    """Wait until each pidfd's process has exited (a pidfd reads as ready then: its exit is
-    done, its namespaces and mounts released), ``timeout`` seconds at most; close them all.
-    How many had not exited."""
-    import select
-
-    poller = select.poll()
-    left = set(handles)
-    for handle in left:
-        poller.register(handle, select.POLLIN)
-    deadline = time.monotonic() + timeout
-    try:
-        while left:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            for handle, _ in poller.poll(remaining * 1000):
-                poller.unregister(handle)
-                left.discard(handle)
-        return len(left)
-    finally:
-        for handle in handles:
             os.close(handle)
 
 
@@ -227,8 +236,106 @@ def pidfd_pid(handle: int) -> int | None:
     return None
 
 
+# Seconds a kill waits, in all, for what it killed to have exited: a SIGKILLed process still
+# holds its mounts, namespaces (a sandbox's: a DISK env's loop device goes with its last
+# mount) and memory until it is through exit(), some milliseconds after the kill; one stuck
+# in the kernel (D state) is not waited for longer.
+EXIT_WAIT = 5.0
+# Pidfds kept open for those waits, by all the threads of this process together, at most: 256,
+# and a quarter of the fd limit (a fork bomb's thousands would take every fd, and a walk still
+# opens each process's files to look at it). A kill that has as many waits for them first.
+EXIT_WAIT_MAX = 256
+_kept = 0
+_kept_lock = threading.Lock()
+
+
+def _budget() -> int:
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return EXIT_WAIT_MAX if soft == resource.RLIM_INFINITY else min(EXIT_WAIT_MAX, soft // 4)
+
+
+def _release(count: int) -> None:
+    global _kept
+    with _kept_lock:
+        _kept -= count
+
+
+class Exits:
+    """The pidfds of what one kill killed, kept to wait for their exit (:meth:`wait`), within
+    one deadline and the budget the process's kills share; each closed once, by :meth:`wait`
+    or :meth:`close`."""
+
+    def __init__(self, timeout: float = EXIT_WAIT) -> None:
+        self.deadline = time.monotonic() + timeout
+        self.handles: list[int] = []
+
+    def keep(self, handle: int) -> None:
+        """Take ``handle`` (closed at once if it cannot be waited for)."""
+        global _kept
+        for _ in range(2):
+            with _kept_lock:
+                if _kept < _budget() and time.monotonic() < self.deadline:
+                    _kept += 1
+                    self.handles.append(handle)
+                    return
+            if not self.handles:
+                break
+            self.wait()  # (its own first, then there may be room)
+        os.close(handle)
+
+    def wait(self) -> int:
+        """Wait until each kept pidfd's process has exited (it polls ready then: its exit done,
+        its namespaces and mounts released), until the deadline at most; close them. How many
+        had not exited."""
+        handles, self.handles = self.handles, []
+        try:
+            return wait_exited(handles, self.deadline - time.monotonic())
+        finally:
+            _release(len(handles))  # (once closed: the budget counts open descriptors)
+
+    def close(self) -> None:
+        handles, self.handles = self.handles, []
+        try:
+            for handle in handles:
+                os.close(handle)
+        finally:
+            _release(len(handles))
+
+    def __enter__(self) -> Exits:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def wait_exited(handles: list[int], timeout: float = EXIT_WAIT) -> int:
+    """Wait until each pidfd's process has exited, ``timeout`` seconds at most; close them all.
+    How many had not exited."""
+    import select
+
+    try:
+        poller = select.poll()
+        left = set(handles)
+        for handle in left:
+            poller.register(handle, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while left:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for handle, _ in poller.poll(remaining * 1000):
+                poller.unregister(handle)
+                left.discard(handle)
+        return len(left)
+    finally:
+        for handle in handles:
+            os.close(handle)
+
+
 def kill_where(still_ours: Callable[[int], bool], *,
-               exiting: list[int] | None = None) -> set[int]:
+               exiting: Exits | None = None) -> set[int]:
     """One walk of /proc: SIGKILL each process (but us) for which ``still_ours`` holds, each
     pinned before it is looked at (:func:`kill_checked`), so that the look and the kill are of
     the same process. The PIDs killed."""
@@ -244,8 +351,9 @@ def kill_where(still_ours: Callable[[int], bool], *,
 def kill_marked(key: str, value: str, *, passes: int = 50) -> int:
     """SIGKILL every process marked ``key=value`` until none is left; return how many were hit.
 
-    Several passes because a process may fork while we kill its parent. Returns once those
-    it killed have exited (:func:`wait_exited`).
+    Several passes because a process may fork while we kill its parent; each pass waits for
+    what it killed to have exited (:class:`Exits`, one deadline for all), so that the next
+    sees only what is left, and so that, when this returns, they are gone for good.
     """
     killed: set[int] = set()
     seen: set[int] = set()  # (this pass's: killed, or gone as it was)
@@ -256,26 +364,21 @@ def kill_marked(key: str, value: str, *, passes: int = 50) -> int:
             return True
         return False
 
-    exiting: list[int] = []
-    try:
+    with Exits() as exiting:
         for _ in range(passes):
             seen.clear()
             killed |= kill_where(marked, exiting=exiting)
+            exiting.wait()
             if not seen:
                 break
-            time.sleep(0.005)
-    finally:
-        wait_exited(exiting)  # (gone for good when this returns: see EXIT_WAIT)
+            time.sleep(0.001)
     return len(killed)
 
 
 def is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            # The state follows the command name, which is in parentheses and may contain spaces.
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
+    """Whether ``pid`` has exited (a zombie, or gone): not if its main thread has exited while
+    others of it run on."""
+    return all(_state(where) in (b"Z", b"X", None) for where in proc_dirs(pid))
 
 
 def process_started(pid: int) -> float | None:

@@ -16,13 +16,15 @@ from collections.abc import Sequence
 from ..reaper import (  # shared with the env unit's stop action (stdlib only)
     ENV_MARKER,
     EXEC_MARKER,
+    OUT_OF_FDS,
+    Exits,
     is_zombie,
     kill_checked,
     kill_marked,
     marked_pids,
     marked_pids_of,
     pidfd_pid,
-    wait_exited,
+    proc_dirs,
 )
 
 __all__ = ["ENV_MARKER", "EXEC_MARKER", "is_zombie", "kill_marked", "marked_pids",
@@ -59,15 +61,13 @@ def kill_pipe_holders(pipes: set[str]) -> int:
         return 0
     me = os.getpid()
     killed = 0
-    exiting: list[int] = []
-    try:
+    with Exits() as exiting:
         for entry in os.scandir("/proc"):
             if entry.name.isdigit() and int(entry.name) != me:
-                with contextlib.suppress(OSError):  # (EPERM: not ours to kill, as before)
+                with contextlib.suppress(PermissionError):  # (not ours to kill, as before)
                     killed += kill_checked(int(entry.name), lambda pid: _holds(pid, pipes),
                                            exiting=exiting)
-    finally:
-        wait_exited(exiting)
+        exiting.wait()
     return killed
 
 
@@ -122,16 +122,26 @@ def _exe(pid: int) -> str:
 
 
 def _holds(pid: int, pipes: set[str]) -> bool:
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
+    """Whether ``pid`` holds one of ``pipes`` open (seen through a live thread of it if its
+    main thread has exited while others run on: its own fd/ is empty then). Running out of
+    descriptors raises: it must not pass for "no"."""
+    for where in proc_dirs(pid):
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") in pipes:
-                return True
-        except OSError:
+            fds = os.listdir(f"{where}/fd")
+        except OSError as exc:
+            if exc.errno in OUT_OF_FDS:
+                raise
             continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{where}/fd/{fd}") in pipes:
+                    return True
+            except OSError as exc:
+                if exc.errno in OUT_OF_FDS:
+                    raise
+                continue
+        if fds:
+            return False
     return False
 
 

@@ -127,12 +127,38 @@ def test_kill_checked_asks_once_the_process_is_pinned(
     assert reaper.kill_checked(2 ** 22 + 1, lambda pid: True) is False  # no such process
 
 
-@pytest.mark.parametrize("error", [errno.ENOSYS, errno.EPERM, errno.EMFILE])
+def test_no_descriptor_left_is_an_error_not_a_no(
+        spawned: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check that cannot look (EMFILE) must not pass for "not ours": the kill would skip
+    the process and say nothing."""
+    proc = start(spawned, {reaper.ENV_MARKER: "envA"})
+
+    def no_fd(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "pidfd_open", no_fd)
+    with pytest.raises(OSError, match="Too many open files"):
+        reaper.kill_marked(reaper.ENV_MARKER, "envA")
+    monkeypatch.undo()
+    real_open = open
+
+    def no_fd_for_environ(path: str, *args: object, **kwargs: object) -> object:
+        if str(path).endswith("/environ"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(reaper, "open", no_fd_for_environ, raising=False)
+    with pytest.raises(OSError, match="Too many open files"):
+        reaper.kill_marked(reaper.ENV_MARKER, "envA")
+    assert not ended(proc, 0.1)
+
+
+@pytest.mark.parametrize("error", [errno.ENOSYS, errno.EPERM])
 def test_without_pidfds_it_checks_then_kills(
         error: int, spawned: list[subprocess.Popen[bytes]],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """No pidfd_open (an old kernel), or refused (a seccomp filter that predates it answers
-    EPERM), or no fd left: the check, then kill(2), as before pidfds; never "not ours"."""
+    EPERM): the check, then kill(2), as before pidfds; never "not ours"."""
     proc = start(spawned)
 
     def no_pidfd(pid: int, flags: int = 0) -> int:
@@ -246,3 +272,66 @@ def test_a_kill_of_more_processes_than_the_fd_limit_kills_them_all() -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     assert out.split() == ["150", "150"], out
+
+
+def test_concurrent_kills_of_more_processes_than_the_fd_limit_kill_them_all() -> None:
+    """The pidfds kept for the waits are one budget for all of a process's threads (an API
+    service's kills run at once in worker threads)."""
+    script = textwrap.dedent(f"""
+        import os, resource, subprocess, sys, threading
+        from gestvenv import reaper
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(
+            resource.RLIMIT_NOFILE)[1]))
+        procs = {{}}
+        for n in range(5):
+            env = {{**os.environ, "{reaper.ENV_MARKER}": f"env{{n}}"}}
+            procs[n] = [subprocess.Popen(["sleep", "60"], env=env, close_fds=True)
+                        for _ in range(40)]
+        killed, errors = [], []
+        def kill(n):
+            try:
+                killed.append(reaper.kill_marked("{reaper.ENV_MARKER}", f"env{{n}}"))
+            except Exception as exc:
+                errors.append(repr(exc))
+        try:
+            threads = [threading.Thread(target=kill, args=(n,)) for n in procs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            codes = [p.wait(10) for ps in procs.values() for p in ps]
+            print(sum(killed), sum(code == -9 for code in codes), errors)
+        finally:
+            for ps in procs.values():
+                for p in ps:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.split() == ["200", "200", "[]"], out
+
+
+def test_a_process_whose_main_thread_exited_is_still_found_and_killed(
+        spawned: list[subprocess.Popen[bytes]]) -> None:
+    """Its main thread gone (pthread_exit), another running on: /proc shows it as a zombie
+    with an empty environ and no fds, yet it runs. Seen through its live thread."""
+    script = ("import ctypes, threading, time\n"
+              "threading.Thread(target=time.sleep, args=(60,)).start()\n"
+              "time.sleep(0.2)\n"
+              "ctypes.CDLL(None).pthread_exit(None)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            env={**os.environ, reaper.ENV_MARKER: "envThreads"})
+    spawned.append(proc)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and reaper.proc_dirs(proc.pid) == [f"/proc/{proc.pid}"]:
+        time.sleep(0.02)
+    assert len(reaper.proc_dirs(proc.pid)) == 2, "its main thread did not exit"
+    assert not reaper.is_zombie(proc.pid)
+    assert reaper.is_marked(proc.pid, reaper.ENV_MARKER, "envThreads")
+    assert proc.stdout is not None
+    its_stdout = {os.readlink(f"/proc/self/fd/{proc.stdout.fileno()}")}  # (one pipe, 2 ends)
+    assert processes.pipe_holders(its_stdout) == {proc.pid}
+    assert reaper.kill_marked(reaper.ENV_MARKER, "envThreads") == 1
+    assert ended(proc) and proc.returncode == -9
