@@ -645,32 +645,36 @@ def unmount(mnt: str) -> bool:
 LOOP_CLEAR_WAIT = 2.0
 
 
-def _autoclear_loop_of(mnt: str) -> tuple[str, str] | None:
-    """(loop device name, its backing file) if what is mounted at ``mnt`` (the topmost mount
-    there) is on an autoclear loop device (an env's DISK cap: gestvenv.diskcap); else None."""
-    source = ""
+def _autoclear_loop_of(mnt: str) -> tuple[str, str, str] | None:
+    """(device number "MAJ:MIN", loop device name, its backing file) if what is mounted at
+    ``mnt`` (the topmost mount there) is on an autoclear loop device (an env's DISK cap:
+    gestvenv.diskcap); else None. Told by the device number, not by the mount's source."""
+    device = ""
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
                 if unescape_mountinfo(fields[4]) == mnt:
-                    after = fields[fields.index("-") + 1:]
-                    source = unescape_mountinfo(after[1]) if len(after) > 1 else ""
-        name = os.path.basename(source)
-        if not source.startswith("/dev/loop") or not name[4:].isdigit():
+                    device = fields[2]
+        sys_dir = os.path.realpath(f"/sys/dev/block/{device}")
+        name = os.path.basename(sys_dir)
+        if not device or not name.startswith("loop"):
             return None
-        with open(f"/sys/block/{name}/loop/autoclear") as f:
+        with open(f"{sys_dir}/loop/autoclear") as f:
             if f.read().strip() != "1":
                 return None
-        with open(f"/sys/block/{name}/loop/backing_file") as f:
-            return name, f.read().rstrip("\n")
+        with open(f"{sys_dir}/loop/backing_file") as f:
+            return device, name, f.read().rstrip("\n")
     except (OSError, ValueError, IndexError):
         return None
 
 
-def _wait_loop_cleared(name: str, backing: str, timeout: float = LOOP_CLEAR_WAIT) -> bool:
+def _wait_loop_cleared(device: str, name: str, backing: str,
+                       timeout: float = LOOP_CLEAR_WAIT) -> bool:
     """Wait until loop device ``name`` no longer has ``backing`` (cleared, or already bound
-    to another file by someone else), ``timeout`` seconds at most. Whether it was."""
+    to another file by someone else), ``timeout`` seconds at most; whether it was. Not waited
+    for, and said, while the same filesystem is still mounted elsewhere here (a bind mount):
+    the device lasts as long as that mount."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -679,9 +683,24 @@ def _wait_loop_cleared(name: str, backing: str, timeout: float = LOOP_CLEAR_WAIT
                     return True
         except OSError:  # (no backing_file: cleared)
             return True
-        if time.monotonic() >= deadline:
+        still = _mounted_from(device)
+        if still or time.monotonic() >= deadline:
+            print(f"gestvenv: {name} ({backing}) is still attached"
+                  + (f": its filesystem is also mounted on {still[0]}" if still else
+                     f" {timeout:g} s after its unmount") + "; the kernel frees it when its "
+                  "last mount goes", file=sys.stderr, flush=True)
             return False
         time.sleep(0.005)
+
+
+def _mounted_from(device: str) -> list[str]:
+    """Mount points here of device ``device`` ("MAJ:MIN")."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return [unescape_mountinfo(line.split()[4]) for line in f
+                    if line.split()[2] == device]
+    except (OSError, IndexError):
+        return []
 
 
 # --- what the environment used, said at its end ---

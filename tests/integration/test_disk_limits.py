@@ -110,7 +110,6 @@ async def test_writing_past_max_disk_fails_with_enospc_at_the_cap(backend: str,
 
 
 @root_only
-@root_only
 @pytest.mark.parametrize("isolation", ["process", "namespace"])
 async def test_a_disk_cap_s_loop_device_is_gone_when_its_env_is(isolation: str) -> None:
     """The kernel clears an autoclear loop device a moment after the unmount returns (found by
@@ -128,6 +127,26 @@ async def test_a_disk_cap_s_loop_device_is_gone_when_its_env_is(isolation: str) 
         nothing_of(path)
 
 
+@root_only
+def test_a_loop_device_still_mounted_elsewhere_is_said_not_waited_for(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The cap's filesystem bind-mounted elsewhere by root: the env ends at once, and says
+    that its loop device lasts as long as that mount."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with gestvenv.ephemeral_sync("bound", storage_backend="disk",
+                                 resource_limits=ResourceLimits(max_disk=20)) as env:
+        path = str(env.path)
+        subprocess.run(["mount", "--bind", path, str(elsewhere)], check=True)
+    try:
+        assert "also mounted on " + str(elsewhere) in capfd.readouterr().err
+        assert loops_backed_under(path)  # (as said: it lasts with that mount)
+    finally:
+        subprocess.run(["umount", str(elsewhere)], check=True)
+    nothing_of(path)
+
+
+@root_only
 def test_show_says_what_holds_the_cap() -> None:
     created = gv("ephemeral", "create", "shown", "--disk", "20", "--storage", "disk")
     assert created.returncode == 0, created.stderr
