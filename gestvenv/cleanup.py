@@ -78,6 +78,15 @@ async def cleanup_environments(names: Iterable[str] = (), *, all: bool = False,
     return report
 
 
+def _busy(record: EnvRecord) -> bool:
+    """Whether a process of the env runs; yes if that cannot be read now (no descriptor
+    left: an env is never ended as idle on a look that failed)."""
+    try:
+        return bool(processes.marked_pids(processes.ENV_MARKER, record.id))
+    except OSError:
+        return True
+
+
 def reason_to_remove(record: EnvRecord, now: float, *, expired: bool, idle: bool,
                      units: dict[str, UnitView] | None = None) -> str | None:
     state = record.state(now)
@@ -98,8 +107,7 @@ def reason_to_remove(record: EnvRecord, now: float, *, expired: bool, idle: bool
         # Seen running, its clock restarts, and from half the timeout on, not only past it:
         # when a command ends, the env's last activity is then recent, and the moment before
         # execute() records the end (under load, a while) cannot look idle.
-        if quiet >= record.idle_timeout / 2 and \
-                processes.marked_pids(processes.ENV_MARKER, record.id):
+        if quiet >= record.idle_timeout / 2 and _busy(record):
             registry.touch(record.name, record.id)
             return None
         if quiet >= record.idle_timeout:

@@ -28,6 +28,7 @@ import fcntl
 import json
 import os
 import re
+import select
 import signal
 import stat
 import sys
@@ -124,38 +125,43 @@ def _environ(pid: int) -> bytes:
     main thread has exited while others run on (the process then reads as a zombie, its own
     environ as empty or gone, and it would escape a kill)."""
     data = _read_environ(f"/proc/{pid}")
-    if not data:  # (a kernel thread, a zombie, or that)
-        for where in proc_dirs(pid)[1:]:
-            data = _read_environ(where)
-            if data:
-                break
-    return data
+    if data is None or data:  # (refused: its threads' would be too)
+        return data or b""
+    for where in proc_dirs(pid)[1:]:  # (empty: a kernel thread, a zombie, or that)
+        data = _read_environ(where)
+        if data:
+            return data
+    return b""
 
 
-def _read_environ(where: str) -> bytes:
+def _read_environ(where: str) -> bytes | None:
+    """What ``where``/environ holds; b"" if gone or empty, None if refused (EACCES)."""
     try:
         with open(f"{where}/environ", "rb") as f:
             return f.read()
     except OSError as exc:
         if exc.errno in OUT_OF_FDS:
             raise
-        return b""
+        return None if exc.errno == errno.EACCES else b""
 
 
 def proc_dirs(pid: int) -> list[str]:
-    """Where /proc shows ``pid``'s process: its own dir, or, if its main thread has exited
-    while others run on, theirs (task/TID)."""
+    """Where /proc shows ``pid``'s process: its own dir, and, if its main thread has exited
+    while others run on, a live thread's (task/TID)."""
     own = f"/proc/{pid}"
-    if _state(own) != b"Z":
-        return [own]
     try:
+        # (task/'s link count is 2 + its threads: one thread, and it cannot be that case)
+        if os.stat(f"{own}/task").st_nlink <= 3 or _state(own) != b"Z":
+            return [own]
         tasks = [t for t in os.listdir(f"{own}/task") if t != str(pid)]
     except OSError as exc:
         if exc.errno in OUT_OF_FDS:
             raise
         return [own]
-    return [own] + [f"{own}/task/{t}" for t in tasks if _state(f"{own}/task/{t}") not in
-                    (b"Z", b"X", None)]
+    for task in tasks:  # (the first live one: a process may have thousands)
+        if _state(f"{own}/task/{task}") not in (b"Z", b"X", None):
+            return [own, f"{own}/task/{task}"]
+    return [own]
 
 
 def _state(where: str) -> bytes | None:
@@ -272,18 +278,33 @@ class Exits:
         self.handles: list[int] = []
 
     def keep(self, handle: int) -> None:
-        """Take ``handle`` (closed at once if it cannot be waited for)."""
+        """Take ``handle`` (closed at once if it cannot be waited for). Never blocks: a walk
+        goes on killing (what it killed may need another of them gone to exit); those that
+        have already exited make room."""
         global _kept
-        for _ in range(2):
+        for attempt in range(2):
             with _kept_lock:
                 if _kept < _budget() and time.monotonic() < self.deadline:
-                    _kept += 1
                     self.handles.append(handle)
+                    _kept += 1
                     return
-            if not self.handles:
-                break
-            self.wait()  # (its own first, then there may be room)
+            if attempt == 0 and self.handles:
+                self._reclaim()
         os.close(handle)
+
+    def _reclaim(self) -> None:
+        """Close the kept pidfds whose processes have already exited."""
+        poller = select.poll()
+        for handle in self.handles:
+            poller.register(handle, select.POLLIN)
+        done = {handle for handle, _ in poller.poll(0)}
+        if done:
+            self.handles = [h for h in self.handles if h not in done]
+            try:
+                for handle in done:
+                    os.close(handle)
+            finally:
+                _release(len(done))
 
     def wait(self) -> int:
         """Wait until each kept pidfd's process has exited (it polls ready then: its exit done,
@@ -313,8 +334,6 @@ class Exits:
 def wait_exited(handles: list[int], timeout: float = EXIT_WAIT) -> int:
     """Wait until each pidfd's process has exited, ``timeout`` seconds at most; close them all.
     How many had not exited."""
-    import select
-
     try:
         poller = select.poll()
         left = set(handles)
@@ -338,13 +357,29 @@ def kill_where(still_ours: Callable[[int], bool], *,
                exiting: Exits | None = None) -> set[int]:
     """One walk of /proc: SIGKILL each process (but us) for which ``still_ours`` holds, each
     pinned before it is looked at (:func:`kill_checked`), so that the look and the kill are of
-    the same process. The PIDs killed."""
+    the same process. The PIDs killed. Short of descriptors, it gives back the pidfds it
+    keeps and tries again; still short, it goes on with the others and raises at the end."""
     me = os.getpid()
     killed = set()
+    short: OSError | None = None
     for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and int(entry.name) != me and \
-                kill_checked(int(entry.name), still_ours, exiting=exiting):
-            killed.add(int(entry.name))
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        for attempt in range(2):
+            try:
+                if kill_checked(int(entry.name), still_ours, exiting=exiting):
+                    killed.add(int(entry.name))
+                break
+            except OSError as exc:
+                if exc.errno not in OUT_OF_FDS:
+                    raise
+                if attempt == 0 and exiting is not None and exiting.handles:
+                    exiting.wait()  # (our own pidfds back, then once more)
+                    continue
+                short = short or exc  # (the rest are still killed if they can be)
+                break
+    if short is not None:
+        raise short
     return killed
 
 

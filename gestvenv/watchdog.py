@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import sys
 import time
 
 from . import registry
@@ -43,7 +44,10 @@ async def _watch() -> None:
     try:
         while True:
             orphans = time.monotonic() - last_orphan_sweep >= config.cleanup_interval
-            await sweep(config, expired=True, idle=True, orphans=orphans)
+            try:
+                await sweep(config, expired=True, idle=True, orphans=orphans)
+            except Exception as exc:  # (one failed round, say EMFILE, must not end the watch)
+                print(f"gestvenv watchdog: a sweep failed: {exc}", file=sys.stderr, flush=True)
             if orphans:
                 last_orphan_sweep = time.monotonic()
                 stamp_sweep()

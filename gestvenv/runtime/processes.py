@@ -8,6 +8,7 @@ setsid() or were reparented to init. Reading /proc/PID/environ finds them all.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from ..reaper import (  # shared with the env unit's stop action (stdlib only)
     EXEC_MARKER,
     OUT_OF_FDS,
     Exits,
+    is_marked,
     is_zombie,
     kill_checked,
     kill_marked,
@@ -95,23 +97,21 @@ def is_wrapper(pid: int, ppid: int, exe: str, argv: Sequence[bytes], launcher: i
     return os.path.basename(exe) in ENGINE_HELPERS or init in argv
 
 
-def _identity(pid: int) -> tuple[int, str, list[bytes], bytes] | None:
-    """(ppid, executable, argv, environ) of ``pid``, as /proc says now; None if unreadable or
-    if it exec'd meanwhile (its executable read before and after differ: its argv may be the
-    old program's; bwrap's child becoming the sandbox's init was taken for the command)."""
+def _identity(pid: int) -> tuple[int, str, list[bytes]] | None:
+    """(ppid, executable, argv) of ``pid``, as /proc says now; None if unreadable or if it
+    exec'd meanwhile (its executable read before and after differ: its argv may be the old
+    program's; bwrap's child becoming the sandbox's init was taken for the command)."""
     exe = _exe(pid)
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            environ = f.read()
     except (OSError, IndexError, ValueError):
         return None
     if _exe(pid) != exe:
         return None
-    return ppid, exe, argv, environ
+    return ppid, exe, argv
 
 
 def _exe(pid: int) -> str:
@@ -125,23 +125,32 @@ def _holds(pid: int, pipes: set[str]) -> bool:
     """Whether ``pid`` holds one of ``pipes`` open (seen through a live thread of it if its
     main thread has exited while others run on: its own fd/ is empty then). Running out of
     descriptors raises: it must not pass for "no"."""
-    for where in proc_dirs(pid):
+    own = f"/proc/{pid}"
+    fds = _fds(own)
+    if fds is None or fds:  # (refused: its threads' would be too)
+        return _holds_in(own, fds or [], pipes)
+    for where in proc_dirs(pid)[1:]:  # (none: a zombie, or that)
+        return _holds_in(where, _fds(where) or [], pipes)
+    return False
+
+
+def _fds(where: str) -> list[str] | None:
+    try:
+        return os.listdir(f"{where}/fd")
+    except OSError as exc:
+        if exc.errno in OUT_OF_FDS:
+            raise
+        return None if exc.errno == errno.EACCES else []
+
+
+def _holds_in(where: str, fds: list[str], pipes: set[str]) -> bool:
+    for fd in fds:
         try:
-            fds = os.listdir(f"{where}/fd")
+            if os.readlink(f"{where}/fd/{fd}") in pipes:
+                return True
         except OSError as exc:
             if exc.errno in OUT_OF_FDS:
                 raise
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"{where}/fd/{fd}") in pipes:
-                    return True
-            except OSError as exc:
-                if exc.errno in OUT_OF_FDS:
-                    raise
-                continue
-        if fds:
-            return False
     return False
 
 
@@ -157,7 +166,6 @@ def signal_command(exec_id: str, pipes: set[str], signum: int,
     from .bwrap import INIT
 
     init = INIT.encode()
-    mark = f"{EXEC_MARKER}={exec_id}".encode()
     pids = {p for p in marked_pids(EXEC_MARKER, exec_id) if not is_zombie(p)}
     pids |= {p for p in pipe_holders(pipes) if not is_zombie(p)}
     sent = refused = 0
@@ -172,8 +180,9 @@ def signal_command(exec_id: str, pipes: set[str], signum: int,
             seen = _identity(pid)
             if seen is None:
                 continue
-            ppid, exe, argv, environ = seen
-            if mark not in environ.split(b"\0") and not _holds(pid, pipes):
+            ppid, exe, argv = seen
+            # (is_marked: also through a live thread, if its main thread has exited)
+            if not is_marked(pid, EXEC_MARKER, exec_id) and not _holds(pid, pipes):
                 continue
             if is_wrapper(pid, ppid, exe, argv, launcher, init, _exe(ppid)):
                 continue

@@ -112,8 +112,10 @@ async def run_process(record: EnvRecord, command: CommandSpec, argv: Sequence[st
     collector = asyncio.ensure_future(_collect(proc, command, chunks))
 
     def kill_tree() -> None:
-        processes.kill_marked(processes.EXEC_MARKER, exec_id)
-        processes.kill_pipe_holders(pipes)
+        try:
+            processes.kill_marked(processes.EXEC_MARKER, exec_id)
+        finally:  # (whatever failed there: the holders of its output go too)
+            processes.kill_pipe_holders(pipes)
 
     try:
         if command.handle is not None:

@@ -335,3 +335,67 @@ def test_a_process_whose_main_thread_exited_is_still_found_and_killed(
     assert processes.pipe_holders(its_stdout) == {proc.pid}
     assert reaper.kill_marked(reaper.ENV_MARKER, "envThreads") == 1
     assert ended(proc) and proc.returncode == -9
+
+
+def test_a_kill_in_a_process_short_of_descriptors_still_kills_them_all() -> None:
+    """Most of the fd limit already in use: the walk gives back the pidfds it keeps and goes
+    on, and kills every process (the walk used to raise at the first EMFILE and leave the
+    rest running)."""
+    script = textwrap.dedent(f"""
+        import os, resource, subprocess
+        from gestvenv import reaper
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(
+            resource.RLIMIT_NOFILE)[1]))
+        env = {{**os.environ, "{reaper.ENV_MARKER}": "envShort"}}
+        procs = [subprocess.Popen(["sleep", "60"], env=env, close_fds=True)
+                 for _ in range(40)]
+        held = [os.open("/dev/null", os.O_RDONLY)
+                for _ in range(56 - len(os.listdir("/proc/self/fd")))]
+        try:
+            try:
+                killed = reaper.kill_marked("{reaper.ENV_MARKER}", "envShort")
+            except OSError as exc:
+                killed = repr(exc)
+            codes = [proc.wait(10) for proc in procs]
+            print(killed, sum(code == -9 for code in codes))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.split()[-1] == "40", out
+
+
+def test_a_signal_reaches_a_process_whose_main_thread_exited(
+        spawned: list[subprocess.Popen[bytes]]) -> None:
+    script = ("import ctypes, threading, time\n"
+              "threading.Thread(target=time.sleep, args=(60,)).start()\n"
+              "time.sleep(0.2)\n"
+              "ctypes.CDLL(None).pthread_exit(None)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script],
+                            env={**os.environ, reaper.EXEC_MARKER: "execThreads"})
+    spawned.append(proc)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(reaper.proc_dirs(proc.pid)) == 1:
+        time.sleep(0.02)
+    assert processes.signal_command("execThreads", set(), signal.SIGTERM) == (1, 0)
+    assert ended(proc) and proc.returncode == -signal.SIGTERM
+
+
+def test_an_idle_check_that_cannot_look_counts_the_env_busy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never ended as idle on a look that failed (no descriptor left)."""
+    from types import SimpleNamespace
+
+    from gestvenv import cleanup
+
+    def short(key: str, value: str) -> list[int]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(processes, "marked_pids", short)
+    assert cleanup._busy(SimpleNamespace(id="x")) is True  # type: ignore[arg-type]
+    monkeypatch.setattr(processes, "marked_pids", lambda key, value: [])
+    assert cleanup._busy(SimpleNamespace(id="x")) is False  # type: ignore[arg-type]
