@@ -34,7 +34,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 try:
@@ -124,14 +124,26 @@ def _environ(pid: int) -> bytes:
     """``pid``'s initial environment (empty if unreadable), through a live thread of it if its
     main thread has exited while others run on (the process then reads as a zombie, its own
     environ as empty or gone, and it would escape a kill)."""
-    data = _read_environ(f"/proc/{pid}")
-    if data is None or data:  # (refused: its threads' would be too)
-        return data or b""
-    for where in proc_dirs(pid)[1:]:  # (empty: a kernel thread, a zombie, or that)
-        data = _read_environ(where)
-        if data:
-            return data
-    return b""
+    return read_live(pid, _read_environ) or b""
+
+
+TYPE_CHECKING = False  # (typing costs ~2 ms at each start of a unit's stop action)
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    Read = TypeVar("Read", bytes, list[str])
+
+
+def read_live(pid: int, read: Callable[[str], Read | None]) -> Read | None:
+    """``read`` of /proc/PID, or, if that is empty (a kernel thread, a zombie, or a process
+    whose main thread has exited while others run on), of a live thread's task dir. None
+    (refused: its threads' would be too) is final."""
+    got = read(f"/proc/{pid}")
+    if got is None or got:
+        return got
+    for where in proc_dirs(pid)[1:]:
+        return read(where)
+    return got
 
 
 def _read_environ(where: str) -> bytes | None:
@@ -178,10 +190,10 @@ def _state(where: str) -> bytes | None:
         return None
 
 
-def kill_checked(pid: int, still_ours: Callable[[int], bool], *,
-                 exiting: Exits | None = None) -> bool:
-    """SIGKILL ``pid`` if ``still_ours(pid)`` holds once a pidfd pins the process: whether it
-    was killed.
+def kill_checked(pid: int, still_ours: Callable[[int], bool], signum: int = signal.SIGKILL,
+                 *, exiting: Exits | None = None) -> bool:
+    """Send ``signum`` (SIGKILL) to ``pid`` if ``still_ours(pid)`` holds once a pidfd pins the
+    process: whether it was sent.
 
     A PID read from /proc may have ended and been reused since (an environment's code ends its
     processes, and slows a scan, at will). Pinned first, then checked: if the pidfd's process
@@ -196,21 +208,20 @@ def kill_checked(pid: int, still_ours: Callable[[int], bool], *,
         handle = os.pidfd_open(pid)
     except ProcessLookupError:
         return False
-    except OSError as exc:
-        if exc.errno in OUT_OF_FDS:
+    except (OSError, AttributeError) as exc:
+        if isinstance(exc, OSError) and exc.errno in OUT_OF_FDS:
             raise
-        return still_ours(pid) and _kill(pid)
-    except AttributeError:
-        return still_ours(pid) and _kill(pid)
+        return still_ours(pid) and _kill(pid, signum)
     try:
         if not still_ours(pid) or pidfd_pid(handle) not in (pid, None):
             return False
         try:
-            signal.pidfd_send_signal(handle, signal.SIGKILL)
+            signal.pidfd_send_signal(handle, signum)
         except ProcessLookupError:
             return False
-        except (OSError, AttributeError):  # (the call refused by a filter: kill(2))
-            if pidfd_pid(handle) not in (pid, None) or not _kill(pid):
+        except (OSError, AttributeError):  # (the call refused by a filter, or missing: kill(2),
+            # which raises EPERM itself for a process we may not signal)
+            if pidfd_pid(handle) not in (pid, None) or not _kill(pid, signum):
                 return False
         if exiting is not None:
             kept, handle = handle, -1  # (never closed twice: kept's owner is Exits now)
@@ -221,9 +232,9 @@ def kill_checked(pid: int, still_ours: Callable[[int], bool], *,
             os.close(handle)
 
 
-def _kill(pid: int) -> bool:
+def _kill(pid: int, signum: int) -> bool:
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signum)
     except ProcessLookupError:
         return False
     return True
@@ -249,7 +260,8 @@ def pidfd_pid(handle: int) -> int | None:
 EXIT_WAIT = 5.0
 # Pidfds kept open for those waits, by all the threads of this process together, at most: 256,
 # and a quarter of the fd limit (a fork bomb's thousands would take every fd, and a walk still
-# opens each process's files to look at it). A kill that has as many waits for them first.
+# opens each process's files to look at it). Past it, a kill makes room with those that have
+# already exited, or waits for no more.
 EXIT_WAIT_MAX = 256
 _kept = 0
 _kept_lock = threading.Lock()
@@ -266,6 +278,14 @@ def _release(count: int) -> None:
     global _kept
     with _kept_lock:
         _kept -= count
+
+
+def _close_kept(handles: list[int]) -> None:
+    try:
+        for handle in handles:
+            os.close(handle)
+    finally:
+        _release(len(handles))
 
 
 class Exits:
@@ -298,13 +318,8 @@ class Exits:
         for handle in self.handles:
             poller.register(handle, select.POLLIN)
         done = {handle for handle, _ in poller.poll(0)}
-        if done:
-            self.handles = [h for h in self.handles if h not in done]
-            try:
-                for handle in done:
-                    os.close(handle)
-            finally:
-                _release(len(done))
+        self.handles = [h for h in self.handles if h not in done]
+        _close_kept(list(done))
 
     def wait(self) -> int:
         """Wait until each kept pidfd's process has exited (it polls ready then: its exit done,
@@ -318,11 +333,7 @@ class Exits:
 
     def close(self) -> None:
         handles, self.handles = self.handles, []
-        try:
-            for handle in handles:
-                os.close(handle)
-        finally:
-            _release(len(handles))
+        _close_kept(handles)
 
     def __enter__(self) -> Exits:
         return self
@@ -353,12 +364,13 @@ def wait_exited(handles: list[int], timeout: float = EXIT_WAIT) -> int:
             os.close(handle)
 
 
-def kill_where(still_ours: Callable[[int], bool], *,
-               exiting: Exits | None = None) -> set[int]:
+def kill_where(still_ours: Callable[[int], bool], *, exiting: Exits | None = None,
+               skip_refused: bool = False) -> set[int]:
     """One walk of /proc: SIGKILL each process (but us) for which ``still_ours`` holds, each
     pinned before it is looked at (:func:`kill_checked`), so that the look and the kill are of
     the same process. The PIDs killed. Short of descriptors, it gives back the pidfds it
-    keeps and tries again; still short, it goes on with the others and raises at the end."""
+    keeps and tries again; still short, it goes on with the others and raises at the end.
+    A process we may not signal raises (EPERM), or with ``skip_refused`` is passed over."""
     me = os.getpid()
     killed = set()
     short: OSError | None = None
@@ -369,6 +381,10 @@ def kill_where(still_ours: Callable[[int], bool], *,
             try:
                 if kill_checked(int(entry.name), still_ours, exiting=exiting):
                     killed.add(int(entry.name))
+                break
+            except PermissionError:
+                if not skip_refused:
+                    raise
                 break
             except OSError as exc:
                 if exc.errno not in OUT_OF_FDS:
@@ -542,29 +558,30 @@ def unescape_mountinfo(field: str) -> str:
     return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
+def mountinfo() -> Iterator[tuple[str, str, str]]:
+    """(device "MAJ:MIN", mount point, filesystem type) of each mount here, in order (the
+    last one of a mount point is on top)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            yield fields[2], unescape_mountinfo(fields[4]), fields[fields.index("-") + 1]
+
+
 def mount_of(path: str) -> tuple[str, str]:
     """(mount point, filesystem type) of the mount ``path`` is on: the longest mount point
     that is ``path`` or one of its parents, after resolving links."""
     real, best, fstype = os.path.realpath(path), "", ""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mnt = unescape_mountinfo(fields[4])
-            inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
-            if inside and len(mnt) >= len(best):
-                best, fstype = mnt, fields[fields.index("-") + 1]
+    for _, mnt, kind in mountinfo():
+        inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+        if inside and len(mnt) >= len(best):
+            best, fstype = mnt, kind
     return best, fstype
 
 
 def mounts_under(path: str) -> list[str]:
     """Mount points at or below ``path`` (a real path), deepest first."""
     prefix = path.rstrip("/") + "/"
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mnt = unescape_mountinfo(line.split()[4])
-            if mnt == path or mnt.startswith(prefix):
-                found.append(mnt)
+    found = [mnt for _, mnt, _ in mountinfo() if mnt == path or mnt.startswith(prefix)]
     return sorted(found, key=len, reverse=True)
 
 
@@ -684,13 +701,8 @@ def _autoclear_loop_of(mnt: str) -> tuple[str, str, str] | None:
     """(device number "MAJ:MIN", loop device name, its backing file) if what is mounted at
     ``mnt`` (the topmost mount there) is on an autoclear loop device (an env's DISK cap:
     gestvenv.diskcap); else None. Told by the device number, not by the mount's source."""
-    device = ""
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if unescape_mountinfo(fields[4]) == mnt:
-                    device = fields[2]
+        device = ([dev for dev, point, _ in mountinfo() if point == mnt] or [""])[-1]
         sys_dir = os.path.realpath(f"/sys/dev/block/{device}")
         name = os.path.basename(sys_dir)
         if not device or not name.startswith("loop"):
@@ -710,32 +722,26 @@ def _wait_loop_cleared(device: str, name: str, backing: str,
     to another file by someone else), ``timeout`` seconds at most; whether it was. Not waited
     for, and said, while the same filesystem is still mounted elsewhere here (a bind mount):
     the device lasts as long as that mount."""
+    try:  # (looked at once: the unmount that just returned is already out of mountinfo)
+        still = [point for dev, point, _ in mountinfo() if dev == device]
+    except (OSError, ValueError, IndexError):
+        still = []
     deadline = time.monotonic() + timeout
-    while True:
+    while not still:
         try:
             with open(f"/sys/block/{name}/loop/backing_file") as f:
                 if f.read().rstrip("\n") != backing:
                     return True
         except OSError:  # (no backing_file: cleared)
             return True
-        still = _mounted_from(device)
-        if still or time.monotonic() >= deadline:
-            print(f"gestvenv: {name} ({backing}) is still attached"
-                  + (f": its filesystem is also mounted on {still[0]}" if still else
-                     f" {timeout:g} s after its unmount") + "; the kernel frees it when its "
-                  "last mount goes", file=sys.stderr, flush=True)
-            return False
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.005)
-
-
-def _mounted_from(device: str) -> list[str]:
-    """Mount points here of device ``device`` ("MAJ:MIN")."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            return [unescape_mountinfo(line.split()[4]) for line in f
-                    if line.split()[2] == device]
-    except (OSError, IndexError):
-        return []
+    print(f"gestvenv: {name} ({backing}) is still attached"
+          + (f": its filesystem is also mounted on {still[0]}" if still else
+             f" {timeout:g} s after its unmount") + "; the kernel frees it when its "
+          "last mount goes", file=sys.stderr, flush=True)
+    return False
 
 
 # --- what the environment used, said at its end ---

@@ -7,10 +7,8 @@ setsid() or were reparented to init. Reading /proc/PID/environ finds them all.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import signal
 import subprocess
 from collections.abc import Sequence
 
@@ -23,10 +21,10 @@ from ..reaper import (  # shared with the env unit's stop action (stdlib only)
     is_zombie,
     kill_checked,
     kill_marked,
+    kill_where,
     marked_pids,
     marked_pids_of,
-    pidfd_pid,
-    proc_dirs,
+    read_live,
 )
 
 __all__ = ["ENV_MARKER", "EXEC_MARKER", "is_zombie", "kill_marked", "marked_pids",
@@ -61,16 +59,11 @@ def kill_pipe_holders(pipes: set[str]) -> int:
     another process); returns once they have exited."""
     if not pipes:
         return 0
-    me = os.getpid()
-    killed = 0
     with Exits() as exiting:
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit() and int(entry.name) != me:
-                with contextlib.suppress(PermissionError):  # (not ours to kill, as before)
-                    killed += kill_checked(int(entry.name), lambda pid: _holds(pid, pipes),
-                                           exiting=exiting)
+        # (a holder not ours to kill is passed over, as before)
+        killed = kill_where(lambda pid: _holds(pid, pipes), exiting=exiting, skip_refused=True)
         exiting.wait()
-    return killed
+    return len(killed)
 
 
 # The engine's helpers between its exec and the command (its monitor, its OCI runtime while
@@ -125,33 +118,25 @@ def _holds(pid: int, pipes: set[str]) -> bool:
     """Whether ``pid`` holds one of ``pipes`` open (seen through a live thread of it if its
     main thread has exited while others run on: its own fd/ is empty then). Running out of
     descriptors raises: it must not pass for "no"."""
-    own = f"/proc/{pid}"
-    fds = _fds(own)
-    if fds is None or fds:  # (refused: its threads' would be too)
-        return _holds_in(own, fds or [], pipes)
-    for where in proc_dirs(pid)[1:]:  # (none: a zombie, or that)
-        return _holds_in(where, _fds(where) or [], pipes)
-    return False
+    return not pipes.isdisjoint(read_live(pid, _open_files) or [])
 
 
-def _fds(where: str) -> list[str] | None:
+def _open_files(where: str) -> list[str] | None:
+    """What the fds in ``where``/fd point to ("pipe:[INODE]", paths); None if refused."""
     try:
-        return os.listdir(f"{where}/fd")
+        fds = os.listdir(f"{where}/fd")
     except OSError as exc:
         if exc.errno in OUT_OF_FDS:
             raise
         return None if exc.errno == errno.EACCES else []
-
-
-def _holds_in(where: str, fds: list[str], pipes: set[str]) -> bool:
+    targets = []
     for fd in fds:
         try:
-            if os.readlink(f"{where}/fd/{fd}") in pipes:
-                return True
+            targets.append(os.readlink(f"{where}/fd/{fd}"))
         except OSError as exc:
             if exc.errno in OUT_OF_FDS:
                 raise
-    return False
+    return targets
 
 
 def signal_command(exec_id: str, pipes: set[str], signum: int,
@@ -161,41 +146,30 @@ def signal_command(exec_id: str, pipes: set[str], signum: int,
     find them to end it), but its wrappers (:func:`is_wrapper`). Each is signalled through a
     pidfd opened first and checked again: a PID found by the scan and reused meanwhile (the
     command's code can end its processes, and slow the scan, at will) is another process,
-    never signalled. Returns (signalled, refused: EPERM, as a rootless container's processes
-    under subordinate uids)."""
+    never signalled (:func:`~gestvenv.reaper.kill_checked`, with its fallbacks). Returns
+    (signalled, refused: EPERM, as a rootless container's processes under subordinate
+    uids)."""
     from .bwrap import INIT
 
     init = INIT.encode()
     pids = {p for p in marked_pids(EXEC_MARKER, exec_id) if not is_zombie(p)}
     pids |= {p for p in pipe_holders(pipes) if not is_zombie(p)}
+
+    def the_command_s(pid: int) -> bool:
+        seen = _identity(pid)
+        if seen is None:
+            return False
+        ppid, exe, argv = seen
+        # (is_marked: also through a live thread, if its main thread has exited)
+        return (is_marked(pid, EXEC_MARKER, exec_id) or _holds(pid, pipes)) and \
+            not is_wrapper(pid, ppid, exe, argv, launcher, init, _exe(ppid))
+
     sent = refused = 0
     for pid in sorted(pids):
         try:
-            handle = os.pidfd_open(pid)
-        except OSError:
-            continue  # (gone)
-        try:
-            # Through the pidfd the process is pinned: if /proc/PID is still the command's
-            # now, the pidfd is that process (a PID reused after this check: ESRCH below).
-            seen = _identity(pid)
-            if seen is None:
-                continue
-            ppid, exe, argv = seen
-            # (is_marked: also through a live thread, if its main thread has exited)
-            if not is_marked(pid, EXEC_MARKER, exec_id) and not _holds(pid, pipes):
-                continue
-            if is_wrapper(pid, ppid, exe, argv, launcher, init, _exe(ppid)):
-                continue
-            if pidfd_pid(handle) not in (pid, None):  # (a /proc of another PID namespace)
-                continue
-            signal.pidfd_send_signal(handle, signum)
-            sent += 1
+            sent += kill_checked(pid, the_command_s, signum)
         except PermissionError:
             refused += 1
-        except ProcessLookupError:
-            continue
-        finally:
-            os.close(handle)
     return sent, refused
 
 

@@ -248,69 +248,67 @@ def test_wait_exited_gives_up_at_its_timeout_and_closes_every_pidfd(
             os.fstat(handle)
 
 
+# A Python of its own, its fd limit lowered to 64 (lowering needs no privilege), with
+# ``spawn(n, value)``: n `sleep`s marked ``value``, all killed at the end whatever happened;
+# ``sigkilled()``: how many of them SIGKILL ended.
+UNDER_FD_LIMIT = """\
+import os, resource, subprocess, threading
+from gestvenv import reaper
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+MARK = reaper.ENV_MARKER
+procs = []
+def spawn(n, value):
+    env = {**os.environ, MARK: value}
+    procs.extend(subprocess.Popen(["sleep", "60"], env=env, close_fds=True) for _ in range(n))
+def sigkilled():
+    return sum(proc.wait(10) == -9 for proc in procs)
+try:
+BODY
+finally:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+"""
+
+
+def under_fd_limit(body: str) -> list[str]:
+    """What ``body`` prints, run under :data:`UNDER_FD_LIMIT`, split in words."""
+    script = UNDER_FD_LIMIT.replace("BODY", textwrap.indent(textwrap.dedent(body), "    "))
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=True).stdout.split()
+
+
 def test_a_kill_of_more_processes_than_the_fd_limit_kills_them_all() -> None:
     """The pidfds kept for the wait are capped under the fd limit: the walk still opens each
     process's files to look at it (a fork bomb's thousands, under a limit of 1024)."""
-    script = textwrap.dedent(f"""
-        import os, resource, subprocess, sys
-        from gestvenv import reaper
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(
-            resource.RLIMIT_NOFILE)[1]))
-        env = {{**os.environ, "{reaper.ENV_MARKER}": "envMany"}}
-        procs = [subprocess.Popen(["sleep", "60"], env=env, close_fds=True)
-                 for _ in range(150)]
-        try:
-            killed = reaper.kill_marked("{reaper.ENV_MARKER}", "envMany")
-            codes = [proc.wait(10) for proc in procs]
-            print(killed, sum(code == -9 for code in codes))
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+    out = under_fd_limit("""
+        spawn(150, "envMany")
+        print(reaper.kill_marked(MARK, "envMany"), sigkilled())
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    assert out.split() == ["150", "150"], out
+    assert out == ["150", "150"], out
 
 
 def test_concurrent_kills_of_more_processes_than_the_fd_limit_kill_them_all() -> None:
     """The pidfds kept for the waits are one budget for all of a process's threads (an API
     service's kills run at once in worker threads)."""
-    script = textwrap.dedent(f"""
-        import os, resource, subprocess, sys, threading
-        from gestvenv import reaper
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(
-            resource.RLIMIT_NOFILE)[1]))
-        procs = {{}}
+    out = under_fd_limit("""
         for n in range(5):
-            env = {{**os.environ, "{reaper.ENV_MARKER}": f"env{{n}}"}}
-            procs[n] = [subprocess.Popen(["sleep", "60"], env=env, close_fds=True)
-                        for _ in range(40)]
+            spawn(40, f"env{n}")
         killed, errors = [], []
         def kill(n):
             try:
-                killed.append(reaper.kill_marked("{reaper.ENV_MARKER}", f"env{{n}}"))
+                killed.append(reaper.kill_marked(MARK, f"env{n}"))
             except Exception as exc:
                 errors.append(repr(exc))
-        try:
-            threads = [threading.Thread(target=kill, args=(n,)) for n in procs]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            codes = [p.wait(10) for ps in procs.values() for p in ps]
-            print(sum(killed), sum(code == -9 for code in codes), errors)
-        finally:
-            for ps in procs.values():
-                for p in ps:
-                    if p.poll() is None:
-                        p.kill()
-                        p.wait()
+        threads = [threading.Thread(target=kill, args=(n,)) for n in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(sum(killed), sigkilled(), errors)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    assert out.split() == ["200", "200", "[]"], out
+    assert out == ["200", "200", "[]"], out
 
 
 def test_a_process_whose_main_thread_exited_is_still_found_and_killed(
@@ -341,32 +339,17 @@ def test_a_kill_in_a_process_short_of_descriptors_still_kills_them_all() -> None
     """Most of the fd limit already in use: the walk gives back the pidfds it keeps and goes
     on, and kills every process (the walk used to raise at the first EMFILE and leave the
     rest running)."""
-    script = textwrap.dedent(f"""
-        import os, resource, subprocess
-        from gestvenv import reaper
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(
-            resource.RLIMIT_NOFILE)[1]))
-        env = {{**os.environ, "{reaper.ENV_MARKER}": "envShort"}}
-        procs = [subprocess.Popen(["sleep", "60"], env=env, close_fds=True)
-                 for _ in range(40)]
+    out = under_fd_limit("""
+        spawn(40, "envShort")
         held = [os.open("/dev/null", os.O_RDONLY)
                 for _ in range(56 - len(os.listdir("/proc/self/fd")))]
         try:
-            try:
-                killed = reaper.kill_marked("{reaper.ENV_MARKER}", "envShort")
-            except OSError as exc:
-                killed = repr(exc)
-            codes = [proc.wait(10) for proc in procs]
-            print(killed, sum(code == -9 for code in codes))
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+            killed = reaper.kill_marked(MARK, "envShort")
+        except OSError as exc:
+            killed = repr(exc)
+        print(killed, sigkilled())
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    assert out.split()[-1] == "40", out
+    assert out[-1] == "40", out
 
 
 def test_a_signal_reaches_a_process_whose_main_thread_exited(
