@@ -32,7 +32,6 @@ import shutil
 import signal
 import socket
 import ssl
-import stat
 import struct
 import sys
 import tempfile
@@ -884,33 +883,6 @@ def inherited_sockets() -> list[socket.socket]:
         os.set_inheritable(fd, False)
         socks.append(socket.socket(fileno=fd))
     return socks
-
-
-def bind_unix(path: str, mode: int = 0o600) -> socket.socket:
-    """A listening unix socket at ``path``; a stale socket there (a service gone) is replaced,
-    anything else at that path is refused."""
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise GestvenvError(f"{path} exists and is not a socket: not replaced")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)
-        else:
-            raise GestvenvError(f"{path}: a service already listens there")
-        finally:
-            probe.close()
-    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    os.chmod(path, mode)
-    sock.listen(128)
-    return sock
 
 
 def bind_tcp(address: str) -> socket.socket:

@@ -46,7 +46,7 @@ def serve_command(socket_path: str | None, listen: tuple[str, ...], tls_cert: st
 
     refuse("serve")
     try:
-        from ..api import server, tokens
+        from ..api import server, tokens, unix_listener
     except ImportError as exc:
         raise UserError(f"gestvenv serve needs aiohttp ({exc}): reinstall gestvenv "
                         "or apt install python3-aiohttp") from None
@@ -78,17 +78,27 @@ def serve_command(socket_path: str | None, listen: tuple[str, ...], tls_cert: st
         tls.load_cert_chain(tls_cert, tls_key)
     sockets = [] if (socket_path or listen) else server.inherited_sockets()
     activated = bool(sockets)
-    if not sockets:
-        if socket_path or not listen:
-            sockets.append(server.bind_unix(socket_path or default_socket()))
-        sockets += [server.bind_tcp(address) for address in listen]
+    where = [str(s.getsockname()) for s in sockets]
     if idle_exit is None and activated:
         idle_exit = 60.0
 
     def ready() -> None:
-        where = ", ".join(str(s.getsockname()) for s in sockets)
-        click.echo(f"gestvenv: serving the API on {where}"
+        click.echo(f"gestvenv: serving the API on {', '.join(where)}"
                    + (f" (exits after {idle_exit:g} s idle)" if idle_exit else ""), err=True)
 
-    asyncio.run(server.serve(sockets, idle_exit=idle_exit, limits=bounds, ready=ready,
-                             tls=tls, token_hashes=hashes))
+    published = None
+    try:
+        if not sockets:
+            if socket_path or not listen:
+                # Published at its path once it listens, removed at exit if still ours.
+                published = unix_listener.listen_unix(socket_path or default_socket())
+                sockets.append(published.sock)
+                where.append(published.path)
+            for address in listen:
+                sockets.append(server.bind_tcp(address))
+                where.append(str(sockets[-1].getsockname()))
+        asyncio.run(server.serve(sockets, idle_exit=idle_exit, limits=bounds, ready=ready,
+                                 tls=tls, token_hashes=hashes))
+    finally:
+        if published is not None:
+            published.remove()

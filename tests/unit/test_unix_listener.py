@@ -1,0 +1,229 @@
+"""The socket ``gestvenv serve`` binds itself (gestvenv.api.unix_listener), on real sockets:
+its path appears only once it listens, a stale one is replaced and nothing else is, and at
+exit it is removed only if the path still names it."""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing
+import os
+import socket
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gestvenv.api import unix_listener
+from gestvenv.api.unix_listener import BINDING_PREFIX, listen_unix
+from gestvenv.exceptions import GestvenvError
+
+
+@pytest.fixture
+def here(tmp_path: Path) -> Path:
+    """A directory of the test's own (conftest puts gestvenv's roots in tmp_path)."""
+    folder = tmp_path / "here"
+    folder.mkdir()
+    return folder
+
+
+def connects(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except ConnectionRefusedError:
+            return False
+    return True
+
+
+def test_the_path_appears_only_once_the_socket_listens(here: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that waits for the path and connects at once is never refused: the CI run
+    that found it had a service descheduled between bind() and listen(); here listen() waits
+    0.3 s, and a watcher connects the moment the path exists."""
+    real = socket.socket
+
+    class SlowToListen(real):  # type: ignore[misc,valid-type]
+        def listen(self, *args: int) -> None:
+            time.sleep(0.3)
+            super().listen(*args)
+
+    path = here / "api.sock"
+    seen: list[object] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 10
+        while not os.path.lexists(path) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        with real(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(path))
+                seen.append("connected")
+            except OSError as exc:
+                seen.append(exc)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    monkeypatch.setattr(unix_listener.socket, "socket", SlowToListen)
+    listener = listen_unix(str(path))
+    monkeypatch.undo()
+    watcher.join()
+    try:
+        assert seen == ["connected"]
+        assert sorted(os.listdir(here)) == ["api.sock"], "a temporary name was left"
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+    finally:
+        listener.sock.close()
+
+
+def test_a_stale_socket_is_replaced_and_a_live_one_refused(here: Path) -> None:
+    path = here / "api.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))  # bound, never listening: a service that died
+    stale.close()
+    first = listen_unix(str(path))
+    try:
+        assert connects(path)
+        with pytest.raises(GestvenvError, match="a service already listens there"):
+            listen_unix(str(path))
+        assert connects(path), "the live service's socket was touched"
+        assert sorted(os.listdir(here)) == ["api.sock"]
+    finally:
+        first.sock.close()
+
+
+def test_what_is_not_a_socket_is_never_replaced(here: Path) -> None:
+    secret = here / "secret"
+    secret.write_text("kept")
+    cases = {"file": lambda p: p.write_text("mine"), "dir": lambda p: p.mkdir(),
+             "link": lambda p: p.symlink_to(secret)}
+    for kind, make in cases.items():
+        path = here / f"{kind}.sock"
+        make(path)
+        with pytest.raises(GestvenvError, match="exists and is not a socket"):
+            listen_unix(str(path))
+        assert os.path.lexists(path)
+    assert secret.read_text() == "kept" and (here / "file.sock").read_text() == "mine"
+    assert not [n for n in os.listdir(here) if n.startswith(BINDING_PREFIX)]
+
+
+def test_a_link_to_a_stale_socket_is_not_followed(here: Path) -> None:
+    """The stale check looks at the path itself: a symlink to a dead socket elsewhere is
+    refused, and the socket it points to stays."""
+    elsewhere = here / "elsewhere"
+    elsewhere.mkdir()
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(elsewhere / "dead.sock"))
+    dead.close()
+    path = here / "api.sock"
+    path.symlink_to(elsewhere / "dead.sock")
+    with pytest.raises(GestvenvError, match="not a socket"):
+        listen_unix(str(path))
+    assert (elsewhere / "dead.sock").is_socket() and path.is_symlink()
+
+
+def test_bad_paths_get_clear_errors_and_leave_nothing(here: Path) -> None:
+    longest = here / ("a" * (unix_listener.MAX_PATH_BYTES - len(str(here)) - 1))
+    assert len(str(longest)) == unix_listener.MAX_PATH_BYTES
+    listener = listen_unix(str(longest))  # the longest that fits binds (the temporary too)
+    listener.sock.close()
+    listener.remove()
+    too_long = Path(str(longest) + "b")
+    with pytest.raises(GestvenvError, match="at most 107 bytes"):
+        listen_unix(str(too_long))
+    with pytest.raises(GestvenvError, match="not a name for a socket"):
+        listen_unix(str(here / f"{BINDING_PREFIX}x"))
+    (here / "ro").mkdir(mode=0o500)
+    if os.geteuid() != 0:
+        with pytest.raises(GestvenvError, match="cannot listen there"):
+            listen_unix(str(here / "ro" / "api.sock"))
+    assert sorted(os.listdir(here)) == ["ro"] and not os.listdir(here / "ro")
+
+
+def test_mode_and_a_new_directory(here: Path) -> None:
+    path = here / "new" / "api.sock"
+    listener = listen_unix(str(path), mode=0o660)
+    try:
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660
+        assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    finally:
+        listener.sock.close()
+
+
+def test_removed_at_exit_only_if_still_ours(here: Path) -> None:
+    path = here / "api.sock"
+    first = listen_unix(str(path))
+    first.sock.close()
+    first.remove()
+    assert not os.path.lexists(path)
+    first.remove()  # gone already: nothing to do
+    # Stopped listening, replaced by a later service: that one's socket stays.
+    old = listen_unix(str(path))
+    old.sock.close()
+    later = listen_unix(str(path))
+    try:
+        old.remove()
+        assert connects(path), "the later service's socket was removed"
+    finally:
+        later.sock.close()
+        later.remove()
+    assert not os.listdir(here)
+
+
+def test_a_binding_left_by_a_killed_service_is_swept(here: Path) -> None:
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(str(here / f"{BINDING_PREFIX}0123456789abcdef"))
+    left.close()
+    (here / f"{BINDING_PREFIX}notes").write_text("a file of that name: not ours to sweep")
+    listener = listen_unix(str(here / "api.sock"))
+    try:
+        assert sorted(os.listdir(here)) == sorted(["api.sock", f"{BINDING_PREFIX}notes"])
+    finally:
+        listener.sock.close()
+
+
+def test_a_directory_locked_too_long_is_refused(here: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(unix_listener, "LOCK_WAIT", 0.2)
+    holder = os.open(here, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(GestvenvError, match="holds its lock"):
+            listen_unix(str(here / "api.sock"))
+    finally:
+        os.close(holder)
+    assert not os.listdir(here)
+
+
+def _start(path: str, barrier: Any, out: Any) -> None:
+    barrier.wait()
+    try:
+        listener = listen_unix(path)
+    except GestvenvError as exc:
+        out.put(("refused", str(exc)))
+        return
+    out.put(("listening", os.getpid()))
+    time.sleep(1)  # listening while the other looks
+    listener.sock.close()
+
+
+def test_two_services_started_at_once_one_listens(here: Path) -> None:
+    """Old code: the second probed the first between its bind and listen, took it for stale
+    and unlinked it. Now one listens at the path, the other is refused, 20 times."""
+    context = multiprocessing.get_context("fork")
+    for round_ in range(20):
+        path = here / f"r{round_}.sock"
+        barrier = context.Barrier(2)
+        out: multiprocessing.Queue = context.Queue()  # type: ignore[type-arg]
+        procs = [context.Process(target=_start, args=(str(path), barrier, out))
+                 for _ in range(2)]
+        for p in procs:
+            p.start()
+        results = sorted(out.get(timeout=20)[0] for _ in procs)
+        assert results == ["listening", "refused"], (round_, results)
+        assert connects(path)
+        for p in procs:
+            p.join(10)
+    assert not [n for n in os.listdir(here) if n.startswith(BINDING_PREFIX)]
