@@ -10,8 +10,12 @@ fails if anything is there). Every look at, replacement or removal of the path i
 an exclusive lock on the directory, which each ``gestvenv serve`` takes for a few
 microseconds: a socket found there that refuses connections is then really a stale one.
 
-The temporary name is bound through ``/proc/self/fd/N/``: its length does not depend on the
-directory's, so a path that fits ``sun_path`` always binds.
+Everything goes through one descriptor of the directory, kept for the service's life: the
+check, the unlink and the link name the same entry whatever renames or ``chdir`` happen, and
+the exit's removal finds the directory a relative path named at the start. A socket found at
+the path is opened (``O_PATH``) and probed through that descriptor, and unlinked only if the
+path still names it. The temporary name is bound through ``/proc/self/fd/N/``: its length does
+not depend on the directory's, so a path that fits ``sun_path`` always binds.
 """
 
 from __future__ import annotations
@@ -40,70 +44,94 @@ LOCK_WAIT = 5.0
 
 @dataclass
 class UnixListener:
-    """A listening socket published at ``path``. ``pin`` is an ``O_PATH`` descriptor of the
-    socket's file: it keeps that inode allocated, so a later file at ``path`` cannot reuse
-    its number (ext4 reuses a freed one at once), and :meth:`remove` tells ours by it."""
+    """A listening socket published at ``path`` (as given). ``directory`` is a descriptor of
+    its directory; ``pin`` an ``O_PATH`` one of the socket's file: it keeps that inode
+    allocated, so a later file at the path cannot reuse its number (ext4 reuses a freed one at
+    once), and :meth:`remove` tells ours by it."""
 
     sock: socket.socket
     path: str
+    directory: int
     pin: int
 
     def remove(self) -> None:
         """Unlink the path if it still names this socket (a later service may have replaced
-        it once this one stopped listening); the socket itself is closed elsewhere."""
+        it once this one stopped listening); the socket itself is closed elsewhere. The lock
+        is waited for, then done without: a user who holds a shared directory's lock must not
+        keep the socket there."""
         if self.pin < 0:
             return
-        directory, name = _split(self.path)
         try:
-            ours = os.fstat(self.pin)
-            with _locked(directory) as dfd:
-                st = os.lstat(name, dir_fd=dfd)
-                if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
-                    os.unlink(name, dir_fd=dfd)
-        except FileNotFoundError:
-            pass  # removed already, or its directory
+            with _locked(self.directory, self.path, or_unlocked=True):
+                _unlink_if_same(os.path.basename(self.path), self.directory,
+                                os.fstat(self.pin))
         except OSError as exc:
             raise GestvenvError(f"{self.path}: not removed: {exc.strerror}") from None
         finally:
             os.close(self.pin)
-            self.pin = -1
+            os.close(self.directory)
+            self.pin = self.directory = -1
 
 
 def listen_unix(path: str, mode: int = 0o600, backlog: int = 128) -> UnixListener:
     """A listening unix socket at ``path``, mode ``mode``. A stale socket there (its service
     gone) is replaced; a live one, or anything that is not a socket, is refused."""
-    size = len(os.fsencode(path))
-    if size > MAX_PATH_BYTES:
+    try:
+        encoded = os.fsencode(path)
+    except UnicodeEncodeError:
+        raise GestvenvError(f"{path!r}: not a path this system can name") from None
+    if b"\0" in encoded:
+        raise GestvenvError(f"{path!r}: a path has no NUL byte")
+    if len(encoded) > MAX_PATH_BYTES:
         raise GestvenvError(f"{path}: a unix socket's path is at most {MAX_PATH_BYTES} bytes "
-                            f"(this one is {size})")
-    directory, name = _split(path)
+                            f"(this one is {len(encoded)})")
+    directory, name = os.path.split(path)
+    directory = directory or "."
     if name in ("", ".", "..") or name.startswith(BINDING_PREFIX):
         raise GestvenvError(f"{path}: not a name for a socket")
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        with _locked(directory) as dfd:
-            return _publish(path, name, mode, backlog, dfd)
+        dfd = _open_directory(directory)
+    except (FileExistsError, NotADirectoryError):
+        raise GestvenvError(f"{directory}: not a directory") from None
     except OSError as exc:
         raise GestvenvError(f"{path}: cannot listen there: {exc.strerror}") from None
+    try:
+        with _locked(dfd, directory) as held:
+            sock, pin = _publish(path, name, mode, backlog, dfd, locked=held)
+    except OSError as exc:
+        os.close(dfd)
+        raise GestvenvError(f"{path}: cannot listen there: {exc.strerror}") from None
+    except BaseException:
+        os.close(dfd)
+        raise
+    return UnixListener(sock, path, dfd, pin)
 
 
-def _publish(path: str, name: str, mode: int, backlog: int, dfd: int) -> UnixListener:
-    """Under the directory's lock: bound under a temporary name, listening, then linked."""
-    _sweep_unpublished(dfd)
+def _open_directory(directory: str) -> int:
+    """Read access, for its lock; a directory this user may write but not read (mode 1733)
+    is taken unlocked (``O_PATH``): the link's exclusivity and the inode checks still hold."""
+    flags = os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        return os.open(directory, os.O_RDONLY | flags)
+    except PermissionError:
+        return os.open(directory, os.O_PATH | flags)
+
+
+def _publish(path: str, name: str, mode: int, backlog: int, dfd: int, *,
+             locked: bool) -> tuple[socket.socket, int]:
+    """Under the directory's lock: bound under a temporary name, listening, then linked. On
+    any failure nothing of it is left: not the temporary name, not the path, not a fd."""
+    if locked:
+        _sweep_unpublished(dfd)
     _clear_stale(path, name, dfd)
     temporary = BINDING_PREFIX + secrets.token_hex(8)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    pin = -1
+    published = False
     try:
-        old = os.umask(0o177)
         try:
-            sock.bind(f"/proc/self/fd/{dfd}/{temporary}")
-        finally:
-            os.umask(old)
-        pin = -1
-        try:
-            pin = os.open(temporary, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-            os.chmod(temporary, mode, dir_fd=dfd)
-            sock.listen(backlog)
+            pin = _bind_listening(sock, dfd, temporary, mode, backlog)
             try:
                 os.link(temporary, name, src_dir_fd=dfd, dst_dir_fd=dfd,
                         follow_symlinks=False)
@@ -111,43 +139,77 @@ def _publish(path: str, name: str, mode: int, backlog: int, dfd: int) -> UnixLis
                 # Nothing was there under the lock: a program that does not take it.
                 raise GestvenvError(f"{path}: something else was put there while the "
                                     "service bound it: not replaced") from None
-        except BaseException:
-            if pin >= 0:
-                os.close(pin)
-            raise
+            published = True
         finally:
-            os.unlink(temporary, dir_fd=dfd)
+            if pin >= 0:  # (a socket bound but not pinned: the next start sweeps it)
+                _unlink_if_same(temporary, dfd, os.fstat(pin))
     except BaseException:
+        if pin >= 0:
+            if published:
+                with contextlib.suppress(OSError):
+                    _unlink_if_same(name, dfd, os.fstat(pin))
+            os.close(pin)
         sock.close()
         raise
-    return UnixListener(sock, path, pin)
+    return sock, pin
 
 
-def _split(path: str) -> tuple[str, str]:
-    directory, name = os.path.split(path)
-    return directory or ".", name
+def _bind_listening(sock: socket.socket, dfd: int, temporary: str, mode: int,
+                    backlog: int) -> int:
+    """``sock`` bound at ``temporary``, given ``mode`` and listening; returns its pin. No
+    umask games (they are the whole process's): until listen() nothing can connect, and the
+    mode is set before it."""
+    sock.bind(f"/proc/self/fd/{dfd}/{temporary}")
+    pin = os.open(temporary, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        os.chmod(f"/proc/self/fd/{pin}", mode)  # this very inode
+        sock.listen(backlog)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _unlink_if_same(temporary, dfd, os.fstat(pin))
+        os.close(pin)
+        raise
+    return pin
+
+
+def _unlink_if_same(name: str, dfd: int, ours: os.stat_result) -> None:
+    """Unlink ``name`` if it is the file ``ours`` (by device and inode)."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(name, dir_fd=dfd)
+        if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
+            os.unlink(name, dir_fd=dfd)
 
 
 @contextlib.contextmanager
-def _locked(directory: str) -> Iterator[int]:
-    """The directory, open and exclusively locked (flock: released if its holder dies). A
-    holder keeps it for microseconds; one that keeps it longer (any user who may read a shared
-    directory can take it) is waited for ``LOCK_WAIT`` seconds, then refused."""
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        deadline = time.monotonic() + LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise GestvenvError(f"{directory}: another process holds its lock "
-                                        f"(flock) for over {LOCK_WAIT:g} s") from None
+def _locked(dfd: int, where: str, *, or_unlocked: bool = False) -> Iterator[bool]:
+    """The directory exclusively locked (flock: released if its holder dies); yields whether
+    it is. A holder keeps it for microseconds; one that keeps it longer (any user who may read
+    a shared directory can take it) is waited for ``LOCK_WAIT`` seconds, then refused, or
+    gone on without (``or_unlocked``). An ``O_PATH`` descriptor cannot be locked."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
                 time.sleep(0.01)
-        yield dfd
+                continue
+            if not or_unlocked:
+                raise GestvenvError(f"{where}: another process holds its directory's lock "
+                                    f"(flock) for over {LOCK_WAIT:g} s: put the socket in "
+                                    "a directory of its own") from None
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+        held = False
+        break
+    try:
+        yield held
     finally:
-        os.close(dfd)
+        if held:
+            fcntl.flock(dfd, fcntl.LOCK_UN)
 
 
 def _sweep_unpublished(dfd: int) -> None:
@@ -161,26 +223,37 @@ def _sweep_unpublished(dfd: int) -> None:
 
 
 def _clear_stale(path: str, name: str, dfd: int) -> None:
-    """Nothing at ``name``, or a stale socket removed; anything else refused."""
+    """Nothing at ``name``, or a stale socket removed; anything else refused. The entry is
+    opened once and probed through that descriptor: what is unlinked is what was probed."""
     try:
-        st = os.lstat(name, dir_fd=dfd)
+        entry = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise GestvenvError(f"{path} exists and is not a socket: not replaced")
+    try:
+        st = os.fstat(entry)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise GestvenvError(f"{path} exists and is not a socket: not replaced")
+        if _listens(path, entry):
+            raise GestvenvError(f"{path}: a service already listens there")
+        _unlink_if_same(name, dfd, st)  # its service is gone
+    finally:
+        os.close(entry)
+
+
+def _listens(path: str, entry: int) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.setblocking(False)  # a live service with a full backlog: EAGAIN, not a wait
     try:
-        probe.connect(path)
+        probe.connect(f"/proc/self/fd/{entry}")
     except ConnectionRefusedError:
-        os.unlink(name, dir_fd=dfd)  # nothing listens: its service is gone
-        return
+        return False
     except BlockingIOError:
-        pass
+        return True
     except OSError as exc:
-        if exc.errno != errno.EAGAIN:
-            raise GestvenvError(f"{path}: cannot tell whether a service listens there "
-                                f"({exc.strerror}): not replaced") from None
+        if exc.errno == errno.EAGAIN:
+            return True
+        raise GestvenvError(f"{path}: cannot tell whether a service listens there "
+                            f"({exc.strerror}): not replaced") from None
     finally:
         probe.close()
-    raise GestvenvError(f"{path}: a service already listens there")
+    return True

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..exceptions import GestvenvError
 from ._common import UserError, handle_errors
 
 
@@ -101,4 +102,7 @@ def serve_command(socket_path: str | None, listen: tuple[str, ...], tls_cert: st
                                  tls=tls, token_hashes=hashes))
     finally:
         if published is not None:
-            published.remove()
+            try:
+                published.remove()
+            except GestvenvError as exc:  # said, not in place of the service's own error
+                click.echo(f"gestvenv: {exc}", err=True)

@@ -29,6 +29,10 @@ def here(tmp_path: Path) -> Path:
     return folder
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 def connects(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
@@ -66,7 +70,7 @@ def test_the_path_appears_only_once_the_socket_listens(here: Path,
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    monkeypatch.setattr(unix_listener.socket, "socket", SlowToListen)
+    monkeypatch.setattr(socket, "socket", SlowToListen)
     listener = listen_unix(str(path))
     monkeypatch.undo()
     watcher.join()
@@ -99,6 +103,7 @@ def test_what_is_not_a_socket_is_never_replaced(here: Path) -> None:
     secret.write_text("kept")
     cases = {"file": lambda p: p.write_text("mine"), "dir": lambda p: p.mkdir(),
              "link": lambda p: p.symlink_to(secret)}
+    fds = open_fds()
     for kind, make in cases.items():
         path = here / f"{kind}.sock"
         make(path)
@@ -107,6 +112,7 @@ def test_what_is_not_a_socket_is_never_replaced(here: Path) -> None:
         assert os.path.lexists(path)
     assert secret.read_text() == "kept" and (here / "file.sock").read_text() == "mine"
     assert not [n for n in os.listdir(here) if n.startswith(BINDING_PREFIX)]
+    assert open_fds() == fds, "a refusal left a descriptor open"
 
 
 def test_a_link_to_a_stale_socket_is_not_followed(here: Path) -> None:
@@ -130,16 +136,25 @@ def test_bad_paths_get_clear_errors_and_leave_nothing(here: Path) -> None:
     listener = listen_unix(str(longest))  # the longest that fits binds (the temporary too)
     listener.sock.close()
     listener.remove()
+    fds = open_fds()
     too_long = Path(str(longest) + "b")
     with pytest.raises(GestvenvError, match="at most 107 bytes"):
         listen_unix(str(too_long))
     with pytest.raises(GestvenvError, match="not a name for a socket"):
         listen_unix(str(here / f"{BINDING_PREFIX}x"))
+    for bad in ("a\0b", "\udcff\ud800"):
+        with pytest.raises(GestvenvError, match=r"NUL byte|this system can name"):
+            listen_unix(str(here / bad))
+    (here / "plain").write_text("")
+    with pytest.raises(GestvenvError, match="plain: not a directory"):
+        listen_unix(str(here / "plain" / "api.sock"))
+    (here / "plain").unlink()
     (here / "ro").mkdir(mode=0o500)
     if os.geteuid() != 0:
         with pytest.raises(GestvenvError, match="cannot listen there"):
             listen_unix(str(here / "ro" / "api.sock"))
     assert sorted(os.listdir(here)) == ["ro"] and not os.listdir(here / "ro")
+    assert open_fds() == fds, "a refusal left a descriptor open"
 
 
 def test_mode_and_a_new_directory(here: Path) -> None:
@@ -187,14 +202,21 @@ def test_a_binding_left_by_a_killed_service_is_swept(here: Path) -> None:
 def test_a_directory_locked_too_long_is_refused(here: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(unix_listener, "LOCK_WAIT", 0.2)
+    published = listen_unix(str(here / "api.sock"))
+    published.sock.close()
+    fds = open_fds()
     holder = os.open(here, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)
-        with pytest.raises(GestvenvError, match="holds its lock"):
-            listen_unix(str(here / "api.sock"))
+        with pytest.raises(GestvenvError, match="holds its directory's lock"):
+            listen_unix(str(here / "other.sock"))
+        # At exit the lock is waited for, then gone without: a user who holds a shared
+        # directory's lock does not keep the socket there.
+        published.remove()
     finally:
         os.close(holder)
     assert not os.listdir(here)
+    assert open_fds() == fds - 2, "the listener's pin and directory are closed"
 
 
 def _start(path: str, barrier: Any, out: Any) -> None:
@@ -224,6 +246,109 @@ def test_two_services_started_at_once_one_listens(here: Path) -> None:
         results = sorted(out.get(timeout=20)[0] for _ in procs)
         assert results == ["listening", "refused"], (round_, results)
         assert connects(path)
+        for p in procs:
+            p.join(10)
+    assert not [n for n in os.listdir(here) if n.startswith(BINDING_PREFIX)]
+
+
+def test_a_relative_path_is_removed_after_a_chdir(here: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service chdirs (to a dir of its own, then /) before it exits: the removal goes
+    through the directory's descriptor, not the path again."""
+    monkeypatch.chdir(here)
+    listener = listen_unix("sub/api.sock")
+    monkeypatch.chdir("/")
+    listener.sock.close()
+    listener.remove()
+    assert os.listdir(here) == ["sub"] and not os.listdir(here / "sub")
+
+
+def test_a_live_service_with_a_full_backlog_is_not_taken_for_stale(here: Path) -> None:
+    path = here / "api.sock"
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(path))
+    live.listen(0)
+    waiting = []
+    try:
+        while True:  # fill its backlog: a connect then gets EAGAIN
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            waiting.append(s)
+            try:
+                s.connect(str(path))
+            except BlockingIOError:
+                break
+        started = time.monotonic()
+        with pytest.raises(GestvenvError, match="already listens"):
+            listen_unix(str(path))
+        assert time.monotonic() - started < 1, "the probe waited on the full backlog"
+        assert path.is_socket()
+    finally:
+        for s in waiting:
+            s.close()
+        live.close()
+
+
+def test_the_sweep_leaves_another_users_bindings(here: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(str(here / f"{BINDING_PREFIX}0123456789abcdef"))
+    left.close()
+    monkeypatch.setattr(os, "geteuid", lambda: os.getuid() + 1)  # not ours
+    listener = listen_unix(str(here / "api.sock"))
+    monkeypatch.undo()
+    try:
+        assert (here / f"{BINDING_PREFIX}0123456789abcdef").is_socket()
+    finally:
+        listener.sock.close()
+        listener.remove()
+
+
+def _start_slowly(path: str, barrier: Any, out: Any) -> None:
+    """A service whose probe and whose bind each take 30 ms more: the windows where another
+    service, without the lock, would unlink this one's live socket or sweep its binding."""
+    def slower(function: Any) -> Any:
+        def call(*args: Any) -> Any:
+            try:
+                return function(*args)
+            finally:
+                time.sleep(0.03)
+        return call
+
+    unix_listener._listens = slower(unix_listener._listens)
+    unix_listener._bind_listening = slower(unix_listener._bind_listening)
+    barrier.wait()
+    try:
+        listener = listen_unix(path)
+    except GestvenvError as exc:
+        out.put(("refused", str(exc)))
+        return
+    out.put(("listening", os.fstat(listener.pin).st_ino))
+    time.sleep(1.5)  # listening while the others look
+    listener.sock.close()
+
+
+def test_services_started_at_once_over_a_stale_socket_one_listens(here: Path) -> None:
+    """Four at once, over a stale socket and a binding a killed service left: one listens at
+    the path, the three others are told a service listens there. Without the lock (LOCK_SH),
+    one sweeps another's binding mid-way, or two unlink and link in turn."""
+    context = multiprocessing.get_context("fork")
+    for round_ in range(5):
+        path = here / f"r{round_}.sock"
+        for name in (path.name, f"{BINDING_PREFIX}{round_:016x}"):
+            dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            dead.bind(str(here / name))
+            dead.close()
+        barrier = context.Barrier(4)
+        out = context.Queue()
+        procs = [context.Process(target=_start_slowly, args=(str(path), barrier, out))
+                 for _ in range(4)]
+        for p in procs:
+            p.start()
+        results = sorted((out.get(timeout=30) for _ in procs), key=lambda r: r[0])
+        assert [r[0] for r in results] == ["listening"] + ["refused"] * 3, (round_, results)
+        assert all("a service already listens there" in r[1] for r in results[1:]), results
+        assert os.lstat(path).st_ino == results[0][1] and connects(path)
         for p in procs:
             p.join(10)
     assert not [n for n in os.listdir(here) if n.startswith(BINDING_PREFIX)]
