@@ -957,52 +957,61 @@ def check_tcp(sock: socket.socket, tls: bool, token_hashes: frozenset[str]) -> N
 async def serve(sockets: list[socket.socket], *, config: Config | None = None,
                 idle_exit: float | None = None, limits: Limits | None = None,
                 ready: Callable[[], None] | None = None, tls: ssl.SSLContext | None = None,
-                token_hashes: frozenset[str] = frozenset()) -> None:
+                token_hashes: frozenset[str] = frozenset(),
+                stop_asked: Callable[[], bool] | None = None) -> None:
     """Serve the API on ``sockets`` until SIGTERM/SIGINT, or ``idle_exit`` seconds without a
-    request or a connection (socket activation starts it again on the next one)."""
+    request or a connection (socket activation starts it again on the next one).
+    ``stop_asked``: whether a stop came before the service took the signals over (it then
+    stops as soon as it has started)."""
     for sock in sockets:
         check_tcp(sock, tls is not None, token_hashes)
     # Run from an empty dir of its own: nothing a request names can resolve against the
     # service's working dir (an installer takes a bare existing path as a local project).
     workdir = tempfile.mkdtemp(prefix="gestvenv-serve-")
-    os.chdir(workdir)
-    service = Service(config=config or load_config(), limits=limits or Limits(),
-                      idle_exit=idle_exit, token_hashes=token_hashes)
-    app = make_app(service)
-    # Stopping waits this long for handlers: every stream ends at once when the service
-    # stops (its loops look at `stopping`), so a short wait is enough.
-    # After an answer to a request whose body was not read (refused, or slow), aiohttp reads
-    # what is left for `lingering_time` (10 s by default): a client that sends nothing more
-    # would hold its connection that long.
-    options: dict[str, Any] = {"access_log": None, "handle_signals": False,
-                               "keepalive_timeout": 15.0, "lingering_time": 1.0}
-    site_options: dict[str, Any] = {}
-    # (aiohttp >= 3.9: the runner's; before, the site's: the runner would pass it on to
-    # each connection's handler, which refuses it)
-    if "shutdown_timeout" in inspect.signature(web.AppRunner.__init__).parameters:
-        options["shutdown_timeout"] = 5.0
-    else:
-        site_options["shutdown_timeout"] = 5.0
-    runner = web.AppRunner(app, **options)
-    await runner.setup()
-    service.runner = runner
-    for sock in sockets:
-        sock.setblocking(False)
-        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
-        await web.SockSite(runner, sock, ssl_context=tls if tcp else None,
-                           **site_options).start()
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(_quiet_client_errors)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, service.stopping.set)
-    watcher = asyncio.ensure_future(_watch_connections(service))
-    if ready is not None:
-        ready()
-    try:
+    runner: web.AppRunner | None = None
+    watcher: asyncio.Future[None] | None = None
+    try:  # (a failure or SIGTERM while starting leaves no workdir either)
+        os.chdir(workdir)
+        service = Service(config=config or load_config(), limits=limits or Limits(),
+                          idle_exit=idle_exit, token_hashes=token_hashes)
+        app = make_app(service)
+        # Stopping waits this long for handlers: every stream ends at once when the service
+        # stops (its loops look at `stopping`), so a short wait is enough.
+        # After an answer to a request whose body was not read (refused, or slow), aiohttp reads
+        # what is left for `lingering_time` (10 s by default): a client that sends nothing more
+        # would hold its connection that long.
+        options: dict[str, Any] = {"access_log": None, "handle_signals": False,
+                                   "keepalive_timeout": 15.0, "lingering_time": 1.0}
+        site_options: dict[str, Any] = {}
+        # (aiohttp >= 3.9: the runner's; before, the site's: the runner would pass it on to
+        # each connection's handler, which refuses it)
+        if "shutdown_timeout" in inspect.signature(web.AppRunner.__init__).parameters:
+            options["shutdown_timeout"] = 5.0
+        else:
+            site_options["shutdown_timeout"] = 5.0
+        runner = web.AppRunner(app, **options)
+        await runner.setup()
+        service.runner = runner
+        for sock in sockets:
+            sock.setblocking(False)
+            tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+            await web.SockSite(runner, sock, ssl_context=tls if tcp else None,
+                               **site_options).start()
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_client_errors)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, service.stopping.set)
+        if stop_asked is not None and stop_asked():
+            service.stopping.set()
+        watcher = asyncio.ensure_future(_watch_connections(service))
+        if ready is not None:
+            ready()
         await service.stopping.wait()
     finally:
-        watcher.cancel()
-        # Held environments end with their streams (their blocks exit); commands are ended.
-        await runner.cleanup()
+        if watcher is not None:
+            watcher.cancel()
+        if runner is not None:
+            # Held environments end with their streams (their blocks exit); commands end.
+            await runner.cleanup()
         os.chdir("/")
         shutil.rmtree(workdir, ignore_errors=True)

@@ -14,8 +14,12 @@ Everything goes through one descriptor of the directory, kept for the service's 
 check, the unlink and the link name the same entry whatever renames or ``chdir`` happen, and
 the exit's removal finds the directory a relative path named at the start. A socket found at
 the path is opened (``O_PATH``) and probed through that descriptor, and unlinked only if the
-path still names it. The temporary name is bound through ``/proc/self/fd/N/``: its length does
-not depend on the directory's, so a path that fits ``sun_path`` always binds.
+path still names it. The directory must be readable, for its lock (else: refused).
+
+The temporary name is bound by the directory's absolute path, so that ``ss -xlp`` shows where
+the service is (as ``.gestvenv-binding-<hex>``: a socket's address is fixed at ``bind()``);
+where that would not fit ``sun_path``, through ``/proc/self/fd/N/``, whose length does not
+depend on the directory's: a path that fits always binds.
 """
 
 from __future__ import annotations
@@ -89,41 +93,53 @@ def listen_unix(path: str, mode: int = 0o600, backlog: int = 128) -> UnixListene
     directory = directory or "."
     if name in ("", ".", "..") or name.startswith(BINDING_PREFIX):
         raise GestvenvError(f"{path}: not a name for a socket")
+    made = False
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not os.path.isdir(directory):
+            os.mkdir(directory, mode=0o700)  # the leaf only: its parent must exist
+            made = True
         dfd = _open_directory(directory)
     except (FileExistsError, NotADirectoryError):
         raise GestvenvError(f"{directory}: not a directory") from None
     except OSError as exc:
+        _undo_directory(directory, made)
         raise GestvenvError(f"{path}: cannot listen there: {exc.strerror}") from None
     try:
-        with _locked(dfd, directory) as held:
-            sock, pin = _publish(path, name, mode, backlog, dfd, locked=held)
-    except OSError as exc:
+        with _locked(dfd, directory):
+            sock, pin = _publish(path, name, mode, backlog, dfd, directory)
+    except BaseException as exc:
         os.close(dfd)
-        raise GestvenvError(f"{path}: cannot listen there: {exc.strerror}") from None
-    except BaseException:
-        os.close(dfd)
+        _undo_directory(directory, made)
+        if isinstance(exc, OSError):
+            raise GestvenvError(f"{path}: cannot listen there: {exc.strerror}") from None
         raise
     return UnixListener(sock, path, dfd, pin)
 
 
 def _open_directory(directory: str) -> int:
-    """Read access, for its lock; a directory this user may write but not read (mode 1733)
-    is taken unlocked (``O_PATH``): the link's exclusivity and the inode checks still hold."""
-    flags = os.O_DIRECTORY | os.O_CLOEXEC
+    """Read access, for its lock."""
     try:
-        return os.open(directory, os.O_RDONLY | flags)
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except PermissionError:
-        return os.open(directory, os.O_PATH | flags)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise
+        raise GestvenvError(f"{directory}: this user may write there but not read it, so it "
+                            "cannot take its lock: put the socket in a directory of its "
+                            "own") from None
 
 
-def _publish(path: str, name: str, mode: int, backlog: int, dfd: int, *,
-             locked: bool) -> tuple[socket.socket, int]:
+def _undo_directory(directory: str, made: bool) -> None:
+    """The directory this start made, removed if the start failed (empty: rmdir)."""
+    if made:
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+
+
+def _publish(path: str, name: str, mode: int, backlog: int, dfd: int,
+             directory: str) -> tuple[socket.socket, int]:
     """Under the directory's lock: bound under a temporary name, listening, then linked. On
     any failure nothing of it is left: not the temporary name, not the path, not a fd."""
-    if locked:
-        _sweep_unpublished(dfd)
+    _sweep_unpublished(dfd)
     _clear_stale(path, name, dfd)
     temporary = BINDING_PREFIX + secrets.token_hex(8)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -131,7 +147,7 @@ def _publish(path: str, name: str, mode: int, backlog: int, dfd: int, *,
     published = False
     try:
         try:
-            pin = _bind_listening(sock, dfd, temporary, mode, backlog)
+            pin = _bind_listening(sock, dfd, directory, temporary, mode, backlog)
             try:
                 os.link(temporary, name, src_dir_fd=dfd, dst_dir_fd=dfd,
                         follow_symlinks=False)
@@ -154,15 +170,20 @@ def _publish(path: str, name: str, mode: int, backlog: int, dfd: int, *,
     return sock, pin
 
 
-def _bind_listening(sock: socket.socket, dfd: int, temporary: str, mode: int,
-                    backlog: int) -> int:
+def _bind_listening(sock: socket.socket, dfd: int, directory: str, temporary: str,
+                    mode: int, backlog: int) -> int:
     """``sock`` bound at ``temporary``, given ``mode`` and listening; returns its pin. No
     umask games (they are the whole process's): until listen() nothing can connect, and the
     mode is set before it."""
-    sock.bind(f"/proc/self/fd/{dfd}/{temporary}")
-    pin = os.open(temporary, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    sock.bind(_bind_address(dfd, directory, temporary))
     try:
-        os.chmod(f"/proc/self/fd/{pin}", mode)  # this very inode
+        pin = os.open(temporary, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except BaseException:
+        with contextlib.suppress(OSError):  # (a random name, made just now, under the lock)
+            os.unlink(temporary, dir_fd=dfd)
+        raise
+    try:
+        os.chmod(temporary, mode, dir_fd=dfd)
         sock.listen(backlog)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -170,6 +191,19 @@ def _bind_listening(sock: socket.socket, dfd: int, temporary: str, mode: int,
         os.close(pin)
         raise
     return pin
+
+
+def _bind_address(dfd: int, directory: str, temporary: str) -> str:
+    """The temporary name by the directory's absolute path (what ``ss`` will show) if it fits
+    ``sun_path``, else through the descriptor."""
+    try:
+        where = os.readlink(f"/proc/self/fd/{dfd}")  # the directory as it is now
+    except OSError:
+        where = os.path.abspath(directory)  # (no /proc)
+    address = os.path.join(where, temporary)
+    if len(os.fsencode(address)) <= MAX_PATH_BYTES:
+        return address
+    return f"/proc/self/fd/{dfd}/{temporary}"
 
 
 def _unlink_if_same(name: str, dfd: int, ours: os.stat_result) -> None:
@@ -181,32 +215,27 @@ def _unlink_if_same(name: str, dfd: int, ours: os.stat_result) -> None:
 
 
 @contextlib.contextmanager
-def _locked(dfd: int, where: str, *, or_unlocked: bool = False) -> Iterator[bool]:
-    """The directory exclusively locked (flock: released if its holder dies); yields whether
-    it is. A holder keeps it for microseconds; one that keeps it longer (any user who may read
-    a shared directory can take it) is waited for ``LOCK_WAIT`` seconds, then refused, or
-    gone on without (``or_unlocked``). An ``O_PATH`` descriptor cannot be locked."""
+def _locked(dfd: int, where: str, *, or_unlocked: bool = False) -> Iterator[None]:
+    """The directory exclusively locked (flock: released if its holder dies). A holder keeps
+    it for microseconds; one that keeps it longer (any user who may read a shared directory
+    can take it) is waited for ``LOCK_WAIT`` seconds, then refused, or gone on without
+    (``or_unlocked``)."""
     deadline = time.monotonic() + LOCK_WAIT
-    while True:
+    held = False
+    while not held:
         try:
             fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             held = True
-            break
         except BlockingIOError:
-            if time.monotonic() < deadline:
-                time.sleep(0.01)
-                continue
-            if not or_unlocked:
+            if time.monotonic() >= deadline:
+                if or_unlocked:
+                    break
                 raise GestvenvError(f"{where}: another process holds its directory's lock "
                                     f"(flock) for over {LOCK_WAIT:g} s: put the socket in "
                                     "a directory of its own") from None
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                raise
-        held = False
-        break
+            time.sleep(0.01)
     try:
-        yield held
+        yield
     finally:
         if held:
             fcntl.flock(dfd, fcntl.LOCK_UN)
@@ -241,10 +270,14 @@ def _clear_stale(path: str, name: str, dfd: int) -> None:
 
 
 def _listens(path: str, entry: int) -> bool:
+    """Whether a service listens on the socket ``entry`` (an ``O_PATH`` descriptor) is."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.setblocking(False)  # a live service with a full backlog: EAGAIN, not a wait
     try:
-        probe.connect(f"/proc/self/fd/{entry}")
+        try:
+            probe.connect(f"/proc/self/fd/{entry}")
+        except FileNotFoundError:  # no /proc: by its path, which names it under the lock
+            probe.connect(path)
     except ConnectionRefusedError:
         return False
     except BlockingIOError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import click
@@ -77,6 +78,8 @@ def serve_command(socket_path: str | None, listen: tuple[str, ...], tls_cert: st
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.minimum_version = ssl.TLSVersion.TLSv1_2
         tls.load_cert_chain(tls_cert, tls_key)
+    if socket_path == "":  # (an unset variable: not the default socket in its place)
+        raise UserError("--socket: an empty path")
     sockets = [] if (socket_path or listen) else server.inherited_sockets()
     activated = bool(sockets)
     where = [str(s.getsockname()) for s in sockets]
@@ -87,6 +90,12 @@ def serve_command(socket_path: str | None, listen: tuple[str, ...], tls_cert: st
         click.echo(f"gestvenv: serving the API on {', '.join(where)}"
                    + (f" (exits after {idle_exit:g} s idle)" if idle_exit else ""), err=True)
 
+    # Until the service's loop takes SIGTERM and SIGINT over, they are noted, and the service
+    # stops as soon as it has started: the default action would kill it with its socket left
+    # (refusing clients), and an exception raised at any point could leave asyncio half-built.
+    asked: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: asked.append(signum))
     published = None
     try:
         if not sockets:
@@ -98,8 +107,10 @@ def serve_command(socket_path: str | None, listen: tuple[str, ...], tls_cert: st
             for address in listen:
                 sockets.append(server.bind_tcp(address))
                 where.append(str(sockets[-1].getsockname()))
-        asyncio.run(server.serve(sockets, idle_exit=idle_exit, limits=bounds, ready=ready,
-                                 tls=tls, token_hashes=hashes))
+        if not asked:
+            asyncio.run(server.serve(sockets, idle_exit=idle_exit, limits=bounds, ready=ready,
+                                     tls=tls, token_hashes=hashes,
+                                     stop_asked=lambda: bool(asked)))
     finally:
         if published is not None:
             try:

@@ -445,3 +445,32 @@ def test_socket_file_is_private(service: Path) -> None:
     assert oct(os.stat(service).st_mode & 0o777) == "0o600"
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(service))
+
+
+def test_sigterm_as_the_service_starts_leaves_nothing(tmp_path: Path) -> None:
+    """SIGTERM the moment the socket's path appears, before the service's loop has taken
+    SIGTERM over (the default action used to kill it there, leaving a socket that refuses
+    clients, and its work dir): it unwinds as Ctrl-C does. Five times."""
+    for round_ in range(5):
+        work = tmp_path / f"tmp{round_}"
+        work.mkdir()
+        path = tmp_path / f"s{round_}" / "api.sock"
+        proc = subprocess.Popen([sys.executable, "-m", "gestvenv", "serve", "--socket",
+                                 str(path)], env={**os.environ, "TMPDIR": str(work)},
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while not os.path.lexists(path):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.0005)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode in (0, 128 + signal.SIGTERM), (round_, proc.returncode, err)
+        assert "Traceback" not in err
+        assert not os.listdir(path.parent) and not os.listdir(work), (round_, err)
+
+
+def test_an_empty_socket_path_is_refused() -> None:
+    """(`--socket "$UNSET"`): not the default socket in its place."""
+    done = subprocess.run([sys.executable, "-m", "gestvenv", "serve", "--socket", ""],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "--socket: an empty path" in done.stderr, done

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import multiprocessing
 import os
+import resource
 import socket
 import stat
 import threading
@@ -78,6 +79,9 @@ def test_the_path_appears_only_once_the_socket_listens(here: Path,
         assert seen == ["connected"]
         assert sorted(os.listdir(here)) == ["api.sock"], "a temporary name was left"
         assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        # Where `ss -xlp` shows it: its directory, by its absolute path (the address is fixed
+        # at bind(), under the temporary name).
+        assert listener.sock.getsockname().startswith(f"{here}/{BINDING_PREFIX}")
     finally:
         listener.sock.close()
 
@@ -131,11 +135,15 @@ def test_a_link_to_a_stale_socket_is_not_followed(here: Path) -> None:
 
 
 def test_bad_paths_get_clear_errors_and_leave_nothing(here: Path) -> None:
-    longest = here / ("a" * (unix_listener.MAX_PATH_BYTES - len(str(here)) - 1))
+    # The longest path that fits binds, in a directory too deep for the temporary name's
+    # absolute address (bound through /proc/self/fd then).
+    longest = here / ("d" * (unix_listener.MAX_PATH_BYTES - len(str(here)) - 3)) / "s"
     assert len(str(longest)) == unix_listener.MAX_PATH_BYTES
-    listener = listen_unix(str(longest))  # the longest that fits binds (the temporary too)
+    listener = listen_unix(str(longest))
+    assert listener.sock.getsockname().startswith("/proc/self/fd/") and connects(longest)
     listener.sock.close()
     listener.remove()
+    longest.parent.rmdir()  # (made by the start, kept at exit: only a failed start undoes it)
     fds = open_fds()
     too_long = Path(str(longest) + "b")
     with pytest.raises(GestvenvError, match="at most 107 bytes"):
@@ -352,3 +360,31 @@ def test_services_started_at_once_over_a_stale_socket_one_listens(here: Path) ->
         for p in procs:
             p.join(10)
     assert not [n for n in os.listdir(here) if n.startswith(BINDING_PREFIX)]
+
+
+def test_short_of_descriptors_after_bind_nothing_is_left(here: Path) -> None:
+    """The socket is bound, then its pin cannot be opened (EMFILE): its temporary name goes,
+    and the directory the start made."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fds = open_fds()
+    # the directory's descriptor and the socket fit, the pin does not
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_limit_leaving(2), hard))
+    try:
+        with pytest.raises(GestvenvError, match="Too many open files"):
+            listen_unix(str(here / "new" / "api.sock"))  # (the dir it made goes too)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert os.listdir(here) == [] and open_fds() == fds
+
+
+def _limit_leaving(free: int) -> int:
+    """The descriptor limit under which exactly ``free`` more descriptors can be opened
+    (the lowest free numbers are taken first)."""
+    used = {int(fd) for fd in os.listdir("/proc/self/fd")}
+    lowest = os.open("/dev/null", os.O_RDONLY)  # the number listdir's own descriptor had
+    os.close(lowest)
+    used.discard(lowest)
+    limit = 0
+    while limit - len([fd for fd in used if fd < limit]) < free:
+        limit += 1
+    return limit
