@@ -227,18 +227,6 @@ def test_a_directory_locked_too_long_is_refused(here: Path,
     assert open_fds() == fds - 2, "the listener's pin and directory are closed"
 
 
-def _start(path: str, barrier: Any, out: Any) -> None:
-    barrier.wait()
-    try:
-        listener = listen_unix(path)
-    except GestvenvError as exc:
-        out.put(("refused", str(exc)))
-        return
-    out.put(("listening", os.getpid()))
-    time.sleep(1)  # listening while the other looks
-    listener.sock.close()
-
-
 def test_two_services_started_at_once_one_listens(here: Path) -> None:
     """Old code: the second probed the first between its bind and listen, took it for stale
     and unlinked it. Now one listens at the path, the other is refused, 20 times."""
@@ -312,9 +300,10 @@ def test_the_sweep_leaves_another_users_bindings(here: Path,
         listener.remove()
 
 
-def _start_slowly(path: str, barrier: Any, out: Any) -> None:
-    """A service whose probe and whose bind each take 30 ms more: the windows where another
-    service, without the lock, would unlink this one's live socket or sweep its binding."""
+def _start(path: str, barrier: Any, out: Any, slow: bool = False) -> None:
+    """A service that says whether it listens (with its socket's inode) or why not. ``slow``:
+    its probe and its bind each take 30 ms more, the windows where another service, without
+    the lock, would unlink this one's live socket or sweep its binding."""
     def slower(function: Any) -> Any:
         def call(*args: Any) -> Any:
             try:
@@ -323,8 +312,9 @@ def _start_slowly(path: str, barrier: Any, out: Any) -> None:
                 time.sleep(0.03)
         return call
 
-    unix_listener._listens = slower(unix_listener._listens)
-    unix_listener._bind_listening = slower(unix_listener._bind_listening)
+    if slow:
+        unix_listener._listens = slower(unix_listener._listens)
+        unix_listener._bind_listening = slower(unix_listener._bind_listening)
     barrier.wait()
     try:
         listener = listen_unix(path)
@@ -349,7 +339,7 @@ def test_services_started_at_once_over_a_stale_socket_one_listens(here: Path) ->
             dead.close()
         barrier = context.Barrier(4)
         out = context.Queue()
-        procs = [context.Process(target=_start_slowly, args=(str(path), barrier, out))
+        procs = [context.Process(target=_start, args=(str(path), barrier, out, True))
                  for _ in range(4)]
         for p in procs:
             p.start()
