@@ -92,19 +92,37 @@ def is_wrapper(pid: int, ppid: int, exe: str, argv: Sequence[bytes], launcher: i
 
 def _identity(pid: int) -> tuple[int, str, list[bytes]] | None:
     """(ppid, executable, argv) of ``pid``, as /proc says now; None if unreadable or if it
-    exec'd meanwhile (its executable read before and after differ: its argv may be the old
-    program's; bwrap's child becoming the sandbox's init was taken for the command)."""
+    is exec'ing:
+    - its executable read before and after differ: its argv may be the old program's
+      (bwrap's child becoming the sandbox's init was taken for the command);
+    - no argument area at all (0 bytes; a process always has one, ``""`` even for an empty
+      argv since Linux 5.18). In execve the new image's executable shows as soon as its
+      memory is switched, and its argv only once the loader has set it up: the sandbox's
+      init, caught there under CI load, was taken for the command (its argv did not say
+      INIT yet) and a signal sent before the command ran killed it (status 143, no report).
+      (A zombie or a kernel thread reads so too: neither is a command's to signal.)"""
     exe = _exe(pid)
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
     except (OSError, IndexError, ValueError):
         return None
-    if _exe(pid) != exe:
+    # (through a live thread if its main thread has exited: its own dir reads empty then)
+    raw = read_live(pid, _cmdline)
+    if not raw or _exe(pid) != exe:
         return None
-    return ppid, exe, argv
+    return ppid, exe, raw.split(b"\0")
+
+
+def _cmdline(where: str) -> bytes:
+    """``where``/cmdline; b"" if gone or unreadable."""
+    try:
+        with open(f"{where}/cmdline", "rb") as f:
+            return f.read()
+    except OSError as exc:
+        if exc.errno in OUT_OF_FDS:
+            raise
+        return b""
 
 
 def _exe(pid: int) -> str:

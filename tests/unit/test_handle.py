@@ -4,13 +4,17 @@ tree are its wrappers (never signalled)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
 from gestvenv.exceptions import CommandNotRunningError, ValidationError
 from gestvenv.handle import CommandHandle, signal_number
+from gestvenv.runtime import processes
 from gestvenv.runtime.bwrap import INIT
 from gestvenv.runtime.processes import is_wrapper
 
@@ -162,8 +166,6 @@ def test_a_pid_found_by_the_scan_but_not_the_command_s_is_never_signalled(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A PID the scan found and that is now another process (reused): the check through its
     pidfd sees no mark of the command, and it is not signalled."""
-    from gestvenv.runtime import processes
-
     other = subprocess.Popen(["sleep", "30"])
     try:
         monkeypatch.setattr(processes, "marked_pids", lambda key, value: [other.pid])
@@ -172,3 +174,22 @@ def test_a_pid_found_by_the_scan_but_not_the_command_s_is_never_signalled(
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_process_with_no_argument_area_has_no_identity_yet() -> None:
+    """In execve a process shows its new executable before its argv exists (the sandbox's
+    init, signalled there, was taken for the command). A zombie has no argument area either:
+    a real one stands in for that moment, which cannot be held open from here."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert Path(f"/proc/{pid}/cmdline").read_bytes() == b""
+        assert processes._identity(pid) is None
+        assert processes._identity(os.getpid()) is not None  # (a live one has its argv)
+    finally:
+        os.waitpid(pid, 0)
