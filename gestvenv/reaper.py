@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
@@ -124,7 +125,7 @@ def _environ(pid: int) -> bytes:
     """``pid``'s initial environment (empty if unreadable), through a live thread of it if its
     main thread has exited while others run on (the process then reads as a zombie, its own
     environ as empty or gone, and it would escape a kill)."""
-    return read_live(pid, _read_environ) or b""
+    return read_live(pid, functools.partial(read_proc, name="environ")) or b""
 
 
 TYPE_CHECKING = False  # (typing costs ~2 ms at each start of a unit's stop action)
@@ -146,10 +147,11 @@ def read_live(pid: int, read: Callable[[str], Read | None]) -> Read | None:
     return got
 
 
-def _read_environ(where: str) -> bytes | None:
-    """What ``where``/environ holds; b"" if gone or empty, None if refused (EACCES)."""
+def read_proc(where: str, name: str) -> bytes | None:
+    """What ``where``/``name`` (/proc/PID or a task dir) holds; b"" if gone or empty, None if
+    refused (EACCES)."""
     try:
-        with open(f"{where}/environ", "rb") as f:
+        with open(f"{where}/{name}", "rb") as f:
             return f.read()
     except OSError as exc:
         if exc.errno in OUT_OF_FDS:

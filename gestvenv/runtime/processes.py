@@ -8,6 +8,7 @@ setsid() or were reparented to init. Reading /proc/PID/environ finds them all.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import subprocess
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from ..reaper import (  # shared with the env unit's stop action (stdlib only)
     marked_pids,
     marked_pids_of,
     read_live,
+    read_proc,
 )
 
 __all__ = ["ENV_MARKER", "EXEC_MARKER", "is_zombie", "kill_marked", "marked_pids",
@@ -108,21 +110,10 @@ def _identity(pid: int) -> tuple[int, str, list[bytes]] | None:
     except (OSError, IndexError, ValueError):
         return None
     # (through a live thread if its main thread has exited: its own dir reads empty then)
-    raw = read_live(pid, _cmdline)
+    raw = read_live(pid, functools.partial(read_proc, name="cmdline"))
     if not raw or _exe(pid) != exe:
         return None
     return ppid, exe, raw.split(b"\0")
-
-
-def _cmdline(where: str) -> bytes:
-    """``where``/cmdline; b"" if gone or unreadable."""
-    try:
-        with open(f"{where}/cmdline", "rb") as f:
-            return f.read()
-    except OSError as exc:
-        if exc.errno in OUT_OF_FDS:
-            raise
-        return b""
 
 
 def _exe(pid: int) -> str:
