@@ -1008,10 +1008,12 @@ async def serve(sockets: list[socket.socket], *, config: Config | None = None,
             ready()
         await service.stopping.wait()
     finally:
-        if watcher is not None:
-            watcher.cancel()
-        if runner is not None:
-            # Held environments end with their streams (their blocks exit); commands end.
-            await runner.cleanup()
-        os.chdir("/")
-        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            if watcher is not None:
+                watcher.cancel()
+            if runner is not None:
+                # Held environments end with their streams (their blocks exit); commands end.
+                await runner.cleanup()
+        finally:
+            os.chdir("/")
+            shutil.rmtree(workdir, ignore_errors=True)

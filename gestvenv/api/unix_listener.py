@@ -57,24 +57,33 @@ class UnixListener:
     path: str
     directory: int
     pin: int
+    #: An ``O_PATH`` descriptor of the directory above, if this start made ``directory``.
+    made_in: int = -1
 
     def remove(self) -> None:
         """Unlink the path if it still names this socket (a later service may have replaced
-        it once this one stopped listening); the socket itself is closed elsewhere. The lock
-        is waited for, then done without: a user who holds a shared directory's lock must not
-        keep the socket there."""
+        it once this one stopped listening), and the directory if this start made it and it
+        is empty; the socket itself is closed elsewhere. The lock is waited for, then done
+        without: a user who holds a shared directory's lock must not keep the socket there."""
         if self.pin < 0:
             return
         try:
             with _locked(self.directory, self.path, or_unlocked=True):
                 _unlink_if_same(os.path.basename(self.path), self.directory,
                                 os.fstat(self.pin))
+            if self.made_in >= 0:
+                leaf = os.path.basename(os.path.dirname(self.path))
+                with contextlib.suppress(OSError):  # (not empty: something else is there)
+                    st, ours = os.lstat(leaf, dir_fd=self.made_in), os.fstat(self.directory)
+                    if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
+                        os.rmdir(leaf, dir_fd=self.made_in)
         except OSError as exc:
             raise GestvenvError(f"{self.path}: not removed: {exc.strerror}") from None
         finally:
-            os.close(self.pin)
-            os.close(self.directory)
-            self.pin = self.directory = -1
+            for fd in (self.pin, self.directory, self.made_in):
+                if fd >= 0:
+                    os.close(fd)
+            self.pin = self.directory = self.made_in = -1
 
 
 def listen_unix(path: str, mode: int = 0o600, backlog: int = 128) -> UnixListener:
@@ -94,26 +103,27 @@ def listen_unix(path: str, mode: int = 0o600, backlog: int = 128) -> UnixListene
     if name in ("", ".", "..") or name.startswith(BINDING_PREFIX):
         raise GestvenvError(f"{path}: not a name for a socket")
     made = False
+    made_in = dfd = -1
     try:
         if not os.path.isdir(directory):
             os.mkdir(directory, mode=0o700)  # the leaf only: its parent must exist
             made = True
+            made_in = os.open(os.path.dirname(os.path.normpath(directory)) or ".",
+                              os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         dfd = _open_directory(directory)
-    except (FileExistsError, NotADirectoryError):
-        raise GestvenvError(f"{directory}: not a directory") from None
-    except OSError as exc:
-        _undo_directory(directory, made)
-        raise GestvenvError(f"{path}: cannot listen there: {exc.strerror}") from None
-    try:
         with _locked(dfd, directory):
             sock, pin = _publish(path, name, mode, backlog, dfd, directory)
     except BaseException as exc:
-        os.close(dfd)
+        for fd in (dfd, made_in):
+            if fd >= 0:
+                os.close(fd)
         _undo_directory(directory, made)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)) and dfd < 0:
+            raise GestvenvError(f"{directory}: not a directory") from None
         if isinstance(exc, OSError):
             raise GestvenvError(f"{path}: cannot listen there: {exc.strerror}") from None
         raise
-    return UnixListener(sock, path, dfd, pin)
+    return UnixListener(sock, path, dfd, pin, made_in)
 
 
 def _open_directory(directory: str) -> int:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import click
 
-from ..exceptions import GestvenvError
 from ._common import UserError, handle_errors
 
 
@@ -42,17 +40,18 @@ def serve_command(socket_path: str | None, listen: tuple[str, ...], tls_cert: st
     """Serve the REST API (under /v1; its OpenAPI document at /v1/openapi.json) on a unix
     socket, where each caller is known by its uid (SO_PEERCRED), and optionally over TCP,
     with bearer tokens and TLS. Usually started by systemd: gestvenv-api.socket."""
-    import asyncio
+    from ..api.lifetime import Stops
 
+    # First: a Ctrl-C or SIGTERM from now on stops the service cleanly (gestvenv.api.lifetime).
+    stops = Stops()
     from .remote import refuse
 
     refuse("serve")
     try:
-        from ..api import server, tokens, unix_listener
+        from ..api import lifetime, server, tokens
     except ImportError as exc:
         raise UserError(f"gestvenv serve needs aiohttp ({exc}): reinstall gestvenv "
                         "or apt install python3-aiohttp") from None
-    from ..api.client import default_socket
 
     if new_token:
         click.echo(tokens.new_token(Path(new_token)))
@@ -78,42 +77,5 @@ def serve_command(socket_path: str | None, listen: tuple[str, ...], tls_cert: st
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.minimum_version = ssl.TLSVersion.TLSv1_2
         tls.load_cert_chain(tls_cert, tls_key)
-    if socket_path == "":  # (an unset variable: not the default socket in its place)
-        raise UserError("--socket: an empty path")
-    sockets = [] if (socket_path or listen) else server.inherited_sockets()
-    activated = bool(sockets)
-    where = [str(s.getsockname()) for s in sockets]
-    if idle_exit is None and activated:
-        idle_exit = 60.0
-
-    def ready() -> None:
-        click.echo(f"gestvenv: serving the API on {', '.join(where)}"
-                   + (f" (exits after {idle_exit:g} s idle)" if idle_exit else ""), err=True)
-
-    # Until the service's loop takes SIGTERM and SIGINT over, they are noted, and the service
-    # stops as soon as it has started: the default action would kill it with its socket left
-    # (refusing clients), and an exception raised at any point could leave asyncio half-built.
-    asked: list[int] = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, frame: asked.append(signum))
-    published = None
-    try:
-        if not sockets:
-            if socket_path or not listen:
-                # Published at its path once it listens, removed at exit if still ours.
-                published = unix_listener.listen_unix(socket_path or default_socket())
-                sockets.append(published.sock)
-                where.append(published.path)
-            for address in listen:
-                sockets.append(server.bind_tcp(address))
-                where.append(str(sockets[-1].getsockname()))
-        if not asked:
-            asyncio.run(server.serve(sockets, idle_exit=idle_exit, limits=bounds, ready=ready,
-                                     tls=tls, token_hashes=hashes,
-                                     stop_asked=lambda: bool(asked)))
-    finally:
-        if published is not None:
-            try:
-                published.remove()
-            except GestvenvError as exc:  # said, not in place of the service's own error
-                click.echo(f"gestvenv: {exc}", err=True)
+    lifetime.run(socket_path=socket_path, listen=listen, stops=stops, idle_exit=idle_exit,
+                 limits=bounds, tls=tls, token_hashes=hashes)

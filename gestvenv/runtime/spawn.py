@@ -170,8 +170,8 @@ async def run_process(record: EnvRecord, command: CommandSpec, argv: Sequence[st
                       duration=duration, killed_by=killed_by)
 
 
-# Seconds a signal waits for the command behind a wrapper to exist (bwrap and its init start
-# it a few ms after the launcher).
+# Seconds a signal waits for the command to exist (bwrap and its init start it a few ms after
+# the launcher) and to be told (a process in execve is not, for a moment).
 SIGNAL_START_WAIT = 2.0
 
 
@@ -189,9 +189,11 @@ async def _signal(exec_id: str, pipes: set[str], program: str,
         if refused:
             raise GestvenvError(f"signal {signum} to {program}: not permitted (its processes "
                                 "run under uids this process cannot signal)")
-        if proc.returncode is not None or launcher is None or time.monotonic() >= deadline:
+        if proc.returncode is not None or time.monotonic() >= deadline:
             raise CommandNotRunningError(f"{program}: no process of the command is left")
-        await asyncio.sleep(0.01)  # (only its wrappers yet: the command is being started)
+        # Only its wrappers yet (the command is being started), or a process in execve, not
+        # told yet (processes._identity): again in a moment.
+        await asyncio.sleep(0.01)
 
 
 def _deadline(record: EnvRecord, timeout: float | None,

@@ -8,6 +8,7 @@ of another uid. After each, the service still serves."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import signal
@@ -466,7 +467,7 @@ def test_sigterm_as_the_service_starts_leaves_nothing(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=30)
         assert proc.returncode in (0, 128 + signal.SIGTERM), (round_, proc.returncode, err)
         assert "Traceback" not in err
-        assert not os.listdir(path.parent) and not os.listdir(work), (round_, err)
+        assert not path.parent.exists() and not os.listdir(work), (round_, err)
 
 
 def test_an_empty_socket_path_is_refused() -> None:
@@ -474,3 +475,44 @@ def test_an_empty_socket_path_is_refused() -> None:
     done = subprocess.run([sys.executable, "-m", "gestvenv", "serve", "--socket", ""],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "--socket: an empty path" in done.stderr, done
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_while_the_socket_is_removed_is_noted(tmp_path: Path,
+                                                              signum: int) -> None:
+    """asyncio's loop puts SIGTERM and SIGINT back to their default action as it closes: a
+    second signal while the exit removes the socket (here it waits for a lock another process
+    holds on the directory) killed the service with its socket left."""
+    path = tmp_path / "s" / "api.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "gestvenv", "serve", "--socket", str(path)],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not os.path.lexists(path):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.5)  # serving
+    holder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        proc.send_signal(signum)
+        time.sleep(1.0)  # its exit waits for the lock
+        assert proc.poll() is None
+        proc.send_signal(signum)
+        time.sleep(0.5)
+    finally:
+        os.close(holder)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert not path.parent.exists(), os.listdir(path.parent)
+
+
+def test_a_refused_tcp_start_publishes_no_socket(tmp_path: Path) -> None:
+    """TCP is bound and checked before the unix socket is published: a start refused for TCP
+    (no tokens) never shows a socket that would then go, nor leaves its directory."""
+    path = tmp_path / "s" / "api.sock"
+    done = subprocess.run([sys.executable, "-m", "gestvenv", "serve", "--socket", str(path),
+                           "--listen", "tcp://127.0.0.1:0"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and "needs bearer tokens" in done.stderr, done
+    assert not path.parent.exists()

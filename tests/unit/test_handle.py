@@ -162,6 +162,40 @@ def test_a_delivery_waiting_for_its_command_holds_no_one_else_s_walk_slot(
     assert walks.count("runs") == 1 and walks.count("never-1") > 10
 
 
+def test_a_bare_command_not_told_yet_is_looked_for_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a wrapper too, a walk that finds nothing to signal while the command still
+    runs is tried again: a process in execve is not told for a moment (CI: a signal sent as
+    a bare command started raised "no process of the command is left"). The first two walks
+    faked as that moment, then the real one on a real process."""
+    from types import SimpleNamespace
+
+    from gestvenv.runtime import spawn
+
+    real = processes.signal_command
+    walks: list[int] = []
+
+    def signal_command(exec_id: str, pipes: set[str], signum: int,
+                       launcher: int | None = None) -> tuple[int, int]:
+        walks.append(signum)
+        return (0, 0) if len(walks) <= 2 else real(exec_id, pipes, signum, launcher)
+
+    monkeypatch.setattr(spawn.processes, "signal_command", signal_command)
+    sleeper = subprocess.Popen(["sleep", "30"], env={processes.EXEC_MARKER: "b" * 32})
+    try:
+        async def main() -> None:
+            handle = CommandHandle()
+            proc = SimpleNamespace(returncode=None)  # (still running)
+            await spawn._signal("b" * 32, set(), "sleep", proc,  # type: ignore[arg-type]
+                                None, handle, signal.SIGTERM)
+
+        asyncio.run(main())
+        assert sleeper.wait(5) == -signal.SIGTERM and len(walks) == 3
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_a_pid_found_by_the_scan_but_not_the_command_s_is_never_signalled(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A PID the scan found and that is now another process (reused): the check through its

@@ -143,7 +143,7 @@ def test_bad_paths_get_clear_errors_and_leave_nothing(here: Path) -> None:
     assert listener.sock.getsockname().startswith("/proc/self/fd/") and connects(longest)
     listener.sock.close()
     listener.remove()
-    longest.parent.rmdir()  # (made by the start, kept at exit: only a failed start undoes it)
+    assert not longest.parent.exists()  # (made by the start, removed at its exit)
     fds = open_fds()
     too_long = Path(str(longest) + "b")
     with pytest.raises(GestvenvError, match="at most 107 bytes"):
@@ -173,6 +173,18 @@ def test_mode_and_a_new_directory(here: Path) -> None:
         assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     finally:
         listener.sock.close()
+    listener.remove()
+    assert not path.parent.exists(), "the directory the start made is removed at its exit"
+    # ...unless something else was put there meanwhile; and one it did not make stays.
+    other = listen_unix(str(path))
+    (path.parent / "notes").write_text("kept")
+    other.sock.close()
+    other.remove()
+    assert os.listdir(path.parent) == ["notes"]
+    again = listen_unix(str(path))
+    again.sock.close()
+    again.remove()
+    assert os.listdir(path.parent) == ["notes"]
 
 
 def test_removed_at_exit_only_if_still_ours(here: Path) -> None:
@@ -256,7 +268,7 @@ def test_a_relative_path_is_removed_after_a_chdir(here: Path,
     monkeypatch.chdir("/")
     listener.sock.close()
     listener.remove()
-    assert os.listdir(here) == ["sub"] and not os.listdir(here / "sub")
+    assert not os.listdir(here)  # (sub/ too: the start made it)
 
 
 def test_a_live_service_with_a_full_backlog_is_not_taken_for_stale(here: Path) -> None:
