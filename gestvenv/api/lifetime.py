@@ -7,10 +7,11 @@ the signals that stop it noted for its whole life, its loop closed, its socket r
 - **Signals.** SIGTERM and SIGINT are noted from the start (:class:`Stops`): one that comes
   before the loop takes them over stops the service as soon as it has started. The default
   action would kill it with its socket left, refusing clients, and an exception raised at any
-  point could leave asyncio half-built. asyncio's loop puts both back to their default action
-  as it closes, so they are blocked from the end of serving (its executor's threads joined
-  first: a signal would reach a thread that does not block it) until they are noted again,
-  then the socket is removed: a second Ctrl-C there is noted, not a kill.
+  point could leave asyncio half-built. serve() hands them back as it found them (noted)
+  before its loop closes, which would put them to their default action: a second Ctrl-C while
+  the socket is removed is noted, not a kill. (Not by blocking them until the loop has closed:
+  that needs its executor shut down first, and a task aiohttp cancelled but left running
+  would lose the threads its shielded undo needs.)
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import asyncio
 import signal
 import socket
 import sys
-from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..exceptions import GestvenvError
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from .server import Limits
     from .unix_listener import UnixListener
 
-STOPS = (signal.SIGTERM, signal.SIGINT)
+STOPS = (signal.SIGTERM, signal.SIGINT)  # (the same as server.STOPS: not imported, aiohttp)
 
 
 class Stops:
@@ -83,12 +84,11 @@ def run(*, socket_path: str | None, listen: Sequence[str], stops: Stops,
                   file=sys.stderr, flush=True)
 
         if not stops.asked:
-            asyncio.run(_then_blocked(server.serve(
+            asyncio.run(server.serve(
                 sockets, idle_exit=idle_exit, limits=limits, ready=ready, tls=tls,
-                token_hashes=token_hashes, stop_asked=lambda: bool(stops.asked))))
+                token_hashes=token_hashes, stop_asked=lambda: bool(stops.asked)))
     finally:
-        stops.install()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # (noted now, if any came)
+        stops.install()  # (as serve() hands them back; also after a failed start)
         for sock in bound:
             sock.close()
         if published is not None:
@@ -96,15 +96,3 @@ def run(*, socket_path: str | None, listen: Sequence[str], stops: Stops,
                 published.remove()
             except GestvenvError as exc:  # said, not in place of the service's own error
                 print(f"gestvenv: {exc}", file=sys.stderr, flush=True)
-
-
-async def _then_blocked(serving: Coroutine[Any, Any, None]) -> None:
-    """``serving``, then SIGTERM and SIGINT blocked before asyncio.run closes the loop (which
-    puts them back to their default action), its executor's threads joined first."""
-    try:
-        await serving
-    finally:
-        try:
-            await asyncio.get_running_loop().shutdown_default_executor()
-        finally:
-            signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)

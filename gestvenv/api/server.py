@@ -954,6 +954,25 @@ def check_tcp(sock: socket.socket, tls: bool, token_hashes: frozenset[str]) -> N
                             "loopback is served in clear")
 
 
+STOPS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _hand_back(loop: asyncio.AbstractEventLoop, previous: dict[int, Any]) -> None:
+    """SIGTERM and SIGINT as they were before serve() took them (``gestvenv serve``: noted,
+    gestvenv.api.lifetime). Left to the loop, its close would put them to their default
+    action while the process still has work to do (removing its socket): a second Ctrl-C
+    there killed the service. Blocked meanwhile in this thread; another thread (the child
+    watcher's, while a child lives) could take one in the microseconds between the two
+    calls."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    try:
+        for signum, handler in previous.items():
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, handler)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 async def serve(sockets: list[socket.socket], *, config: Config | None = None,
                 idle_exit: float | None = None, limits: Limits | None = None,
                 ready: Callable[[], None] | None = None, tls: ssl.SSLContext | None = None,
@@ -970,6 +989,8 @@ async def serve(sockets: list[socket.socket], *, config: Config | None = None,
     workdir = tempfile.mkdtemp(prefix="gestvenv-serve-")
     runner: web.AppRunner | None = None
     watcher: asyncio.Future[None] | None = None
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
     try:  # (a failure or SIGTERM while starting leaves no workdir either)
         os.chdir(workdir)
         service = Service(config=config or load_config(), limits=limits or Limits(),
@@ -997,9 +1018,9 @@ async def serve(sockets: list[socket.socket], *, config: Config | None = None,
             tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
             await web.SockSite(runner, sock, ssl_context=tls if tcp else None,
                                **site_options).start()
-        loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_client_errors)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOPS:
+            previous[signum] = signal.getsignal(signum)
             loop.add_signal_handler(signum, service.stopping.set)
         if stop_asked is not None and stop_asked():
             service.stopping.set()
@@ -1017,3 +1038,4 @@ async def serve(sockets: list[socket.socket], *, config: Config | None = None,
         finally:
             os.chdir("/")
             shutil.rmtree(workdir, ignore_errors=True)
+            _hand_back(loop, previous)

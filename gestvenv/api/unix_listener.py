@@ -71,12 +71,12 @@ class UnixListener:
             with _locked(self.directory, self.path, or_unlocked=True):
                 _unlink_if_same(os.path.basename(self.path), self.directory,
                                 os.fstat(self.pin))
-            if self.made_in >= 0:
-                leaf = os.path.basename(os.path.dirname(self.path))
-                with contextlib.suppress(OSError):  # (not empty: something else is there)
-                    st, ours = os.lstat(leaf, dir_fd=self.made_in), os.fstat(self.directory)
-                    if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
-                        os.rmdir(leaf, dir_fd=self.made_in)
+                if self.made_in >= 0:  # (under the lock: a service starting there waits)
+                    leaf = os.path.basename(os.path.dirname(self.path))
+                    with contextlib.suppress(OSError):  # (not empty: something else is there)
+                        st, ours = os.lstat(leaf, dir_fd=self.made_in), os.fstat(self.directory)
+                        if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
+                            os.rmdir(leaf, dir_fd=self.made_in)
         except OSError as exc:
             raise GestvenvError(f"{self.path}: not removed: {exc.strerror}") from None
         finally:
@@ -112,6 +112,9 @@ def listen_unix(path: str, mode: int = 0o600, backlog: int = 128) -> UnixListene
                               os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         dfd = _open_directory(directory)
         with _locked(dfd, directory):
+            if os.fstat(dfd).st_nlink == 0:  # removed by a service's exit as this one started
+                raise GestvenvError(f"{directory} was removed as the service started (another "
+                                    "service's exit): start it again")
             sock, pin = _publish(path, name, mode, backlog, dfd, directory)
     except BaseException as exc:
         for fd in (dfd, made_in):

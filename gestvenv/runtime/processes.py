@@ -89,7 +89,8 @@ def is_wrapper(pid: int, ppid: int, exe: str, argv: Sequence[bytes], launcher: i
     if launcher is not None and (pid == launcher or (chain and ppid == launcher) or
                                  (chain and os.path.basename(parent_exe) == "bwrap")):
         return True
-    return os.path.basename(exe) in ENGINE_HELPERS or init in argv
+    # (the engine's helpers only behind an engine's exec: a bare command named runc is one)
+    return (launcher is not None and os.path.basename(exe) in ENGINE_HELPERS) or init in argv
 
 
 def _identity(pid: int) -> tuple[int, str, list[bytes]] | None:

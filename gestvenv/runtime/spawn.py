@@ -180,6 +180,7 @@ async def _signal(exec_id: str, pipes: set[str], program: str,
                   handle: CommandHandle, signum: int) -> None:
     """A command's signal (CommandHandle), to each process of its tree: once it exists."""
     deadline = time.monotonic() + SIGNAL_START_WAIT
+    pause = 0.005
     while True:
         async with handle._walk_slot():
             sent, refused = await asyncio.to_thread(processes.signal_command, exec_id, pipes,
@@ -192,8 +193,10 @@ async def _signal(exec_id: str, pipes: set[str], program: str,
         if proc.returncode is not None or time.monotonic() >= deadline:
             raise CommandNotRunningError(f"{program}: no process of the command is left")
         # Only its wrappers yet (the command is being started), or a process in execve, not
-        # told yet (processes._identity): again in a moment.
-        await asyncio.sleep(0.01)
+        # told yet (processes._identity): again in a moment. (Backing off: a command that
+        # hides from the walk must not have the service scan /proc 200 times a second.)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 def _deadline(record: EnvRecord, timeout: float | None,

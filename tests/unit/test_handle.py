@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def test_wrappers_are_told_from_the_command() -> None:
     # Bare (no launcher): the process gestvenv started is the command.
     assert not is_wrapper(100, 1, "/usr/bin/sleep", [b"sleep", b"60"], None, init)
     assert not is_wrapper(100, 1, "/usr/bin/bwrap", [b"bwrap"], None, init)
+    assert not is_wrapper(100, 1, "/usr/sbin/runc", [b"runc", b"list"], None, init)  # bare
 
 
 def test_a_signal_sent_while_the_command_starts_waits_for_it() -> None:
@@ -160,6 +162,47 @@ def test_a_delivery_waiting_for_its_command_holds_no_one_else_s_walk_slot(
     took = asyncio.run(main())
     assert took < 0.25, took
     assert walks.count("runs") == 1 and walks.count("never-1") > 10
+
+
+# A live process that empties its own argument area (prctl PR_SET_MM_MAP, no privilege
+# needed): as a process in execve reads, before the loader has set its argv up.
+BLANK_ARGV = """
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.sbrk.restype = ctypes.c_void_p
+f = open("/proc/self/stat", "rb").read().rsplit(b")", 1)[1].split()
+v = lambda field: int(f[field - 3])
+names = ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
+         "start_stack", "arg_start", "arg_end", "env_start", "env_end")
+class Map(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in names] + [
+        ("auxv", ctypes.c_void_p), ("auxv_size", ctypes.c_uint32), ("exe_fd", ctypes.c_uint32)]
+m = Map(v(26), v(27), v(45), v(46), v(47), libc.sbrk(0), v(28), v(48), v(48), v(50), v(51),
+        None, 0, 0xffffffff)
+ok = libc.prctl(35, 14, ctypes.byref(m), ctypes.sizeof(m), 0) == 0  # PR_SET_MM, _MAP
+print("blank" if ok else f"errno {ctypes.get_errno()}", flush=True)
+time.sleep(30)
+"""
+
+
+def test_a_live_process_with_no_argument_area_is_not_signalled_yet() -> None:
+    """Marked as a command's and holding nothing else: not taken for the command (nor for
+    anything) while it has no argv, so not signalled in that walk."""
+    exec_id = "c" * 32
+    proc = subprocess.Popen([sys.executable, "-c", BLANK_ARGV], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, processes.EXEC_MARKER: exec_id})
+    try:
+        said = proc.stdout.readline().strip() if proc.stdout else ""
+        if said != "blank":
+            pytest.skip(f"prctl(PR_SET_MM_MAP) refused here ({said})")
+        assert Path(f"/proc/{proc.pid}/cmdline").read_bytes() == b""
+        assert processes._identity(proc.pid) is None
+        assert processes.signal_command(exec_id, set(), signal.SIGTERM) == (0, 0)
+        time.sleep(0.1)
+        assert proc.poll() is None, "signalled"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_bare_command_not_told_yet_is_looked_for_again(
