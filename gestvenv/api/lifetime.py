@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from .server import Limits
     from .unix_listener import UnixListener
 
-STOPS = (signal.SIGTERM, signal.SIGINT)  # (the same as server.STOPS: not imported, aiohttp)
+#: The signals that stop the service (serve() takes them over, then hands them back).
+STOPS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Stops:

@@ -61,6 +61,7 @@ from ..listing import environments
 from ..models import IsolationLevel
 from ..names import MAX_NAME_LENGTH, generate_name, validate_name
 from . import files, protocol, tokens
+from .lifetime import STOPS
 from .protocol import NDJSON, PROBLEM, ApiError, event
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -952,9 +953,6 @@ def check_tcp(sock: socket.socket, tls: bool, token_hashes: frozenset[str]) -> N
     if not tls and not protocol.is_loopback(host):
         raise GestvenvError(f"TCP on {host} needs TLS (--tls-cert and --tls-key): only "
                             "loopback is served in clear")
-
-
-STOPS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _hand_back(loop: asyncio.AbstractEventLoop, previous: dict[int, Any]) -> None:

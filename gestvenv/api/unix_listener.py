@@ -32,7 +32,7 @@ import secrets
 import socket
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..exceptions import GestvenvError
@@ -72,11 +72,10 @@ class UnixListener:
                 _unlink_if_same(os.path.basename(self.path), self.directory,
                                 os.fstat(self.pin))
                 if self.made_in >= 0:  # (under the lock: a service starting there waits)
-                    leaf = os.path.basename(os.path.dirname(self.path))
                     with contextlib.suppress(OSError):  # (not empty: something else is there)
-                        st, ours = os.lstat(leaf, dir_fd=self.made_in), os.fstat(self.directory)
-                        if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
-                            os.rmdir(leaf, dir_fd=self.made_in)
+                        _unlink_if_same(os.path.basename(os.path.dirname(self.path)),
+                                        self.made_in, os.fstat(self.directory),
+                                        remove=os.rmdir)
         except OSError as exc:
             raise GestvenvError(f"{self.path}: not removed: {exc.strerror}") from None
         finally:
@@ -219,12 +218,14 @@ def _bind_address(dfd: int, directory: str, temporary: str) -> str:
     return f"/proc/self/fd/{dfd}/{temporary}"
 
 
-def _unlink_if_same(name: str, dfd: int, ours: os.stat_result) -> None:
-    """Unlink ``name`` if it is the file ``ours`` (by device and inode)."""
+def _unlink_if_same(name: str, dfd: int, ours: os.stat_result, *,
+                    remove: Callable[..., None] = os.unlink) -> None:
+    """Unlink ``name`` (or ``remove`` it: os.rmdir) if it is the file ``ours`` (by device
+    and inode)."""
     with contextlib.suppress(FileNotFoundError):
         st = os.lstat(name, dir_fd=dfd)
         if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
-            os.unlink(name, dir_fd=dfd)
+            remove(name, dir_fd=dfd)
 
 
 @contextlib.contextmanager
