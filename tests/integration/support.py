@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import psutil
@@ -63,6 +63,23 @@ async def wait_until(predicate: Callable[[], object], timeout: float, what: str,
         if time.monotonic() - start > timeout:
             raise AssertionError(f"not within {timeout}s: {what}")
         await asyncio.sleep(interval)
+
+
+@contextlib.contextmanager
+def no_watchdog_sweep() -> Iterator[None]:
+    """Hold this test's per-user watchdog lock (each test has its own runtime dir): a watchdog
+    started meanwhile (by an env's creation) finds it taken and exits without sweeping. For a
+    test that ages something by hand and then checks what its own sweep removes: the
+    watchdog's first orphan sweep, when its process is slow to start, would otherwise remove
+    it first (CI: a stale snapshot pruned before the test's sweep, which then found nothing)."""
+    from gestvenv import watch
+
+    fd = watch.try_lock()
+    assert fd is not None, "a watchdog already runs for this test's runtime dir"
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def env_dirs(root: Path) -> list[Path]:

@@ -12,6 +12,8 @@ from gestvenv import storage
 from gestvenv.config import load_config
 from gestvenv.reaper import mount_of
 
+from .support import no_watchdog_sweep
+
 
 def templates(gv_home: Path) -> list[Path]:
     root = storage.templates_dir(load_config())
@@ -101,14 +103,15 @@ async def test_a_damaged_snapshot_falls_back_to_a_real_install(gv_home: Path) ->
 
 async def test_orphan_sweep_prunes_stale_snapshots(gv_home: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    async with gestvenv.ephemeral("old", packages=["six"]):
-        pass
-    [snapshot] = templates(gv_home)
-    made = snapshot / ".gestvenv-template"
-    os.utime(made, (made.stat().st_atime, made.stat().st_mtime - 90_000))  # past a day
     from gestvenv.cleanup import sweep
 
-    report = await sweep(load_config(), expired=False, idle=False, orphans=True)
+    with no_watchdog_sweep():  # this sweep is the one that must find the snapshot stale
+        async with gestvenv.ephemeral("old", packages=["six"]):
+            pass
+        [snapshot] = templates(gv_home)
+        made = snapshot / ".gestvenv-template"
+        os.utime(made, (made.stat().st_atime, made.stat().st_mtime - 90_000))  # past a day
+        report = await sweep(load_config(), expired=False, idle=False, orphans=True)
     assert str(snapshot) in report.orphan_paths
     assert templates(gv_home) == []
 
