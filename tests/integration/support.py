@@ -82,6 +82,21 @@ def no_watchdog_sweep() -> Iterator[None]:
         os.close(fd)
 
 
+def kill_watchdogs(runtime_dir: Path) -> None:
+    """SIGKILL the per-user watchdogs of ``runtime_dir`` until none is left. Two may be seen: a
+    creator that found the first one not yet holding its lock (slow to start) spawned a second,
+    which exits by itself; a second one not yet visible when the first was killed would take
+    the lock, and watch."""
+    deadline = time.monotonic() + 10
+    while found := processes_of(runtime_dir, marked_only=False, cmd="gestvenv.watchdog"):
+        assert time.monotonic() < deadline, f"watchdogs still running: {found}"
+        for watchdog in found:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                watchdog.kill()
+                watchdog.wait(5)
+        time.sleep(0.2)  # (one spawned a moment ago may only now be recognisable)
+
+
 def env_dirs(root: Path) -> list[Path]:
     """The environment dirs in a storage root (not the root's own mark file)."""
     if not root.is_dir():

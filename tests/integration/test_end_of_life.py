@@ -20,7 +20,7 @@ import gestvenv
 from gestvenv import registry, storage
 from gestvenv.runtime.systemd import systemd_booted
 
-from .support import env_pids, wait_until
+from .support import env_pids, kill_watchdogs, wait_until
 
 
 def gv(*args: str) -> subprocess.CompletedProcess[str]:
@@ -190,9 +190,7 @@ async def test_each_local_env_has_a_watchdog_of_its_own(gv_home: Path) -> None:
     await wait_until(lambda: bool(marked_pids(HOLDER_MARKER, solo.id)
                                   and marked_pids(HOLDER_MARKER, backed.id)), 2,
                      "each env's own watchdog running")
-    for watchdog in processes_of(gv_home / "run", marked_only=False, cmd="gestvenv.watchdog"):
-        watchdog.kill()  # the per-user one
-        watchdog.wait(5)
+    kill_watchdogs(gv_home / "run")  # the per-user one
     kill_marked(HOLDER_MARKER, backed.id)  # and backed's own
     await wait_until(lambda: not solo.path.exists(), solo.expires_at - time.time() + 3,
                      "solo ended at its TTL, by its own watchdog")

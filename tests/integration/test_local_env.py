@@ -48,6 +48,7 @@ from .support import (
     env_dirs,
     env_pids,
     is_destroyed,
+    kill_watchdogs,
     latest,
     oldest,
     pid_dead,
@@ -644,9 +645,11 @@ async def test_next_invocation_sweeps_what_a_killed_watchdog_left(gv_home: Path)
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
         env_id, path_text = line.decode().split()
-        [watchdog] = processes_of(gv_home / "run", marked_only=False, cmd="gestvenv.watchdog")
-        watchdog.kill()
-        watchdog.wait(5)
+        # Both just spawned, maybe still exec'ing Python (not yet recognisable): waited for.
+        await wait_until(lambda: marked_pids(HOLDER_MARKER, env_id) and processes_of(
+            gv_home / "run", marked_only=False, cmd="gestvenv.watchdog"), 5,
+            "the env's own watchdog and the per-user one running")
+        kill_watchdogs(gv_home / "run")
         # ...and the env's own watchdog: nothing is left to watch it.
         for pid in marked_pids(HOLDER_MARKER, env_id):
             os.kill(pid, signal.SIGKILL)
